@@ -1,0 +1,1 @@
+"""Triton kernels for the chunked, recurrent and verify modes (installed as ``linspec.kernels``)."""

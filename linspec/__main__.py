@@ -1,0 +1,5 @@
+import sys
+
+from linspec.cli import main
+
+sys.exit(main())

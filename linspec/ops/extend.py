@@ -1,0 +1,141 @@
+"""Many tokens on top of a recurrent state, with padding: prefill, continuation, and the commit of accepted drafts.
+
+Rows may sit at different positions and carry padding anywhere (left padding from batched generation, or
+rejected candidates). Each row is packed so that it starts at its current group's boundary — the committed
+group buffer first, then its real new tokens, right-aligned to nothing — which turns every case into the
+plain chunked form with an initial S. Padding is dropped by the packing, so it never reaches S, the group
+buffer or the ring.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from linspec.ops.chunked import grouped_terms
+from linspec.ops.conv import causal_depthwise_conv
+from linspec.ops.state import LinearAttentionState
+
+
+def _scatter_tokens(x: torch.Tensor, dest: torch.Tensor, length: int, prefix: torch.Tensor | None = None):
+    """Place ``x[:, :, t]`` at ``dest[:, t]`` of a zero ``[B, heads, length, D]`` buffer (``dest == length``: drop).
+
+    ``prefix`` (``[B, heads, P, D]``) fills the first ``P`` positions before the scatter.
+    """
+    batch, heads, _, dim = x.shape
+    out = x.new_zeros(batch, heads, length + 1, dim)
+    if prefix is not None:
+        out = torch.cat([prefix, out[:, :, prefix.shape[2] :]], dim=2)
+    index = dest[:, None, :, None].expand(batch, heads, dest.shape[1], dim)
+    return out.scatter(2, index, x)[:, :, :length]
+
+
+def _gather_tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[:, :, t] = x[:, :, src[:, t]]`` for ``x`` of shape ``[B, heads, L, D]``."""
+    batch, heads, _, dim = x.shape
+    return x.gather(2, src[:, None, :, None].expand(batch, heads, src.shape[1], dim))
+
+
+def _layout(state: LinearAttentionState, token_mask: torch.Tensor):
+    """Where each real token goes: ``(packed_dest, rank, count, total, packed_length)``; dropped tokens → length."""
+    group_size = state.group_size
+    committed = state.position % group_size  # (B,) entries already in the current group
+    count = token_mask.sum(dim=1)  # (B,)
+    rank = token_mask.long().cumsum(dim=1) - 1  # (B, T) index among the row's real tokens
+    total = committed + count
+    packed_length = (int(total.max()) // group_size + 1) * group_size  # block total // G always exists
+    dest = torch.where(token_mask, committed[:, None] + rank, packed_length)
+    return dest, rank, count, total, packed_length
+
+
+def _next_state(
+    state: LinearAttentionState,
+    packed_k: torch.Tensor,
+    packed_v: torch.Tensor,
+    kv_through: torch.Tensor,
+    real_v: torch.Tensor,
+    count: torch.Tensor,
+    total: torch.Tensor,
+) -> LinearAttentionState:
+    batch, kv_heads, packed_length, key_dim = packed_k.shape
+    value_dim = packed_v.shape[-1]
+    group_size = state.group_size
+    complete = total // group_size  # (B,) complete groups in the packed row
+    through = kv_through.gather(
+        2, (complete - 1).clamp(min=0).view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, key_dim, value_dim)
+    ).squeeze(2)
+    kv = torch.where((complete > 0).view(batch, 1, 1, 1), through, state.kv)
+
+    def open_group(packed: torch.Tensor) -> torch.Tensor:  # the block after the complete groups
+        blocks = packed.view(batch, kv_heads, packed_length // group_size, group_size, packed.shape[-1])
+        index = complete.view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, group_size, packed.shape[-1])
+        return blocks.gather(2, index).squeeze(2)
+
+    group_keys, group_values = open_group(packed_k), open_group(packed_v)
+    taps_minus_one = state.ring.shape[2]
+    history = torch.cat([state.ring, real_v], dim=2)  # (B, Hkv, P-1+T, Dv)
+    ring_index = count[:, None] + torch.arange(taps_minus_one, device=count.device)
+    return LinearAttentionState(
+        kv=kv,
+        group_kv=group_keys.transpose(-1, -2) @ group_values,
+        group_keys=group_keys,
+        group_values=group_values,
+        ring=_gather_tokens(history, ring_index),
+        position=state.position + count,
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    conv_weight: torch.Tensor,
+    global_scale: torch.Tensor,
+    state: LinearAttentionState,
+    token_mask: torch.Tensor | None = None,
+    local_kernel: str = "relu2",
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """Outputs for ``T`` new tokens after ``state`` and the state after them; padded tokens output zeros.
+
+    ``token_mask`` (``[B, T]`` bool, True = real token) defaults to all real. Real tokens keep their order.
+    """
+    batch, num_heads, length, _ = q.shape
+    if token_mask is None:
+        token_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    token_mask = token_mask.bool()
+    dest, rank, count, total, packed_length = _layout(state, token_mask)
+    packed_q = _scatter_tokens(q, dest, packed_length)
+    packed_k = _scatter_tokens(k, dest, packed_length, prefix=state.group_keys)
+    packed_v = _scatter_tokens(v, dest, packed_length, prefix=state.group_values)
+    local, global_term, kv_through = grouped_terms(
+        packed_q, packed_k, packed_v, state.group_size, local_kernel, initial_kv=state.kv
+    )
+    attention = _gather_tokens(local + global_scale * global_term, dest.clamp(max=packed_length - 1))
+
+    real_dest = torch.where(token_mask, rank, length)
+    real_v = _scatter_tokens(v, real_dest, length)  # (B, Hkv, T, Dv), each row's real values first
+    conv = _gather_tokens(causal_depthwise_conv(real_v, conv_weight, history=state.ring), rank.clamp(min=0))
+    out = (attention + conv) * token_mask[:, None, :, None]
+    return out, _next_state(state, packed_k, packed_v, kv_through, real_v, count, total)
+
+
+def append_tokens(
+    state: LinearAttentionState,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> LinearAttentionState:
+    """The state after appending already-computed ``(k̂, v)`` — the commit of accepted speculative tokens."""
+    batch, _, length, _ = k.shape
+    if token_mask is None:
+        token_mask = torch.ones(batch, length, dtype=torch.bool, device=k.device)
+    token_mask = token_mask.bool()
+    dest, rank, count, total, packed_length = _layout(state, token_mask)
+    packed_k = _scatter_tokens(k, dest, packed_length, prefix=state.group_keys)
+    packed_v = _scatter_tokens(v, dest, packed_length, prefix=state.group_values)
+    batch, kv_heads, _, key_dim = packed_k.shape
+    num_groups = packed_length // state.group_size
+    blocks_k = packed_k.view(batch, kv_heads, num_groups, state.group_size, key_dim)
+    blocks_v = packed_v.view(batch, kv_heads, num_groups, state.group_size, packed_v.shape[-1])
+    kv_through = torch.einsum("bknsd,bknse->bknde", blocks_k, blocks_v).cumsum(2) + state.kv.unsqueeze(2)
+    real_v = _scatter_tokens(v, torch.where(token_mask, rank, length), length)
+    return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total)

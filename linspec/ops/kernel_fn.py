@@ -1,0 +1,16 @@
+"""The in-group similarity kernel κ applied to q̂·k̂ for the local term."""
+
+from __future__ import annotations
+
+import torch
+
+LOCAL_KERNELS = ("relu2", "identity")
+
+
+def local_similarity(scores: torch.Tensor, local_kernel: str) -> torch.Tensor:
+    """κ(q̂·k̂): ``relu(x)²`` for the paper preset, ``x`` for plain linear attention inside the group."""
+    if local_kernel == "relu2":
+        return torch.relu(scores).square()
+    if local_kernel == "identity":
+        return scores
+    raise ValueError(f"local_kernel must be one of {LOCAL_KERNELS}, got {local_kernel!r}")

@@ -1,0 +1,1 @@
+"""Speculative generation: drafters, tree verification, exact acceptance and state commit."""

@@ -1,0 +1,1 @@
+"""Fine-tuning recipes: attention transfer, LoRA and distillation."""

@@ -1,0 +1,197 @@
+"""The four execution modes of DESIGN §3 are one math: reference == chunked == recurrent == extend == verify (fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linspec.ops import (
+    append_tokens,
+    chunked_attention,
+    empty_state,
+    extend_attention,
+    recurrent_step,
+    reference_attention,
+    tree_ancestors,
+    verify_attention,
+)
+from linspec.ops.verify import validate_parents
+
+TOL = 1e-10
+
+
+def make_inputs(batch, heads, kv_heads, length, dim, taps, seed, local_dim=None):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k = randn(batch, heads, length, dim), randn(batch, kv_heads, length, dim)
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    v = randn(batch, kv_heads, length, local_dim or dim)
+    return q, k, v, randn(heads, taps), torch.tensor(0.8, dtype=torch.float64)
+
+
+def fresh_state(k, v, group_size, taps):
+    batch, kv_heads, _, key_dim = k.shape
+    return empty_state(batch, kv_heads, key_dim, v.shape[-1], group_size, taps, k.dtype)
+
+
+def decode_one_by_one(q, k, v, w, gamma, state, local_kernel="relu2"):
+    outs = []
+    for t in range(q.shape[2]):
+        out, state = recurrent_step(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], w, gamma, state, local_kernel
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2), state
+
+
+def assert_states_equal(a, b):
+    for name, tensor in a.tensors().items():
+        other = b.tensors()[name]
+        assert tensor.shape == other.shape, name
+        assert (tensor.double() - other.double()).abs().max().item() <= TOL, name
+
+
+SHAPES = [  # (batch, heads, kv_heads, length, group, taps)
+    (1, 2, 2, 3, 8, 4),  # T < G
+    (2, 4, 4, 16, 8, 4),  # T a multiple of G, batch > 1
+    (2, 6, 2, 21, 8, 5),  # T not a multiple, GQA
+    (3, 4, 1, 37, 4, 9),  # many groups, taps > G, multi-query
+    (1, 3, 3, 2, 4, 32),  # taps much longer than the sequence
+]
+
+
+@pytest.mark.parametrize("local_kernel", ["relu2", "identity"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_and_recurrent_equal_reference(shape, local_kernel):
+    batch, heads, kv_heads, length, group, taps = shape
+    q, k, v, w, gamma = make_inputs(batch, heads, kv_heads, length, 6, taps, seed=length)
+    expected = reference_attention(q, k, v, w, gamma, group, local_kernel)
+    chunked = chunked_attention(q, k, v, w, gamma, group, local_kernel)
+    recurrent, _ = decode_one_by_one(q, k, v, w, gamma, fresh_state(k, v, group, taps), local_kernel)
+    assert (chunked - expected).abs().max().item() < TOL
+    assert (recurrent - expected).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_extend_in_pieces_equals_reference_and_decode_state(shape):
+    batch, heads, kv_heads, length, group, taps = shape
+    q, k, v, w, gamma = make_inputs(batch, heads, kv_heads, length, 5, taps, seed=7 + length)
+    expected = reference_attention(q, k, v, w, gamma, group)
+    state = fresh_state(k, v, group, taps)
+    outs = []
+    for lo, hi in [(0, length // 3), (length // 3, length // 3 + 1), (length // 3 + 1, length)]:
+        if hi > lo:
+            out, state = extend_attention(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], w, gamma, state)
+            outs.append(out)
+    assert (torch.cat(outs, dim=2) - expected).abs().max().item() < TOL
+    _, decoded_state = decode_one_by_one(q, k, v, w, gamma, fresh_state(k, v, group, taps))
+    assert_states_equal(state, decoded_state)
+
+
+def test_padding_never_enters_the_state():
+    """Left padding in one row, right padding and a hole in another: outputs and state ignore pad values."""
+    group, taps, length = 4, 3, 11
+    q, k, v, w, gamma = make_inputs(2, 4, 2, length, 5, taps, seed=3)
+    expected = reference_attention(q, k, v, w, gamma, group)
+    _, decoded_state = decode_one_by_one(q, k, v, w, gamma, fresh_state(k, v, group, taps))
+    columns = [[None, None, *range(length)], [*range(5), None, *range(5, length), None]]
+    width = len(columns[0])
+    mask = torch.tensor([[c is not None for c in row] for row in columns])
+
+    def lay_out(x):
+        garbage = torch.full((x.shape[0], x.shape[1], width, x.shape[3]), 1e3, dtype=x.dtype)  # pads are loud
+        for row, cols in enumerate(columns):
+            for col, src in enumerate(cols):
+                if src is not None:
+                    garbage[row, :, col] = x[row, :, src]
+        return garbage
+
+    out, state = extend_attention(lay_out(q), lay_out(k), lay_out(v), w, gamma, fresh_state(k, v, group, taps), mask)
+    for row, cols in enumerate(columns):
+        real = [c for c, src in enumerate(cols) if src is not None]
+        assert (out[row, :, real] - expected[row]).abs().max().item() < TOL
+        assert out[row, :, [c for c in range(width) if c not in real]].abs().max().item() == 0
+    assert_states_equal(state, decoded_state)
+
+
+def test_rows_at_different_positions_decode_independently():
+    group, taps = 4, 3
+    q, k, v, w, gamma = make_inputs(2, 2, 1, 9, 4, taps, seed=11)
+    state = fresh_state(k, v, group, taps)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    _, state = extend_attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], w, gamma, state, mask)
+    assert state.position.tolist() == [6, 2]
+    out, _ = recurrent_step(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], w, gamma, state)
+    row0 = reference_attention(q[:1, :, :7], k[:1, :, :7], v[:1, :, :7], w, gamma, group)[:, :, -1]
+    idx = [0, 1, 6]
+    row1 = reference_attention(q[1:, :, idx], k[1:, :, idx], v[1:, :, idx], w, gamma, group)[:, :, -1]
+    assert (out[0, :, 0] - row0[0]).abs().max().item() < TOL
+    assert (out[1, :, 0] - row1[0]).abs().max().item() < TOL
+
+
+def test_output_is_causal():
+    """Changing tokens after t leaves every output at or before t unchanged (the conv is masked)."""
+    q, k, v, w, gamma = make_inputs(1, 2, 2, 20, 4, 6, seed=5)
+    base = chunked_attention(q, k, v, w, gamma, 8)
+    t = 9
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
+    changed = chunked_attention(q2, k2, v2, w, gamma, 8)
+    assert (changed[:, :, : t + 1] - base[:, :, : t + 1]).abs().max().item() < TOL
+    assert (changed[:, :, t + 1 :] - base[:, :, t + 1 :]).abs().max().item() > 1e-3
+
+
+# A tree over 9 nodes: two branches from the root, a deeper chain; committed context lengths put paths
+# across group boundaries.
+TREE = [-1, 0, 0, 1, 1, 2, 3, 6, -1]
+
+
+@pytest.mark.parametrize("committed", [0, 1, 5, 6, 7, 14])
+def test_verify_rows_equal_sequential_decoding_along_each_path(committed):
+    group, taps = 4, 5
+    parents = torch.tensor([TREE, TREE])
+    nodes = len(TREE)
+    q, k, v, w, gamma = make_inputs(2, 4, 2, committed + nodes, 3, taps, seed=committed)
+    state = fresh_state(k, v, group, taps)
+    if committed:
+        _, state = extend_attention(
+            q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state
+        )
+    nq, nk, nv = (x[:, :, committed:] for x in (q, k, v))
+    out = verify_attention(nq, nk, nv, w, gamma, state, parents)
+    ancestors, depth = tree_ancestors(parents)
+    for node in range(nodes):
+        path = [i for i in range(nodes) if ancestors[0, node, i]]
+        assert len(path) == depth[0, node].item() + 1
+        seq_out, _ = decode_one_by_one(nq[:, :, path], nk[:, :, path], nv[:, :, path], w, gamma, state)
+        assert (out[:, :, node] - seq_out[:, :, -1]).abs().max().item() < TOL, node
+
+
+@pytest.mark.parametrize("committed", [2, 7])
+def test_commit_of_accepted_path_equals_decoding_it(committed):
+    group, taps = 4, 5
+    parents = torch.tensor([TREE, TREE])
+    q, k, v, w, gamma = make_inputs(2, 2, 1, committed + len(TREE), 3, taps, seed=40 + committed)
+    state = fresh_state(k, v, group, taps)
+    _, state = extend_attention(q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state)
+    nq, nk, nv = (x[:, :, committed:] for x in (q, k, v))
+    accepted = [[0, 1, 3], [0, 2, 5]]  # different paths per row; pad the shorter selection via the mask
+    index = torch.tensor(accepted)
+    pick = lambda x: x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))  # noqa: E731
+    committed_state = append_tokens(state, pick(nk), pick(nv))
+    for row in range(2):
+        path = accepted[row]
+        row_state = state.map(lambda t, r=row: t[r : r + 1])
+        _, expected = decode_one_by_one(
+            nq[row : row + 1, :, path], nk[row : row + 1, :, path], nv[row : row + 1, :, path], w, gamma, row_state
+        )
+        assert_states_equal(committed_state.map(lambda t, r=row: t[r : r + 1]), expected)
+
+
+def test_invalid_parents_are_rejected():
+    with pytest.raises(ValueError, match="earlier node"):
+        validate_parents(torch.tensor([[-1, 2, 0]]))
