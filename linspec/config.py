@@ -67,4 +67,6 @@ class LinspecConfig:
         """Raise if a softmax layer index does not exist in a model with ``num_layers`` decoder layers."""
         bad = [i for i in self.softmax_layers if i >= num_layers]
         if bad:
-            raise LinspecError(f"softmax_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+            raise LinspecError(
+                f"softmax_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+            )

@@ -158,9 +158,7 @@ def test_verify_rows_equal_sequential_decoding_along_each_path(committed):
     q, k, v, w, gamma = make_inputs(2, 4, 2, committed + nodes, 3, taps, seed=committed)
     state = fresh_state(k, v, group, taps)
     if committed:
-        _, state = extend_attention(
-            q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state
-        )
+        _, state = extend_attention(q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state)
     nq, nk, nv = (x[:, :, committed:] for x in (q, k, v))
     out = verify_attention(nq, nk, nv, w, gamma, state, parents)
     ancestors, depth = tree_ancestors(parents)

@@ -100,9 +100,11 @@ def verify_attention(
     slots = torch.arange(group_size, device=q.device)
     in_committed_group = group == committed_group  # (B, N)
     buffer_scores = torch.einsum("bkrnd,bkgd->bkrng", qr, state.group_keys)
-    buffer_mask = (in_committed_group[:, :, None] & (slots[None, None, :] < committed_in_group[:, :, None]))
+    buffer_mask = in_committed_group[:, :, None] & (slots[None, None, :] < committed_in_group[:, :, None])
     local = local + torch.einsum(
-        "bkrng,bkge->bkrne", local_similarity(buffer_scores, local_kernel) * buffer_mask[:, None, None], state.group_values
+        "bkrng,bkge->bkrne",
+        local_similarity(buffer_scores, local_kernel) * buffer_mask[:, None, None],
+        state.group_values,
     )
     past_group = (group > committed_group)[:, None, None, :, None]
     global_term = global_term + torch.einsum("bkrnd,bkde->bkrne", qr, state.group_kv) * past_group

@@ -1,0 +1,118 @@
+"""``LinspecAttention``: augmented grouped linear attention as a drop-in for a model's softmax attention.
+
+It adopts the pretrained module's own q/k/v/o projections (and Qwen3's q/k norms) — the same objects, so
+state-dict names do not change — and adds two parameters: ``global_scale`` (γ) and ``conv_weight``
+(``[num_attention_heads, conv_taps]``, ``conv_weight[h, j]`` multiplies ``v`` at ``t − j``). Both start at zero,
+so a fresh conversion is local grouped attention only; training opens the global path and the conv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from linspec.config import LinspecConfig
+from linspec.ops import (
+    chunked_attention,
+    empty_state,
+    extend_attention,
+    recurrent_step,
+    verify_attention,
+)
+
+
+def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    """φ applied to RoPE'd queries and keys (the paper preset: L2 normalisation, no 1/√d)."""
+    if name == "l2norm":
+        return F.normalize(x, dim=-1, eps=1e-6)
+    if name == "elu1":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown feature map {name!r}")
+
+
+class LinspecAttention(nn.Module):
+    def __init__(self, softmax_attention: nn.Module, settings: LinspecConfig) -> None:
+        super().__init__()
+        config = softmax_attention.config
+        self.layer_idx = softmax_attention.layer_idx
+        self.head_dim = softmax_attention.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.settings = settings
+        self.q_proj = softmax_attention.q_proj
+        self.k_proj = softmax_attention.k_proj
+        self.v_proj = softmax_attention.v_proj
+        self.o_proj = softmax_attention.o_proj
+        self.q_norm = getattr(softmax_attention, "q_norm", None)
+        self.k_norm = getattr(softmax_attention, "k_norm", None)
+        weight = self.q_proj.weight
+        self.global_scale = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
+        self.conv_weight = nn.Parameter(
+            torch.zeros(self.num_heads, settings.conv_taps, dtype=weight.dtype, device=weight.device)
+        )
+
+    def reset_linspec_parameters(self) -> None:
+        """γ = 0 and conv = 0: the state right after conversion."""
+        with torch.no_grad():
+            self.global_scale.zero_()
+            self.conv_weight.zero_()
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q̂ [B, H, T, D], k̂ [B, Hkv, T, D], v [B, Hkv, T, D])``: projections, q/k norms, RoPE, then φ."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape)
+        k = self.k_proj(hidden_states).view(shape)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        name = self.settings.feature_map
+        # 16-bit inputs are upcast: the running sums in the state must not round at every token.
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        return feature_map(q.to(compute), name), feature_map(k.to(compute), name), v.to(compute)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        linspec_token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        weight = self.conv_weight.to(q.dtype)
+        gamma = self.global_scale.to(q.dtype)
+        local_kernel = self.settings.local_kernel
+        state = None if past_key_values is None else past_key_values.linear_state(self.layer_idx)
+        tree = None if past_key_values is None else getattr(past_key_values, "tree_parents", None)
+
+        if past_key_values is None and linspec_token_mask is None:
+            out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel)
+        else:
+            if state is None:
+                state = empty_state(
+                    batch, self.num_kv_heads, self.head_dim, self.head_dim,
+                    self.settings.group_size, self.settings.conv_taps, q.dtype, q.device,
+                )  # fmt: skip
+            if tree is not None:  # speculative verification: read the state, keep (k̂, v) for the commit
+                out = verify_attention(q, k, v, weight, gamma, state, tree, local_kernel)
+                past_key_values.store_candidates(self.layer_idx, k, v)
+                new_state = state
+            elif length == 1 and linspec_token_mask is None:
+                out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel)
+            else:
+                out, new_state = extend_attention(q, k, v, weight, gamma, state, linspec_token_mask, local_kernel)
+            if past_key_values is not None:
+                past_key_values.set_linear_state(self.layer_idx, new_state)
+        out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
+        return self.o_proj(out), None

@@ -1,0 +1,151 @@
+"""``LinspecCache``: a Hugging Face ``Cache`` with a constant-size recurrent state for every linear layer.
+
+Softmax layers of a hybrid keep an ordinary ``DynamicLayer`` (growing KV). ``generate()`` works unchanged:
+the model class creates this cache instead of a ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from linspec.errors import LinspecError
+from linspec.ops import LinearAttentionState, append_tokens
+
+
+class LinearStateLayer:
+    """One linear layer's slot in the cache: a ``LinearAttentionState`` (or None before the first token)."""
+
+    is_compileable = False
+    is_sliding = False
+    supports_early_init = False
+    is_croppable = False
+
+    def __init__(self) -> None:
+        self.state: LinearAttentionState | None = None
+
+    def __repr__(self) -> str:
+        return f"LinearStateLayer(position={None if self.state is None else self.state.position.tolist()})"
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.position.shape[0]
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes()
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        """States are created by the attention layer on first use; nothing to pre-allocate."""
+
+    def reset(self) -> None:
+        self.state = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LinspecError(
+            "a linear-attention state cannot be cropped; speculative decoding with linspec commits accepted tokens "
+            "instead (use linspec.speculative_generate)"
+        )
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        """The state is small and stays where it is."""
+
+    def prefetch(self) -> None:
+        """The state is small and stays where it is."""
+
+
+class LinspecCache(Cache):
+    """Per-layer recurrent states for linear layers and KV for softmax layers.
+
+    ``seen_tokens`` counts the input columns processed (padding included), which is what Hugging Face means by
+    the cache's sequence length; each linear state separately counts the *real* tokens of each row.
+    """
+
+    def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = ()) -> None:
+        layers = [DynamicLayer() if i in softmax_layers else LinearStateLayer() for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.seen_tokens = 0
+        # Speculative verification (DESIGN §3): while ``tree_parents`` ([B, N], -1 = follows the committed
+        # context) is set, linear layers run verify mode, leave their state alone and park the candidates' (k̂, v).
+        self.tree_parents: torch.Tensor | None = None
+        self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def for_model_config(cls, config) -> LinspecCache:
+        text_config = config.get_text_config(decoder=True)
+        return cls(text_config.num_hidden_layers, tuple(text_config.linspec["softmax_layers"]))
+
+    def linear_state(self, layer_idx: int) -> LinearAttentionState | None:
+        return self.layers[layer_idx].state
+
+    def set_linear_state(self, layer_idx: int, state: LinearAttentionState) -> None:
+        self.layers[layer_idx].state = state
+
+    def store_candidates(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.candidates[layer_idx] = (keys, values)
+
+    def commit_linear(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """Append the accepted candidates' parked ``(k̂, v)`` to every linear state; nothing is recomputed.
+
+        ``accepted`` ``[B, M]`` holds node indices along each row's accepted path (root first), ``accepted_mask``
+        ``[B, M]`` marks the real entries (rows accept different numbers of tokens).
+        """
+        for layer_idx, (keys, values) in self.candidates.items():
+
+            def along_path(x: torch.Tensor) -> torch.Tensor:
+                index = accepted[:, None, :, None].expand(x.shape[0], x.shape[1], accepted.shape[1], x.shape[3])
+                return x.gather(2, index)
+
+            state = self.layers[layer_idx].state
+            self.layers[layer_idx].state = append_tokens(state, along_path(keys), along_path(values), accepted_mask)
+        self.candidates = {}
+
+    def _first_softmax_layer(self) -> int | None:
+        return next((i for i, layer in enumerate(self.layers) if isinstance(layer, DynamicLayer)), None)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        softmax = self._first_softmax_layer()
+        if softmax is None:
+            return self.seen_tokens + query_length, 0
+        return self.layers[softmax].get_mask_sizes(query_length)
+
+    def advance(self, num_columns: int) -> None:
+        """Called once per model forward, after all layers ran on ``num_columns`` new input columns."""
+        self.seen_tokens += num_columns
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache: constant in context length for linear layers."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, LinearStateLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                total += layer.keys.numel() * layer.keys.element_size() * 2
+        return total

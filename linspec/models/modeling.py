@@ -1,0 +1,181 @@
+"""Native linspec model classes, one config + causal-LM pair per supported architecture.
+
+Each class is the architecture's own Hugging Face class with its softmax attention swapped, per instance, for
+``LinspecAttention`` in every layer not kept as softmax. ``import linspec`` registers them with ``AutoConfig``
+and ``AutoModelForCausalLM``, so a converted directory loads with no remote code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from linspec.config import LinspecConfig
+from linspec.models.attention import LinspecAttention
+from linspec.models.cache import LinspecCache
+
+# Keys of a base config's dict that describe the file, not the model; a linspec config sets its own.
+_NON_MODEL_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config")
+
+
+class LinspecConfigMixin:
+    """Adds ``linspec`` (the ``LinspecConfig`` as a dict) and ``base_model_type`` to an architecture's config."""
+
+    @classmethod
+    def from_base(cls, base_config, settings: LinspecConfig):
+        data = {k: v for k, v in base_config.to_dict().items() if k not in _NON_MODEL_KEYS}
+        data.pop("dtype", None)
+        return cls(**data, linspec=settings.to_dict(), base_model_type=base_config.model_type)
+
+    @property
+    def linspec_settings(self) -> LinspecConfig:
+        return LinspecConfig.from_dict(self.linspec or {})
+
+
+class LinspecCausalLMMixin:
+    """Behaviour shared by every linspec causal LM: the attention swap, the recurrent cache, the padding mask."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        settings = config.linspec_settings
+        layers = self.model.layers
+        settings.check_layers(len(layers))
+        for index, layer in enumerate(layers):
+            if index not in settings.softmax_layers:
+                layer.self_attn = LinspecAttention(layer.self_attn, settings)
+
+    def _init_weights(self, module) -> None:
+        if isinstance(module, LinspecAttention):
+            module.reset_linspec_parameters()
+            return
+        super()._init_weights(module)
+
+    def linspec_modules(self) -> list[LinspecAttention]:
+        return [m for m in self.modules() if isinstance(m, LinspecAttention)]
+
+    def new_cache(self) -> LinspecCache:
+        return LinspecCache.for_model_config(self.config)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by linspec "
+                    "models; they use their own constant-size LinspecCache"
+                )
+            model_kwargs["past_key_values"] = self.new_cache()
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ):
+        """The base forward, plus: a ``LinspecCache`` when caching, and the 2-D padding mask for linear layers.
+
+        Linear layers need to know which new columns are real tokens (padding must not enter their state);
+        the 4-D mask Hugging Face builds for softmax layers does not say that reliably, so the 2-D mask is
+        passed down as ``linspec_token_mask`` (None when every column is real).
+        """
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            new_columns = attention_mask[:, -length:].bool()
+            if not bool(new_columns.all()):
+                token_mask = new_columns
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            linspec_token_mask=token_mask,
+            **kwargs,
+        )
+        if isinstance(past_key_values, LinspecCache):
+            past_key_values.advance(length)
+        return outputs
+
+
+@strict
+class LinspecLlamaConfig(LinspecConfigMixin, LlamaConfig):
+    model_type = "linspec_llama"
+    linspec: dict | None = None
+    base_model_type: str = "llama"
+
+
+class LinspecLlamaForCausalLM(LinspecCausalLMMixin, LlamaForCausalLM):
+    config_class = LinspecLlamaConfig
+
+
+@strict
+class LinspecMistralConfig(LinspecConfigMixin, MistralConfig):
+    model_type = "linspec_mistral"
+    linspec: dict | None = None
+    base_model_type: str = "mistral"
+
+
+class LinspecMistralForCausalLM(LinspecCausalLMMixin, MistralForCausalLM):
+    config_class = LinspecMistralConfig
+
+
+@strict
+class LinspecQwen2Config(LinspecConfigMixin, Qwen2Config):
+    model_type = "linspec_qwen2"
+    linspec: dict | None = None
+    base_model_type: str = "qwen2"
+
+
+class LinspecQwen2ForCausalLM(LinspecCausalLMMixin, Qwen2ForCausalLM):
+    config_class = LinspecQwen2Config
+
+
+@strict
+class LinspecQwen3Config(LinspecConfigMixin, Qwen3Config):
+    model_type = "linspec_qwen3"
+    linspec: dict | None = None
+    base_model_type: str = "qwen3"
+
+
+class LinspecQwen3ForCausalLM(LinspecCausalLMMixin, Qwen3ForCausalLM):
+    config_class = LinspecQwen3Config
+
+
+# base model_type -> (linspec config class, linspec causal-LM class). SmolLM2 is a Llama.
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "llama": (LinspecLlamaConfig, LinspecLlamaForCausalLM),
+    "mistral": (LinspecMistralConfig, LinspecMistralForCausalLM),
+    "qwen2": (LinspecQwen2Config, LinspecQwen2ForCausalLM),
+    "qwen3": (LinspecQwen3Config, LinspecQwen3ForCausalLM),
+}
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModelForCausalLM`` know the linspec types (idempotent)."""
+    for config_class, model_class in ARCHITECTURES.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
