@@ -172,7 +172,6 @@ def test_verify_rows_equal_sequential_decoding_along_each_path(committed):
 @pytest.mark.parametrize("committed", [2, 7])
 def test_commit_of_accepted_path_equals_decoding_it(committed):
     group, taps = 4, 5
-    parents = torch.tensor([TREE, TREE])
     q, k, v, w, gamma = make_inputs(2, 2, 1, committed + len(TREE), 3, taps, seed=40 + committed)
     state = fresh_state(k, v, group, taps)
     _, state = extend_attention(q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state)

@@ -98,7 +98,7 @@ def extend_attention(
 
     ``token_mask`` (``[B, T]`` bool, True = real token) defaults to all real. Real tokens keep their order.
     """
-    batch, num_heads, length, _ = q.shape
+    batch, _, length, _ = q.shape
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     token_mask = token_mask.bool()

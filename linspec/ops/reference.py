@@ -23,7 +23,7 @@ def reference_attention(
     local_kernel: str = "relu2",
 ) -> torch.Tensor:
     """``o_t = Σ_{same group, s≤t} κ(q̂_t·k̂_s) v_s + γ Σ_{s < grp(t)·G} (q̂_t·k̂_s) v_s + Σ_j w[j] v_{t-j}``."""
-    batch, num_heads, length, _ = q.shape
+    num_heads, length = q.shape[1], q.shape[2]
     k = expand_kv_heads(k, num_heads)
     v = expand_kv_heads(v, num_heads)
     scores = q @ k.transpose(-1, -2)  # (B, H, T, T)
