@@ -1,0 +1,60 @@
+"""Checkpoint-level conversion and loading: a model source in, a linspec HF directory out, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from linspec.config import LinspecConfig
+from linspec.convert import convert
+from linspec.errors import LinspecError
+from linspec.io import atomic_directory, check_output_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LinspecError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def convert_checkpoint(
+    src: str,
+    out: str | os.PathLike,
+    settings: LinspecConfig,
+    *,
+    force: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "2GB",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Load ``src`` (HF dir, hub id, ``.gguf`` or a demo name), convert it, save model + tokenizer to ``out``.
+
+    ``out`` appears only when everything is written (temp dir, then rename); an existing ``out`` is replaced
+    only with ``force``. Checked before loading, so a refused run costs nothing.
+    """
+    from linspec.sources import load_source
+
+    check_output_dir(out, force)
+    model, tokenizer = load_source(src, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    converted = convert(model, settings)
+    with atomic_directory(out, force=force) as tmp:
+        converted.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "linspec.json").write_text(
+            json.dumps({"source": str(src), "linspec": settings.to_dict(), "dtype": str(dtype)}, indent=2) + "\n"
+        )
+    return Path(out)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for any source ``linspec`` understands; a converted dir gives a linspec model."""
+    from linspec.sources import load_source
+
+    return load_source(str(path), dtype=dtype)

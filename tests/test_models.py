@@ -1,0 +1,172 @@
+"""Converted models of every supported architecture behave like HF causal LMs with a constant-size cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import BASES, tiny_base, tiny_linspec
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import linspec
+from linspec.models.attention import LinspecAttention
+
+ARCHS = sorted(BASES)
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conversion_swaps_every_attention_and_keeps_pretrained_weights(arch):
+    base = tiny_base(arch)
+    expected = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = linspec.convert(base, linspec.LinspecConfig(group_size=8, conv_taps=4))
+    modules = model.linspec_modules()
+    assert len(modules) == 3 and type(model).__name__.startswith("Linspec")
+    for module in modules:
+        assert module.global_scale.shape == () and module.global_scale.item() == 0.0
+        assert module.conv_weight.shape == (4, 4) and not module.conv_weight.any()
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    assert model.config.linspec["group_size"] == 8 and model.config.base_model_type == arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_plus_decode_equals_full_forward(arch):
+    """Chunked (no cache), extend (prefill on the cache) and recurrent (decode) agree at the model level."""
+    model = tiny_linspec(arch).double()
+    ids = random_ids(2, 29)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        pieces = [model(ids[:, :11], past_key_values=cache).logits]
+        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(11, 20)]
+        pieces.append(model(ids[:, 20:], past_key_values=cache).logits)  # a multi-token continuation
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-10
+    assert cache.get_seq_length() == 29
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_t_do_not_depend_on_later_tokens(arch):
+    model = tiny_linspec(arch).double()
+    ids = random_ids(1, 24)
+    changed = ids.clone()
+    changed[:, 13:] = random_ids(1, 11, seed=5)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert (a[:, :13] - b[:, :13]).abs().max().item() < 1e-10
+    assert (a[:, 13:] - b[:, 13:]).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_left_padded_generate_equals_each_row_alone(arch):
+    model = tiny_linspec(arch)
+    prompts = [random_ids(1, n, seed=n)[0] for n in (5, 12, 9)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    ids[mask == 0] = 50  # a real token id: padding must be ignored because of the mask, not because it is 0
+    kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0, eos_token_id=None)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs)
+        assert batched[row, width:].tolist() == alone[0, len(prompt) :].tolist(), row
+
+
+def test_generate_uses_a_cache_whose_size_does_not_grow():
+    model = tiny_linspec("llama")
+    ids = random_ids(1, 10)
+    sizes = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        logits = model(ids, past_key_values=cache).logits
+        for _ in range(40):
+            token = logits[:, -1:].argmax(-1)
+            logits = model(token, past_key_values=cache).logits
+            sizes.append(cache.nbytes())
+    assert len(set(sizes)) == 1 and sizes[0] > 0
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, linspec.LinspecCache)
+
+
+def test_sampling_generate_is_reproducible_and_in_vocabulary():
+    model = tiny_linspec("qwen3")
+    ids = random_ids(2, 7)
+    torch.manual_seed(3)
+    a = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
+    torch.manual_seed(3)
+    b = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
+    assert torch.equal(a, b) and a.shape == (2, 17) and int(a.max()) < 97
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_and_load_roundtrip_gives_identical_logits(arch, tmp_path):
+    model = tiny_linspec(arch)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    ids = random_ids(2, 19)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert "auto_map" not in (tmp_path / "config.json").read_text()  # native classes, no remote code
+
+
+def test_hybrid_keeps_chosen_layers_softmax_and_decodes_consistently():
+    model = tiny_linspec("llama", softmax_layers=(1,)).double()
+    kinds = [type(layer.self_attn) for layer in model.model.layers]
+    assert kinds[1] is not LinspecAttention and kinds[0] is LinspecAttention and kinds[2] is LinspecAttention
+    ids = random_ids(2, 21)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        pieces = [model(ids[:, :9], past_key_values=cache).logits]
+        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(9, 21)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_layers_softmax_equals_the_original_exactly(arch):
+    base = tiny_base(arch, seed=4)
+    ids = random_ids(2, 15)
+    with torch.no_grad():
+        expected = base(ids).logits
+        greedy = base.generate(ids, max_new_tokens=6, do_sample=False)
+    model = linspec.convert(base, linspec.LinspecConfig(softmax_layers=(0, 1, 2)))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), greedy)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(linspec.LinspecError, match="llama, mistral, qwen2, qwen3"):
+        linspec.convert(gpt2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"group_size": 0}, "group_size must be a positive integer"),
+        ({"conv_taps": -3}, "conv_taps must be a positive integer"),
+        ({"feature_map": "tanh"}, "feature_map must be one of"),
+        ({"softmax_layers": (-1,)}, "non-negative"),
+    ],
+)
+def test_invalid_settings_are_rejected(kwargs, message):
+    with pytest.raises(linspec.LinspecError, match=message):
+        linspec.LinspecConfig(**kwargs)
+
+
+def test_softmax_layer_out_of_range_is_rejected():
+    with pytest.raises(linspec.LinspecError, match="out of range"):
+        linspec.convert(tiny_base("llama"), linspec.LinspecConfig(softmax_layers=(3,)))
+
+
+def test_converting_a_linspec_model_again_is_rejected():
+    with pytest.raises(linspec.LinspecError, match="already a linspec model"):
+        linspec.convert(tiny_linspec("llama"))
