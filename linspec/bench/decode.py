@@ -1,0 +1,156 @@
+"""``linspec bench decode``: per-token decode time, cache bytes and peak RSS vs context, original vs converted.
+
+Both models see the same random prompt of each context length, are prefilled on a fresh cache, then decode
+``--steps`` greedy tokens one forward at a time; the median step time is reported. The converted model keeps
+γ = 0 and conv = 0 from conversion, which costs the same as trained values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from transformers import DynamicCache
+
+from linspec.bench.memory import PeakRSS
+from linspec.bench.report import markdown_table, record
+
+EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
+DEFAULT_CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
+
+
+@dataclass
+class DecodeResult:
+    model: str
+    context: int
+    prefill_s: float
+    ms_per_token: float
+    tokens_per_s: float
+    cache_bytes: int
+    peak_rss_bytes: int
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
+
+
+@torch.inference_mode()
+def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, list[float], int]:
+    """``(prefill seconds, per-step seconds, cache bytes after the last step)`` on a fresh cache."""
+    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
+    start = time.perf_counter()
+    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    prefill = time.perf_counter() - start
+    token = logits[:, -1:].argmax(-1)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        logits = model(token, past_key_values=cache, use_cache=True).logits
+        token = logits[:, -1:].argmax(-1)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return prefill, times, cache_bytes(cache)
+
+
+def measure(models: dict, contexts: list[int], steps: int, vocab_size: int, seed: int = 0) -> list[DecodeResult]:
+    results = []
+    generator = torch.Generator().manual_seed(seed)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("decode benchmark", total=len(contexts) * len(models))
+        for context in contexts:
+            prompt = torch.randint(0, vocab_size, (1, context), generator=generator)
+            for name, model in models.items():
+                progress.update(task, description=f"{name} @ {context} tokens")
+                with PeakRSS() as peak:
+                    prefill, times, nbytes = time_decode(model, prompt, steps)
+                median = statistics.median(times)
+                results.append(DecodeResult(name, context, prefill, 1e3 * median, 1 / median, nbytes, peak.bytes))
+                progress.advance(task)
+    return results
+
+
+def summarise(results: list[DecodeResult]) -> dict:
+    """Ratios that answer the two questions: is linspec flat in context, and does it beat softmax when long."""
+    by = {(r.model, r.context): r for r in results}
+    contexts = sorted({r.context for r in results})
+    lo, hi = contexts[0], contexts[-1]
+    summary = {
+        "converted_flatness": by["converted", hi].ms_per_token / by["converted", lo].ms_per_token,
+        "original_growth": by["original", hi].ms_per_token / by["original", lo].ms_per_token,
+        "speedup_by_context": {c: by["original", c].ms_per_token / by["converted", c].ms_per_token for c in contexts},
+        "cache_ratio_longest": by["original", hi].cache_bytes / by["converted", hi].cache_bytes,
+    }
+    return summary
+
+
+def plot(results: list[DecodeResult]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, style in (("original", "o-"), ("converted", "s-")):
+        rows = sorted((r for r in results if r.model == name), key=lambda r: r.context)
+        x = [r.context for r in rows]
+        axes[0].plot(x, [r.ms_per_token for r in rows], style, label=name)
+        axes[1].plot(x, [r.cache_bytes / 2**20 for r in rows], style, label=name)
+        axes[2].plot(x, [r.peak_rss_bytes / 2**20 for r in rows], style, label=name)
+    for ax, title in zip(axes, ("decode ms / token", "cache MiB", "peak RSS MiB"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    figure.tight_layout()
+    return figure
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model source (default: the demo model)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS, help="context lengths")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not write under docs/")
+
+
+def run(args: argparse.Namespace) -> int:
+    import linspec
+    from linspec.errors import LinspecError
+    from linspec.sources import load_source
+
+    if args.steps <= 0 or any(c <= 0 for c in args.contexts):
+        raise LinspecError("--steps and --contexts must be positive")
+    original, _ = load_source(args.model)
+    vocab_size = original.config.vocab_size
+    converted, _ = load_source(args.model)
+    converted = linspec.convert(converted, linspec.LinspecConfig())
+    models = {"original": original, "converted": converted}
+    results = measure(models, sorted(args.contexts), args.steps, vocab_size)
+    summary = summarise(results)
+    rows = [
+        [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
+         r.prefill_s]
+        for r in results
+    ]  # fmt: skip
+    table = markdown_table(["context", "model", "ms/token", "tokens/s", "cache MiB", "peak RSS MiB", "prefill s"], rows)
+    lo, hi = min(args.contexts), max(args.contexts)
+    speedups = ", ".join(f"{c}: {s:.2f}×" for c, s in summary["speedup_by_context"].items())
+    text = (
+        f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n{table}\n\n"
+        f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
+        f"(original: {summary['original_growth']:.2f}×)\n"
+        f"- converted speed-up over the original by context: {speedups}\n"
+        f"- cache at {hi} tokens: original / converted = {summary['cache_ratio_longest']:.1f}×"
+    )
+    print(text)
+    if not args.no_record:
+        payload = {"model": args.model, "steps": args.steps, "results": [asdict(r) for r in results], **summary}
+        record("decode", payload, text, plot(results))
+    return 0
