@@ -1,0 +1,137 @@
+"""``linspec convert`` end to end on small checkpoints: it works, and bad input gets one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_base
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import linspec  # noqa: F401  (registers the linspec Auto classes)
+from linspec.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tiny_base("qwen3", seed=1).save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_convert_writes_a_loadable_linspec_dir(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli("convert", str(tiny_dir), str(out), "--group-size", "8", "--conv-taps", "4",
+                              "--softmax-layers", "1", capsys=capsys)  # fmt: skip
+    assert code == 0 and "wrote" in stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LinspecQwen3ForCausalLM"
+    assert model.config.linspec["group_size"] == 8 and model.config.linspec["softmax_layers"] == [1]
+    assert (out / "linspec.json").exists() and leftovers(tmp_path) == []
+    ids = torch.randint(3, 97, (1, 12))
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
+
+
+def test_existing_output_is_kept_without_force_and_replaced_with_it(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, err = run_cli("convert", str(tiny_dir), str(out), capsys=capsys)
+    assert_one_line_error(code, err, "already exists", "--force")
+    assert (out / "precious.txt").read_text() == "keep me"
+    code, _, _ = run_cli("convert", str(tiny_dir), str(out), "--force", "--group-size", "8", capsys=capsys)
+    assert code == 0 and not (out / "precious.txt").exists() and (out / "config.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--group-size", "0"], ["group_size must be a positive integer"]),
+        (["--conv-taps", "-2"], ["conv_taps must be a positive integer"]),
+        (["--softmax-layers", "9"], ["out of range"]),
+    ],
+)
+def test_invalid_values_are_one_line_errors(tiny_dir, tmp_path, capsys, extra, fragments):
+    code, _, err = run_cli("convert", str(tiny_dir), str(tmp_path / "out"), *extra, capsys=capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_missing_source_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_cli("convert", str(tmp_path / "nope"), str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(src)
+    code, _, err = run_cli("convert", str(src), str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "gpt2", "llama, mistral, qwen2, qwen3")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_truncated_safetensors_is_a_one_line_error(tiny_dir, tmp_path, capsys):
+    src = tmp_path / "broken"
+    src.mkdir()
+    for path in tiny_dir.iterdir():
+        data = path.read_bytes()
+        (src / path.name).write_bytes(data[: len(data) // 2] if path.suffix == ".safetensors" else data)
+    code, _, err = run_cli("convert", str(src), str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_checkpoint_needs_explicit_opt_in(tiny_dir, tmp_path, capsys):
+    src = tmp_path / "pickled"
+    model = tiny_base("qwen3", seed=1)
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    code, _, err = run_cli("convert", str(src), str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "--allow-pickle")
+    code, _, _ = run_cli("convert", str(src), str(tmp_path / "out"), "--allow-pickle", "--group-size", "8",
+                         capsys=capsys)  # fmt: skip
+    assert code == 0 and (tmp_path / "out" / "config.json").exists()
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The installed entry point, in its own process: exit 2, one line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "linspec", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_every_help_ends_with_an_example(capsys):
+    from linspec.cli import COMMANDS
+
+    for command, _ in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "example:" in capsys.readouterr().out, command
