@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from linspec.config import LinspecConfig
-from linspec.convert import convert
+from linspec.convert import convert, linspec_classes_for
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, check_output_dir
 
@@ -41,6 +41,7 @@ def convert_checkpoint(
     from linspec.sources import load_source
 
     check_output_dir(out, force)
+    _check_config_before_loading(src, settings)
     model, tokenizer = load_source(src, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     converted = convert(model, settings)
     with atomic_directory(out, force=force) as tmp:
@@ -51,6 +52,21 @@ def convert_checkpoint(
             json.dumps({"source": str(src), "linspec": settings.to_dict(), "dtype": str(dtype)}, indent=2) + "\n"
         )
     return Path(out)
+
+
+def _check_config_before_loading(src: str, settings: LinspecConfig) -> None:
+    """Refuse an unsupported architecture or a bad layer index from ``config.json`` before loading any weight."""
+    config_path = Path(src) / "config.json"
+    if not config_path.is_file():
+        return
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LinspecError(f"{config_path} is not valid JSON: {error}") from error
+    if "linspec" not in data:  # a converted dir is refused later with its own message
+        linspec_classes_for(str(data.get("model_type")))
+    if isinstance(data.get("num_hidden_layers"), int):
+        settings.check_layers(data["num_hidden_layers"])
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -29,11 +29,13 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit 2 and exactly one message line (progress bars may precede it on stderr), no traceback."""
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
+    messages = [line for line in err.strip().splitlines() if line.startswith("linspec")]
+    assert len(messages) == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == messages[0]
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in messages[0], messages[0]
 
 
 def leftovers(parent: Path) -> list[str]:
