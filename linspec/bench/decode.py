@@ -1,14 +1,19 @@
 """``linspec bench decode``: per-token decode time, cache bytes and peak RSS vs context, original vs converted.
 
 Both models see the same random prompt of each context length, are prefilled on a fresh cache, then decode
-``--steps`` greedy tokens one forward at a time; the median step time is reported. The converted model keeps
-γ = 0 and conv = 0 from conversion, which costs the same as trained values.
+``--steps`` greedy tokens one forward at a time; the median step time is reported. Each (model, context) pair
+runs in its own process, so its peak RSS is its own and not the high-water mark of earlier pairs. The converted
+model keeps γ = 0 and conv = 0 from conversion, which costs the same as trained values.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -17,7 +22,6 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import DynamicCache
 
-from linspec.bench.memory import PeakRSS
 from linspec.bench.report import markdown_table, record
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
@@ -59,20 +63,36 @@ def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tup
     return prefill, times, cache_bytes(cache)
 
 
-def measure(models: dict, contexts: list[int], steps: int, vocab_size: int, seed: int = 0) -> list[DecodeResult]:
+def measure_one(source: str, which: str, context: int, steps: int, seed: int = 0) -> DecodeResult:
+    """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
+    import linspec
+    from linspec.sources import load_source
+
+    model, _ = load_source(source, progress=False)
+    if which == "converted":
+        model = linspec.convert(model, linspec.LinspecConfig())
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
+    time_decode(model, prompt[:, :16], steps=2, warmup=0)  # first-call costs (allocator, kernels) stay out
+    prefill, times, nbytes = time_decode(model, prompt, steps)
+    median = statistics.median(times)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return DecodeResult(which, context, prefill, 1e3 * median, 1 / median, nbytes, peak)
+
+
+def measure(source: str, contexts: list[int], steps: int) -> list[DecodeResult]:
+    """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
-    generator = torch.Generator().manual_seed(seed)
+    pairs = [(context, which) for context in contexts for which in ("original", "converted")]
     with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("decode benchmark", total=len(contexts) * len(models))
-        for context in contexts:
-            prompt = torch.randint(0, vocab_size, (1, context), generator=generator)
-            for name, model in models.items():
-                progress.update(task, description=f"{name} @ {context} tokens")
-                with PeakRSS() as peak:
-                    prefill, times, nbytes = time_decode(model, prompt, steps)
-                median = statistics.median(times)
-                results.append(DecodeResult(name, context, prefill, 1e3 * median, 1 / median, nbytes, peak.bytes))
-                progress.advance(task)
+        task = progress.add_task("decode benchmark", total=len(pairs))
+        for context, which in pairs:
+            progress.update(task, description=f"{which} @ {context} tokens")
+            command = [sys.executable, "-m", "linspec.bench.decode", source, which, str(context), str(steps)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"decode worker failed ({which} @ {context}): {done.stderr.strip()[-300:]}")
+            results.append(DecodeResult(**json.loads(done.stdout.strip().splitlines()[-1])))
+            progress.advance(task)
     return results
 
 
@@ -116,23 +136,18 @@ def plot(results: list[DecodeResult]):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model source (default: the demo model)")
     parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS, help="context lengths")
-    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per context (default 32)")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write under docs/")
 
 
 def run(args: argparse.Namespace) -> int:
-    import linspec
     from linspec.errors import LinspecError
     from linspec.sources import load_source
 
     if args.steps <= 0 or any(c <= 0 for c in args.contexts):
         raise LinspecError("--steps and --contexts must be positive")
-    original, _ = load_source(args.model)
-    vocab_size = original.config.vocab_size
-    converted, _ = load_source(args.model)
-    converted = linspec.convert(converted, linspec.LinspecConfig())
-    models = {"original": original, "converted": converted}
-    results = measure(models, sorted(args.contexts), args.steps, vocab_size)
+    load_source(args.model)  # fetch/check once here, so workers start from the cache
+    results = measure(args.model, sorted(args.contexts), args.steps)
     summary = summarise(results)
     rows = [
         [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
@@ -154,3 +169,8 @@ def run(args: argparse.Namespace) -> int:
         payload = {"model": args.model, "steps": args.steps, "results": [asdict(r) for r in results], **summary}
         record("decode", payload, text, plot(results))
     return 0
+
+
+if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS
+    source, which, context, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(asdict(measure_one(source, which, context, steps))))
