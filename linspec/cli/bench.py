@@ -8,6 +8,8 @@ import importlib
 # (name, module under linspec.bench, one-line help): each module has ``add_arguments(parser)`` and ``run(args)``.
 BENCHMARKS = [
     ("decode", "decode", "decode tokens/s, cache bytes and peak RSS vs context length, original vs converted"),
+    ("prefill", "prefill", "CPU prefill tokens/s of the PyTorch chunked path vs softmax SDPA, T = 512…8192"),
+    ("kernels", "kernels", "GPU: Triton kernels vs flash-linear-attention and SDPA flash, time, TB/s, TFLOP/s"),
 ]
 
 

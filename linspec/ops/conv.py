@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from linspec.ops.backend import use_triton
+
 
 def causal_depthwise_conv(
     v: torch.Tensor, conv_weight: torch.Tensor, history: torch.Tensor | None = None
@@ -15,6 +17,10 @@ def causal_depthwise_conv(
     can reach ``out[t]``. One grouped ``conv1d`` does all heads: each (kv head, channel) input feeds R outputs,
     one per query head sharing it, so no repeated copy of V is materialised.
     """
+    if use_triton(v):
+        from linspec.kernels import causal_depthwise_conv as triton_conv
+
+        return triton_conv(v, conv_weight, history)
     batch, kv_heads, length, head_dim = v.shape
     num_heads, taps = conv_weight.shape
     repeats = num_heads // kv_heads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
 from linspec.ops.state import LinearAttentionState
 
@@ -22,6 +23,10 @@ def recurrent_step(
     Branch-free over rows: each row sits at its own position, and a row whose group completes folds its
     running group sum into S while the others keep theirs.
     """
+    if use_triton(q):
+        from linspec.kernels import recurrent_step as triton_recurrent_step
+
+        return triton_recurrent_step(q, k, v, conv_weight, global_scale, state, local_kernel)
     batch, num_heads, _, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads

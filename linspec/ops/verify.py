@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
 from linspec.ops.state import LinearAttentionState
 
@@ -77,6 +78,10 @@ def verify_attention(
     local_kernel: str = "relu2",
 ) -> torch.Tensor:
     """Outputs ``[B, H, N, Dv]`` of every tree node, each equal to sequential decoding along its own path."""
+    if use_triton(q):
+        from linspec.kernels import verify_attention as triton_verify_attention
+
+        return triton_verify_attention(q, k, v, conv_weight, global_scale, state, parents, local_kernel)
     batch, num_heads, num_nodes, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads

@@ -1,0 +1,213 @@
+"""Triton == PyTorch for every mode, through the public ops under ``backend("triton")`` (interpreted on CPU).
+
+Forward results are compared with the float64 reference, gradients with float64 autograd of the PyTorch chunked
+path; kernels run in float32, so tolerances are float32-sized and scaled by the expected magnitude. Outputs start
+as NaN (``conftest.poisoned_outputs``), so any element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import linspec.kernels
+from linspec.kernels import utils as kernel_utils
+from linspec.ops import (
+    causal_depthwise_conv,
+    chunked_attention,
+    empty_state,
+    extend_attention,
+    recurrent_step,
+    reference_attention,
+    tree_ancestors,
+    verify_attention,
+)
+from linspec.ops.backend import backend
+from linspec.ops.chunked import grouped_terms
+
+TOL = 3e-5  # relative to the largest expected magnitude; float32 sums over a few hundred terms
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == torch.float32, what
+    scale = max(1.0, expected.abs().max().item())
+    error = (actual.double() - expected.double()).abs().max().item()  # NaN (unwritten) fails here too
+    assert error <= TOL * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
+
+
+def make_inputs(batch, heads, kv_heads, length, key_dim, taps, seed, value_dim=None):
+    """Fresh float32 inputs per case: unit-norm q̂/k̂ (the paper's φ), random values, conv taps and γ."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q = F.normalize(randn(batch, heads, length, key_dim), dim=-1)
+    k = F.normalize(randn(batch, kv_heads, length, key_dim), dim=-1)
+    v = randn(batch, kv_heads, length, value_dim or key_dim)
+    return q, k, v, 0.5 * randn(heads, taps), torch.tensor(0.8)
+
+
+# (batch, heads, kv_heads, length, head_dim, group, taps)
+CHUNK_SHAPES = [
+    (1, 2, 2, 11, 16, 16, 4),  # T < G
+    (2, 4, 2, 32, 32, 16, 8),  # T a multiple of G, batch > 1, GQA
+    (1, 4, 2, 45, 16, 32, 9),  # partial last group, G = 32
+    (2, 2, 1, 37, 16, 16, 40),  # taps reach back past two whole groups
+]
+
+
+@pytest.mark.parametrize("local_kernel", ["relu2", "identity"])
+@pytest.mark.parametrize("shape", CHUNK_SHAPES)
+def test_chunked_forward_and_gradients(shape, local_kernel):
+    batch, heads, kv_heads, length, dim, group, taps = shape
+    seed = zlib.crc32(repr((shape, local_kernel)).encode())
+    inputs = make_inputs(batch, heads, kv_heads, length, dim, taps, seed=seed)
+    inputs = [x.requires_grad_() for x in inputs]
+    grad_out = torch.randn(batch, heads, length, dim)
+    with backend("triton"):
+        out = chunked_attention(*inputs, group, local_kernel)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    expected = reference_attention(*exact, group, local_kernel)
+    with backend("torch"):
+        expected_grads = torch.autograd.grad(chunked_attention(*exact, group, local_kernel), exact, grad_out.double())
+    assert_close(out, expected, "output")
+    for name, grad, expected_grad in zip(["q", "k", "v", "conv_weight", "gamma"], grads, expected_grads, strict=True):
+        assert expected_grad.abs().max() > 0 or name == "gamma", name  # the comparison means something
+        assert_close(grad, expected_grad, f"d{name}")
+
+
+def test_chunked_with_several_head_dim_tiles_and_distinct_value_dim(monkeypatch):
+    """Head dims larger than one tile (loops over Dk/Dv blocks) and Dv != Dk."""
+    monkeypatch.setattr(kernel_utils, "MAX_BLOCK", 16)
+    q, k, v, w, gamma = make_inputs(1, 2, 1, 40, 32, 5, seed=3, value_dim=48)
+    inputs = [x.requires_grad_() for x in (q, k, v, w, gamma)]
+    grad_out = torch.randn(1, 2, 40, 48)
+    with backend("triton"):
+        out = chunked_attention(*inputs, 16)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    with backend("torch"):
+        expected = chunked_attention(*exact, 16)
+    expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
+    assert_close(out, expected, "output")
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, "grad")
+
+
+def test_grouped_terms_with_initial_state():
+    q, k, v, _, _ = make_inputs(2, 4, 2, 40, 16, 3, seed=5)
+    initial_kv = torch.randn(2, 2, 16, 16)
+    with backend("triton"):
+        actual = grouped_terms(q, k, v, 16, "relu2", initial_kv)
+    with backend("torch"):
+        expected = grouped_terms(q.double(), k.double(), v.double(), 16, "relu2", initial_kv.double())
+    for name, a, e in zip(["local", "global", "kv_through"], actual, expected, strict=True):
+        assert_close(a, e, name)
+
+
+def test_grouped_terms_keeps_autograd_by_handing_graphs_to_pytorch():
+    q, k, v, _, _ = make_inputs(1, 2, 2, 20, 16, 3, seed=6)
+    q.requires_grad_()
+    with backend("triton"):
+        local, _, _ = grouped_terms(q, k, v, 16)
+    assert local.grad_fn is not None
+
+
+@pytest.mark.parametrize("with_history", [False, True])
+def test_conv_forward_and_gradients(with_history):
+    _, _, v, w, _ = make_inputs(2, 4, 2, 70, 16, 9, seed=7)  # 70 = one full 64-token tile and a partial one
+    history = torch.randn(2, 2, 8, 16) if with_history else None
+    inputs = [v, w] + ([history] if with_history else [])
+    inputs = [x.requires_grad_() for x in inputs]
+    with backend("triton"):
+        out = causal_depthwise_conv(inputs[0], inputs[1], inputs[2] if with_history else None)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    with backend("torch"):
+        expected = causal_depthwise_conv(exact[0], exact[1], exact[2] if with_history else None)
+    assert_close(out, expected, "conv")
+    expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert_close(grad, expected_grad, "conv grad")
+
+
+def fresh_state(k, v, group, taps):
+    return empty_state(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], group, taps, k.dtype)
+
+
+def assert_states_close(actual, expected, what):
+    for name, tensor in actual.tensors().items():
+        if name == "position":
+            assert torch.equal(tensor, expected.position), what
+        else:
+            assert_close(tensor, expected.tensors()[name].float(), f"{what}: {name}")
+
+
+def test_recurrent_steps_through_a_group_completion():
+    """Rows at different positions (13 and 9 of G = 16); row 0 completes its group on the third step."""
+    group, taps, steps = 16, 6, 5
+    q, k, v, w, gamma = make_inputs(2, 4, 2, 13 + steps, 16, taps, seed=8)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False  # row 1 is left-padded: it sits at position 9
+    prompt = (q[:, :, :13], k[:, :, :13], v[:, :, :13], w, gamma)
+    _, state = extend_attention(*prompt, fresh_state(k, v, group, taps), mask)
+    triton_state = state
+    for t in range(13, 13 + steps):
+        token = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], w, gamma)
+        with backend("triton"):
+            out, triton_state = recurrent_step(*token, triton_state)
+        with backend("torch"):
+            expected, state = recurrent_step(*token, state)
+        assert_close(out, expected, f"step {t}")
+        assert_states_close(triton_state, state, f"step {t}")
+    assert triton_state.position.tolist() == [18, 14]
+    assert triton_state.kv.abs().max() > 0  # the completed group reached S
+
+
+@pytest.mark.parametrize("committed", [0, 13, 16])
+def test_verify_tree_across_a_group_boundary(committed):
+    """Depths 0..4 from position 13 cross the boundary at 16; siblings must not see each other."""
+    group, taps = 16, 6
+    tree = [-1, 0, 0, 1, 1, 2, 3, 6, 7, -1]
+    parents = torch.tensor([tree, tree[:1] + [0] * (len(tree) - 1)])  # a deep tree and a bushy one
+    q, k, v, w, gamma = make_inputs(2, 4, 2, committed + len(tree), 16, taps, seed=9 + committed)
+    state = fresh_state(k, v, group, taps)
+    if committed:
+        _, state = extend_attention(q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state)
+    nodes = (q[:, :, committed:], k[:, :, committed:], v[:, :, committed:], w, gamma, state, parents)
+    with backend("triton"):
+        out = verify_attention(*nodes)
+    with backend("torch"):
+        expected = verify_attention(*nodes)
+    assert_close(out, expected, "verify")
+
+
+def test_tree_ancestors_by_doubling_match_the_sequential_walk():
+    gen = torch.Generator().manual_seed(10)
+    parents = torch.stack([torch.randint(-1, max(i, 1), (3,), generator=gen) for i in range(23)], dim=1)
+    parents[:, 0] = -1
+    expected_ancestors, expected_depth = tree_ancestors(parents)
+    ancestors, depth = linspec.kernels.tree_ancestors(parents)
+    assert torch.equal(ancestors, expected_ancestors)
+    assert torch.equal(depth, expected_depth)
+
+
+def test_extend_runs_on_the_kernels():
+    """Prefill on a state (grouped_terms with an initial S, conv with history) through the Triton backend."""
+    group, taps = 16, 5
+    q, k, v, w, gamma = make_inputs(1, 2, 1, 30, 16, taps, seed=11)
+    results = {}
+    for name in ("triton", "torch"):
+        with backend(name):
+            _, state = extend_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], w, gamma, fresh_state(k, v, group, taps))
+            results[name] = extend_attention(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], w, gamma, state)
+    assert_close(results["triton"][0], results["torch"][0], "extend output")
+    assert_states_close(results["triton"][1], results["torch"][1], "extend state")
