@@ -1,0 +1,38 @@
+"""``linspec bench decode`` runs end to end (tiny model, tiny contexts) and reports both models per context.
+
+Speed itself is measured by the benchmark, never asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tiny_models import tiny_base
+
+from linspec.bench.decode import DecodeResult, summarise
+from linspec.cli import main
+
+
+def test_bench_decode_measures_both_models_in_separate_processes(tmp_path, capsys):
+    tiny_base("llama").save_pretrained(tmp_path / "tiny")
+    code = main(["bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "16", "40", "--steps", "2",
+                 "--no-record"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| 16 ") or line.startswith("| 40 ")]
+    assert sorted(row.split("|")[2].strip() for row in rows) == ["converted", "converted", "original", "original"]
+
+
+def test_summary_ratios_come_from_the_measurements():
+    results = [
+        DecodeResult("original", 128, 0.1, 10.0, 100.0, 1000, 1),
+        DecodeResult("converted", 128, 0.1, 12.0, 83.0, 500, 1),
+        DecodeResult("original", 8192, 1.0, 30.0, 33.0, 64000, 1),
+        DecodeResult("converted", 8192, 1.0, 12.6, 79.0, 500, 1),
+    ]
+    summary = summarise(results)
+    assert abs(summary["converted_flatness"] - 1.05) < 1e-9
+    assert abs(summary["original_growth"] - 3.0) < 1e-9
+    assert abs(summary["speedup_by_context"][8192] - 30.0 / 12.6) < 1e-9
+    assert summary["cache_ratio_longest"] == 128.0
+    json.dumps(summary)  # recorded as JSON
