@@ -1,0 +1,97 @@
+"""``linspec train RECIPE.yaml [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _keys_help() -> str:
+    from linspec.train.recipe import describe_keys
+
+    lines = ["recipe keys (override any with key=value; list items by index, e.g. stages.0.steps=10):"]
+    for key, kind, comment in describe_keys():
+        lines.append(f"  {key:<38} {kind:<28} {comment}" if kind != "section" else f"  {key}: {comment}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a converted model with a recipe (attention transfer, LoRA, distillation)",
+        description="Run a training recipe: load the base checkpoint, convert it, run each stage, and write "
+        "a linspec model directory to OUTPUT/model. Recipes are YAML files validated before any work starts; "
+        "recipes/*.yaml are commented examples. Several processes: torchrun --nproc-per-node N -m linspec "
+        "train RECIPE (DDP; distributed=fsdp shards the model).",
+        epilog=_keys_help() + "\n\nexample: linspec train recipes/smollm2-135m-demo.yaml stages.1.steps=50 "
+        "output=runs/quick && linspec eval ppl runs/quick/model --data notes.txt --ablations",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. seed=1")
+    parser.add_argument("--resume", action="store_true", help="continue OUTPUT's run from its newest checkpoint")
+    parser.add_argument("--force", action="store_true", help="discard an existing run in OUTPUT and start over")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, then run every stage for 2 steps on a tiny random Llama with built-in text (CPU, seconds)",
+    )
+    parser.add_argument("--check", action="store_true", help="only validate the recipe and print it resolved")
+    parser.add_argument(
+        "--record-bench",
+        metavar="NAME",
+        help="after training, write the perplexity table to docs/benchmarks.md under NAME (e.g. training)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from linspec.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.check:
+        print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
+        return 0
+    if args.dry_run:
+        from linspec.train.dry_run import dry_run
+
+        summary = dry_run(recipe)
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in summary["ppl"].items())
+        print(f"dry run passed: {len(recipe.stages)} stage(s) on a tiny model; held-out perplexity: {phases}")
+        return 0
+
+    from linspec.train.run import TrainingInterrupted, train
+
+    try:
+        output = train(recipe, resume=args.resume, force=args.force)
+    except TrainingInterrupted as stop:
+        again = " ".join(["linspec train", args.recipe, *args.overrides, "--resume"])
+        print(f"linspec train: {stop}\ncontinue with: {again}", file=sys.stderr)
+        return 130
+    print(f"wrote {output}")
+    from linspec.train.summary import format_table, record_benchmark
+
+    print(format_table(recipe.output))
+    if args.record_bench:
+        print(f"recorded {record_benchmark(recipe, args.record_bench, args.recipe)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m linspec.cli.train RECIPE ...``: the same command without the other sub-commands' imports."""
+    parser = argparse.ArgumentParser(prog="linspec")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"linspec train: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Perplexity (sliding window) and component ablations: how much γ (the global path) and the conv contribute.
+
+Windows of up to ``window`` tokens advance by ``stride`` scored tokens; a window scores only tokens no earlier
+window scored, each with up to ``window − 1`` tokens of context (stride == window: consecutive windows share
+one token, so no token goes unscored). The reported
+perplexity is exp(total NLL / scored tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from linspec.errors import LinspecError
+
+ABLATIONS = {
+    "full": (),
+    "no-gamma": ("gamma",),
+    "no-conv": ("conv",),
+    "local-only": ("gamma", "conv"),
+}
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def sliding_windows(ids: torch.Tensor, window: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(window ids, skip)`` over a 1-D id tensor: the window's positions ``skip..`` are scored, each predicted
+    from the tokens before it in the window. Every token but the first is scored exactly once; a window scores at
+    most ``min(stride, window − 1)`` new tokens, so each has at least one token of context."""
+    if window < 2 or not 0 < stride <= window:
+        raise LinspecError(f"need window >= 2 and 0 < stride <= window; got window {window}, stride {stride}")
+    step = min(stride, window - 1)
+    scored_until = 1  # the first token has nothing to be predicted from
+    while scored_until < len(ids):
+        end = min(scored_until + step, len(ids)) if scored_until > 1 else min(window, len(ids))
+        begin = max(0, end - window)
+        yield ids[begin:end], scored_until - begin
+        scored_until = end
+
+
+@torch.no_grad()
+def sequence_nll(model, input_ids: torch.Tensor, skip: int = 0) -> tuple[float, int]:
+    """``(sum of NLL, count)`` over next-token predictions of ``input_ids [B, L]``, ignoring the first ``skip``."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[:, max(skip - 1, 0) :]
+    return float(nll.sum()), nll.numel()
+
+
+def perplexity_of_sequences(model, sequences: torch.Tensor, batch_size: int = 4, progress: bool = False) -> Perplexity:
+    """Perplexity over packed, independent sequences ``[N, L]`` (each scored from its second token)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    total, count, start = 0.0, 0, time.perf_counter()
+    for batch in tqdm(sequences.split(batch_size), desc="perplexity", disable=not progress, leave=False):
+        nll, n = sequence_nll(model, batch.to(device))
+        total, count = total + nll, count + n
+    return _result(total, count, time.perf_counter() - start)
+
+
+def perplexity_of_ids(model, ids: torch.Tensor, window: int = 256, stride: int | None = None, progress: bool = True):
+    """Sliding-window perplexity of one long 1-D id tensor."""
+    from tqdm.auto import tqdm
+
+    stride = stride or window
+    device = next(model.parameters()).device
+    total, count, start = 0.0, 0, time.perf_counter()
+    windows = list(sliding_windows(ids, window, stride))
+    bar = tqdm(windows, desc="perplexity", unit="win", disable=not progress)
+    for chunk, skip in bar:
+        nll, n = sequence_nll(model, chunk[None].to(device), skip)
+        total, count = total + nll, count + n
+        bar.set_postfix(
+            ppl=f"{math.exp(total / max(count, 1)):.2f}", tok_s=f"{count / (time.perf_counter() - start):.0f}"
+        )
+    return _result(total, count, time.perf_counter() - start)
+
+
+def _result(total: float, count: int, seconds: float) -> Perplexity:
+    if count == 0:
+        raise LinspecError("no tokens to score: the text is shorter than two tokens")
+    return Perplexity(ppl=math.exp(total / count), nll=total / count, tokens=count, seconds=seconds)
+
+
+@contextlib.contextmanager
+def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
+    """Temporarily zero γ (``gamma``) and/or the conv (``conv``) in every linear layer; restored on exit."""
+    modules = model.linspec_modules() if hasattr(model, "linspec_modules") else []
+    if components and not modules:
+        raise LinspecError("ablations need a linspec model (this one has no linear attention layers)")
+    saved = [(m.global_scale.detach().clone(), m.conv_weight.detach().clone()) for m in modules]
+    try:
+        with torch.no_grad():
+            for module in modules:
+                if "gamma" in components:
+                    module.global_scale.zero_()
+                if "conv" in components:
+                    module.conv_weight.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for module, (gamma, conv) in zip(modules, saved, strict=True):
+                module.global_scale.copy_(gamma)
+                module.conv_weight.copy_(conv)
+
+
+def read_text_ids(tokenizer, path: str, text_field: str = "text") -> torch.Tensor:
+    """Token ids of a .txt file, or of the documents of a .jsonl/.parquet file joined with EOS."""
+    from linspec.train.data import load_documents
+
+    documents = load_documents(path, text_field)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for row in tokenizer(list(documents["text"]), add_special_tokens=False)["input_ids"]:
+        ids.extend([*row, eos] if eos is not None else row)
+    return torch.tensor(ids, dtype=torch.long)

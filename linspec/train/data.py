@@ -1,0 +1,105 @@
+"""Text sources -> tokenised, packed sequences (through ``datasets``, cached by its fingerprints) -> batches.
+
+The tokenised and packed tables live in the ``datasets`` cache (``HF_DATASETS_CACHE``, default
+``$HF_HOME/datasets``), keyed by fingerprints of the files, the tokenizer and the sequence length.
+
+Packing: documents are tokenised, joined with the tokenizer's EOS between them, and cut into sequences of exactly
+``seq_len`` tokens (the remainder is dropped), so every sequence counts the same in a mean loss. Batches are a
+pure function of (seed, step): resuming at step s yields the same sequences an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from linspec.errors import LinspecError
+from linspec.train.corpus import builtin_file
+from linspec.train.recipe import Data
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_documents(source: str, text_field: str = "text", max_documents: int | None = None):
+    """A ``datasets.Dataset`` with one ``text`` column for a local file/folder, ``builtin:NAME`` or ``hub:NAME``."""
+    import datasets
+
+    if source.startswith("hub:"):
+        name, _, config = source[4:].partition(":")
+        try:
+            table = datasets.load_dataset(name, config or None, split="train")
+        except Exception as error:  # network, unknown name: one line for the user
+            raise LinspecError(f"could not load hub dataset {name!r}: {str(error).splitlines()[0]}") from None
+    else:
+        path = builtin_file(source[len("builtin:") :]) if source.startswith("builtin:") else Path(source).expanduser()
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS) if path.is_dir() else [path]
+        kinds = {BUILDERS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) != 1:
+            raise LinspecError(f"{source}: expected .txt, .jsonl, .json or .parquet file(s) of one kind")
+        builder = kinds.pop()
+        # .txt: one document per blank-line-separated paragraph block (``sample_by="paragraph"``).
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    if max_documents is not None:
+        table = table.select(range(min(max_documents, len(table))))
+    if text_field in table.column_names:
+        table = table.select_columns([text_field])
+        return table if text_field == "text" else table.rename_column(text_field, "text")
+    if "text" in table.column_names:  # .txt files and builtins always use "text"
+        return table.select_columns(["text"])
+    raise LinspecError(f"{source}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+
+
+def pack(documents, tokenizer, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """``[N, seq_len]`` token ids: documents tokenised, joined with EOS, cut into full-length sequences."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [[*row, eos] for row in ids]}
+
+    def chunk(batch):
+        flat = [t for row in batch["ids"] for t in row]
+        usable = len(flat) - len(flat) % seq_len
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokenized = documents.map(tokenize, batched=True, remove_columns=["text"], desc="tokenising")
+    # One batch for the whole corpus, so packing crosses document boundaries exactly as described above.
+    packed = tokenized.map(chunk, batched=True, batch_size=None, remove_columns=["ids"], desc="packing")
+    if len(packed) == 0:
+        raise LinspecError(f"not enough text for one sequence of {seq_len} tokens")
+    if max_sequences is not None:
+        packed = packed.select(range(min(max_sequences, len(packed))))
+    return torch.tensor(packed["input_ids"], dtype=torch.long)
+
+
+def build_splits(data: Data, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train [N, L], eval [M, L])``; the eval split comes from ``data.eval`` or held-out train documents."""
+    import datasets
+
+    parts = [load_documents(source, data.text_field, data.max_documents) for source in data.train]
+    train_docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if data.eval is None:
+        split = train_docs.train_test_split(test_size=data.eval_fraction, seed=data.seed, shuffle=True)
+        train_docs, eval_docs = split["train"], split["test"]
+    else:
+        eval_docs = load_documents(data.eval, data.text_field)
+    train = pack(train_docs, tokenizer, data.seq_len, data.max_train_sequences)
+    held_out = pack(eval_docs, tokenizer, data.seq_len, data.max_eval_sequences)
+    return train, held_out
+
+
+def sequence_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of sequences in ``epoch``: a permutation fixed by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_sequences, generator=generator)
+
+
+def global_batch(sequences: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """``[batch_size, L]``: the sequences of optimiser step ``step`` (0-based), the same on every process."""
+    n = sequences.shape[0]
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    orders = {int(e): sequence_order(n, seed, int(e)) for e in epochs.unique()}
+    return sequences[torch.stack([orders[int(e)][o] for e, o in zip(epochs, offsets, strict=True)])]

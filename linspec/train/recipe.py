@@ -1,0 +1,366 @@
+"""Recipes: typed, validated training plans loaded from YAML, with ``key=value`` overrides.
+
+Every key is a field of one of the dataclasses below; its docstring line is the key's documentation (``linspec
+train --help`` prints them). Loading checks everything that can be checked before work starts: unknown keys,
+wrong types, out-of-range values and missing files each raise one ``LinspecError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from linspec.config import PRESETS, LinspecConfig
+from linspec.errors import LinspecError
+
+TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
+
+
+@dataclass
+class Conversion:
+    """How the base model is linearised (DESIGN §2); unset values come from the preset."""
+
+    preset: str = "paper"  # settings preset: paper or elu
+    group_size: int | None = None  # tokens per group G (paper: 64)
+    conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32)
+    feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu
+    local_kernel: str | None = None  # κ inside a group: relu2 (paper) or identity
+    softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention (a hybrid)
+
+    def settings(self) -> LinspecConfig:
+        overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
+        overrides["softmax_layers"] = tuple(self.softmax_layers)
+        return LinspecConfig.from_preset(self.preset, **overrides)
+
+
+@dataclass
+class Data:
+    """Text in, packed token sequences out. Sources: a local .txt/.jsonl/.json/.parquet file or folder,
+    ``builtin:NAME`` (wiki-en, wiki-en-eval: a Wikipedia sample fetched once into the linspec cache; sample: a
+    few KB shipped with linspec), or ``hub:NAME[:CONFIG]`` (needs network)."""
+
+    train: list[str] = field(default_factory=lambda: ["builtin:wiki-en"])  # training sources
+    eval: str | None = "builtin:wiki-en-eval"  # held-out source; null: hold out eval_fraction of train documents
+    eval_fraction: float = 0.05  # share of documents held out when eval is null
+    text_field: str = "text"  # column holding the text in jsonl/parquet/hub data
+    seq_len: int = 256  # tokens per packed training sequence
+    max_documents: int | None = None  # use only the first N documents of each source (null: all)
+    max_train_sequences: int | None = None  # cap on packed training sequences (null: all)
+    max_eval_sequences: int = 64  # packed held-out sequences used for perplexity
+    seed: int = 0  # shuffling seed (order of sequences in each epoch)
+
+
+@dataclass
+class Lora:
+    """A LoRA adapter added through peft; merged into the weights when its stage ends."""
+
+    r: int = 8  # rank
+    alpha: float = 16.0  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # module names
+
+
+@dataclass
+class Optimizer:
+    """AdamW over the stage's trainable parameters."""
+
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
+    eps: float = 1e-8  # Adam ε
+    grad_clip: float | None = 1.0  # max global gradient norm (null: no clipping)
+
+
+@dataclass
+class Schedule:
+    """Learning-rate schedule: linear warm-up, then constant, cosine or linear decay to min_lr_ratio × lr."""
+
+    name: Literal["constant", "cosine", "linear"] = "cosine"  # shape after warm-up
+    warmup_steps: int = 0  # steps of linear warm-up from 0
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
+
+
+def _gamma_conv() -> list[str]:
+    return ["gamma", "conv"]
+
+
+@dataclass
+class Stage:
+    """One training stage. kind: attention_transfer (stage 1: per-layer MSE between the frozen softmax output
+    and the linear output), lora (stage 2: LoRA via peft), full (every parameter trains)."""
+
+    name: str = ""  # label in logs, checkpoints and metrics (default: the kind)
+    kind: Literal["attention_transfer", "lora", "full"] = "lora"  # what trains and against what
+    steps: int = 100  # optimiser steps
+    batch_size: int = 8  # sequences per optimiser step, across all processes
+    micro_batch_size: int = 1  # sequences per forward pass per process (gradient accumulation fills the rest)
+    loss: Literal["next_token", "distill", "mse"] = "next_token"  # lora/full: next_token or distill; transfer: mse
+    distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
+    trainable: list[str] = field(default_factory=_gamma_conv)  # gamma conv embeddings norms lm_head feature_map all
+    lora: Lora | None = None  # adapter for this stage (null: none)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    schedule: Schedule = field(default_factory=Schedule)
+
+
+@dataclass
+class Checkpoint:
+    """Atomic checkpoints under OUTPUT/checkpoints; ``--resume`` continues from the newest."""
+
+    every: int = 50  # steps between checkpoints (0: only at stage ends and on Ctrl-C)
+    keep: int = 2  # newest checkpoints kept per stage
+
+
+@dataclass
+class Evaluation:
+    """Held-out perplexity on data.eval (packed sequences of data.seq_len tokens)."""
+
+    every: int = 0  # steps between evaluations inside a stage (0: only at stage ends)
+    baselines: bool = True  # also measure the original model and the raw conversion before training
+    max_sequences: int | None = None  # overrides data.max_eval_sequences for evaluations during training
+
+
+@dataclass
+class Recipe:
+    """A full training run, from base checkpoint to a linspec model directory at OUTPUT/model."""
+
+    base: str = "smollm2-135m"  # base checkpoint: HF dir, hub id, .gguf file or a demo name
+    output: str = "runs/linspec"  # run directory: model/, checkpoints/, stages/, metrics.jsonl, loss.png
+    conversion: Conversion = field(default_factory=Conversion)
+    data: Data = field(default_factory=Data)
+    stages: list[Stage] = field(default_factory=list)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~9x slower there); bf16 on GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # strategy when launched with several processes (torchrun)
+    seed: int = 0  # seed for LoRA init and dropout
+    gradient_checkpointing: bool = False  # recompute activations in backward (lora/full stages): less memory
+    threads: int | None = None  # torch CPU threads (null: torch's default)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    eval: Evaluation = field(default_factory=Evaluation)
+    merge_lora: bool = True  # merge LoRA into the weights of the output model (false: OUTPUT/model/adapter)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (dataclasses recursively); ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except LinspecError as error:
+                errors.append(str(error))
+        raise LinspecError(errors[0] if errors else f"recipe key {key}: got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise LinspecError(f"recipe key {key}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise LinspecError(f"recipe key {key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise LinspecError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LinspecError(f"recipe key {prefix or '(top level)'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            raise LinspecError(f"recipe key {where}: unknown key; known keys here: {', '.join(sorted(known))}")
+    values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**values)
+
+
+def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise LinspecError(f"recipe key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def is_local_path(source: str) -> bool:
+    """Whether a base/data string names a local file rather than a hub id or a demo name."""
+    return source.startswith(("/", "./", "../", "~")) or source.endswith((".gguf", ".txt", ".jsonl", ".parquet"))
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Checks that need more than one key or the file system. Raises ``LinspecError`` naming the key."""
+    if recipe.conversion.preset not in PRESETS:
+        raise LinspecError(f"recipe key conversion.preset: expected one of {', '.join(PRESETS)}")
+    try:
+        recipe.conversion.settings()
+    except LinspecError as error:
+        raise LinspecError(f"recipe key conversion: {error}") from None
+    if is_local_path(recipe.base) and not Path(recipe.base).expanduser().exists():
+        raise LinspecError(f"recipe key base: file not found: {recipe.base}")
+    data = recipe.data
+    if not data.train:
+        raise LinspecError("recipe key data.train: at least one training source is needed")
+    for i, source in enumerate(data.train):
+        _check_source(source, f"data.train[{i}]")
+    if data.eval is not None:
+        _check_source(data.eval, "data.eval")
+    if not 0 < data.eval_fraction < 1:
+        raise LinspecError(f"recipe key data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
+    _positive(data.seq_len, "data.seq_len")
+    _positive(data.max_train_sequences, "data.max_train_sequences")
+    _positive(data.max_documents, "data.max_documents")
+    _positive(data.max_eval_sequences, "data.max_eval_sequences")
+    if not recipe.stages:
+        raise LinspecError("recipe key stages: at least one stage is needed")
+    names = set()
+    for i, stage in enumerate(recipe.stages):
+        key = f"stages[{i}]"
+        stage.name = stage.name or stage.kind
+        if stage.name in names:
+            raise LinspecError(f"recipe key {key}.name: duplicate stage name {stage.name!r}")
+        names.add(stage.name)
+        for name in ("steps", "batch_size", "micro_batch_size"):
+            _positive(getattr(stage, name), f"{key}.{name}")
+        if stage.batch_size % stage.micro_batch_size:
+            raise LinspecError(f"recipe key {key}.batch_size: must be a multiple of micro_batch_size")
+        if stage.kind == "attention_transfer" and stage.loss != "mse":
+            if stage.loss != "next_token":  # next_token is the field default; anything else is a mistake
+                raise LinspecError(f"recipe key {key}.loss: attention_transfer trains with mse, got {stage.loss!r}")
+            stage.loss = "mse"
+        if stage.kind != "attention_transfer" and stage.loss == "mse":
+            raise LinspecError(f"recipe key {key}.loss: mse is for attention_transfer; use next_token or distill")
+        for j, name in enumerate(stage.trainable):
+            if name not in TRAINABLE:
+                raise LinspecError(f"recipe key {key}.trainable[{j}]: expected one of {', '.join(TRAINABLE)}")
+        if stage.kind == "lora" and stage.lora is None:
+            raise LinspecError(f"recipe key {key}.lora: a lora stage needs a lora section")
+        if stage.lora is not None:
+            _positive(stage.lora.r, f"{key}.lora.r")
+            if not stage.lora.targets:
+                raise LinspecError(f"recipe key {key}.lora.targets: name at least one module")
+        _positive(stage.optimizer.lr, f"{key}.optimizer.lr")
+        if len(stage.optimizer.betas) != 2:
+            raise LinspecError(f"recipe key {key}.optimizer.betas: expected two numbers")
+        _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True)
+        _positive(stage.distill_temperature, f"{key}.distill_temperature")
+    _positive(recipe.checkpoint.every, "checkpoint.every", allow_zero=True)
+    _positive(recipe.checkpoint.keep, "checkpoint.keep")
+    _positive(recipe.eval.every, "eval.every", allow_zero=True)
+    _positive(recipe.threads, "threads")
+    return recipe
+
+
+def _check_source(source: str, key: str) -> None:
+    if source.startswith("builtin:"):
+        from linspec.train.corpus import BUILTIN
+
+        if source[len("builtin:") :] not in BUILTIN:
+            raise LinspecError(f"recipe key {key}: unknown builtin {source!r}; known: {', '.join(BUILTIN)}")
+    elif source.startswith("hub:"):
+        if not source[4:]:
+            raise LinspecError(f"recipe key {key}: hub: needs a dataset name")
+    elif not Path(source).expanduser().exists():
+        raise LinspecError(f"recipe key {key}: file not found: {source}")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``stages.1.optimizer.lr=2e-5`` sets that key in the raw recipe mapping; the value is parsed as YAML."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise LinspecError(f"override {assignment!r}: expected key=value, e.g. stages.0.steps=10")
+    value = yaml.safe_load(text) if text else None
+    *parents, last = path.split(".")
+    node: Any = data
+    walked = []
+    for part in parents:
+        walked.append(part)
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise LinspecError(f"override {path}: {'.'.join(walked)} is not an index of a {len(node)}-item list")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict | list):
+            raise LinspecError(f"override {path}: {'.'.join(walked)} is a value, not a section")
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise LinspecError(f"override {path}: {last} is not an index of a {len(node)}-item list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read ``path``, apply ``key=value`` overrides, build and validate the recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise LinspecError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise LinspecError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(_build(Recipe, data, ""))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, type, comment)`` for every key, from the field comments in this file (for ``--help``)."""
+    import inspect
+
+    source = inspect.getsource(cls)
+    comments = {}
+    for line in source.splitlines():
+        name, colon, rest = line.strip().partition(":")
+        if colon and "#" in rest and name.isidentifier():
+            comments[name] = rest.split("#", 1)[1].strip()
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or (
+            [tp] if dataclasses.is_dataclass(tp) else []
+        )
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            inner = [typing.get_args(tp)[0]]
+            key += ".N"
+        if inner:
+            rows.append((key, "section", (inner[0].__doc__ or "").split("\n")[0]))
+            rows.extend(describe_keys(inner[0], key + "."))
+        else:
+            rows.append((key, _type_name(tp), comments.get(f.name, "")))
+    return rows

@@ -1,0 +1,52 @@
+"""The before/after perplexity table of a run (original, raw conversion, after each stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from linspec.bench.report import markdown_table
+from linspec.train.recipe import Recipe
+
+LABELS = {"original": "original (softmax)", "converted": "raw conversion (γ=0, conv=0)"}
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def table_rows(run_dir: str | Path) -> list[list]:
+    summary = read_summary(run_dir)
+    original = summary["ppl"].get("original")
+    rows = []
+    for phase, ppl in summary["ppl"].items():
+        label = LABELS.get(phase, f"after stage {phase}")
+        ratio = f"{ppl / original:.2f}×" if original else "—"
+        seconds = summary["train_seconds"].get(phase)
+        rows.append([label, round(ppl, 2), ratio, f"{seconds / 60:.1f}" if seconds else "—"])
+    return rows
+
+
+def format_table(run_dir: str | Path) -> str:
+    return markdown_table(["model", "held-out ppl", "vs original", "train minutes"], table_rows(run_dir))
+
+
+def record_benchmark(recipe: Recipe, name: str, recipe_path: str, notes: str = "") -> Path:
+    """Write the table between ``<!-- bench:NAME:begin/end -->`` in docs/benchmarks.md (+ docs/NAME.json)."""
+    from linspec.bench.report import record
+
+    summary = read_summary(recipe.output)
+    conversion = recipe.conversion.settings()
+    body = (
+        f"### Recovering quality by training: `{recipe.base}`\n\n"
+        f"`linspec train {recipe_path} --record-bench {name}`. Held-out perplexity on `{recipe.data.eval}` "
+        f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
+        f"G={conversion.group_size}, P={conversion.conv_taps}, softmax layers: "
+        f"{list(conversion.softmax_layers) or 'none (all-linear)'}.\n\n" + format_table(recipe.output)
+    )
+    if summary.get("run_seconds"):
+        minutes = summary["run_seconds"] / 60
+        body += f"\n\nWall time of the whole run (loading, data, evaluations, training): {minutes:.1f} min."
+    if notes:
+        body += "\n\n" + notes.strip()
+    return record(name, {"summary": summary, "recipe": recipe_path}, body)

@@ -1,0 +1,73 @@
+"""Attention transfer (stage 1): every linear layer learns to reproduce its frozen softmax parent's output.
+
+Forward hooks on each ``LinspecAttention`` compute, from the same input, the output the original softmax
+attention would have produced (the module keeps the pretrained q/k/v/o, so nothing is copied), record the
+layer's loss, and pass the *softmax* output on. So every layer sees exactly the hidden states of the original
+model, layers train independently ("layer by layer") in one forward pass, and the residual stream carries no
+gradient: backward only runs through each layer's own linear path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from linspec.models.attention import LinspecAttention
+
+
+def _frozen(projection: torch.nn.Module) -> torch.nn.Module:
+    """The pretrained projection: the ``base_layer`` under a peft LoRA wrapper, else the module itself."""
+    return getattr(projection, "base_layer", projection)
+
+
+def softmax_attention(
+    module: LinspecAttention, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """``[B, T, hidden]``: the original causal softmax attention with the module's pretrained weights."""
+    batch, length, _ = hidden_states.shape
+    shape = (batch, length, -1, module.head_dim)
+    q = _frozen(module.q_proj)(hidden_states).view(shape)
+    k = _frozen(module.k_proj)(hidden_states).view(shape)
+    v = _frozen(module.v_proj)(hidden_states).view(shape).transpose(1, 2)  # (B, Hkv, T, D)
+    if module.q_norm is not None:
+        q, k = module.q_norm(q), module.k_norm(k)
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=module.num_heads != module.num_kv_heads)
+    return _frozen(module.o_proj)(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class AttentionTransfer:
+    """Context manager: while active, linear layers record ``mean_t ||y_lin − y_soft||² / mean ||y_soft||²``
+    (a relative MSE, so every layer weighs the same) and forward the softmax output. ``loss()`` averages them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, LinspecAttention)]
+        self.losses: list[torch.Tensor] = []
+        self.handles = []
+
+    def _hook(self, module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        with torch.no_grad():
+            target = softmax_attention(module, hidden, kwargs["position_embeddings"]).float()
+        linear = output[0].float()
+        self.losses.append((linear - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
+        return (target.to(output[0].dtype), *output[1:])
+
+    def __enter__(self) -> AttentionTransfer:
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def loss(self) -> torch.Tensor:
+        """Mean over layers of the losses recorded since the last call; clears them."""
+        if not self.losses:
+            raise RuntimeError("attention transfer recorded no layer: is the model a linspec model?")
+        total = torch.stack(self.losses).mean()
+        self.losses = []
+        return total

@@ -1,0 +1,214 @@
+"""Training on a tiny random Llama: data, attention transfer, LoRA/distill, checkpoints, exact resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+import linspec
+from linspec.errors import LinspecError
+from linspec.train.data import build_splits, global_batch, load_documents, pack
+from linspec.train.recipe import load_recipe
+from linspec.train.run import TrainingDiverged, TrainingInterrupted, lr_factor, train
+from linspec.train.tiny import make_tiny_base, tiny_tokenizer
+from linspec.train.transfer import AttentionTransfer
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture(autouse=True)
+def linspec_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
+
+
+def recipe_file(tmp_path, tiny_base, **changes):
+    data = {
+        "base": str(tiny_base),
+        "output": str(tmp_path / "run"),
+        "conversion": {"group_size": 8, "conv_taps": 4},
+        "data": {"train": ["builtin:sample"], "eval": None, "eval_fraction": 0.25, "seq_len": 32},
+        "checkpoint": {"every": 2, "keep": 2},
+        "stages": [
+            {"kind": "attention_transfer", "steps": 4, "batch_size": 2, "optimizer": {"lr": 0.05}},
+            {
+                "kind": "lora",
+                "steps": 4,
+                "batch_size": 2,
+                "loss": "distill",
+                "trainable": ["gamma", "conv", "norms"],
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resume must restore the RNG too
+                "optimizer": {"lr": 0.01},
+            },
+        ],
+    }
+    data.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def steps_of(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in records if r["event"] == "step"]
+
+
+def test_packing_gives_full_sequences_with_eos_between_documents(tmp_path):
+    tokenizer = tiny_tokenizer()
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"body": t}) for t in ["one two three", "four five", "six"]) + "\n")
+    documents = load_documents(str(source), text_field="body")
+    expected = []
+    for text in ["one two three", "four five", "six"]:
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    packed = pack(documents, tokenizer, seq_len=4)
+    assert packed.shape == (len(expected) // 4, 4)
+    assert packed.flatten().tolist() == expected[: packed.numel()]
+    with pytest.raises(LinspecError, match="not enough text"):
+        pack(documents, tokenizer, seq_len=10_000)
+
+
+def test_held_out_split_never_overlaps_training_and_batches_are_a_function_of_the_step(tmp_path, tiny_base):
+    recipe = load_recipe(recipe_file(tmp_path, tiny_base))
+    train_seqs, eval_seqs = build_splits(recipe.data, tiny_tokenizer())
+    train_rows = {tuple(r) for r in train_seqs.tolist()}
+    assert not any(tuple(r) in train_rows for r in eval_seqs.tolist())
+    n = len(train_seqs)
+    epoch = torch.cat([global_batch(train_seqs, s, 1, seed=0) for s in range(n)])
+    assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, train_seqs.tolist()))  # each once per epoch
+    assert torch.equal(global_batch(train_seqs, 5, 3, 0), global_batch(train_seqs, 5, 3, 0))
+
+
+def test_schedule_warms_up_then_follows_its_shape(tmp_path, tiny_base):
+    stage = load_recipe(recipe_file(tmp_path, tiny_base)).stages[0]
+    stage.steps, stage.schedule.warmup_steps, stage.schedule.min_lr_ratio = 10, 2, 0.1
+    stage.schedule.name = "cosine"
+    assert [lr_factor(s, stage) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert lr_factor(9, stage) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi))))
+    stage.schedule.name = "constant"
+    assert lr_factor(9, stage) == 1.0
+
+
+def test_attention_transfer_targets_are_the_softmax_parents_outputs(tiny_base):
+    """With the hooks active, the converted model's hidden states equal the original model's, layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = original(ids, output_hidden_states=True).hidden_states
+    converted = linspec.convert(
+        AutoModelForCausalLM.from_pretrained(tiny_base).eval(), linspec.LinspecConfig(group_size=8, conv_taps=4)
+    )
+    with torch.no_grad():
+        plain = converted(ids, output_hidden_states=True).hidden_states
+        with AttentionTransfer(converted) as transfer:
+            hooked = converted(ids, output_hidden_states=True).hidden_states
+            loss = transfer.loss()
+    for got, want in zip(hooked, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain[-1], expected[-1], atol=1e-3)  # the linear model itself differs
+    assert loss > 0 and transfer.handles == []
+
+
+def test_two_stage_run_trains_only_what_it_should_and_writes_a_loadable_model(tmp_path, tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    path = recipe_file(tmp_path, tiny_base)
+    output = train(load_recipe(path))
+    run = tmp_path / "run"
+    model = AutoModelForCausalLM.from_pretrained(output)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    after_transfer = AutoModelForCausalLM.from_pretrained(run / "stages" / "attention_transfer")
+    assert type(model).__name__ == "LinspecLlamaForCausalLM"
+    assert all(float(m.global_scale.detach()) != 0 for m in after_transfer.linspec_modules())  # γ opened by stage 1
+    # stage 1 changed only γ and conv; stage 2 merged LoRA into q/k/v/o and moved the norms, not the MLPs
+    base_state, transfer_state, final_state = base.state_dict(), after_transfer.state_dict(), model.state_dict()
+    for name, tensor in base_state.items():
+        assert torch.equal(tensor, transfer_state[name]), name
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base_state[q_name], final_state[q_name])
+    assert torch.equal(
+        base_state["model.layers.0.mlp.up_proj.weight"], final_state["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(base_state["model.norm.weight"], final_state["model.norm.weight"])
+    # metrics: every step logged, evaluations for each phase, a PNG, a summary
+    assert [(s, n) for s, n, _ in steps_of(run)] == [("attention_transfer", i) for i in range(1, 5)] + [
+        ("lora", i) for i in range(1, 5)
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["ppl"]) == {"original", "converted", "attention_transfer", "lora"}
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run into the same directory must be explicit
+    with pytest.raises(LinspecError, match="--resume"):
+        train(load_recipe(path))
+
+
+def test_attention_transfer_lowers_its_loss(tmp_path, tiny_base):
+    path = recipe_file(tmp_path, tiny_base, stages=[{"kind": "attention_transfer", "steps": 12, "batch_size": 4,
+                                                      "optimizer": {"lr": 0.05}}])  # fmt: skip
+    train(load_recipe(path, ["eval.baselines=false"]))
+    losses = [loss for _, _, loss in steps_of(tmp_path / "run")]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, tiny_base):
+    path = recipe_file(tmp_path, tiny_base)
+    train(load_recipe(path, ["output=" + str(tmp_path / "straight"), "eval.baselines=false"]))
+    straight = steps_of(tmp_path / "straight")
+
+    def interrupt(stage, step, loss):
+        if (stage, step) == ("lora", 2):  # seen at the end of step 3, between checkpoints (every 2)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = load_recipe(path, ["output=" + str(tmp_path / "cut"), "eval.baselines=false"])
+    with pytest.raises(TrainingInterrupted, match="lora step 3"):
+        train(recipe, on_step=interrupt)
+    assert (tmp_path / "cut" / "checkpoints" / "lora" / "step-0000003" / "state.pt").is_file()
+    assert not (tmp_path / "cut" / "model").exists()
+    train(recipe, resume=True)
+    assert steps_of(tmp_path / "cut") == straight  # same stages, steps and losses, bit for bit
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, monkeypatch):
+    import linspec.train.run as run_module
+
+    recipe = load_recipe(recipe_file(tmp_path, tiny_base), ["eval.baselines=false", "checkpoint.every=1"])
+    trained = {}
+    real_set_trainable = run_module.set_trainable
+
+    def remember_model(model, *args):
+        trained["model"] = real_set_trainable(model, *args)
+        return trained["model"]
+
+    def poison(stage, step, loss):  # γ of one layer becomes NaN after step 2: the loss of step 3 is NaN
+        if (stage, step) == ("attention_transfer", 2):
+            with torch.no_grad():
+                trained["model"].linspec_modules()[0].global_scale.fill_(float("nan"))
+
+    monkeypatch.setattr(run_module, "set_trainable", remember_model)
+    with pytest.raises(TrainingDiverged, match=r"attention_transfer: loss nan at step 3.*step-0000002"):
+        train(recipe, on_step=poison)
+    folder = tmp_path / "run" / "checkpoints" / "attention_transfer"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000001", "step-0000002"]
+    state = torch.load(folder / "step-0000002" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_unmerged_lora_is_saved_as_an_adapter_beside_the_model(tmp_path, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = recipe_file(tmp_path, tiny_base)
+    output = train(load_recipe(path, ["merge_lora=false", "eval.baselines=false", "stages.1.loss=next_token"]))
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(output), output / "adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -1,0 +1,46 @@
+"""The demo recipe end to end on the real SmolLM2-135M (shortened: a few steps of 128 tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from linspec.train.recipe import load_recipe
+from linspec.train.run import train
+
+pytestmark = pytest.mark.slow
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-demo.yaml"
+
+
+def test_demo_recipe_runs_both_stages_on_the_real_model(demo_model_path, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))  # after the fixture: the model stays cached
+    overrides = [
+        f"base={demo_model_path}",
+        f"output={tmp_path / 'run'}",
+        "data.train=[builtin:sample]",
+        "data.eval=null",
+        "data.eval_fraction=0.25",
+        "data.seq_len=128",  # two groups of 64: the global path (γ) gets a gradient
+        "data.max_eval_sequences=2",
+        "stages.0.steps=2",
+        "stages.0.batch_size=1",
+        "stages.0.micro_batch_size=1",
+        "stages.1.steps=1",
+        "stages.1.batch_size=1",
+    ]
+    output = train(load_recipe(DEMO, overrides))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["ppl"]
+    assert list(summary) == ["original", "converted", "transfer", "lora"]
+    assert summary["original"] < 100 < summary["converted"]  # conversion alone breaks the model
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert type(model).__name__ == "LinspecLlamaForCausalLM" and len(model.linspec_modules()) == 30
+    assert all(float(m.global_scale.detach()) != 0 for m in model.linspec_modules())
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
