@@ -9,8 +9,26 @@ from linspec.convert import convert, supported_architectures
 from linspec.errors import LinspecError
 from linspec.models.cache import LinspecCache
 from linspec.models.modeling import register_auto_classes
+from linspec.speculative import (
+    Drafter,
+    EarlyExitDrafter,
+    HeadDrafter,
+    ModelDrafter,
+    PromptLookupDrafter,
+    SpeculativeOutput,
+    speculative_generate,
+)
 
 register_auto_classes()
 
 __all__ = ["LinspecCache", "LinspecConfig", "LinspecError", "convert", "supported_architectures"]
+__all__ += [
+    "Drafter",
+    "EarlyExitDrafter",
+    "HeadDrafter",
+    "ModelDrafter",
+    "PromptLookupDrafter",
+    "SpeculativeOutput",
+    "speculative_generate",
+]
 __version__ = "0.1.0"

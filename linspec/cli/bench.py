@@ -10,6 +10,7 @@ BENCHMARKS = [
     ("decode", "decode", "decode tokens/s, cache bytes and peak RSS vs context length, original vs converted"),
     ("prefill", "prefill", "CPU prefill tokens/s of the PyTorch chunked path vs softmax SDPA, T = 512…8192"),
     ("kernels", "kernels", "GPU: Triton kernels vs flash-linear-attention and SDPA flash, time, TB/s, TFLOP/s"),
+    ("speculative", "speculative", "speculative vs plain decoding and HF assisted generation, per drafter, chain/tree"),
 ]
 
 

@@ -13,6 +13,31 @@ from linspec.errors import LinspecError
 from linspec.ops import LinearAttentionState, append_tokens
 
 
+def truncate_kv_columns(layer: DynamicLayer, columns: int) -> None:
+    """Drop a softmax layer's columns past ``columns`` (uncommitted speculative candidates); a view, no copy."""
+    if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[2] > columns:
+        layer.keys = layer.keys[:, :, :columns]
+        layer.values = layer.values[:, :, :columns]
+
+
+def keep_kv_columns(layer: DynamicLayer, committed: int, accepted: torch.Tensor) -> None:
+    """Compact a softmax layer after tree verification: keep its first ``committed`` columns, then the candidate
+    columns ``committed + accepted[b, j]`` (``[B, M]``, each row's accepted path) — written in place over the
+    candidates, so nothing before ``committed`` is copied. Rows that accepted fewer than ``M`` tokens carry
+    whatever index they were padded with; the caller masks those columns.
+    """
+    if not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+        return
+    width = accepted.shape[1]
+    for name in ("keys", "values"):
+        x = getattr(layer, name)  # (B, H, committed + N, D)
+        batch, heads, _, dim = x.shape
+        index = accepted[:, None, :, None].expand(batch, heads, width, dim)
+        picked = x[:, :, committed:].gather(2, index)  # (B, H, M, D)
+        x[:, :, committed : committed + width] = picked
+        setattr(layer, name, x[:, :, : committed + width])
+
+
 class LinearStateLayer:
     """One linear layer's slot in the cache: a ``LinearAttentionState`` (or None before the first token)."""
 
@@ -112,6 +137,33 @@ class LinspecCache(Cache):
             state = self.layers[layer_idx].state
             self.layers[layer_idx].state = append_tokens(state, along_path(keys), along_path(values), accepted_mask)
         self.candidates = {}
+
+    def softmax_layers(self) -> list[DynamicLayer]:
+        """The growing-KV layers of a hybrid (empty for a fully linear model)."""
+        return [layer for layer in self.layers if isinstance(layer, DynamicLayer)]
+
+    def open_tree(self, parents: torch.Tensor, committed_columns: int) -> None:
+        """Start a verification pass over a tree (``parents [B, N]``): linear layers switch to verify mode; softmax
+        layers drop any candidate columns a previous pass left past ``committed_columns``."""
+        for layer in self.softmax_layers():
+            truncate_kv_columns(layer, committed_columns)
+        self.candidates = {}
+        self.tree_parents = parents
+
+    def commit_tree(self, accepted: torch.Tensor, accepted_mask: torch.Tensor, committed_columns: int) -> None:
+        """Commit the accepted path of the last verification pass in every layer, then leave verify mode.
+
+        Linear layers append the parked ``(k̂, v)`` (``commit_linear``); softmax layers keep their first
+        ``committed_columns`` columns plus the accepted candidates' columns (``accepted [B, M]``). Columns of
+        padded entries (``accepted_mask`` False) stay in softmax layers as dead columns the caller masks.
+        """
+        if accepted.shape[1] > 0:
+            self.commit_linear(accepted, accepted_mask)
+        self.candidates = {}
+        for layer in self.softmax_layers():
+            keep_kv_columns(layer, committed_columns, accepted)
+        self.tree_parents = None
+        self.seen_tokens = committed_columns + accepted.shape[1]
 
     def _first_softmax_layer(self) -> int | None:
         return next((i for i, layer in enumerate(self.layers) if isinstance(layer, DynamicLayer)), None)

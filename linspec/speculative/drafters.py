@@ -1,0 +1,383 @@
+"""Drafters: one interface for everything that proposes candidate tokens for the target to verify.
+
+A drafter proposes a ``DraftTree`` (a chain is a tree) after each row's pending token, with the distribution
+each node was drawn from, and rolls its own state forward only by what the target accepted. Implemented:
+
+* ``ModelDrafter`` — a separate causal LM sharing the tokenizer (a small model, or a converted linear model
+  drafting for its own softmax parent); its own ``ModelSession``, advanced by accepted tokens only.
+* ``EarlyExitDrafter`` — the target's first ``exit_layer`` layers + final norm + head, evaluated on the target's
+  *own* committed state (no second cache); the verification continues from the drafted hidden states.
+* ``PromptLookupDrafter`` — continuations of the context's most recent n-gram matches, merged into a tree.
+* ``HeadDrafter`` — heads on the target's last hidden state (Medusa-style): the plug for trained heads.
+
+Tree-shaped drafting from a model (``TreeGrowingDrafter``) grows the tree level by level; each level is one
+tree-mode forward over the whole tree so far (verification mode: nothing committed changes), so a drafter needs
+no rollback — it commits what the target accepted from its last forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from linspec.errors import LinspecError
+from linspec.speculative.sampling import SamplingConfig, normalize, sample
+from linspec.speculative.session import ModelSession, model_vocab_size
+from linspec.speculative.tree import DraftTree, merge_chains
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter may look at: the committed tokens and the target's view of the last one."""
+
+    sequences: torch.Tensor  # (B, L) committed tokens per row, left-aligned; the last real one is the root
+    lengths: torch.Tensor  # (B,) real tokens per row
+    max_depth: int  # deeper drafts would be cut by max_new_tokens anyway
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+    # Final hidden state (after the last norm) of the token before the root, the one that predicted the root;
+    # None before the first verification when the prompt had a single token.
+    target_hidden: torch.Tensor | None = None  # (B, H)
+
+
+class Drafter:
+    """The interface. ``max_nodes`` bounds the size of any proposed tree (checked against the configured limit)."""
+
+    max_nodes: int = 0
+
+    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Bind to a generation: ``sequences [B, L]`` left-aligned prompts of ``lengths`` tokens."""
+
+    def propose(self, request: DraftRequest) -> DraftTree:
+        raise NotImplementedError
+
+    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """The target accepted draft nodes ``accepted [B, D]`` (path order, real where ``accepted_mask``)."""
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index`` of the batch."""
+
+
+class TreeGrowingDrafter(Drafter):
+    """Grows a chain (``tree_width == 1``) or a tree of ``num_tokens`` levels from per-node next-token logits.
+
+    Greedy: a chain of argmaxes, or a dynamic tree keeping the ``tree_width`` best nodes per level by cumulative
+    draft probability (each expanded into its top ``tree_width`` children) — deterministic, so q is a point mass.
+    Sampling: a chain drawn from q, or ``tree_width`` root children drawn from q *without replacement* (each
+    node records the renormalised q it was drawn from), each continued as a sampled chain.
+    """
+
+    def __init__(self, num_tokens: int = 4, tree_width: int = 1) -> None:
+        for name, value in (("num_tokens", num_tokens), ("tree_width", tree_width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+        self.num_tokens = num_tokens
+        self.tree_width = tree_width
+        self.max_nodes = num_tokens * tree_width
+
+    def _frontier_logits(
+        self, request: DraftRequest, tree: DraftTree, frontier: torch.Tensor, level: int
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, F, V]`` after each frontier node (``frontier [B, F]``, -1 = the root) of the
+        tree so far, whose deepest nodes are at depth ``level``."""
+        raise NotImplementedError
+
+    def propose(self, request: DraftRequest) -> DraftTree:
+        batch = request.lengths.shape[0]
+        device = request.sequences.device
+        sampling, width = request.sampling, self.tree_width
+        tree = DraftTree.empty(batch, device)
+        qs: list[torch.Tensor] = []
+        frontier = torch.full((batch, 1), -1, dtype=torch.long, device=device)  # the root
+        frontier_ok = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        frontier_score = torch.zeros(batch, 1, device=device)  # cumulative log q (greedy trees)
+        for level in range(min(self.num_tokens, request.max_depth)):
+            logits = self._frontier_logits(request, tree, frontier, level)  # (B, F, V)
+            if sampling.greedy:  # keep the `width` best of each frontier node's top-`width` children
+                top = logits.float().log_softmax(-1).topk(width, dim=-1)  # (B, F, W)
+                candidate = (frontier_score[:, :, None] + top.values).masked_fill(~frontier_ok[:, :, None], -1e30)
+                best = candidate.flatten(1).topk(width, dim=-1)  # (B, W) over F*W candidates
+                tokens = top.indices.flatten(1).gather(1, best.indices)
+                parents = frontier.gather(1, best.indices // width)
+                ok = frontier_ok.gather(1, best.indices // width) & (best.values > -1e29)
+                frontier_score = best.values
+            elif level == 0 and width > 1:  # root children drawn from q without replacement
+                q_root = sampling.probs(logits[:, 0])  # (B, V)
+                drawn, q_used = [], []
+                for _ in range(width):
+                    q_used.append(normalize(q_root))
+                    drawn.append(sample(q_used[-1], request.generator))
+                    q_root = q_root.scatter(1, drawn[-1][:, None], 0.0)
+                tokens, q = torch.stack(drawn, 1), torch.stack(q_used, 1)  # (B, W), (B, W, V)
+                parents = frontier.expand(batch, width)
+                ok = frontier_ok.expand(batch, width) & (q.gather(2, tokens[:, :, None])[:, :, 0] > 0)
+                qs.append(q)
+            else:  # one child per frontier node drawn from its q
+                q = sampling.probs(logits)  # (B, F, V)
+                tokens = sample(q.flatten(0, 1), request.generator).view(batch, -1)
+                parents = frontier
+                ok = frontier_ok & (q.gather(2, tokens[:, :, None])[:, :, 0] > 0)
+                qs.append(q)
+            first = tree.num_nodes
+            tree = DraftTree(
+                tokens=torch.cat([tree.tokens, tokens], 1),
+                parents=torch.cat([tree.parents, parents], 1),
+                valid=torch.cat([tree.valid, ok], 1),
+            )
+            frontier = first + torch.arange(tokens.shape[1], device=device).expand(batch, -1)
+            frontier_ok = ok
+        if qs:
+            tree.q = torch.cat(qs, 1)
+        return self._finish(request, tree)
+
+    def _finish(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
+        return tree
+
+
+class ModelDrafter(TreeGrowingDrafter):
+    """A separate causal LM that shares the target's tokenizer (same vocabulary), with its own state.
+
+    The drafter's session holds the committed tokens it has consumed; each round it evaluates, in tree mode,
+    the committed tokens it has not seen yet (1 or 2) followed by the tree so far, and afterwards commits the
+    accepted ones — its state only ever moves forward by committed tokens.
+    """
+
+    def __init__(self, model, num_tokens: int = 4, tree_width: int = 1) -> None:
+        super().__init__(num_tokens, tree_width)
+        self.model = model
+        self.session: ModelSession | None = None
+
+    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        mine, theirs = model_vocab_size(self.model), target.vocab_size
+        if mine != theirs:
+            raise LinspecError(
+                f"the drafter's vocabulary ({mine} tokens) differs from the target's ({theirs}); a draft model "
+                "must share the target's tokenizer"
+            )
+        self.session = ModelSession(self.model, lengths.shape[0])
+        prefix = int(lengths.max()) - 1
+        if prefix > 0:  # everything but each row's last token, right-aligned (left padding)
+            tokens, mask = _right_aligned(sequences, lengths - 1, prefix)
+            self.session.extend(tokens, mask)
+
+    def _layout(self, request: DraftRequest, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[committed tokens not yet seen (left-padded to U slots) ; tree nodes]``: tokens and parents.
+
+        Padding slots are lone roots nobody descends from; the tree's root is slot ``U - 1``.
+        """
+        unseen = request.lengths - self.session.length  # (B,) >= 1
+        width = int(unseen.max())
+        tokens, _ = _right_aligned(request.sequences, request.lengths, width)
+        slot = torch.arange(width, device=tokens.device)
+        mask = slot >= width - unseen[:, None]  # (B, U) real unseen tokens
+        chain_parent = torch.where(mask & (slot - 1 >= width - unseen[:, None]), slot - 1, -1)
+        node_parents = torch.where(tree.parents >= 0, tree.parents + width, width - 1)
+        self._unseen_mask = mask
+        return torch.cat([tokens, tree.tokens], 1), torch.cat([chain_parent, node_parents], 1)
+
+    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
+        tokens, parents = self._layout(request, tree)
+        hidden = self.session.run_layers(self.session.open_tree(tokens, parents))
+        width = self._unseen_mask.shape[1]
+        self._forwarded_depth = level  # this forward evaluated every draft node down to depth `level`
+        at = torch.where(frontier >= 0, frontier + width, width - 1)
+        picked = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.session.logits(self.session.final_hidden(picked))
+
+    def propose(self, request: DraftRequest) -> DraftTree:
+        self._forwarded_depth = -1
+        return super().propose(request)
+
+    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """Commit the unseen committed tokens and the accepted nodes the last forward evaluated; the rest (the
+        last level's nodes, the target's correction or bonus token) is evaluated next round."""
+        if self._forwarded_depth < 0:  # nothing was evaluated this round
+            return
+        batch, width = self._unseen_mask.shape
+        slots = torch.arange(width, device=accepted.device).expand(batch, width)
+        depth = self._forwarded_depth  # path entry j sits at depth j + 1
+        keep = torch.cat([slots, accepted[:, :depth] + width], 1)
+        keep_mask = torch.cat([self._unseen_mask, accepted_mask[:, :depth]], 1)
+        self.session.commit(keep, keep_mask)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.session.select_rows(index)
+
+
+def _right_aligned(sequences: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``width`` tokens before ``lengths`` of each left-aligned row, left-padded: ``(tokens, mask)``."""
+    start = lengths[:, None] - width
+    index = start + torch.arange(width, device=sequences.device)
+    mask = index >= 0
+    tokens = sequences.gather(1, index.clamp(min=0))
+    return torch.where(mask, tokens, 0), mask
+
+
+class PromptLookupDrafter(Drafter):
+    """Drafts by prompt lookup: find the context's most recent earlier occurrences of its last n tokens
+    (n from ``max_ngram`` down to ``min_ngram``) and propose what followed them. Up to ``num_drafts`` distinct
+    continuations of up to ``num_tokens`` are merged into one tree (shared prefixes once). Deterministic: point
+    masses. ``min_ngram`` defaults to 2: on CPU, verifying two tokens costs ~1.6 single-token steps (the matrix
+    products leave the matrix-vector path), and a one-token match predicts too poorly to pay for that.
+    """
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 2, num_drafts: int = 1) -> None:
+        for name, value in (("num_tokens", num_tokens), ("max_ngram", max_ngram), ("min_ngram", min_ngram),
+                            ("num_drafts", num_drafts)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+        if min_ngram > max_ngram:
+            raise LinspecError(f"min_ngram ({min_ngram}) must not exceed max_ngram ({max_ngram})")
+        self.num_tokens, self.max_ngram, self.min_ngram, self.num_drafts = num_tokens, max_ngram, min_ngram, num_drafts
+        self.max_nodes = num_tokens * num_drafts
+
+    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.history: list[list[int]] = [[] for _ in range(lengths.shape[0])]
+        self.index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(lengths.shape[0])]
+
+    def _sync(self, request: DraftRequest) -> None:
+        """Append each row's newly committed tokens to its history and index their n-grams."""
+        known = torch.tensor([len(h) for h in self.history], device=request.lengths.device)
+        new_count = request.lengths - known
+        width = int(new_count.max())
+        if width <= 0:
+            return
+        index = known[:, None] + torch.arange(width, device=known.device)
+        new = request.sequences.gather(1, index.clamp(max=request.sequences.shape[1] - 1)).tolist()
+        for row, (tokens, count) in enumerate(zip(new, new_count.tolist(), strict=True)):
+            history, table = self.history[row], self.index[row]
+            for token in tokens[:count]:
+                history.append(token)
+                end = len(history)
+                for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                    table.setdefault(tuple(history[end - n :]), []).append(end)
+
+    def _row_chains(self, history: list[int], table: dict, depth: int) -> list[list[int]]:
+        chains: list[list[int]] = []
+        seen: set[tuple[int, ...]] = set()
+        end = len(history)
+        for n in range(min(self.max_ngram, end), self.min_ngram - 1, -1):
+            for after in reversed(table.get(tuple(history[end - n :]), ())):
+                if after >= end:
+                    continue  # the suffix itself: nothing follows it yet
+                chain = tuple(history[after : after + depth])
+                if chain not in seen:
+                    seen.add(chain)
+                    chains.append(list(chain))
+                    if len(chains) == self.num_drafts:
+                        return chains
+        return chains
+
+    def propose(self, request: DraftRequest) -> DraftTree:
+        self._sync(request)
+        depth = min(self.num_tokens, request.max_depth)
+        chains = [
+            self._row_chains(h, t, depth) if depth > 0 else [] for h, t in zip(self.history, self.index, strict=True)
+        ]
+        return merge_chains(chains, device=request.sequences.device)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        keep = index.tolist()
+        self.history = [self.history[i] for i in keep]
+        self.index = [self.index[i] for i in keep]
+
+
+class EarlyExitDrafter(TreeGrowingDrafter):
+    """Self-drafting: the target's first ``exit_layer`` decoder layers, its final norm and its head.
+
+    It runs on the target session itself, in tree mode, so it reads the target's committed state and keeps none
+    of its own (nothing to roll forward: the target's commit is its commit). After the last level it runs those
+    layers once more over the whole tree; verification continues from those hidden states at ``exit_layer``
+    instead of recomputing the first layers.
+    """
+
+    def __init__(self, exit_layer: int, num_tokens: int = 4, tree_width: int = 1) -> None:
+        super().__init__(num_tokens, tree_width)
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or exit_layer < 1:
+            raise LinspecError(f"exit_layer must be a positive integer, got {exit_layer!r}")
+        self.exit_layer = exit_layer
+
+    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        if self.exit_layer >= target.num_layers:
+            raise LinspecError(
+                f"exit_layer must be below the target's {target.num_layers} layers, got {self.exit_layer}"
+            )
+        self.target = target
+
+    def _run(self, request: DraftRequest, tree: DraftTree) -> torch.Tensor:
+        root = request.sequences.gather(1, (request.lengths - 1)[:, None])[:, 0]
+        tokens, parents, _ = tree.with_root(root)
+        return self.target.run_layers(self.target.open_tree(tokens, parents), 0, self.exit_layer)
+
+    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
+        hidden = self._run(request, tree)  # (B, 1 + N, H), the root first
+        picked = hidden.gather(1, (frontier + 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self.target.logits(self.target.final_hidden(picked))
+
+    def _finish(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
+        if tree.num_nodes:
+            tree.target_hidden = (self.exit_layer, self._run(request, tree))
+        return tree
+
+
+class HeadDrafter(TreeGrowingDrafter):
+    """Drafts from heads on the target's last hidden state: ``heads(h [B, H]) -> logits [B, K, V]``, head ``k``
+    predicting the token ``k + 1`` places after the root (Medusa-style: the hidden state that predicted the root).
+
+    This is the plug for trained drafters that read the target's hidden state: Medusa heads directly; a
+    ReDrafter-style RNN or prophet heads by overriding ``_frontier_logits`` to condition on the frontier path.
+    """
+
+    def __init__(self, heads: Callable[[torch.Tensor], torch.Tensor], num_tokens: int, tree_width: int = 1) -> None:
+        super().__init__(num_tokens, tree_width)
+        self.heads = heads
+
+    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.vocab_size = target.vocab_size
+
+    @torch.no_grad()
+    def propose(self, request: DraftRequest) -> DraftTree:
+        if request.target_hidden is None:
+            return DraftTree.empty(request.lengths.shape[0], request.sequences.device)
+        self._head_logits = self.heads(request.target_hidden)  # (B, K, V)
+        if self._head_logits.shape[-1] != self.vocab_size:
+            raise LinspecError(
+                f"the heads' vocabulary ({self._head_logits.shape[-1]}) differs from the target's ({self.vocab_size})"
+            )
+        return super().propose(request)
+
+    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
+        level = min(level, self._head_logits.shape[1] - 1)
+        return self._head_logits[:, level : level + 1].expand(-1, frontier.shape[1], -1)
+
+
+DRAFTERS = ("none", "lookup", "early-exit", "model")
+
+
+def build_drafter(
+    kind: str,
+    *,
+    num_tokens: int | None = None,
+    tree_width: int = 1,
+    max_ngram: int = 3,
+    exit_layer: int | None = None,
+    draft_model=None,
+) -> Drafter | None:
+    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit`` or ``model`` — with one tree knob:
+    ``tree_width`` (lookup: distinct continuations merged; models: branches per level). ``num_tokens`` defaults to
+    10 for lookup (cheap drafts) and 4 for models (each level costs a forward). Validated here."""
+    if kind == "none":
+        return None
+    if kind == "lookup":
+        return PromptLookupDrafter(num_tokens=num_tokens or 10, max_ngram=max_ngram, num_drafts=tree_width)
+    if kind == "early-exit":
+        if exit_layer is None:
+            raise LinspecError("the early-exit drafter needs an exit layer (--exit-layer N)")
+        return EarlyExitDrafter(exit_layer, num_tokens=num_tokens or 4, tree_width=tree_width)
+    if kind == "model":
+        if draft_model is None:
+            raise LinspecError("the model drafter needs a draft model (--draft-model SRC)")
+        return ModelDrafter(draft_model, num_tokens=num_tokens or 4, tree_width=tree_width)
+    raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")

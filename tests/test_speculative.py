@@ -1,0 +1,367 @@
+"""Speculative generation on tiny random models: tree verification, commit, exact acceptance, batches, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import randomize_linspec_parameters, tiny_base
+from transformers import DynamicCache
+
+import linspec
+from linspec.speculative import (
+    DraftTree,
+    EarlyExitDrafter,
+    HeadDrafter,
+    ModelDrafter,
+    ModelSession,
+    PromptLookupDrafter,
+    SamplingConfig,
+    merge_chains,
+    speculative_generate,
+)
+from linspec.speculative.acceptance import accept
+from linspec.speculative.tree import children_table
+
+TARGETS = ("softmax", "linear", "hybrid")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: these small forwards gain nothing from two, and on a shared CPU they lose a lot."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_target(kind: str, seed: int = 0, **overrides):
+    if kind == "softmax":
+        return tiny_base("llama", seed, **overrides)
+    settings = linspec.LinspecConfig(group_size=8, conv_taps=4, softmax_layers=(1,) if kind == "hybrid" else ())
+    model = linspec.convert(tiny_base("llama", seed, **overrides), settings)
+    randomize_linspec_parameters(model, seed)  # γ and conv non-zero: the linear path matters
+    return model.eval()
+
+
+def decode_one_by_one(model, tokens: torch.Tensor):
+    """Logits ``[1, T, V]`` of plain cached decoding, one token per forward, and the cache afterwards."""
+    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
+    logits = [
+        model(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1] for i in range(tokens.shape[1])
+    ]
+    return torch.stack(logits, 1), cache
+
+
+# A tree of 10 nodes (node 0 is the root): two branches, the deepest path 0-1-3-4-5-7-8 six levels down.
+PARENTS = [-1, 0, 0, 1, 3, 4, 2, 5, 7, 5]
+
+
+def path_to(node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = PARENTS[node]
+    return path[::-1]
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+@torch.no_grad()
+def test_tree_logits_and_commit_equal_one_by_one_decoding(kind):
+    """Every node's logits equal decoding its root→node path token by token; after committing a path, the state
+    equals the state after decoding those tokens one by one, and the next tree sees exactly that context.
+
+    Two rows with different prompt lengths (13 and 10 real tokens, left padding) put the tree across a group
+    boundary (G = 8) at different depths and make the rows commit paths of different lengths.
+    """
+    model = make_target(kind).double()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 97, (1, n), generator=gen) for n in (13, 10)]
+    batch_prompt = torch.zeros(2, 13, dtype=torch.long)
+    batch_prompt[0], batch_prompt[1, 3:] = prompts[0][0], prompts[1][0]
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :3] = False
+    session = ModelSession(model, 2)
+    session.extend(batch_prompt, mask)
+
+    nodes = torch.randint(3, 97, (2, len(PARENTS)), generator=gen)
+    parents = torch.tensor([PARENTS, PARENTS])
+    logits = session.tree_logits(nodes, parents)
+    for row in range(2):
+        for node in range(len(PARENTS)):
+            sequence = torch.cat([prompts[row], nodes[row : row + 1, path_to(node)]], 1)
+            expected, _ = decode_one_by_one(model, sequence)
+            torch.testing.assert_close(logits[row, node], expected[0, -1], rtol=0, atol=1e-9)
+
+    paths = [path_to(8), path_to(6)]  # 7 and 3 tokens
+    accepted = torch.zeros(2, 7, dtype=torch.long)
+    accepted_mask = torch.zeros(2, 7, dtype=torch.bool)
+    for row, path in enumerate(paths):
+        accepted[row, : len(path)] = torch.tensor(path)
+        accepted_mask[row, : len(path)] = True
+    session.commit(accepted, accepted_mask)
+
+    following = torch.randint(3, 97, (2, 3), generator=gen)
+    next_logits = session.tree_logits(following, torch.tensor([[-1, 0, 1]] * 2))
+    for row, path in enumerate(paths):
+        committed = torch.cat([prompts[row], nodes[row : row + 1, path]], 1)
+        _, reference_cache = decode_one_by_one(model, committed)
+        assert int(session.length[row]) == committed.shape[1]
+        for index, layer in enumerate(session.cache.layers):
+            reference = reference_cache.layers[index]
+            if hasattr(layer, "state"):  # linear layer: every tensor of the recurrent state
+                for name, value in layer.state.tensors().items():
+                    torch.testing.assert_close(
+                        value[row : row + 1], reference.state.tensors()[name], rtol=0, atol=1e-10, msg=name
+                    )
+            else:  # softmax layer: the row's live KV columns, in order
+                live = session.kv_valid[row]  # the open tree's candidate columns come after these
+                torch.testing.assert_close(
+                    layer.keys[row][:, : live.numel()][:, live], reference.keys[0], rtol=0, atol=1e-10
+                )
+                torch.testing.assert_close(
+                    layer.values[row][:, : live.numel()][:, live], reference.values[0], rtol=0, atol=1e-10
+                )
+        expected, _ = decode_one_by_one(model, torch.cat([committed, following[row : row + 1]], 1))
+        torch.testing.assert_close(next_logits[row], expected[0, -3:], rtol=0, atol=1e-9)
+
+
+def drafters_for(target, kind):
+    other = make_target("softmax", seed=5)  # an unrelated model: drafts mostly rejected
+    gen = torch.Generator().manual_seed(0)
+    heads = torch.nn.Linear(64, 3 * 97).requires_grad_(False)
+    torch.nn.init.normal_(heads.weight, generator=gen)
+    return {
+        "lookup-tree": PromptLookupDrafter(num_tokens=4, num_drafts=3),
+        "other-model-chain": ModelDrafter(other, num_tokens=3),
+        "self-chain": ModelDrafter(target, num_tokens=4),  # the target itself: every draft accepted
+        "self-tree": ModelDrafter(target, num_tokens=3, tree_width=3),
+        "early-exit-chain": EarlyExitDrafter(exit_layer=2, num_tokens=3),
+        "early-exit-tree": EarlyExitDrafter(exit_layer=1, num_tokens=3, tree_width=2),
+        "heads": HeadDrafter(lambda h: heads(h).view(h.shape[0], 3, 97), num_tokens=3, tree_width=2),
+    }
+
+
+def batch_of_prompts():
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 97, (3, 12), generator=gen)
+    prompt[2, 6:] = prompt[2, :6]  # a repeat, so prompt lookup finds matches
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    return torch.where(mask.bool(), prompt, 0), mask
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+@torch.no_grad()
+def test_greedy_output_equals_plain_greedy_generate(kind):
+    """Batched, left-padded, every drafter: the output is token for token the target's own greedy ``generate``
+    (which stops rows at the tiny config's EOS, token 2, and pads them)."""
+    target = make_target(kind)
+    prompt, mask = batch_of_prompts()
+    expected = target.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for name, drafter in drafters_for(target, kind).items():
+        out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(out.sequences[:, : expected.shape[1]], expected), name
+
+
+@pytest.mark.parametrize("kind", ["linear", "hybrid"])
+@torch.no_grad()
+def test_each_batch_row_equals_its_unbatched_output(kind):
+    """Rows that accept different numbers of tokens per round still produce exactly their unbatched output."""
+    target = make_target(kind)
+    prompt, mask = batch_of_prompts()
+    drafter = PromptLookupDrafter(num_tokens=5, num_drafts=2)
+    batched = speculative_generate(target, drafter, prompt, 30, attention_mask=mask, pad_token_id=0).sequences
+    for row in range(3):
+        real = prompt[row : row + 1, mask[row].bool()]
+        alone = speculative_generate(target, PromptLookupDrafter(num_tokens=5, num_drafts=2), real, 30).sequences
+        assert torch.equal(batched[row, -30:], alone[0, -30:])
+
+
+@torch.no_grad()
+def test_eos_ends_a_row_like_generate():
+    target = make_target("linear")
+    prompt, mask = batch_of_prompts()
+    plain = target.generate(prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    eos = int(plain[0, 12 + 4])  # row 0's fifth new token
+    expected = target.generate(
+        prompt, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=eos
+    )
+    out = speculative_generate(
+        target, ModelDrafter(target, 4), prompt, 20, attention_mask=mask, eos_token_id=eos, pad_token_id=0
+    )
+    assert torch.equal(out.sequences, expected[:, : out.sequences.shape[1]])
+    assert (out.sequences[0, 12 + 5 :] == 0).all()
+
+
+@torch.no_grad()
+def test_statistics_count_accepted_tokens_per_call_and_depth():
+    target = make_target("hybrid")
+    prompt = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    exact = speculative_generate(target, ModelDrafter(target, num_tokens=3), prompt, 16).stats
+    assert exact.target_calls == 4 and exact.tokens_per_call == 4.0  # 3 drafts + the target's token, 4 rounds
+    assert exact.acceptance_by_depth == [1.0, 1.0, 1.0] and exact.new_tokens == 32
+    plain = speculative_generate(target, None, prompt, 16).stats
+    assert plain.target_calls == 16 and plain.tokens_per_call == 1.0 and plain.acceptance_by_depth == []
+    assert plain.tokens_per_second > 0
+
+
+def test_trees_merge_shared_prefixes_and_list_children_in_order():
+    tree = merge_chains([[[5, 6, 7], [5, 6, 8], [9]], [[4]]])
+    assert tree.tokens[0].tolist() == [5, 6, 7, 8, 9] and tree.parents[0].tolist() == [-1, 0, 1, 1, -1]
+    assert tree.valid.tolist() == [[True] * 5, [True] + [False] * 4]
+    _, parents, valid = tree.with_root(torch.tensor([1, 2]))
+    assert parents[0].tolist() == [-1, 0, 1, 2, 2, 0]
+    children = children_table(parents, valid)
+    assert (
+        children[0, 0].tolist() == [1, 5] and children[0, 2].tolist() == [3, 4] and children[1, 0].tolist() == [1, -1]
+    )
+
+
+def test_prompt_lookup_proposes_what_followed_the_most_recent_match():
+    drafter = PromptLookupDrafter(num_tokens=3, max_ngram=2, num_drafts=2)
+    sequence = torch.tensor([[1, 2, 3, 9, 9, 1, 2, 4, 5, 7, 1, 2]])
+    drafter.start(None, sequence, torch.tensor([12]))
+    from linspec.speculative import DraftRequest
+
+    request = DraftRequest(sequence, torch.tensor([12]), 8, SamplingConfig(), None)
+    tree = drafter.propose(request)
+    # "1 2" occurred twice before the end: most recent first (4 5 7), then (3 9 9).
+    assert tree.tokens[0].tolist() == [4, 5, 7, 3, 9, 9] and tree.parents[0].tolist() == [-1, 0, 1, -1, 3, 4]
+
+
+def test_greedy_acceptance_walks_the_argmax_path_and_sampling_accepts_point_masses_by_p():
+    vocab = 6
+    logits = torch.full((1, 4, vocab), -10.0)
+    logits[0, 0, 3] = 10.0  # root -> 3
+    logits[0, 2, 1] = 10.0  # node 2 (token 3) -> 1
+    logits[0, 3, 5] = 10.0  # node 3 (token 1) -> 5 (the bonus)
+    tokens = torch.tensor([[0, 2, 3, 1]])
+    parents = torch.tensor([[-1, 0, 0, 2]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    path, mask, nxt = accept(logits, tokens, parents, valid, None, SamplingConfig())
+    assert path[0][mask[0]].tolist() == [0, 2, 3] and nxt.tolist() == [5]
+    # p puts no mass on the first child: sampling must reject it (prob p(x) = 0) and test its sibling.
+    gen = torch.Generator().manual_seed(0)
+    sampled = [accept(logits, tokens, parents, valid, None, SamplingConfig(do_sample=True), gen) for _ in range(50)]
+    assert all(p[0][m[0]].tolist() == [0, 2, 3] for p, m, _ in sampled)
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square test of ``counts`` against ``probs``; categories expected < 5 are pooled."""
+    counts, probs = counts.double(), probs.double()
+    total = counts.sum()
+    expected = probs * total
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    if bool((observed[~keep] > 0).any()):
+        return 0.0  # a sample where the distribution has no mass
+    observed, expected = observed[keep], expected[keep]
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = observed.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.double), statistic / 2))
+
+
+def _exact_marginals(model, prompt: torch.Tensor, sampling: SamplingConfig, steps: int) -> list[torch.Tensor]:
+    """The target's exact distribution of new token 1, 2, …, ``steps`` under plain sampling with ``sampling``."""
+    vocab = model.config.vocab_size
+    prefixes = prompt  # (S, T) all continuations so far, with their probabilities
+    weights = torch.ones(1, dtype=torch.double)
+    marginals = []
+    for _ in range(steps):
+        probs = sampling.probs(model(prefixes).logits[:, -1]).double()  # (S, V)
+        joint = weights[:, None] * probs
+        marginals.append(joint.sum(0))
+        weights = joint.flatten()
+        prefixes = torch.cat(
+            [prefixes.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(prefixes.shape[0])[:, None]], 1
+        )
+    return marginals
+
+
+SAMPLES = 20_000
+
+
+@pytest.mark.parametrize(
+    "drafter_kind, settings",
+    [
+        ("chain", dict(temperature=1.0)),
+        ("tree", dict(temperature=0.8, top_k=12, top_p=0.9)),
+        ("lookup-tree", dict(temperature=1.3)),
+    ],
+)
+@torch.no_grad()
+def test_sampled_tokens_follow_the_target_distribution(drafter_kind, settings):
+    """20k rows sampled speculatively: new tokens 1–3 match the target's exact distribution (chi-square); the same
+    test rejects the drafter's own distribution, so it can tell them apart."""
+    vocab = 24
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    target = make_target("hybrid", seed=0, **small)  # layer 0 linear, layer 1 softmax
+    draft_model = make_target("softmax", seed=7, **small)
+    prompt = torch.tensor([[3, 5, 9, 3, 5]])
+    sampling = SamplingConfig(do_sample=True, **settings)
+    if drafter_kind == "chain":
+        drafter = ModelDrafter(draft_model, num_tokens=2)
+    elif drafter_kind == "tree":
+        drafter = ModelDrafter(draft_model, num_tokens=2, tree_width=3)
+    else:
+        drafter = PromptLookupDrafter(num_tokens=2, max_ngram=2, num_drafts=3)
+    gen = torch.Generator().manual_seed(123)
+    out = speculative_generate(
+        target, drafter, prompt.expand(SAMPLES, -1), 3, do_sample=True, generator=gen, **settings
+    )
+    assert out.stats.accepted > 0  # drafts were really accepted, not just resampled
+    new = out.sequences[:, -3:]
+    exact = _exact_marginals(target, prompt, sampling, 3)
+    for position in range(3):
+        counts = torch.bincount(new[:, position], minlength=vocab)
+        assert _chi_square_p_value(counts, exact[position]) > 1e-4, position
+    q_first = sampling.probs(draft_model(prompt).logits[:, -1])[0]
+    assert _chi_square_p_value(torch.bincount(new[:, 0], minlength=vocab), q_first) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
+        (dict(temperature=-0.5, do_sample=True), "temperature must be >= 0"),
+        (dict(top_p=0.0, do_sample=True), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5, do_sample=True), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1, do_sample=True), "top_k must be a non-negative integer"),
+        (dict(max_tree_nodes=8), "above the limit of 8"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 0]])), "must be left-padded"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(kwargs, message):
+    target = make_target("linear")
+    options = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(linspec.LinspecError, match=message):
+        speculative_generate(
+            target, PromptLookupDrafter(num_tokens=4, num_drafts=3), torch.tensor([[5, 6, 7, 8]]), **options
+        )
+
+
+def test_vocabulary_mismatch_is_refused():
+    target = make_target("linear")
+    other = tiny_base("llama", 0, vocab_size=50)
+    with pytest.raises(
+        linspec.LinspecError, match=r"drafter's vocabulary \(50 tokens\) differs from the target's \(97\)"
+    ):
+        speculative_generate(target, ModelDrafter(other), torch.tensor([[5, 6, 7]]), 4)
+
+
+def test_a_tree_above_the_limit_is_refused_when_proposed():
+    class Wide(PromptLookupDrafter):
+        def propose(self, request):
+            chains = [[[t] for t in range(3, 40)] for _ in range(request.lengths.shape[0])]
+            return merge_chains(chains)
+
+    with pytest.raises(linspec.LinspecError, match="proposed 37 tokens, above max_tree_nodes=16"):
+        speculative_generate(make_target("softmax"), Wide(num_tokens=2), torch.tensor([[5, 6]]), 4, max_tree_nodes=16)
+
+
+def test_empty_tree_helpers():
+    tree = DraftTree.empty(2)
+    assert tree.num_nodes == 0 and tree.depths().shape == (2, 0)
