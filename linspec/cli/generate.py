@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     draft_model = load_source(args.draft_model)[0] if args.draft == "model" and args.draft_model else None
     drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, **options)
     generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+    if args.draft == "none" and len(args.prompt) == 1 and not (args.json or args.stats):
+        stream_plain(model, tokenizer, args, generator)
+        return 0
     texts, stats = generate_text(
         model, tokenizer, args.prompt, drafter, args.max_new_tokens, chat=not args.no_chat,
         do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -80,3 +83,28 @@ def run(args: argparse.Namespace) -> int:
             f"acceptance by depth: {depths}]"
         )
     return 0
+
+
+def stream_plain(model, tokenizer, args: argparse.Namespace, generator) -> None:
+    """Plain decoding of one prompt through HF ``generate()``, printing text as it is produced."""
+    import torch
+    from transformers import TextStreamer
+
+    from linspec.demo import chat_input_ids
+
+    ids = (
+        chat_input_ids(tokenizer, args.prompt[0])
+        if not args.no_chat
+        else tokenizer(args.prompt[0], return_tensors="pt")["input_ids"]
+    )
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+        **sampling,
+    )
