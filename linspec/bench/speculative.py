@@ -4,7 +4,9 @@ Targets: the demo model (original) and its raw paper-preset conversion (in memor
 For each prompt, every setting generates up to ``--max-new-tokens`` tokens (stopping at EOS) from one prompt;
 its end-to-end tokens/s (prefill included) is divided by that of plain ``generate()`` of the same target, in the
 same mode (greedy or temperature 1), measured in the same block. Greedy rows also check that the tokens are
-identical to plain greedy decoding. Each setting runs ``--repeats`` times; the fastest run counts. All runs use
+identical to plain greedy decoding. Each greedy setting runs ``--repeats`` times and the fastest run counts;
+each sampled setting runs ``--sample-repeats`` times with seeds 0, 1, … and the mean counts (its speed depends
+on which text was drawn far more than on timing noise). All runs use
 ``--threads`` intra-op threads (1 by default: on a shared 2-core CPU a second thread costs more than it brings).
 """
 
@@ -20,7 +22,7 @@ from rich.console import Console
 
 from linspec.bench.report import markdown_table, record
 
-EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2"
+EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2 --sample-repeats 4"
 
 PASSAGE = (
     "The lighthouse on the northern cape was built in 1871 from granite quarried two miles inland. Its lamp "
@@ -90,7 +92,8 @@ class Run:
     setting: str
     new_tokens: int = 0
     seconds: float = 0.0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # greedy: the fastest run; sampled: the mean over seeds
+    samples: list[float] = field(default_factory=list)  # tokens/s of each run
     speedup: float | None = None
     tokens_per_call: float | None = None
     acceptance_by_depth: list[float] | None = None
@@ -102,7 +105,8 @@ class Run:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="the original model (default: smollm2-135m)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation (default 64)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest counts (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="greedy runs per setting; the fastest counts")
+    parser.add_argument("--sample-repeats", type=int, default=4, help="sampled runs (seeds) per setting; mean counts")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--exit-layer", type=int, default=24, help="early-exit layer (default 24 of 30)")
     parser.add_argument("--prompts", nargs="+", choices=[p[0] for p in PROMPTS], help="subset of the prompts")
@@ -126,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
             edge = index in (0, len(prompts) - 1)
             block = [s for s in settings_for(target_name, args.exit_layer) if edge or not s.slow]
             results = [Run(target_name, prompt_name, s.mode, s.name) for s in block]
-            for repeat in range(args.repeats):  # interleaved, so every setting sees the same spread of load
+            for repeat in range(max(args.repeats, args.sample_repeats)):  # interleaved: the same spread of load
                 for setting, result in zip(block, results, strict=True):
-                    if not result.error:
+                    runs_wanted = args.repeats if setting.mode == "greedy" else args.sample_repeats
+                    if not result.error and repeat < runs_wanted:
                         _measure(models, target_name, tokenizer, prompt, setting, repeat, args, result)
             for setting, result in zip(block, results, strict=True):
                 runs.append(result)
@@ -182,12 +187,22 @@ def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting,
     seconds = time.perf_counter() - start
     new = sequences[0, input_ids.shape[1] :]
     new = new[new != tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else new
-    if new.numel() / seconds <= result.tokens_per_s:
+    speed = new.numel() / seconds
+    result.samples.append(speed)
+    if stats is not None:
+        calls = (result.tokens_per_call or 0.0) * (len(result.samples) - 1) + stats.tokens_per_call
+        result.tokens_per_call = calls / len(result.samples)  # mean over runs (the same every greedy run)
+    if sample:
+        result.text = result.text or tokenizer.decode(new, skip_special_tokens=True)[:200]
+        result.tokens_per_s = statistics.mean(result.samples)
+        result.new_tokens += int(new.numel())
+        result.seconds += seconds
         return
-    result.new_tokens, result.seconds, result.tokens_per_s = int(new.numel()), seconds, new.numel() / seconds
+    if speed <= result.tokens_per_s:
+        return
+    result.new_tokens, result.seconds, result.tokens_per_s = int(new.numel()), seconds, speed
     result.text = tokenizer.decode(new, skip_special_tokens=True)[:200]
     if stats is not None:
-        result.tokens_per_call = stats.tokens_per_call
         result.acceptance_by_depth = [round(a, 3) for a in stats.acceptance_by_depth]
     result._tokens = new.tolist()  # compared with plain greedy in _add_speedups
 
@@ -242,6 +257,7 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         "## Speculative decoding (`linspec bench speculative`)",
         "",
         f"Command: `linspec bench speculative --max-new-tokens {args.max_new_tokens} --repeats {args.repeats} "
+        f"--sample-repeats {args.sample_repeats} "
         f"--threads {args.threads} --exit-layer {args.exit_layer}`. CPU, float32, batch 1, {machine}, on a "
         "machine shared with other jobs (absolute tokens/s are noisy; ratios are taken within one prompt block).",
         "",
@@ -250,8 +266,9 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         + "; ".join(f"**{p[0]}** ({'grounded' if p[1] else 'open-ended'})" for p in prompts)
         + " — the full texts are in `linspec/bench/speculative.py`. The median column covers the grounded prompts "
         "only; the geometric mean covers all four (rows that ran on all of them). Repeats are interleaved (every "
-        "setting of a prompt, then again) and the fastest run counts; sampled rows draw a different seed per "
-        "repeat, so their texts (and lengths) differ from run to run. *converted* is the raw, untrained "
+        "setting of a prompt, then again). Greedy rows: the fastest run counts. Sampled (t=1) rows: the mean over "
+        f"{args.sample_repeats} seeds, because their speed depends mostly on which text was drawn (a sample that "
+        "copies the passage is fast, one that paraphrases is not). *converted* is the raw, untrained "
         "paper-preset conversion (γ = conv = 0, perplexity ~10⁴): its text is noise that prompt lookup rarely "
         "matches, so its rows measure what the machinery costs on a linear target, not a useful speedup. Slow "
         "drafters (early exit, model drafts) ran on the first and last prompt only. HF assisted generation cannot "

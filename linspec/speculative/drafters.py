@@ -289,8 +289,9 @@ class EarlyExitDrafter(TreeGrowingDrafter):
 
     It runs on the target session itself, in tree mode, so it reads the target's committed state and keeps none
     of its own (nothing to roll forward: the target's commit is its commit). After the last level it runs those
-    layers once more over the whole tree; verification continues from those hidden states at ``exit_layer``
-    instead of recomputing the first layers.
+    layers once more over the whole tree and verification continues from those hidden states at ``exit_layer``:
+    that pass *is* the verification's first layers, so it costs nothing extra — and saves nothing either, since
+    each drafting level is itself a tree-mode forward (there is no cheaper incremental draft to reuse).
     """
 
     def __init__(self, exit_layer: int, num_tokens: int = 4, tree_width: int = 1) -> None:
