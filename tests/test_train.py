@@ -212,3 +212,5 @@ def test_unmerged_lora_is_saved_as_an_adapter_beside_the_model(tmp_path, tiny_ba
     assert (output / "adapter" / "adapter_config.json").is_file()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(output), output / "adapter")
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # lora_B starts at zero: non-zero values prove the trained adapter weights were saved, not just its config
+    assert any(t.abs().sum() > 0 for n, t in model.named_parameters() if "lora_B" in n)

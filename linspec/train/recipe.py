@@ -137,7 +137,7 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~9x slower there); bf16 on GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # strategy when launched with several processes (torchrun)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # several processes (torchrun): ddp replicates, fsdp shards lora/full
     seed: int = 0  # seed for LoRA init and dropout
     gradient_checkpointing: bool = False  # recompute activations in backward (lora/full stages): less memory
     threads: int | None = None  # torch CPU threads (null: torch's default)

@@ -15,6 +15,7 @@ every process reads the same global batch and takes its slice; DDP averages grad
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -136,10 +137,6 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     """Run every stage of ``recipe``; returns ``OUTPUT/model``. ``on_step(stage, step, loss)`` is for tests."""
     started = time.perf_counter()
     env = setup_env(recipe)
-    if env.world > 1 and recipe.distributed == "fsdp":
-        # Sharded training steps work (see ``wrap``); writing stage outputs from sharded (and peft) weights
-        # does not yet, so refuse before spending compute.
-        raise LinspecError("recipe key distributed: fsdp is not finished (saving sharded stages); use ddp")
     run_dir = Path(recipe.output)
     prepare_run_dir(run_dir, resume, force, env)
     if env.main:
@@ -221,23 +218,94 @@ def load_stage(stage_dir: Path, dtype: torch.dtype):
 
 
 def save_stage(model, tokenizer, stage_dir: Path, dtype: torch.dtype, env: Env, keep_adapter: bool):
-    """Write the stage's model (LoRA merged, or kept as ``adapter/``); return the plain linspec model."""
-    adapter = None
-    if hasattr(model, "peft_config"):
-        if keep_adapter:
-            adapter = model
-            model = model.unload()  # base weights without the adapter; the adapter is saved beside them
-        else:
-            model = model.merge_and_unload()
-    model = model.to(dtype)
-    if env.main:
-        with atomic_directory(stage_dir, force=True) as tmp:
+    """Write the stage's model (LoRA merged, or kept as ``adapter/``); return the plain linspec model.
+
+    Every process gets the same plain model back, so the next stage can wrap (or shard) it again; only the main
+    process writes. The adapter is saved before ``unload()``, which takes the LoRA layers out of it.
+    """
+    if is_sharded(model):
+        model = unshard(model)
+    writing = atomic_directory(stage_dir, force=True) if env.main else _null()
+    with writing as tmp:
+        if hasattr(model, "peft_config"):
+            if keep_adapter:
+                if tmp is not None:
+                    model.save_pretrained(tmp / "adapter")
+                model = model.unload()  # base weights without the adapter, saved beside it
+            else:
+                model = model.merge_and_unload()
+        model = model.to(dtype)
+        if tmp is not None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if adapter is not None:
-                adapter.save_pretrained(tmp / "adapter")
     env.barrier()
     return model
+
+
+def is_sharded(model) -> bool:
+    """Whether ``fully_shard`` was applied. Not read off the parameters: FSDP2's root module keeps its weights
+    gathered after forward (embeddings, final norm, head), so they read as plain tensors until resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly sharded) tensor as an ordinary CPU tensor; a collective when it is sharded.
+
+    ``full_tensor()`` may hand back an ``AsyncCollectiveTensor`` whose storage is not a real one (safetensors
+    fails on it), so it is waited on first, as torch's own full-state-dict gathering does.
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+        if isinstance(tensor, AsyncCollectiveTensor):
+            tensor = tensor.wait()
+    return tensor.detach().cpu()
+
+
+def unshard(model):
+    """A plain copy of an FSDP2-sharded model (its peft wrapping included), whole on the CPU of every process.
+
+    ``fully_shard`` works in place (DTensor parameters, swapped module classes) and has no inverse, while
+    ``merge_and_unload``, ``save_pretrained`` and the next stage's own sharding need ordinary tensors. So the same
+    structure is built on the meta device (no init cost, like ``convert``) and the gathered weights are assigned
+    to it. Weights are gathered one tensor at a time, so a GPU holds at most one extra whole tensor; buffers are
+    never sharded and are taken over as they are, which covers non-persistent ones (RoPE's ``inv_freq``) that no
+    state dict carries.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from linspec.convert import _set_tensor
+
+    weights = {name: gathered(tensor) for name, tensor in model.state_dict().items()}
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft_config else model
+    model_class = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = model_class(base.config)
+    plain_base = plain
+    if peft_config:
+        from peft import get_peft_model
+
+        if list(peft_config) != ["default"]:
+            raise LinspecError(f"cannot gather a sharded model with adapters {list(peft_config)}; expected one")
+        plain = get_peft_model(plain_base, copy.deepcopy(peft_config["default"]))
+    result = plain.load_state_dict(weights, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise LinspecError(
+            f"gathering the sharded model: missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}"
+        )
+    for name, buffer in model.named_buffers():
+        _set_tensor(plain, name, buffer.detach().cpu())
+    plain_base.tie_weights()  # assign=True gave tied weights (embeddings, lm_head) two separate tensors
+    plain_base.generation_config = base.generation_config
+    leftover = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if leftover:
+        raise LinspecError(f"gathering the sharded model left uninitialised tensors: {leftover[:4]}")
+    return plain.train(model.training)
 
 
 def set_trainable(model, stage: Stage, dtype: torch.dtype, seed: int):
@@ -272,21 +340,25 @@ def set_trainable(model, stage: Stage, dtype: torch.dtype, seed: int):
 
 
 def wrap(model, recipe: Recipe, env: Env, stage: Stage):
-    """The module to call forward on: the model itself, DDP around it, or FSDP2 sharding it in place."""
+    """The module to call forward on: the model itself, DDP around it, or FSDP2 sharding it in place.
+
+    Attention transfer is replicated (DDP) even under ``distributed: fsdp``. Its losses leave each layer through
+    hooks, not through the layer outputs, so no gradient ever reaches an output FSDP2 hooks: its post-backward
+    (the reduce-scatter into the sharded gradients) would never run and the optimiser would see no gradient for
+    sharded weights. DDP's hooks sit on the parameters instead. The stage needs every layer whole for its
+    softmax targets anyway and trains only small tensors (γ, conv, LoRA), so sharding would save little.
+    """
     if env.world == 1:
         return model
-    if recipe.distributed == "fsdp":
+    if recipe.distributed == "fsdp" and stage.kind != "attention_transfer":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[recipe.precision], reduce_dtype=torch.float32)
         # FSDP2 cannot shard 0-d tensors (γ): they stay replicated and their gradients are averaged by hand.
         scalars = {p for p in model.parameters() if p.dim() == 0}
-        # Attention transfer's losses leave each layer through its hooks, not its output, so FSDP's backward
-        # hooks would not re-gather the layer's weights: keep them gathered after forward in that stage.
-        keep = stage.kind == "attention_transfer"
         for layer in model.get_decoder().layers:
-            fully_shard(layer, mp_policy=policy, ignored_params=scalars, reshard_after_forward=not keep)
-        fully_shard(model, mp_policy=policy, ignored_params=scalars, reshard_after_forward=not keep)
+            fully_shard(layer, mp_policy=policy, ignored_params=scalars)
+        fully_shard(model, mp_policy=policy, ignored_params=scalars)
         model.linspec_replicated = [p for p in scalars if p.requires_grad]
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -408,7 +480,7 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
             local = batch[env.rank * per_process : (env.rank + 1) * per_process].to(env.device)
             total = 0.0
             for i, micro in enumerate(local.split(stage.micro_batch_size)):
-                sync = i == accumulation - 1 or env.world == 1 or recipe.distributed == "fsdp"
+                sync = i == accumulation - 1 or not hasattr(forward, "no_sync")  # FSDP2 reduces every time
                 with autocast, _null() if sync else forward.no_sync():
                     loss = compute_loss(stage, forward, micro, teacher, transfer) / accumulation
                 loss.backward()
