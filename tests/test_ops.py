@@ -15,7 +15,7 @@ from linspec.ops import (
     tree_ancestors,
     verify_attention,
 )
-from linspec.ops.verify import validate_parents
+from linspec.ops.verify import TreeLayout, validate_parents
 
 TOL = 1e-10
 
@@ -150,8 +150,9 @@ def test_output_is_causal():
 TREE = [-1, 0, 0, 1, 1, 2, 3, 6, -1]
 
 
+@pytest.mark.parametrize("shared_layout", [False, True])
 @pytest.mark.parametrize("committed", [0, 1, 5, 6, 7, 14])
-def test_verify_rows_equal_sequential_decoding_along_each_path(committed):
+def test_verify_rows_equal_sequential_decoding_along_each_path(committed, shared_layout):
     group, taps = 4, 5
     parents = torch.tensor([TREE, TREE])
     nodes = len(TREE)
@@ -160,7 +161,11 @@ def test_verify_rows_equal_sequential_decoding_along_each_path(committed):
     if committed:
         _, state = extend_attention(q[:, :, :committed], k[:, :, :committed], v[:, :, :committed], w, gamma, state)
     nq, nk, nv = (x[:, :, committed:] for x in (q, k, v))
-    out = verify_attention(nq, nk, nv, w, gamma, state, parents)
+    tree = parents
+    if shared_layout:  # one layout reused, as by every layer of a model: a first use must not change it
+        tree = TreeLayout.of(parents)
+        verify_attention(nq.flip(2), nk.flip(2), nv.flip(2), w.flip(1), gamma, state, tree)
+    out = verify_attention(nq, nk, nv, w, gamma, state, tree)
     ancestors, depth = tree_ancestors(parents)
     for node in range(nodes):
         path = [i for i in range(nodes) if ancestors[0, node, i]]

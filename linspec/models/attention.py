@@ -94,7 +94,7 @@ class LinspecAttention(nn.Module):
         gamma = self.global_scale.to(q.dtype)
         local_kernel = self.settings.local_kernel
         state = None if past_key_values is None else past_key_values.linear_state(self.layer_idx)
-        tree = None if past_key_values is None else getattr(past_key_values, "tree_parents", None)
+        tree = None if past_key_values is None else getattr(past_key_values, "tree", None)
 
         if past_key_values is None and linspec_token_mask is None:
             out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel)

@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from linspec.errors import LinspecError
 from linspec.ops import LinearAttentionState, append_tokens
+from linspec.ops.verify import TreeLayout
 
 
 def truncate_kv_columns(layer: DynamicLayer, columns: int) -> None:
@@ -103,9 +104,10 @@ class LinspecCache(Cache):
         layers = [DynamicLayer() if i in softmax_layers else LinearStateLayer() for i in range(num_layers)]
         super().__init__(layers=layers)
         self.seen_tokens = 0
-        # Speculative verification (DESIGN §3): while ``tree_parents`` ([B, N], -1 = follows the committed
-        # context) is set, linear layers run verify mode, leave their state alone and park the candidates' (k̂, v).
-        self.tree_parents: torch.Tensor | None = None
+        # Speculative verification (DESIGN §3): while ``tree`` (the tree's layout: parents [B, N], -1 = follows
+        # the committed context) is set, linear layers run verify mode, leave their state alone and park the
+        # candidates' (k̂, v).
+        self.tree: TreeLayout | None = None
         self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -127,28 +129,45 @@ class LinspecCache(Cache):
 
         ``accepted`` ``[B, M]`` holds node indices along each row's accepted path (root first), ``accepted_mask``
         ``[B, M]`` marks the real entries (rows accept different numbers of tokens).
+
+        Every linear layer appends the same path at the same positions, so layers whose states have the same
+        shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
+        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round.
         """
+        batch = accepted.shape[0]
+        stacks: dict[tuple, list[int]] = {}
         for layer_idx, (keys, values) in self.candidates.items():
-
-            def along_path(x: torch.Tensor) -> torch.Tensor:
-                index = accepted[:, None, :, None].expand(x.shape[0], x.shape[1], accepted.shape[1], x.shape[3])
-                return x.gather(2, index)
-
             state = self.layers[layer_idx].state
-            self.layers[layer_idx].state = append_tokens(state, along_path(keys), along_path(values), accepted_mask)
+            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()))
+            stacks.setdefault(shapes, []).append(layer_idx)
+        for layer_ids in stacks.values():
+            states = [self.layers[i].state for i in layer_ids]
+            stacked = LinearAttentionState(
+                **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
+            )
+            keys = torch.cat([self.candidates[i][0] for i in layer_ids])
+            values = torch.cat([self.candidates[i][1] for i in layer_ids])
+            path = accepted.repeat(len(layer_ids), 1)
+
+            def along_path(x: torch.Tensor, path=path) -> torch.Tensor:
+                return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
+
+            new = append_tokens(stacked, along_path(keys), along_path(values), accepted_mask.repeat(len(layer_ids), 1))
+            for j, layer_idx in enumerate(layer_ids):
+                self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
         self.candidates = {}
 
     def softmax_layers(self) -> list[DynamicLayer]:
         """The growing-KV layers of a hybrid (empty for a fully linear model)."""
         return [layer for layer in self.layers if isinstance(layer, DynamicLayer)]
 
-    def open_tree(self, parents: torch.Tensor, committed_columns: int) -> None:
-        """Start a verification pass over a tree (``parents [B, N]``): linear layers switch to verify mode; softmax
-        layers drop any candidate columns a previous pass left past ``committed_columns``."""
+    def open_tree(self, parents: torch.Tensor | TreeLayout, committed_columns: int) -> None:
+        """Start a verification pass over a tree (``parents [B, N]`` or its layout): linear layers switch to verify
+        mode; softmax layers drop any candidate columns a previous pass left past ``committed_columns``."""
         for layer in self.softmax_layers():
             truncate_kv_columns(layer, committed_columns)
         self.candidates = {}
-        self.tree_parents = parents
+        self.tree = parents if isinstance(parents, TreeLayout) else TreeLayout.of(parents)
 
     def commit_tree(self, accepted: torch.Tensor, accepted_mask: torch.Tensor, committed_columns: int) -> None:
         """Commit the accepted path of the last verification pass in every layer, then leave verify mode.
@@ -162,7 +181,7 @@ class LinspecCache(Cache):
         self.candidates = {}
         for layer in self.softmax_layers():
             keep_kv_columns(layer, committed_columns, accepted)
-        self.tree_parents = None
+        self.tree = None
         self.seen_tokens = committed_columns + accepted.shape[1]
 
     def _first_softmax_layer(self) -> int | None:

@@ -55,7 +55,10 @@ def _next_state(
     real_v: torch.Tensor,
     count: torch.Tensor,
     total: torch.Tensor,
+    block_kv: torch.Tensor | None = None,
 ) -> LinearAttentionState:
+    """``block_kv [B, Hkv, blocks, Dk, Dv]``: each packed block's ``Σ k̂ vᵀ`` when the caller has it (the open
+    group's sum is then read from it instead of recomputed)."""
     batch, kv_heads, packed_length, key_dim = packed_k.shape
     value_dim = packed_v.shape[-1]
     group_size = state.group_size
@@ -71,12 +74,17 @@ def _next_state(
         return blocks.gather(2, index).squeeze(2)
 
     group_keys, group_values = open_group(packed_k), open_group(packed_v)
+    if block_kv is None:
+        group_kv = group_keys.transpose(-1, -2) @ group_values
+    else:
+        index = complete.view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, key_dim, value_dim)
+        group_kv = block_kv.gather(2, index).squeeze(2)
     taps_minus_one = state.ring.shape[2]
     history = torch.cat([state.ring, real_v], dim=2)  # (B, Hkv, P-1+T, Dv)
     ring_index = count[:, None] + torch.arange(taps_minus_one, device=count.device)
     return LinearAttentionState(
         kv=kv,
-        group_kv=group_keys.transpose(-1, -2) @ group_values,
+        group_kv=group_kv,
         group_keys=group_keys,
         group_values=group_values,
         ring=_gather_tokens(history, ring_index),
@@ -136,6 +144,7 @@ def append_tokens(
     num_groups = packed_length // state.group_size
     blocks_k = packed_k.view(batch, kv_heads, num_groups, state.group_size, key_dim)
     blocks_v = packed_v.view(batch, kv_heads, num_groups, state.group_size, packed_v.shape[-1])
-    kv_through = torch.einsum("bknsd,bknse->bknde", blocks_k, blocks_v).cumsum(2) + state.kv.unsqueeze(2)
+    block_kv = blocks_k.transpose(-1, -2) @ blocks_v  # (B, Hkv, blocks, Dk, Dv)
+    kv_through = block_kv.cumsum(2) + state.kv.unsqueeze(2)
     real_v = _scatter_tokens(v, torch.where(token_mask, rank, length), length)
-    return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total)
+    return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, block_kv)

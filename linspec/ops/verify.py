@@ -9,6 +9,8 @@ The state is only read: committing accepted nodes is ``append_tokens`` with thei
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from linspec.ops.backend import use_triton
@@ -67,6 +69,31 @@ def conv_gather_index(parents: torch.Tensor, taps: int) -> torch.Tensor:
     return torch.stack(columns, dim=-1)
 
 
+@dataclass
+class TreeLayout:
+    """A verification tree's structure, computed once per tree and shared by every layer that verifies it.
+
+    Every linear layer of a model verifies the same tree in the same forward; building the ancestor matrix
+    (a sequential walk over the nodes) and the conv gather index in each of them cost more than the layer's
+    own attention math on CPU. ``conv_index(taps)`` is built on first use and kept.
+    """
+
+    parents: torch.Tensor  # (B, N)
+    ancestors: torch.Tensor  # (B, N, N) bool, ancestor-or-self
+    depth: torch.Tensor  # (B, N)
+    _conv_index: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, parents: torch.Tensor) -> TreeLayout:
+        return cls(parents, *tree_ancestors(parents))
+
+    def conv_index(self, taps: int) -> torch.Tensor:
+        """``conv_gather_index(parents, taps)``, memoised."""
+        if taps not in self._conv_index:
+            self._conv_index[taps] = conv_gather_index(self.parents, taps)
+        return self._conv_index[taps]
+
+
 def verify_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -74,55 +101,68 @@ def verify_attention(
     conv_weight: torch.Tensor,
     global_scale: torch.Tensor,
     state: LinearAttentionState,
-    parents: torch.Tensor,
+    parents: torch.Tensor | TreeLayout,
     local_kernel: str = "relu2",
 ) -> torch.Tensor:
-    """Outputs ``[B, H, N, Dv]`` of every tree node, each equal to sequential decoding along its own path."""
+    """Outputs ``[B, H, N, Dv]`` of every tree node, each equal to sequential decoding along its own path.
+
+    ``parents``: the tree's parent indices ``[B, N]``, or its ``TreeLayout`` when several layers verify it.
+    """
     if use_triton(q):
         from linspec.kernels import verify_attention as triton_verify_attention
 
-        return triton_verify_attention(q, k, v, conv_weight, global_scale, state, parents, local_kernel)
+        raw_parents = parents.parents if isinstance(parents, TreeLayout) else parents
+        return triton_verify_attention(q, k, v, conv_weight, global_scale, state, raw_parents, local_kernel)
+    tree = parents if isinstance(parents, TreeLayout) else TreeLayout.of(parents)
     batch, num_heads, num_nodes, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads
     group_size = state.group_size
-    ancestors, depth = tree_ancestors(parents)
-    position = state.position[:, None] + depth  # (B, N) true positions
+    position = state.position[:, None] + tree.depth  # (B, N) true positions
     group = position // group_size
     committed_group = (state.position // group_size)[:, None]  # (B, 1)
     committed_in_group = (state.position % group_size)[:, None]
 
-    qr = q.view(batch, kv_heads, repeats, num_nodes, key_dim)  # (B, Hkv, R, N, Dk)
-    node_scores = torch.einsum("bkrnd,bkmd->bkrnm", qr, k)  # (B, Hkv, R, N, N)
+    # Every term is a weight matrix over value rows times those rows, as plain batched matmuls over the
+    # (B, Hkv) heads with the R query heads of a KV head stacked: (B, Hkv, R·N, ·). Small einsums cost
+    # more in permutes and copies than in arithmetic at these sizes.
+    qr = q.reshape(batch, kv_heads, repeats * num_nodes, key_dim)
+
+    def per_node(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R·N, M) -> (B, Hkv, R, N, M)
+        return x.view(batch, kv_heads, repeats, num_nodes, x.shape[-1])
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R, N, M) -> (B, Hkv, R·N, M)
+        return x.reshape(batch, kv_heads, repeats * num_nodes, x.shape[-1])
+
+    # Tree nodes: local among a node's ancestors in its own group, global (γ) among those in earlier groups.
+    node_scores = per_node(qr @ k.transpose(-1, -2))  # (B, Hkv, R, N, N)
     same_group = group[:, :, None] == group[:, None, :]
     before_group = position[:, None, :] < (group * group_size)[:, :, None]
-    local_mask = (ancestors & same_group)[:, None, None]
-    global_mask = (ancestors & before_group)[:, None, None]
-    local = torch.einsum("bkrnm,bkme->bkrne", local_similarity(node_scores, local_kernel) * local_mask, v)
-    global_term = torch.einsum("bkrnm,bkme->bkrne", node_scores * global_mask, v)
+    local_mask = (tree.ancestors & same_group)[:, None, None]
+    global_mask = (tree.ancestors & before_group)[:, None, None]
+    node_weights = local_similarity(node_scores, local_kernel) * local_mask + global_scale * (node_scores * global_mask)
 
     # The committed part of the current group: local for nodes still in it, global once a path has left it.
     slots = torch.arange(group_size, device=q.device)
     in_committed_group = group == committed_group  # (B, N)
-    buffer_scores = torch.einsum("bkrnd,bkgd->bkrng", qr, state.group_keys)
     buffer_mask = in_committed_group[:, :, None] & (slots[None, None, :] < committed_in_group[:, :, None])
-    local = local + torch.einsum(
-        "bkrng,bkge->bkrne",
-        local_similarity(buffer_scores, local_kernel) * buffer_mask[:, None, None],
-        state.group_values,
-    )
+    buffer_scores = per_node(qr @ state.group_keys.transpose(-1, -2))  # (B, Hkv, R, N, G)
+    buffer_weights = local_similarity(buffer_scores, local_kernel) * buffer_mask[:, None, None]
     past_group = (group > committed_group)[:, None, None, :, None]
-    global_term = global_term + torch.einsum("bkrnd,bkde->bkrne", qr, state.group_kv) * past_group
-    global_term = global_term + torch.einsum("bkrnd,bkde->bkrne", qr, state.kv)
+    state_term = per_node(qr @ state.kv) + per_node(qr @ state.group_kv) * past_group  # (B, Hkv, R, N, Dv)
 
+    # The depthwise conv along each node's path, as weights over [zero slot; ring (P−1); nodes (N)]: tap j of
+    # node n lands on the slot holding its value at t − j (conv_gather_index), summed where slots repeat.
     taps = conv_weight.shape[1]
-    combined = torch.cat([v.new_zeros(batch, kv_heads, 1, value_dim), state.ring, v], dim=2)
-    index = conv_gather_index(parents, taps)  # (B, N, P)
-    unfolded = combined.gather(
-        2, index.view(batch, 1, num_nodes * taps, 1).expand(batch, kv_heads, num_nodes * taps, value_dim)
-    ).view(batch, kv_heads, num_nodes, taps, value_dim)  # (B, Hkv, N, P, Dv): column j = value at t - j
-    filters = conv_weight.view(kv_heads, repeats, taps).to(v.dtype)
-    conv = torch.einsum("krp,bknpe->bkrne", filters, unfolded)
+    index = tree.conv_index(taps)[:, None, None].expand(batch, kv_heads, repeats, num_nodes, taps)
+    filters = conv_weight.view(1, kv_heads, repeats, 1, taps).to(v.dtype).expand(index.shape)
+    conv_weights = v.new_zeros(batch, kv_heads, repeats, num_nodes, taps + num_nodes).scatter_add_(-1, index, filters)
+    node_weights = node_weights + conv_weights[..., taps:]
 
-    out = local + global_scale * global_term + conv
+    out = (
+        flat(node_weights) @ v
+        + flat(buffer_weights) @ state.group_values
+        + flat(conv_weights[..., 1:taps]) @ state.ring
+        + flat(global_scale * state_term)
+    )
     return out.reshape(batch, num_heads, num_nodes, value_dim)

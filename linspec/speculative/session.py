@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicLayer
 
 from linspec.errors import LinspecError
 from linspec.models.cache import LinspecCache, keep_kv_columns, truncate_kv_columns
-from linspec.ops.verify import tree_ancestors
+from linspec.ops.verify import TreeLayout
 
 # Repack the softmax KV when more than this share of its columns are dead (and there are at least _REPACK_MIN).
 _REPACK_FRACTION = 0.5
@@ -131,16 +131,16 @@ class ModelSession:
         Node ``n`` sits at position ``length + depth(n)`` and sees the committed context and its own ancestors.
         Nothing committed changes. Returns the embeddings ``[B, N, H]`` to pass to ``run_layers``.
         """
-        ancestors, depth = tree_ancestors(parents)
-        positions = self.length[:, None] + depth
+        layout = TreeLayout.of(parents)  # built once, shared by the mask and every linear layer
+        positions = self.length[:, None] + layout.depth
         if self.is_linspec:
-            self.cache.open_tree(parents, self.columns)
+            self.cache.open_tree(layout, self.columns)
         else:
             for layer in self.kv_layers:
                 truncate_kv_columns(layer, self.columns)
         hidden = self.decoder.embed_tokens(tokens)
         self._tree = {
-            "mask": self._additive_mask(ancestors),
+            "mask": self._additive_mask(layout.ancestors),
             "rope": self.decoder.rotary_emb(hidden, positions),
             "positions": positions,
             "extra": {},
@@ -189,7 +189,7 @@ class ModelSession:
     def _close_tree(self) -> None:
         """Discard an open tree's candidates (nothing committed changes)."""
         if self.is_linspec:
-            self.cache.tree_parents = None
+            self.cache.tree = None
             self.cache.candidates = {}
         for layer in self.kv_layers:
             truncate_kv_columns(layer, self.columns)
