@@ -125,6 +125,35 @@ def test_tree_logits_and_commit_equal_one_by_one_decoding(kind):
         torch.testing.assert_close(next_logits[row], expected[0, -3:], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ("softmax", "hybrid"))
+@torch.no_grad()
+def test_a_chain_accepted_from_its_root_commits_as_a_crop(kind):
+    """A chain whose rows accept 4 and 2 of its nodes from the root: softmax KV columns are kept where they are
+    (no gather); the live columns and the next forward still equal decoding the accepted tokens one by one."""
+    model = make_target(kind).double()
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 97, (2, 9), generator=gen)
+    session = ModelSession(model, 2)
+    session.extend(prompt)
+    chain = torch.randint(3, 97, (2, 5), generator=gen)
+    session.tree_logits(chain, torch.arange(-1, 4).expand(2, 5))
+    accepted_mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    session.commit(torch.arange(4).expand(2, 4), accepted_mask)
+    following = torch.randint(3, 97, (2, 2), generator=gen)
+    next_logits = session.tree_logits(following, torch.tensor([[-1, 0]] * 2))
+    for row, kept in enumerate((4, 2)):
+        committed = torch.cat([prompt[row : row + 1], chain[row : row + 1, :kept]], 1)
+        _, reference_cache = decode_one_by_one(model, committed)
+        for index in (i for i, layer in enumerate(session.cache.layers) if not hasattr(layer, "state")):
+            live = session.kv_valid[row]
+            layer, reference = session.cache.layers[index], reference_cache.layers[index]
+            torch.testing.assert_close(
+                layer.keys[row][:, : live.numel()][:, live], reference.keys[0], rtol=0, atol=1e-10
+            )
+        expected, _ = decode_one_by_one(model, torch.cat([committed, following[row : row + 1]], 1))
+        torch.testing.assert_close(next_logits[row], expected[0, -2:], rtol=0, atol=1e-9)
+
+
 def drafters_for(target, kind):
     other = make_target("softmax", seed=5)  # an unrelated model: drafts mostly rejected
     gen = torch.Generator().manual_seed(0)

@@ -21,13 +21,27 @@ def truncate_kv_columns(layer: DynamicLayer, columns: int) -> None:
         layer.values = layer.values[:, :, :columns]
 
 
-def keep_kv_columns(layer: DynamicLayer, committed: int, accepted: torch.Tensor) -> None:
+def is_leading_prefix(accepted: torch.Tensor, accepted_mask: torch.Tensor | None = None) -> bool:
+    """Whether every row's accepted nodes are ``0, 1, …`` (where ``accepted_mask``): a chain accepted from its
+    root, whose candidate columns already sit where the commit puts them (past a row's real entries the columns
+    are dead whatever they hold)."""
+    leading = accepted == torch.arange(accepted.shape[1], device=accepted.device)
+    return bool((leading if accepted_mask is None else leading | ~accepted_mask.bool()).all())
+
+
+def keep_kv_columns(layer: DynamicLayer, committed: int, accepted: torch.Tensor, in_place: bool | None = None) -> None:
     """Compact a softmax layer after tree verification: keep its first ``committed`` columns, then the candidate
     columns ``committed + accepted[b, j]`` (``[B, M]``, each row's accepted path) — written in place over the
     candidates, so nothing before ``committed`` is copied. Rows that accepted fewer than ``M`` tokens carry
     whatever index they were padded with; the caller masks those columns.
+
+    ``in_place`` (``is_leading_prefix(accepted)``, computed when None; callers with many layers pass it once):
+    the accepted columns are already in place, and the commit is a crop.
     """
     if not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+        return
+    if is_leading_prefix(accepted) if in_place is None else in_place:
+        truncate_kv_columns(layer, committed + accepted.shape[1])
         return
     width = accepted.shape[1]
     for name in ("keys", "values"):
@@ -179,8 +193,10 @@ class LinspecCache(Cache):
         if accepted.shape[1] > 0:
             self.commit_linear(accepted, accepted_mask)
         self.candidates = {}
-        for layer in self.softmax_layers():
-            keep_kv_columns(layer, committed_columns, accepted)
+        softmax_layers = self.softmax_layers()
+        in_place = is_leading_prefix(accepted, accepted_mask) if softmax_layers else False
+        for layer in softmax_layers:
+            keep_kv_columns(layer, committed_columns, accepted, in_place)
         self.tree = None
         self.seen_tokens = committed_columns + accepted.shape[1]
 

@@ -36,18 +36,19 @@ def accept(
     rows = torch.arange(batch, device=logits.device)
     children = children_table(parents, valid)  # (B, N, K)
     greedy = sampling.greedy
+    # Greedy needs only the target's token at each node: one argmax over all nodes, no distributions.
+    target_token = logits.argmax(-1) if greedy else None  # (B, N)
 
     def target_dist(at: torch.Tensor) -> torch.Tensor:
-        node_logits = logits[rows, at]  # (B, V)
-        return node_logits if greedy else sampling.probs(node_logits)
+        return sampling.probs(logits[rows, at])  # (B, V)
 
     current = torch.zeros(batch, dtype=torch.long, device=logits.device)
-    p = target_dist(current)
+    p = None if greedy else target_dist(current)
     searching = torch.ones(batch, dtype=torch.bool, device=logits.device)
     path, path_mask = [current], [searching]
     for _ in range(tokens.shape[1] - 1):
         moved = torch.zeros_like(searching)
-        best = p.argmax(-1) if greedy else None
+        best = target_token[rows, current] if greedy else None
         for slot in range(children.shape[2]):
             child = children[rows, current, slot]
             trying = searching & ~moved & (child >= 0)
@@ -76,8 +77,9 @@ def accept(
         searching = searching & moved
         if not bool(searching.any()):
             break
-        p = torch.where(moved[:, None], target_dist(current), p)
+        if not greedy:
+            p = torch.where(moved[:, None], target_dist(current), p)
         path.append(current)
         path_mask.append(searching)
-    next_token = p.argmax(-1) if greedy else sample(p, generator)
+    next_token = target_token[rows, current] if greedy else sample(p, generator)
     return torch.stack(path, 1), torch.stack(path_mask, 1), next_token

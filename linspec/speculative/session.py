@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from linspec.errors import LinspecError
-from linspec.models.cache import LinspecCache, keep_kv_columns, truncate_kv_columns
+from linspec.models.cache import LinspecCache, is_leading_prefix, keep_kv_columns, truncate_kv_columns
 from linspec.ops.verify import TreeLayout
 
 # Repack the softmax KV when more than this share of its columns are dead (and there are at least _REPACK_MIN).
@@ -178,8 +178,9 @@ class ModelSession:
         if self.is_linspec:
             self.cache.commit_tree(accepted, accepted_mask, self.columns)
         else:
+            in_place = is_leading_prefix(accepted, accepted_mask)  # a chain accepted from its root: a crop
             for layer in self.kv_layers:
-                keep_kv_columns(layer, self.columns, accepted)
+                keep_kv_columns(layer, self.columns, accepted, in_place)
         if self.kv_layers:
             self.kv_valid = torch.cat([self.kv_valid, accepted_mask], dim=1)
         self.length = self.length + accepted_mask.sum(1)
