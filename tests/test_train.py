@@ -159,6 +159,21 @@ def test_attention_transfer_lowers_its_loss(tmp_path, tiny_base):
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
 
 
+def test_transfer_logs_per_layer_losses_and_mid_stage_evaluation_measures_the_linear_model(tmp_path, tiny_base):
+    path = recipe_file(tmp_path, tiny_base, stages=[{"kind": "attention_transfer", "steps": 4, "batch_size": 2,
+                                                      "optimizer": {"lr": 0.05}}])  # fmt: skip
+    train(load_recipe(path, ["eval.every=2"]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    for record in steps:  # the logged loss is the mean of the per-layer losses
+        assert len(record["layer_losses"]) == 2
+        assert sum(record["layer_losses"]) / 2 == pytest.approx(record["loss"], rel=1e-3)
+    evals = {(r["stage"], r["step"]): r["ppl"] for r in records if r["event"] == "eval"}
+    # with the transfer hooks left on, the model would score exactly like the original (they pass softmax outputs on)
+    assert evals[("attention_transfer", 2)] != pytest.approx(evals[("original", 0)], rel=1e-6)
+    assert evals[("attention_transfer", 2)] != pytest.approx(evals[("attention_transfer", 4)], rel=1e-6)
+
+
 def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, tiny_base):
     path = recipe_file(tmp_path, tiny_base)
     train(load_recipe(path, ["output=" + str(tmp_path / "straight"), "eval.baselines=false"]))

@@ -517,12 +517,15 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
                 "tokens_per_s": session_tokens / elapsed,
                 "elapsed_s": elapsed,
             }
+            if transfer is not None:  # which layers linearise badly: candidates for conversion.softmax_layers
+                record["layer_losses"] = [round(x, 5) for x in transfer.take_layer_losses()]
             log.write(**record)
             bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             finished = step + 1 == stage.steps
             if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and not finished:
-                evaluate(forward, eval_seqs, env, log, stage.name, recipe, step + 1)
+                with transfer.paused() if transfer is not None else _null():
+                    evaluate(forward, eval_seqs, env, log, stage.name, recipe, step + 1)
                 model.train()
             if env.any(stop.requested):
                 path = save(step + 1)

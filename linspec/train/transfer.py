@@ -9,6 +9,8 @@ gradient: backward only runs through each layer's own linear path.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -46,6 +48,8 @@ class AttentionTransfer:
         self.modules = [m for m in model.modules() if isinstance(m, LinspecAttention)]
         self.losses: list[torch.Tensor] = []
         self.handles = []
+        self._layer_sums = torch.zeros(len(self.modules), dtype=torch.float64)
+        self._layer_counts = 0
 
     def _hook(self, module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -64,10 +68,30 @@ class AttentionTransfer:
             handle.remove()
         self.handles = []
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Hooks off for the duration: evaluating mid-stage must measure the linear model, not the softmax
+        outputs the hooks pass on."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
     def loss(self) -> torch.Tensor:
         """Mean over layers of the losses recorded since the last call; clears them."""
         if not self.losses:
             raise RuntimeError("attention transfer recorded no layer: is the model a linspec model?")
-        total = torch.stack(self.losses).mean()
+        stacked = torch.stack(self.losses)
+        self._layer_sums += stacked.detach().double().cpu()
+        self._layer_counts += 1
         self.losses = []
-        return total
+        return stacked.mean()
+
+    def take_layer_losses(self) -> list[float]:
+        """Each layer's mean loss over the ``loss()`` calls since the last take: the per-layer view that says
+        which layers linearise badly (candidates for ``conversion.softmax_layers``)."""
+        means = (self._layer_sums / max(1, self._layer_counts)).tolist()
+        self._layer_sums.zero_()
+        self._layer_counts = 0
+        return means
