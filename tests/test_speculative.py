@@ -258,6 +258,33 @@ def test_prompt_lookup_proposes_what_followed_the_most_recent_match():
     assert tree.tokens[0].tolist() == [4, 5, 7, 3, 9, 9] and tree.parents[0].tolist() == [-1, 0, 1, -1, 3, 4]
 
 
+def test_prompt_lookup_uses_one_token_matches_only_once_its_drafts_pay_off():
+    from linspec.speculative import DraftRequest
+
+    def propose(drafter, tokens):
+        sequence = torch.tensor([tokens])
+        return drafter.propose(DraftRequest(sequence, torch.tensor([len(tokens)]), 8, SamplingConfig(), None))
+
+    copying = [5, 6, 7, 5, 6]  # "5 6" recurs: a 2-gram match
+    departed = [*copying, 9, 7]  # "9 7" never occurred; "7" did
+    fresh = PromptLookupDrafter(num_tokens=3)
+    fresh.start(None, torch.tensor([departed]), torch.tensor([7]))
+    assert propose(fresh, departed).num_nodes == 0  # no record yet: 2-grams only
+
+    drafter = PromptLookupDrafter(num_tokens=3)
+    drafter.start(None, torch.tensor([copying]), torch.tensor([5]))
+    assert propose(drafter, copying).tokens[0].tolist() == [7, 5, 6]
+    drafter.advance(torch.tensor([[0]]), torch.tensor([[True]]))  # its first token was accepted
+    assert propose(drafter, departed).tokens[0].tolist() == [5, 6, 9]  # now "7" is trusted
+    drafter.advance(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))  # rejected
+    assert (drafter.drafted_rounds, drafter.first_accepted) == ([2], [1])
+    strict = PromptLookupDrafter(num_tokens=3, reliable_min_ngram=None)
+    strict.start(None, torch.tensor([copying]), torch.tensor([5]))
+    propose(strict, copying)
+    strict.advance(torch.tensor([[0]]), torch.tensor([[True]]))
+    assert propose(strict, departed).num_nodes == 0
+
+
 def test_greedy_acceptance_walks_the_argmax_path_and_sampling_accepts_point_masses_by_p():
     vocab = 6
     logits = torch.full((1, 4, vocab), -10.0)

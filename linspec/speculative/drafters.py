@@ -220,22 +220,43 @@ class PromptLookupDrafter(Drafter):
     (n from ``max_ngram`` down to ``min_ngram``) and propose what followed them. Up to ``num_drafts`` distinct
     continuations of up to ``num_tokens`` are merged into one tree (shared prefixes once). Deterministic: point
     masses. ``min_ngram`` defaults to 2: on CPU, verifying two tokens costs ~1.6 single-token steps (the matrix
-    products leave the matrix-vector path), and a one-token match predicts too poorly to pay for that.
+    products leave the matrix-vector path), and a one-token match predicts too poorly to pay for that — in
+    general. Where a row is copying (at least half of its drafts so far had their first token accepted), matches
+    down to ``reliable_min_ngram`` (default 1) are used too: right after the model departs from the source for
+    a token or two, a one-token match is what finds the way back, where a plain step would wait for a 2-gram.
+    Which n-grams are used depends only on the row's past, so acceptance stays exact.
     """
 
-    def __init__(self, num_tokens: int = 10, max_ngram: int = 3, min_ngram: int = 2, num_drafts: int = 1) -> None:
+    def __init__(
+        self,
+        num_tokens: int = 10,
+        max_ngram: int = 3,
+        min_ngram: int = 2,
+        num_drafts: int = 1,
+        reliable_min_ngram: int | None = 1,
+    ) -> None:
+        reliable_min_ngram = min_ngram if reliable_min_ngram is None else reliable_min_ngram
         for name, value in (("num_tokens", num_tokens), ("max_ngram", max_ngram), ("min_ngram", min_ngram),
-                            ("num_drafts", num_drafts)):  # fmt: skip
+                            ("num_drafts", num_drafts), ("reliable_min_ngram", reliable_min_ngram)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LinspecError(f"{name} must be a positive integer, got {value!r}")
         if min_ngram > max_ngram:
             raise LinspecError(f"min_ngram ({min_ngram}) must not exceed max_ngram ({max_ngram})")
         self.num_tokens, self.max_ngram, self.min_ngram, self.num_drafts = num_tokens, max_ngram, min_ngram, num_drafts
+        self.reliable_min_ngram = min(reliable_min_ngram, min_ngram)
         self.max_nodes = num_tokens * num_drafts
 
     def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         self.history: list[list[int]] = [[] for _ in range(lengths.shape[0])]
         self.index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(lengths.shape[0])]
+        # Per row: rounds it drafted in, and those whose first drafted token was accepted.
+        self.drafted_rounds = [0] * lengths.shape[0]
+        self.first_accepted = [0] * lengths.shape[0]
+        self._drafted: list[bool] = [False] * lengths.shape[0]
+
+    def _shortest_ngram(self, row: int) -> int:
+        reliable = 2 * self.first_accepted[row] >= self.drafted_rounds[row] > 0
+        return self.reliable_min_ngram if reliable else self.min_ngram
 
     def _sync(self, request: DraftRequest) -> None:
         """Append each row's newly committed tokens to its history and index their n-grams."""
@@ -251,14 +272,14 @@ class PromptLookupDrafter(Drafter):
             for token in tokens[:count]:
                 history.append(token)
                 end = len(history)
-                for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                for n in range(self.reliable_min_ngram, min(self.max_ngram, end) + 1):
                     table.setdefault(tuple(history[end - n :]), []).append(end)
 
-    def _row_chains(self, history: list[int], table: dict, depth: int) -> list[list[int]]:
+    def _row_chains(self, history: list[int], table: dict, depth: int, shortest: int) -> list[list[int]]:
         chains: list[list[int]] = []
         seen: set[tuple[int, ...]] = set()
         end = len(history)
-        for n in range(min(self.max_ngram, end), self.min_ngram - 1, -1):
+        for n in range(min(self.max_ngram, end), shortest - 1, -1):
             for after in reversed(table.get(tuple(history[end - n :]), ())):
                 if after >= end:
                     continue  # the suffix itself: nothing follows it yet
@@ -274,14 +295,23 @@ class PromptLookupDrafter(Drafter):
         self._sync(request)
         depth = min(self.num_tokens, request.max_depth)
         chains = [
-            self._row_chains(h, t, depth) if depth > 0 else [] for h, t in zip(self.history, self.index, strict=True)
+            self._row_chains(self.history[row], self.index[row], depth, self._shortest_ngram(row)) if depth > 0 else []
+            for row in range(len(self.history))
         ]
+        self._drafted = [bool(row_chains) for row_chains in chains]
         return merge_chains(chains, device=request.sequences.device)
+
+    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        first = accepted_mask[:, 0].tolist() if accepted_mask.shape[1] else [False] * len(self._drafted)
+        for row, (drafted, hit) in enumerate(zip(self._drafted, first, strict=True)):
+            self.drafted_rounds[row] += drafted
+            self.first_accepted[row] += drafted and hit
 
     def select_rows(self, index: torch.Tensor) -> None:
         keep = index.tolist()
-        self.history = [self.history[i] for i in keep]
-        self.index = [self.index[i] for i in keep]
+        for name in ("history", "index", "drafted_rounds", "first_accepted", "_drafted"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
 
 
 class EarlyExitDrafter(TreeGrowingDrafter):
