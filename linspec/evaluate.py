@@ -121,6 +121,62 @@ def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
                 module.conv_weight.copy_(conv)
 
 
+@contextlib.contextmanager
+def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]:
+    """Temporarily run the listed decoder layers (0-based) as softmax attention with their current q/k/v/o.
+
+    That is what keeping them softmax in a hybrid conversion would give, measured without converting again:
+    the basis of ``rank_layers``. Only for full-sequence scoring (``use_cache=False``)."""
+    from linspec.train.transfer import softmax_attention
+
+    wanted = set(layers)
+    modules = [m for m in getattr(model, "linspec_modules", list)() if m.layer_idx in wanted]
+    missing = wanted - {m.layer_idx for m in modules}
+    if missing:
+        raise LinspecError(f"layers {sorted(missing)} are not linear-attention layers of this model")
+
+    def hook(module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return (softmax_attention(module, hidden, kwargs["position_embeddings"]).to(output[0].dtype), *output[1:])
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class LayerRanking:
+    baseline: float  # perplexity with every layer linear
+    single: dict[int, float]  # layer -> perplexity with only that layer restored to softmax
+    cumulative: list[tuple[list[int], float]]  # best-first prefixes of the ranking and their perplexity
+
+
+@torch.no_grad()
+def rank_layers(model, sequences: torch.Tensor, top: int = 8, progress: bool = True) -> LayerRanking:
+    """Which layers to keep softmax: restore each linear layer alone, rank by the perplexity that leaves, then
+    measure the best 1..``top`` together. Per-layer transfer losses are only a proxy (a layer with a large
+    relative error can matter little downstream); this measures the thing a hybrid is chosen for."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    layers = [m.layer_idx for m in model.linspec_modules()]
+    baseline = perplexity_of_sequences(model, sequences).ppl
+    single = {}
+    for layer in tqdm(layers, desc="one layer softmax", disable=not progress):
+        with softmax_restored(model, [layer]):
+            single[layer] = perplexity_of_sequences(model, sequences).ppl
+    order = sorted(layers, key=single.__getitem__)
+    cumulative = []
+    for k in tqdm(range(1, min(top, len(order)) + 1), desc="best k together", disable=not progress):
+        chosen = sorted(order[:k])
+        with softmax_restored(model, chosen):
+            cumulative.append((chosen, perplexity_of_sequences(model, sequences).ppl))
+    return LayerRanking(baseline, single, cumulative)
+
+
 def read_text_ids(tokenizer, path: str, text_field: str = "text") -> torch.Tensor:
     """Token ids of a .txt file, or of the documents of a .jsonl/.parquet file joined with EOS."""
     from linspec.train.data import load_documents

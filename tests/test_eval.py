@@ -74,3 +74,55 @@ def test_eval_cli_prints_one_row_per_ablation(tmp_path, capsys):
     table = capsys.readouterr().out
     for name in ("full", "no-gamma", "no-conv", "local-only"):
         assert f"| {name} |" in table
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_restoring_a_layer_to_softmax_equals_the_hybrid_conversion(arch):
+    from linspec.evaluate import softmax_restored
+
+    ids = torch.randint(0, 97, (2, 24))
+    linear = tiny_linspec(arch)  # γ and conv random: the restored layer must drop them
+    hybrid = tiny_linspec(arch, softmax_layers=(1,))
+    by_layer = {m.layer_idx: m for m in linear.linspec_modules()}
+    with torch.no_grad():
+        for module in hybrid.linspec_modules():  # the layers both keep linear get the same γ and conv
+            module.global_scale.copy_(by_layer[module.layer_idx].global_scale)
+            module.conv_weight.copy_(by_layer[module.layer_idx].conv_weight)
+        hybrid_logits = hybrid(ids, use_cache=False).logits
+        plain = linear(ids, use_cache=False).logits
+        with softmax_restored(linear, [1]):
+            restored = linear(ids, use_cache=False).logits
+        assert torch.equal(linear(ids, use_cache=False).logits, plain)  # hooks removed on exit
+    torch.testing.assert_close(restored, hybrid_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, hybrid_logits, atol=1e-3)
+    with pytest.raises(linspec.LinspecError, match="not linear-attention layers"), softmax_restored(hybrid, [1]):
+        pass
+
+
+def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_path, capsys):
+    from linspec.cli import evaluate as evaluate_cli
+    from linspec.evaluate import perplexity_of_sequences, rank_layers, softmax_restored
+    from linspec.train.corpus import SAMPLE
+    from linspec.train.tiny import tiny_tokenizer
+
+    model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
+    randomize_linspec_parameters(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 32))
+    ranking = rank_layers(model, ids, top=2, progress=False)
+    assert sorted(ranking.single) == [m.layer_idx for m in model.linspec_modules()]
+    best = min(ranking.single, key=ranking.single.__getitem__)
+    assert ranking.cumulative[0] == ([best], ranking.single[best])
+    with softmax_restored(model, ranking.cumulative[-1][0]):
+        assert perplexity_of_sequences(model, ids).ppl == pytest.approx(ranking.cumulative[-1][1], rel=1e-6)
+    assert ranking.baseline == pytest.approx(perplexity_of_sequences(model, ids).ppl, rel=1e-6)
+
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(SAMPLE)
+    parser = argparse.ArgumentParser(prog="linspec")
+    evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "layers", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"),
+                              "--seq-len", "32", "--max-sequences", "2", "--top", "2"])  # fmt: skip
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "| layer kept softmax |" in out and "| conversion.softmax_layers |" in out

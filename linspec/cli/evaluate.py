@@ -34,6 +34,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--dtype", default="float32", help="float32 (default; use it on CPU), bfloat16, float16")
     ppl.set_defaults(func=run_ppl)
 
+    layers = tasks.add_parser(
+        "layers",
+        help="rank linear layers by the perplexity kept by restoring each to softmax (choose a hybrid)",
+        description="For a converted (ideally attention-transferred) linspec model: run each linear layer alone "
+        "as softmax attention with its current weights and rank layers by the perplexity that leaves; then "
+        "measure the best 1..--top together. The sets printed are candidates for conversion.softmax_layers.",
+        epilog="example: linspec eval layers runs/demo/stages/transfer --data builtin:wiki-en-eval --top 8",
+    )
+    layers.add_argument("model", help="linspec model directory")
+    layers.add_argument(
+        "--data", required=True, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
+    )
+    layers.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
+    layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
+    layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
+    layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
+    layers.set_defaults(func=run_layers)
+
 
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
@@ -57,4 +75,36 @@ def run_ppl(args: argparse.Namespace) -> int:
             result = perplexity_of_ids(model.eval(), ids, args.window, args.stride)
         rows.append([name, round(result.ppl, 3), result.tokens, round(result.tokens_per_s)])
     print(markdown_table(["variant", "perplexity", "tokens", "tokens/s"], rows))
+    return 0
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    from linspec.bench.report import markdown_table
+    from linspec.errors import LinspecError
+    from linspec.evaluate import rank_layers, read_text_ids
+    from linspec.sources import load_source
+
+    for name in ("seq_len", "max_sequences", "top"):
+        if getattr(args, name) < 1:
+            raise LinspecError(f"--{name.replace('_', '-')} must be at least 1")
+    model, tokenizer = load_source(args.model)
+    if not hasattr(model, "linspec_modules") or not model.linspec_modules():
+        raise LinspecError(f"{args.model} has no linear-attention layers; convert it first (linspec convert)")
+    if tokenizer is None:
+        raise LinspecError(f"{args.model} has no tokenizer")
+    ids = read_text_ids(tokenizer, args.data, args.text_field)
+    count = min(args.max_sequences, len(ids) // args.seq_len)
+    if count == 0:
+        raise LinspecError(f"{args.data} has fewer than --seq-len {args.seq_len} tokens")
+    ranking = rank_layers(model, ids[: count * args.seq_len].view(count, args.seq_len), top=args.top)
+    print(f"all linear: perplexity {ranking.baseline:.2f} ({count} sequences of {args.seq_len} tokens)")
+    rows = sorted(ranking.single.items(), key=lambda item: item[1])
+    print(markdown_table(["layer kept softmax", "perplexity"], [[layer, round(ppl, 2)] for layer, ppl in rows]))
+    print()
+    print(
+        markdown_table(
+            ["conversion.softmax_layers", "perplexity"],
+            [[str(chosen), round(ppl, 2)] for chosen, ppl in ranking.cumulative],
+        )
+    )
     return 0
