@@ -137,3 +137,10 @@ def test_every_help_ends_with_an_example(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example:" in capsys.readouterr().out, command
+
+
+def test_bench_speculative_refuses_a_converted_target_that_is_not_linspec(tiny_dir, capsys):
+    code, _, err = run_cli(
+        "bench", "speculative", "--model", str(tiny_dir), "--converted", str(tiny_dir), capsys=capsys
+    )
+    assert_one_line_error(code, err, "--converted", "not a linspec model")

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from linspec.bench.report import markdown_table, record
+from linspec.errors import LinspecError
 
 EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2 --sample-repeats 4"
 
@@ -111,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-layer", type=int, default=24, help="early-exit layer (default 24 of 30)")
     parser.add_argument("--prompts", nargs="+", choices=[p[0] for p in PROMPTS], help="subset of the prompts")
     parser.add_argument("--targets", nargs="+", choices=["original", "converted"], default=["original", "converted"])
+    parser.add_argument(
+        "--converted",
+        help="linspec model dir for the converted target, e.g. a trained runs/smollm2-135m-demo/model "
+        "(default: the raw paper-preset conversion of --model)",
+    )
     parser.add_argument("--docs-dir", help="where to write the results (default: the repository's docs/)")
 
 
@@ -121,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     torch.set_num_threads(args.threads)
     original, tokenizer = load_source(args.model, progress=False)
-    converted = linspec.convert(load_source(args.model, progress=False)[0], linspec.LinspecConfig())
+    if args.converted:
+        converted, _ = load_source(args.converted, progress=False)
+        if not hasattr(converted, "linspec_modules"):
+            raise LinspecError(f"--converted {args.converted} is not a linspec model; convert or train one first")
+    else:
+        converted = linspec.convert(load_source(args.model, progress=False)[0], linspec.LinspecConfig())
     models = {"original": original.eval(), "converted": converted.eval()}
     prompts = [p for p in PROMPTS if not args.prompts or p[0] in args.prompts]
     runs: list[Run] = []
@@ -258,7 +269,8 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         "",
         f"Command: `linspec bench speculative --max-new-tokens {args.max_new_tokens} --repeats {args.repeats} "
         f"--sample-repeats {args.sample_repeats} "
-        f"--threads {args.threads} --exit-layer {args.exit_layer}`. CPU, float32, batch 1, {machine}, on a "
+        + (f"--converted {args.converted} " if args.converted else "")
+        + f"--threads {args.threads} --exit-layer {args.exit_layer}`. CPU, float32, batch 1, {machine}, on a "
         "machine shared with other jobs (absolute tokens/s are noisy; ratios are taken within one prompt block).",
         "",
         "Speedup = end-to-end tokens/s (prefill included, stop at EOS or the budget) over plain `generate()` of "
@@ -268,9 +280,15 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         "only; the geometric mean covers all four (rows that ran on all of them). Repeats are interleaved (every "
         "setting of a prompt, then again). Greedy rows: the fastest run counts. Sampled (t=1) rows: the mean over "
         f"{args.sample_repeats} seeds, because their speed depends mostly on which text was drawn (a sample that "
-        "copies the passage is fast, one that paraphrases is not). *converted* is the raw, untrained "
-        "paper-preset conversion (γ = conv = 0, perplexity ~10⁴): its text is noise that prompt lookup rarely "
-        "matches, so its rows measure what the machinery costs on a linear target, not a useful speedup. Slow "
+        "copies the passage is fast, one that paraphrases is not). "
+        + (
+            f"*converted* is `{args.converted}` (a trained linspec model). "
+            if args.converted
+            else "*converted* is the raw, untrained paper-preset conversion (γ = conv = 0, perplexity ~10⁴): its "
+            "text is noise that prompt lookup rarely matches, so its rows measure what the machinery costs on a "
+            "linear target, not a useful speedup. "
+        )
+        + "Slow "
         "drafters (early exit, model drafts) ran on the first and last prompt only. HF assisted generation cannot "
         "run with a linspec target or assistant (it crops caches; linear states cannot be cropped): n/a.",
         "",
