@@ -146,6 +146,13 @@ def test_two_stage_run_trains_only_what_it_should_and_writes_a_loadable_model(tm
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["ppl"]) == {"original", "converted", "attention_transfer", "lora"}
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the recorded table names the exact command, overrides included, and every phase
+    from linspec.train.summary import record_benchmark
+
+    record_benchmark(load_recipe(path), "tiny", str(path), overrides=["seed=0"], docs_dir=tmp_path / "docs")
+    section = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert f"`linspec train {path} seed=0 --record-bench tiny`" in section
+    assert "| after stage lora |" in section and "<!-- bench:tiny:end -->" in section
     # a second run into the same directory must be explicit
     with pytest.raises(LinspecError, match="--resume"):
         train(load_recipe(path))

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(recipe.output))
     if args.record_bench:
-        print(f"recorded {record_benchmark(recipe, args.record_bench, args.recipe)}")
+        print(f"recorded {record_benchmark(recipe, args.record_bench, args.recipe, overrides=args.overrides)}")
     return 0
 
 

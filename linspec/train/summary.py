@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from linspec.bench.report import markdown_table
@@ -31,15 +32,24 @@ def format_table(run_dir: str | Path) -> str:
     return markdown_table(["model", "held-out ppl", "vs original", "train minutes"], table_rows(run_dir))
 
 
-def record_benchmark(recipe: Recipe, name: str, recipe_path: str, notes: str = "") -> Path:
-    """Write the table between ``<!-- bench:NAME:begin/end -->`` in docs/benchmarks.md (+ docs/NAME.json)."""
+def record_benchmark(
+    recipe: Recipe,
+    name: str,
+    recipe_path: str,
+    notes: str = "",
+    overrides: Sequence[str] = (),
+    docs_dir: Path | None = None,
+) -> Path:
+    """Write the table between ``<!-- bench:NAME:begin/end -->`` in docs/benchmarks.md (+ docs/NAME.json).
+    ``overrides`` go into the recorded command: without them a variant's table would claim the plain recipe."""
     from linspec.bench.report import record
 
     summary = read_summary(recipe.output)
     conversion = recipe.conversion.settings()
+    command = " ".join(["linspec train", recipe_path, *overrides, "--record-bench", name])
     body = (
         f"### Recovering quality by training: `{recipe.base}`\n\n"
-        f"`linspec train {recipe_path} --record-bench {name}`. Held-out perplexity on `{recipe.data.eval}` "
+        f"`{command}`. Held-out perplexity on `{recipe.data.eval}` "
         f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
         f"G={conversion.group_size}, P={conversion.conv_taps}, softmax layers: "
         f"{list(conversion.softmax_layers) or 'none (all-linear)'}.\n\n" + format_table(recipe.output)
@@ -49,4 +59,6 @@ def record_benchmark(recipe: Recipe, name: str, recipe_path: str, notes: str = "
         body += f"\n\nWall time of the whole run (loading, data, evaluations, training): {minutes:.1f} min."
     if notes:
         body += "\n\n" + notes.strip()
-    return record(name, {"summary": summary, "recipe": recipe_path}, body)
+    return record(
+        name, {"summary": summary, "recipe": recipe_path, "overrides": list(overrides)}, body, docs_dir=docs_dir
+    )
