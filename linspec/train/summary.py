@@ -46,9 +46,11 @@ def record_benchmark(
 
     summary = read_summary(recipe.output)
     conversion = recipe.conversion.settings()
+    layers = conversion.softmax_layers
+    kind = f"hybrid ({len(layers)} softmax layers)" if layers else "all-linear"
     command = " ".join(["linspec train", recipe_path, *overrides, "--record-bench", name])
     body = (
-        f"### Recovering quality by training: `{recipe.base}`\n\n"
+        f"### Recovering quality by training: `{recipe.base}`, {kind}\n\n"
         f"`{command}`. Held-out perplexity on `{recipe.data.eval}` "
         f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
         f"G={conversion.group_size}, P={conversion.conv_taps}, softmax layers: "
