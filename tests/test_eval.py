@@ -56,22 +56,28 @@ def test_ablations_change_the_result_and_restore_the_parameters():
     assert perplexity_of_ids(model, ids, window=32, progress=False).ppl == full
 
 
-def test_eval_cli_prints_one_row_per_ablation(tmp_path, capsys):
+def run_eval_cli(tmp_path, model, capsys, task: str, *options: str) -> str:
+    """Save ``model`` with the tiny tokenizer and a text file, run ``linspec eval TASK`` on them; its stdout."""
     from linspec.cli import evaluate as evaluate_cli
     from linspec.train.corpus import SAMPLE
     from linspec.train.tiny import tiny_tokenizer
 
-    model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
-    randomize_linspec_parameters(model)
     model.save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
     (tmp_path / "text.txt").write_text(SAMPLE)
     parser = argparse.ArgumentParser(prog="linspec")
     evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "ppl", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"),
-                              "--window", "64", "--ablations"])  # fmt: skip
+    args = parser.parse_args(["eval", task, str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"), *options])
     assert args.func(args) == 0
-    table = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_eval_cli_prints_one_row_per_ablation(tmp_path, capsys):
+    from linspec.train.tiny import tiny_tokenizer
+
+    model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
+    randomize_linspec_parameters(model)
+    table = run_eval_cli(tmp_path, model, capsys, "ppl", "--window", "64", "--ablations")
     for name in ("full", "no-gamma", "no-conv", "local-only"):
         assert f"| {name} |" in table
 
@@ -100,9 +106,7 @@ def test_restoring_a_layer_to_softmax_equals_the_hybrid_conversion(arch):
 
 
 def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_path, capsys):
-    from linspec.cli import evaluate as evaluate_cli
     from linspec.evaluate import perplexity_of_sequences, rank_layers, softmax_restored
-    from linspec.train.corpus import SAMPLE
     from linspec.train.tiny import tiny_tokenizer
 
     model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
@@ -116,13 +120,5 @@ def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_pat
         assert perplexity_of_sequences(model, ids).ppl == pytest.approx(ranking.cumulative[-1][1], rel=1e-6)
     assert ranking.baseline == pytest.approx(perplexity_of_sequences(model, ids).ppl, rel=1e-6)
 
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    (tmp_path / "text.txt").write_text(SAMPLE)
-    parser = argparse.ArgumentParser(prog="linspec")
-    evaluate_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "layers", str(tmp_path / "model"), "--data", str(tmp_path / "text.txt"),
-                              "--seq-len", "32", "--max-sequences", "2", "--top", "2"])  # fmt: skip
-    assert args.func(args) == 0
-    out = capsys.readouterr().out
+    out = run_eval_cli(tmp_path, model, capsys, "layers", "--seq-len", "32", "--max-sequences", "2", "--top", "2")
     assert "| layer kept softmax |" in out and "| conversion.softmax_layers |" in out

@@ -8,7 +8,7 @@ import argparse
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model (perplexity, with ablations of γ and the conv)",
+        help="evaluate a model: perplexity, ablations of γ and the conv, which layers to keep softmax",
         description="Evaluate a linspec model or any causal LM linspec can load.",
         epilog="example: linspec eval ppl runs/smollm2-135m-demo/model --data builtin:wiki-en-eval --ablations",
     )
@@ -21,11 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "every linear layer; --ablations runs all four variants so each component's contribution shows.",
         epilog="example: linspec eval ppl runs/smollm2-135m-demo/model --data notes.txt --window 256 --ablations",
     )
-    ppl.add_argument("model", help="model directory, .gguf file, hub id or demo name")
-    ppl.add_argument(
-        "--data", required=True, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
-    )
-    ppl.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
+    add_model_and_data(ppl, "model directory, .gguf file, hub id or demo name")
     ppl.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     ppl.add_argument("--stride", type=int, help="tokens between window starts (default: --window, no overlap)")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
@@ -36,21 +32,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     layers = tasks.add_parser(
         "layers",
-        help="rank linear layers by the perplexity kept by restoring each to softmax (choose a hybrid)",
+        help="rank linear layers by the perplexity left when each runs as softmax (to choose a hybrid)",
         description="For a converted (ideally attention-transferred) linspec model: run each linear layer alone "
         "as softmax attention with its current weights and rank layers by the perplexity that leaves; then "
         "measure the best 1..--top together. The sets printed are candidates for conversion.softmax_layers.",
         epilog="example: linspec eval layers runs/demo/stages/transfer --data builtin:wiki-en-eval --top 8",
     )
-    layers.add_argument("model", help="linspec model directory")
-    layers.add_argument(
-        "--data", required=True, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
-    )
-    layers.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
+    add_model_and_data(layers, "linspec model directory")
     layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
     layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
     layers.set_defaults(func=run_layers)
+
+
+def add_model_and_data(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The model and the text every evaluation task scores."""
+    parser.add_argument("model", help=model_help)
+    parser.add_argument(
+        "--data", required=True, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
+    )
+    parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
 
 
 def run_ppl(args: argparse.Namespace) -> int:
