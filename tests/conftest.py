@@ -31,3 +31,14 @@ def demo_model_path():
     from linspec.sources import demo_model_dir
 
     return demo_model_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: small forwards gain nothing from two, and on a shared CPU they lose a lot."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -22,16 +22,9 @@ from linspec.speculative import (
 from linspec.speculative.acceptance import accept
 from linspec.speculative.tree import children_table
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TARGETS = ("softmax", "linear", "hybrid")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: these small forwards gain nothing from two, and on a shared CPU they lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_target(kind: str, seed: int = 0, **overrides):

@@ -13,16 +13,7 @@ from linspec.sources import load_source
 from linspec.speculative import EarlyExitDrafter, ModelDrafter, PromptLookupDrafter, speculative_generate
 from linspec.speculative.generate import encode_prompts
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: these small forwards gain nothing from two, and on a shared CPU they lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 PROMPTS = [
