@@ -127,7 +127,7 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
 
     That is what keeping them softmax in a hybrid conversion would give, measured without converting again:
     the basis of ``rank_layers``. Only for full-sequence scoring (``use_cache=False``)."""
-    from linspec.train.transfer import softmax_attention
+    from linspec.train.transfer import softmax_output_of_call
 
     wanted = set(layers)
     modules = [m for m in getattr(model, "linspec_modules", list)() if m.layer_idx in wanted]
@@ -136,8 +136,7 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
         raise LinspecError(f"layers {sorted(missing)} are not linear-attention layers of this model")
 
     def hook(module, args, kwargs, output):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return (softmax_attention(module, hidden, kwargs["position_embeddings"]).to(output[0].dtype), *output[1:])
+        return (softmax_output_of_call(module, args, kwargs).to(output[0].dtype), *output[1:])
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try:

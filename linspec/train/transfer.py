@@ -40,6 +40,12 @@ def softmax_attention(
     return _frozen(module.o_proj)(out.transpose(1, 2).reshape(batch, length, -1))
 
 
+def softmax_output_of_call(module: LinspecAttention, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``softmax_attention`` for the inputs of one call of ``module``, as a forward hook (with kwargs) sees them."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return softmax_attention(module, hidden, kwargs["position_embeddings"])
+
+
 class AttentionTransfer:
     """Context manager: while active, linear layers record ``mean_t ||y_lin − y_soft||² / mean ||y_soft||²``
     (a relative MSE, so every layer weighs the same) and forward the softmax output. ``loss()`` averages them."""
@@ -52,9 +58,8 @@ class AttentionTransfer:
         self._layer_counts = 0
 
     def _hook(self, module, args, kwargs, output):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         with torch.no_grad():
-            target = softmax_attention(module, hidden, kwargs["position_embeddings"]).float()
+            target = softmax_output_of_call(module, args, kwargs).float()
         linear = output[0].float()
         self.losses.append((linear - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
         return (target.to(output[0].dtype), *output[1:])
