@@ -13,6 +13,7 @@ from rich.table import Table
 
 from linspec.bench.decode import time_decode
 from linspec.config import LinspecConfig
+from linspec.errors import LinspecError
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -49,18 +50,28 @@ def run_demo(
     max_new_tokens: int = 40,
     contexts: tuple[int, ...] = (256, 4096),
     console: Console | None = None,
+    trained: Path | None = None,
 ) -> dict:
-    """Convert (once; reused afterwards), generate with both models, time decoding at short and long context."""
-    from transformers import AutoModelForCausalLM
+    """Convert (once; reused afterwards), generate with both models, time decoding at short and long context.
+
+    ``trained``: a linspec model made from ``model_name`` by ``linspec train`` to show instead of the raw
+    conversion, whose text is poor until trained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from linspec.checkpoint import convert_checkpoint
     from linspec.sources import load_source
 
     console = console or Console()
-    out = Path(out or default_output_dir(model_name))
+    out = Path(trained or out or default_output_dir(model_name))
     console.rule(f"[bold]linspec demo: {model_name}")
     original, tokenizer = load_source(model_name)
-    if not (out / "config.json").exists():
+    if trained is not None:
+        if not (out / "config.json").is_file():
+            raise LinspecError(f"--trained {out}: no model directory there (no config.json)")
+        if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
+            raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
+        console.print(f"using the trained model in {out}")
+    elif not (out / "config.json").exists():
         console.print(f"converting {model_name} -> {out} (paper preset: G=64, P=32, γ=0, conv=0)")
         convert_checkpoint(model_name, out, LinspecConfig(), force=out.exists())
     else:
@@ -74,10 +85,12 @@ def run_demo(
         text, seconds = greedy_text(model, tokenizer, prompt, max_new_tokens)
         results["generations"][name] = text
         console.print(f"[bold]{name}[/bold] ({seconds:.1f} s): {text!r}")
-    console.print(
-        "[dim]The raw conversion is local-attention-only until trained: expect poor text here; "
-        "`linspec train recipes/smollm2-135m-demo.yaml` recovers quality.[/dim]\n"
-    )
+    if trained is None:
+        console.print(
+            "[dim]The raw conversion is local-attention-only until trained: expect poor text here; "
+            "`linspec train recipes/smollm2-135m-demo.yaml` recovers quality, then "
+            "`linspec demo --trained runs/smollm2-135m-demo/model` shows it.[/dim]\n"
+        )
 
     table = Table(title="greedy decode, one token per forward (median)")
     for column in (

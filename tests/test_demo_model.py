@@ -64,3 +64,23 @@ def test_every_layer_kept_softmax_reproduces_the_original_exactly(demo_model_pat
         assert torch.equal(hybrid.generate(ids, **kwargs), expected), prompt
     with torch.no_grad():
         assert torch.equal(hybrid(expected).logits, original(expected).logits)
+
+
+def test_demo_command_converts_generates_and_times_and_shows_a_trained_model(
+    demo_model_path, converted_dir, tmp_path, capsys
+):
+    from linspec.cli import main
+
+    out = tmp_path / "converted"
+    args = ["demo", "--model", str(demo_model_path), "--max-new-tokens", "4", "--contexts", "64"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal width
+    assert "converting" in printed and "30 linear layers" in printed and "converted (" in printed
+    assert "linspec demo --trained" in printed  # the raw conversion's text is poor: say how to see a trained one
+    assert (out / "config.json").is_file()
+    # any linspec model made from the base can stand in for a trained one; no conversion happens then
+    assert main([*args, "--trained", str(converted_dir)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "using the trained model in" in printed and "converting" not in printed
+    code = main([*args, "--trained", str(demo_model_path)])  # a softmax model is not a trained linspec model
+    assert code == 2 and "is not a linspec model" in capsys.readouterr().err

@@ -19,6 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
     parser.add_argument("--out", type=Path, help="where the converted model goes (default: in the linspec cache)")
+    parser.add_argument(
+        "--trained",
+        type=Path,
+        help="a linspec model trained from --model (linspec train) to show instead of the raw conversion",
+    )
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 4096], help="contexts for the timing")
@@ -31,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens <= 0 or any(c <= 0 for c in args.contexts):
         raise LinspecError("--max-new-tokens and --contexts must be positive")
-    run_demo(args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts))
+    run_demo(args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts), trained=args.trained)
     return 0
