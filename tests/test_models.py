@@ -8,6 +8,7 @@ from tiny_models import BASES, tiny_base, tiny_linspec
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import linspec
+from linspec.models import hf
 from linspec.models.attention import LinspecAttention
 
 ARCHS = sorted(BASES)
@@ -31,21 +32,6 @@ def test_conversion_swaps_every_attention_and_keeps_pretrained_weights(arch):
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
     assert model.config.linspec["group_size"] == 8 and model.config.base_model_type == arch
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_plus_decode_equals_full_forward(arch):
-    """Chunked (no cache), extend (prefill on the cache) and recurrent (decode) agree at the model level."""
-    model = tiny_linspec(arch).double()
-    ids = random_ids(2, 29)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = model.new_cache()
-        pieces = [model(ids[:, :11], past_key_values=cache).logits]
-        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(11, 20)]
-        pieces.append(model(ids[:, 20:], past_key_values=cache).logits)  # a multi-token continuation
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-10
-    assert cache.get_seq_length() == 29
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -84,14 +70,14 @@ def test_generate_uses_a_cache_whose_size_does_not_grow():
     sizes = []
     with torch.no_grad():
         cache = model.new_cache()
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **hf.cache_kwargs(cache)).logits
         for _ in range(40):
             token = logits[:, -1:].argmax(-1)
-            logits = model(token, past_key_values=cache).logits
+            logits = model(token, **hf.cache_kwargs(cache)).logits
             sizes.append(cache.nbytes())
     assert len(set(sizes)) == 1 and sizes[0] > 0
     out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, linspec.LinspecCache)
+    assert isinstance(hf.output_cache(out), linspec.LinspecCache)
 
 
 def test_sampling_generate_is_reproducible_and_in_vocabulary():
@@ -116,17 +102,11 @@ def test_save_and_load_roundtrip_gives_identical_logits(arch, tmp_path):
     assert "auto_map" not in (tmp_path / "config.json").read_text()  # native classes, no remote code
 
 
-def test_hybrid_keeps_chosen_layers_softmax_and_decodes_consistently():
-    model = tiny_linspec("llama", softmax_layers=(1,)).double()
+def test_hybrid_keeps_chosen_layers_softmax():
+    """Decoding equivalences of hybrids are pinned in test_hf_surface.py; here: which layers are which."""
+    model = tiny_linspec("llama", softmax_layers=(1,))
     kinds = [type(layer.self_attn) for layer in model.model.layers]
     assert kinds[1] is not LinspecAttention and kinds[0] is LinspecAttention and kinds[2] is LinspecAttention
-    ids = random_ids(2, 21)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = model.new_cache()
-        pieces = [model(ids[:, :9], past_key_values=cache).logits]
-        pieces += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(9, 21)]
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("arch", ARCHS)

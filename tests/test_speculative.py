@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import randomize_linspec_parameters, tiny_base
-from transformers import DynamicCache
 
 import linspec
 from linspec.speculative import (
@@ -13,7 +12,6 @@ from linspec.speculative import (
     EarlyExitDrafter,
     HeadDrafter,
     ModelDrafter,
-    ModelSession,
     PromptLookupDrafter,
     SamplingConfig,
     merge_chains,
@@ -34,117 +32,6 @@ def make_target(kind: str, seed: int = 0, **overrides):
     model = linspec.convert(tiny_base("llama", seed, **overrides), settings)
     randomize_linspec_parameters(model, seed)  # γ and conv non-zero: the linear path matters
     return model.eval()
-
-
-def decode_one_by_one(model, tokens: torch.Tensor):
-    """Logits ``[1, T, V]`` of plain cached decoding, one token per forward, and the cache afterwards."""
-    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
-    logits = [
-        model(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits[:, -1] for i in range(tokens.shape[1])
-    ]
-    return torch.stack(logits, 1), cache
-
-
-# A tree of 10 nodes (node 0 is the root): two branches, the deepest path 0-1-3-4-5-7-8 six levels down.
-PARENTS = [-1, 0, 0, 1, 3, 4, 2, 5, 7, 5]
-
-
-def path_to(node: int) -> list[int]:
-    path = []
-    while node >= 0:
-        path.append(node)
-        node = PARENTS[node]
-    return path[::-1]
-
-
-@pytest.mark.parametrize("kind", TARGETS)
-@torch.no_grad()
-def test_tree_logits_and_commit_equal_one_by_one_decoding(kind):
-    """Every node's logits equal decoding its root→node path token by token; after committing a path, the state
-    equals the state after decoding those tokens one by one, and the next tree sees exactly that context.
-
-    Two rows with different prompt lengths (13 and 10 real tokens, left padding) put the tree across a group
-    boundary (G = 8) at different depths and make the rows commit paths of different lengths.
-    """
-    model = make_target(kind).double()
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 97, (1, n), generator=gen) for n in (13, 10)]
-    batch_prompt = torch.zeros(2, 13, dtype=torch.long)
-    batch_prompt[0], batch_prompt[1, 3:] = prompts[0][0], prompts[1][0]
-    mask = torch.ones(2, 13, dtype=torch.bool)
-    mask[1, :3] = False
-    session = ModelSession(model, 2)
-    session.extend(batch_prompt, mask)
-
-    nodes = torch.randint(3, 97, (2, len(PARENTS)), generator=gen)
-    parents = torch.tensor([PARENTS, PARENTS])
-    logits = session.tree_logits(nodes, parents)
-    for row in range(2):
-        for node in range(len(PARENTS)):
-            sequence = torch.cat([prompts[row], nodes[row : row + 1, path_to(node)]], 1)
-            expected, _ = decode_one_by_one(model, sequence)
-            torch.testing.assert_close(logits[row, node], expected[0, -1], rtol=0, atol=1e-9)
-
-    paths = [path_to(8), path_to(6)]  # 7 and 3 tokens
-    accepted = torch.zeros(2, 7, dtype=torch.long)
-    accepted_mask = torch.zeros(2, 7, dtype=torch.bool)
-    for row, path in enumerate(paths):
-        accepted[row, : len(path)] = torch.tensor(path)
-        accepted_mask[row, : len(path)] = True
-    session.commit(accepted, accepted_mask)
-
-    following = torch.randint(3, 97, (2, 3), generator=gen)
-    next_logits = session.tree_logits(following, torch.tensor([[-1, 0, 1]] * 2))
-    for row, path in enumerate(paths):
-        committed = torch.cat([prompts[row], nodes[row : row + 1, path]], 1)
-        _, reference_cache = decode_one_by_one(model, committed)
-        assert int(session.length[row]) == committed.shape[1]
-        for index, layer in enumerate(session.cache.layers):
-            reference = reference_cache.layers[index]
-            if hasattr(layer, "state"):  # linear layer: every tensor of the recurrent state
-                for name, value in layer.state.tensors().items():
-                    torch.testing.assert_close(
-                        value[row : row + 1], reference.state.tensors()[name], rtol=0, atol=1e-10, msg=name
-                    )
-            else:  # softmax layer: the row's live KV columns, in order
-                live = session.kv_valid[row]  # the open tree's candidate columns come after these
-                torch.testing.assert_close(
-                    layer.keys[row][:, : live.numel()][:, live], reference.keys[0], rtol=0, atol=1e-10
-                )
-                torch.testing.assert_close(
-                    layer.values[row][:, : live.numel()][:, live], reference.values[0], rtol=0, atol=1e-10
-                )
-        expected, _ = decode_one_by_one(model, torch.cat([committed, following[row : row + 1]], 1))
-        torch.testing.assert_close(next_logits[row], expected[0, -3:], rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("kind", ("softmax", "hybrid"))
-@torch.no_grad()
-def test_a_chain_accepted_from_its_root_commits_as_a_crop(kind):
-    """A chain whose rows accept 4 and 2 of its nodes from the root: softmax KV columns are kept where they are
-    (no gather); the live columns and the next forward still equal decoding the accepted tokens one by one."""
-    model = make_target(kind).double()
-    gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(3, 97, (2, 9), generator=gen)
-    session = ModelSession(model, 2)
-    session.extend(prompt)
-    chain = torch.randint(3, 97, (2, 5), generator=gen)
-    session.tree_logits(chain, torch.arange(-1, 4).expand(2, 5))
-    accepted_mask = torch.tensor([[True] * 4, [True, True, False, False]])
-    session.commit(torch.arange(4).expand(2, 4), accepted_mask)
-    following = torch.randint(3, 97, (2, 2), generator=gen)
-    next_logits = session.tree_logits(following, torch.tensor([[-1, 0]] * 2))
-    for row, kept in enumerate((4, 2)):
-        committed = torch.cat([prompt[row : row + 1], chain[row : row + 1, :kept]], 1)
-        _, reference_cache = decode_one_by_one(model, committed)
-        for index in (i for i, layer in enumerate(session.cache.layers) if not hasattr(layer, "state")):
-            live = session.kv_valid[row]
-            layer, reference = session.cache.layers[index], reference_cache.layers[index]
-            torch.testing.assert_close(
-                layer.keys[row][:, : live.numel()][:, live], reference.keys[0], rtol=0, atol=1e-10
-            )
-        expected, _ = decode_one_by_one(model, torch.cat([committed, following[row : row + 1]], 1))
-        torch.testing.assert_close(next_logits[row], expected[0, -2:], rtol=0, atol=1e-9)
 
 
 def drafters_for(target, kind):

@@ -15,6 +15,8 @@ from transformers import (
 )
 
 import linspec
+from linspec.models import hf
+from linspec.models.cache import new_cache_for
 
 COMMON = dict(
     hidden_size=64,
@@ -60,3 +62,13 @@ def tiny_linspec(arch: str = "llama", seed: int = 0, group_size: int = 8, conv_t
     )
     randomize_linspec_parameters(model, seed)
     return model
+
+
+def decode_one_by_one(model, tokens: torch.Tensor):
+    """Logits ``[1, T, V]`` of plain cached decoding, one token per forward, and the cache afterwards."""
+    cache = new_cache_for(model)
+    logits = [
+        model(tokens[:, i : i + 1], use_cache=True, **hf.cache_kwargs(cache)).logits[:, -1]
+        for i in range(tokens.shape[1])
+    ]
+    return torch.stack(logits, 1), cache

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from transformers import DynamicCache
 
 from linspec.bench.report import markdown_table, record
+from linspec.models import hf
+from linspec.models.cache import cache_nbytes, new_cache_for
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
 DEFAULT_CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
@@ -39,28 +40,22 @@ class DecodeResult:
     peak_rss_bytes: int
 
 
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
-
-
 @torch.inference_mode()
 def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, list[float], int]:
     """``(prefill seconds, per-step seconds, cache bytes after the last step)`` on a fresh cache."""
-    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
+    cache = new_cache_for(model)
     start = time.perf_counter()
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    logits = model(prompt, **hf.cache_kwargs(cache), use_cache=True).logits
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **hf.cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    return prefill, times, cache_bytes(cache)
+    return prefill, times, cache_nbytes(cache)
 
 
 def measure_one(source: str, which: str, context: int, steps: int, seed: int = 0) -> DecodeResult:

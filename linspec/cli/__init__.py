@@ -18,7 +18,19 @@ COMMANDS = [
     ("train", "train"),
     ("eval", "evaluate"),
     ("demo", "demo"),
+    ("env", "env"),
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("linspec")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from linspec import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: linspec convert smollm2-135m out/smollm2-linear && linspec generate out/smollm2-linear "
         "--prompt 'Hello'",
     )
+    parser.add_argument("--version", action="version", version=f"linspec {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for _, module_name in COMMANDS:
         importlib.import_module(f"linspec.cli.{module_name}").add_parser(subparsers)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from linspec.config import LinspecConfig
+from linspec.models import hf
+from linspec.models.context import ExecutionContext
 from linspec.ops import (
     chunked_attention,
     empty_state,
@@ -73,7 +74,7 @@ class LinspecAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         name = self.settings.feature_map
         # 16-bit inputs are upcast: the running sums in the state must not round at every token.
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -84,35 +85,40 @@ class LinspecAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        linspec_token_mask: torch.Tensor | None = None,
+        linspec_context: ExecutionContext | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """The mode follows from the cache and ``linspec_context`` (see ``linspec.models.context``):
+
+        no cache and no padding → chunked; a tree in the context → verify (the state is read, not changed, and
+        the candidates' ``(k̂, v)`` are kept for the commit); one real token → recurrent; otherwise → extend.
+        """
+        cache = hf.pop_cache(kwargs)
+        context = linspec_context or ExecutionContext()
         batch, length, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
         weight = self.conv_weight.to(q.dtype)
         gamma = self.global_scale.to(q.dtype)
         local_kernel = self.settings.local_kernel
-        state = None if past_key_values is None else past_key_values.linear_state(self.layer_idx)
-        tree = None if past_key_values is None else getattr(past_key_values, "tree", None)
 
-        if past_key_values is None and linspec_token_mask is None:
+        if cache is None and context.tree is None and context.all_real:
             out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel)
         else:
+            state = None if cache is None else cache.linear_state(self.layer_idx)
             if state is None:
                 state = empty_state(
                     batch, self.num_kv_heads, self.head_dim, self.head_dim,
                     self.settings.group_size, self.settings.conv_taps, q.dtype, q.device,
                 )  # fmt: skip
-            if tree is not None:  # speculative verification: read the state, keep (k̂, v) for the commit
-                out = verify_attention(q, k, v, weight, gamma, state, tree, local_kernel)
-                past_key_values.store_candidates(self.layer_idx, k, v)
+            if context.tree is not None:
+                out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel)
+                context.tree.keep(self.layer_idx, k, v)
                 new_state = state
-            elif length == 1 and linspec_token_mask is None:
+            elif length == 1 and context.all_real:
                 out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel)
             else:
-                out, new_state = extend_attention(q, k, v, weight, gamma, state, linspec_token_mask, local_kernel)
-            if past_key_values is not None:
-                past_key_values.set_linear_state(self.layer_idx, new_state)
+                out, new_state = extend_attention(q, k, v, weight, gamma, state, context.token_mask, local_kernel)
+            if cache is not None:
+                cache.set_linear_state(self.layer_idx, new_state)
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
         return self.o_proj(out), None

@@ -1,24 +1,28 @@
 """``LinspecCache``: a Hugging Face ``Cache`` with a constant-size recurrent state for every linear layer.
 
-Softmax layers of a hybrid keep an ordinary ``DynamicLayer`` (growing KV). ``generate()`` works unchanged:
-the model class creates this cache instead of a ``DynamicCache``.
+Softmax layers of a hybrid keep an ordinary KV layer (growing). ``generate()`` works unchanged: the model class
+creates this cache instead of a ``DynamicCache``. Speculative verification goes through ``begin_tree`` /
+``commit_tree`` / ``discard_tree``; the cache's bookkeeping (columns seen, candidates) is private.
+
+The KV-column helpers below serve both this cache's softmax layers and a plain softmax model's own cache.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 from linspec.errors import LinspecError
+from linspec.models import hf
+from linspec.models.context import TreeCandidates
 from linspec.ops import LinearAttentionState, append_tokens
 from linspec.ops.verify import TreeLayout
 
 
-def truncate_kv_columns(layer: DynamicLayer, columns: int) -> None:
-    """Drop a softmax layer's columns past ``columns`` (uncommitted speculative candidates); a view, no copy."""
-    if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[2] > columns:
-        layer.keys = layer.keys[:, :, :columns]
-        layer.values = layer.values[:, :, :columns]
+def truncate_kv_columns(layer, columns: int) -> None:
+    """Drop a KV layer's columns past ``columns`` (uncommitted speculative candidates); a view, no copy."""
+    kv = hf.kv_tensors(layer)
+    if kv is not None and kv[0].shape[2] > columns:
+        hf.set_kv_tensors(layer, kv[0][:, :, :columns], kv[1][:, :, :columns])
 
 
 def is_leading_prefix(accepted: torch.Tensor, accepted_mask: torch.Tensor | None = None) -> bool:
@@ -29,8 +33,8 @@ def is_leading_prefix(accepted: torch.Tensor, accepted_mask: torch.Tensor | None
     return bool((leading if accepted_mask is None else leading | ~accepted_mask.bool()).all())
 
 
-def keep_kv_columns(layer: DynamicLayer, committed: int, accepted: torch.Tensor, in_place: bool | None = None) -> None:
-    """Compact a softmax layer after tree verification: keep its first ``committed`` columns, then the candidate
+def keep_kv_columns(layer, committed: int, accepted: torch.Tensor, in_place: bool | None = None) -> None:
+    """Compact a KV layer after tree verification: keep its first ``committed`` columns, then the candidate
     columns ``committed + accepted[b, j]`` (``[B, M]``, each row's accepted path) — written in place over the
     candidates, so nothing before ``committed`` is copied. Rows that accepted fewer than ``M`` tokens carry
     whatever index they were padded with; the caller masks those columns.
@@ -38,19 +42,54 @@ def keep_kv_columns(layer: DynamicLayer, committed: int, accepted: torch.Tensor,
     ``in_place`` (``is_leading_prefix(accepted)``, computed when None; callers with many layers pass it once):
     the accepted columns are already in place, and the commit is a crop.
     """
-    if not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
-        return
-    if is_leading_prefix(accepted) if in_place is None else in_place:
-        truncate_kv_columns(layer, committed + accepted.shape[1])
+    kv = hf.kv_tensors(layer)
+    if kv is None:
         return
     width = accepted.shape[1]
-    for name in ("keys", "values"):
-        x = getattr(layer, name)  # (B, H, committed + N, D)
+    if is_leading_prefix(accepted) if in_place is None else in_place:
+        truncate_kv_columns(layer, committed + width)
+        return
+    kept = []
+    for x in kv:  # (B, Hkv, committed + N, D)
         batch, heads, _, dim = x.shape
         index = accepted[:, None, :, None].expand(batch, heads, width, dim)
-        picked = x[:, :, committed:].gather(2, index)  # (B, H, M, D)
-        x[:, :, committed : committed + width] = picked
-        setattr(layer, name, x[:, :, : committed + width])
+        x[:, :, committed : committed + width] = x[:, :, committed:].gather(2, index)  # (B, Hkv, M, D)
+        kept.append(x[:, :, : committed + width])
+    hf.set_kv_tensors(layer, *kept)
+
+
+def gather_kv_columns(layer, order: torch.Tensor) -> None:
+    """Keep columns ``order [B, W]`` of each row (repacking: dead columns squeezed out, order preserved)."""
+    kv = hf.kv_tensors(layer)
+    if kv is None:
+        return
+    width = order.shape[1]
+    hf.set_kv_tensors(
+        layer, *(x.gather(2, order[:, None, :, None].expand(x.shape[0], x.shape[1], width, x.shape[3])) for x in kv)
+    )
+
+
+def select_kv_rows(layer, index: torch.Tensor) -> None:
+    """Keep batch rows ``index`` of a KV layer."""
+    kv = hf.kv_tensors(layer)
+    if kv is not None:
+        hf.set_kv_tensors(layer, kv[0][index], kv[1][index])
+
+
+def kv_nbytes(layer) -> int:
+    kv = hf.kv_tensors(layer)
+    return 0 if kv is None else sum(x.numel() * x.element_size() for x in kv)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by any cache: a ``LinspecCache`` (constant in context length) or a model's own KV cache."""
+    return cache.nbytes() if isinstance(cache, LinspecCache) else sum(kv_nbytes(layer) for layer in cache.layers)
+
+
+def new_cache_for(model):
+    """A fresh cache for ``model``: its ``LinspecCache`` when it is a linspec model, else its own KV cache."""
+    new_cache = getattr(model, "new_cache", None)
+    return new_cache() if new_cache is not None else hf.new_kv_cache(model.config)
 
 
 class LinearStateLayer:
@@ -107,22 +146,22 @@ class LinearStateLayer:
         """The state is small and stays where it is."""
 
 
-class LinspecCache(Cache):
+class LinspecCache(hf.Cache):
     """Per-layer recurrent states for linear layers and KV for softmax layers.
 
-    ``seen_tokens`` counts the input columns processed (padding included), which is what Hugging Face means by
-    the cache's sequence length; each linear state separately counts the *real* tokens of each row.
+    The cache counts the input columns processed (padding included), which is what Hugging Face means by its
+    sequence length; each linear state separately counts the *real* tokens of each row.
     """
 
     def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = ()) -> None:
-        layers = [DynamicLayer() if i in softmax_layers else LinearStateLayer() for i in range(num_layers)]
+        layers = [hf.DynamicLayer() if i in softmax_layers else LinearStateLayer() for i in range(num_layers)]
         super().__init__(layers=layers)
-        self.seen_tokens = 0
-        # Speculative verification (DESIGN §3): while ``tree`` (the tree's layout: parents [B, N], -1 = follows
-        # the committed context) is set, linear layers run verify mode, leave their state alone and park the
-        # candidates' (k̂, v).
-        self.tree: TreeLayout | None = None
-        self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._columns = 0
+        self._tree: TreeCandidates | None = None
+
+    def __repr__(self) -> str:  # one line, not a line per layer
+        kinds = sum(isinstance(layer, LinearStateLayer) for layer in self.layers)
+        return f"LinspecCache(layers={len(self.layers)}, linear={kinds}, columns={self._columns})"
 
     @classmethod
     def for_model_config(cls, config) -> LinspecCache:
@@ -135,22 +174,62 @@ class LinspecCache(Cache):
     def set_linear_state(self, layer_idx: int, state: LinearAttentionState) -> None:
         self.layers[layer_idx].state = state
 
-    def store_candidates(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.candidates[layer_idx] = (keys, values)
+    def kv_layers(self) -> list:
+        """The growing-KV layers of a hybrid (empty for a fully linear model)."""
+        return [layer for layer in self.layers if not isinstance(layer, LinearStateLayer)]
 
-    def commit_linear(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        """Append the accepted candidates' parked ``(k̂, v)`` to every linear state; nothing is recomputed.
+    @property
+    def columns(self) -> int:
+        """Input columns committed so far (padding included): the softmax layers' KV width."""
+        return self._columns
 
-        ``accepted`` ``[B, M]`` holds node indices along each row's accepted path (root first), ``accepted_mask``
-        ``[B, M]`` marks the real entries (rows accept different numbers of tokens).
+    def advance(self, num_columns: int) -> None:
+        """Called once per model forward that committed ``num_columns`` new input columns in every layer."""
+        self._columns += num_columns
+
+    def begin_tree(self, layout: TreeLayout) -> TreeCandidates:
+        """Start a verification pass: softmax layers drop candidate columns a previous pass left; linear layers
+        will leave their candidates in the returned object (pass it in the ``ExecutionContext``)."""
+        self.discard_tree()
+        self._tree = TreeCandidates(layout)
+        return self._tree
+
+    def discard_tree(self) -> None:
+        """Forget an open verification pass; nothing committed changes."""
+        for layer in self.kv_layers():
+            truncate_kv_columns(layer, self._columns)
+        self._tree = None
+
+    def commit_tree(self, candidates: TreeCandidates, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """Commit the accepted path of the verification pass ``candidates`` in every layer.
+
+        ``accepted [B, M]`` holds node indices along each row's path (root first), ``accepted_mask [B, M]`` its real
+        entries. Linear layers append the kept ``(k̂, v)`` (nothing is recomputed); softmax layers keep their
+        committed columns plus the accepted candidates' columns — a padded entry's column stays as a dead column
+        the caller masks.
+        """
+        if candidates is not self._tree:
+            raise RuntimeError("this verification pass is no longer open (a newer one began or it was discarded)")
+        if accepted.shape[1] > 0:
+            self._append_linear(candidates, accepted, accepted_mask)
+        layers = self.kv_layers()
+        in_place = is_leading_prefix(accepted, accepted_mask) if layers else False
+        for layer in layers:
+            keep_kv_columns(layer, self._columns, accepted, in_place)
+        self._tree = None
+        self._columns += accepted.shape[1]
+
+    def _append_linear(self, candidates: TreeCandidates, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """Append the accepted candidates' kept ``(k̂, v)`` to every linear state.
 
         Every linear layer appends the same path at the same positions, so layers whose states have the same
         shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
         few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round.
         """
         batch = accepted.shape[0]
+        entries = candidates.entries()
         stacks: dict[tuple, list[int]] = {}
-        for layer_idx, (keys, values) in self.candidates.items():
+        for layer_idx, (keys, values) in entries.items():
             state = self.layers[layer_idx].state
             shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()))
             stacks.setdefault(shapes, []).append(layer_idx)
@@ -159,8 +238,8 @@ class LinspecCache(Cache):
             stacked = LinearAttentionState(
                 **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
             )
-            keys = torch.cat([self.candidates[i][0] for i in layer_ids])
-            values = torch.cat([self.candidates[i][1] for i in layer_ids])
+            keys = torch.cat([entries[i][0] for i in layer_ids])
+            values = torch.cat([entries[i][1] for i in layer_ids])
             path = accepted.repeat(len(layer_ids), 1)
 
             def along_path(x: torch.Tensor, path=path) -> torch.Tensor:
@@ -169,59 +248,42 @@ class LinspecCache(Cache):
             new = append_tokens(stacked, along_path(keys), along_path(values), accepted_mask.repeat(len(layer_ids), 1))
             for j, layer_idx in enumerate(layer_ids):
                 self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
-        self.candidates = {}
 
-    def softmax_layers(self) -> list[DynamicLayer]:
-        """The growing-KV layers of a hybrid (empty for a fully linear model)."""
-        return [layer for layer in self.layers if isinstance(layer, DynamicLayer)]
+    def compact_columns(self, order: torch.Tensor) -> None:
+        """Keep KV columns ``order [B, W]`` of each row (dead columns squeezed out); ``W`` columns remain."""
+        self.discard_tree()
+        for layer in self.kv_layers():
+            gather_kv_columns(layer, order)
+        self._columns = order.shape[1]
 
-    def open_tree(self, parents: torch.Tensor | TreeLayout, committed_columns: int) -> None:
-        """Start a verification pass over a tree (``parents [B, N]`` or its layout): linear layers switch to verify
-        mode; softmax layers drop any candidate columns a previous pass left past ``committed_columns``."""
-        for layer in self.softmax_layers():
-            truncate_kv_columns(layer, committed_columns)
-        self.candidates = {}
-        self.tree = parents if isinstance(parents, TreeLayout) else TreeLayout.of(parents)
-
-    def commit_tree(self, accepted: torch.Tensor, accepted_mask: torch.Tensor, committed_columns: int) -> None:
-        """Commit the accepted path of the last verification pass in every layer, then leave verify mode.
-
-        Linear layers append the parked ``(k̂, v)`` (``commit_linear``); softmax layers keep their first
-        ``committed_columns`` columns plus the accepted candidates' columns (``accepted [B, M]``). Columns of
-        padded entries (``accepted_mask`` False) stay in softmax layers as dead columns the caller masks.
-        """
-        if accepted.shape[1] > 0:
-            self.commit_linear(accepted, accepted_mask)
-        self.candidates = {}
-        softmax_layers = self.softmax_layers()
-        in_place = is_leading_prefix(accepted, accepted_mask) if softmax_layers else False
-        for layer in softmax_layers:
-            keep_kv_columns(layer, committed_columns, accepted, in_place)
-        self.tree = None
-        self.seen_tokens = committed_columns + accepted.shape[1]
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` in every layer."""
+        self.discard_tree()
+        for layer in self.layers:
+            if isinstance(layer, LinearStateLayer):
+                layer.batch_select_indices(index)
+            else:
+                select_kv_rows(layer, index)
 
     def _first_softmax_layer(self) -> int | None:
-        return next((i for i, layer in enumerate(self.layers) if isinstance(layer, DynamicLayer)), None)
+        return next((i for i, layer in enumerate(self.layers) if not isinstance(layer, LinearStateLayer)), None)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
+        return self._columns
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
+        return self._columns
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         softmax = self._first_softmax_layer()
         if softmax is None:
-            return self.seen_tokens + query_length, 0
+            return self._columns + query_length, 0
         return self.layers[softmax].get_mask_sizes(query_length)
-
-    def advance(self, num_columns: int) -> None:
-        """Called once per model forward, after all layers ran on ``num_columns`` new input columns."""
-        self.seen_tokens += num_columns
 
     def reset(self) -> None:
         super().reset()
-        self.seen_tokens = 0
+        self._columns = 0
+        self._tree = None
 
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
@@ -229,10 +291,4 @@ class LinspecCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes held by the cache: constant in context length for linear layers."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, LinearStateLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.numel() * layer.keys.element_size() * 2
-        return total
+        return sum(layer.nbytes() if isinstance(layer, LinearStateLayer) else kv_nbytes(layer) for layer in self.layers)

@@ -25,8 +25,10 @@ from transformers import (
 )
 
 from linspec.config import LinspecConfig
+from linspec.models import hf
 from linspec.models.attention import LinspecAttention
 from linspec.models.cache import LinspecCache
+from linspec.models.context import ExecutionContext
 
 # Keys of a base config's dict that describe the file, not the model; a linspec config sets its own.
 _NON_MODEL_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config")
@@ -71,13 +73,14 @@ class LinspecCausalLMMixin:
         return LinspecCache.for_model_config(self.config)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+        """``generate``'s cache hook: a linspec model decodes with its own constant-size ``LinspecCache``."""
+        if hf.generation_cache(model_kwargs) is None and generation_config.use_cache is not False:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported by linspec "
                     "models; they use their own constant-size LinspecCache"
                 )
-            model_kwargs["past_key_values"] = self.new_cache()
+            hf.set_generation_cache(model_kwargs, self.new_cache())
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -86,20 +89,21 @@ class LinspecCausalLMMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ):
-        """The base forward, plus: a ``LinspecCache`` when caching, and the 2-D padding mask for linear layers.
+        """The base forward, plus: a ``LinspecCache`` when caching, and the padding mask for linear layers.
 
-        Linear layers need to know which new columns are real tokens (padding must not enter their state);
-        the 4-D mask Hugging Face builds for softmax layers does not say that reliably, so the 2-D mask is
-        passed down as ``linspec_token_mask`` (None when every column is real).
+        The cache may come as ``cache`` or ``past_key_values`` (either transformers release's name). Linear
+        layers need to know which new columns are real tokens (padding must not enter their state); the 4-D
+        mask Hugging Face builds for softmax layers does not say that reliably, so the 2-D mask's new columns
+        travel down in the ``ExecutionContext`` (None when every column is real).
         """
+        cache = hf.pop_cache(kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
+        if use_cache and cache is None:
+            cache = self.new_cache()
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -110,14 +114,14 @@ class LinspecCausalLMMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            linspec_token_mask=token_mask,
+            linspec_context=ExecutionContext(token_mask=token_mask),
+            **hf.cache_kwargs(cache),
             **kwargs,
         )
-        if isinstance(past_key_values, LinspecCache):
-            past_key_values.advance(length)
+        if isinstance(cache, LinspecCache):
+            cache.advance(length)
         return outputs
 
 

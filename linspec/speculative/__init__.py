@@ -1,4 +1,7 @@
-"""Speculative generation: drafters, tree verification, exact acceptance and state commit (DESIGN §6)."""
+"""Speculative generation — pure policy: drafters, draft trees, exact acceptance and the round loop.
+
+Everything that runs a model (prefill, tree verification, commit) is ``linspec.models.runner.ModelRunner``.
+"""
 
 from linspec.speculative.drafters import (
     Drafter,
@@ -11,7 +14,6 @@ from linspec.speculative.drafters import (
 )
 from linspec.speculative.generate import SpeculativeOutput, SpeculativeStats, speculative_generate
 from linspec.speculative.sampling import SamplingConfig
-from linspec.speculative.session import ModelSession
 from linspec.speculative.tree import DraftTree, merge_chains
 
 __all__ = [
@@ -21,7 +23,6 @@ __all__ = [
     "EarlyExitDrafter",
     "HeadDrafter",
     "ModelDrafter",
-    "ModelSession",
     "PromptLookupDrafter",
     "SamplingConfig",
     "SpeculativeOutput",

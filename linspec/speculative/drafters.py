@@ -4,7 +4,7 @@ A drafter proposes a ``DraftTree`` (a chain is a tree) after each row's pending 
 each node was drawn from, and rolls its own state forward only by what the target accepted. Implemented:
 
 * ``ModelDrafter`` — a separate causal LM sharing the tokenizer (a small model, or a converted linear model
-  drafting for its own softmax parent); its own ``ModelSession``, advanced by accepted tokens only.
+  drafting for its own softmax parent); its own ``ModelRunner``, advanced by accepted tokens only.
 * ``EarlyExitDrafter`` — the target's first ``exit_layer`` layers + final norm + head, evaluated on the target's
   *own* committed state (no second cache); the verification continues from the drafted hidden states.
 * ``PromptLookupDrafter`` — continuations of the context's most recent n-gram matches, merged into a tree.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from linspec.errors import LinspecError
+from linspec.models.runner import ModelRunner, TreePass, model_vocab_size
 from linspec.speculative.sampling import SamplingConfig, normalize, sample
-from linspec.speculative.session import ModelSession, model_vocab_size
 from linspec.speculative.tree import DraftTree, merge_chains
 
 
@@ -47,7 +47,7 @@ class Drafter:
 
     max_nodes: int = 0
 
-    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         """Bind to a generation: ``sequences [B, L]`` left-aligned prompts of ``lengths`` tokens."""
 
     def propose(self, request: DraftRequest) -> DraftTree:
@@ -139,7 +139,7 @@ class TreeGrowingDrafter(Drafter):
 class ModelDrafter(TreeGrowingDrafter):
     """A separate causal LM that shares the target's tokenizer (same vocabulary), with its own state.
 
-    The drafter's session holds the committed tokens it has consumed; each round it evaluates, in tree mode,
+    The drafter's runner holds the committed tokens it has consumed; each round it evaluates, in tree mode,
     the committed tokens it has not seen yet (1 or 2) followed by the tree so far, and afterwards commits the
     accepted ones — its state only ever moves forward by committed tokens.
     """
@@ -147,27 +147,28 @@ class ModelDrafter(TreeGrowingDrafter):
     def __init__(self, model, num_tokens: int = 4, tree_width: int = 1) -> None:
         super().__init__(num_tokens, tree_width)
         self.model = model
-        self.session: ModelSession | None = None
+        self.runner: ModelRunner | None = None
+        self._tree: TreePass | None = None
 
-    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         mine, theirs = model_vocab_size(self.model), target.vocab_size
         if mine != theirs:
             raise LinspecError(
                 f"the drafter's vocabulary ({mine} tokens) differs from the target's ({theirs}); a draft model "
                 "must share the target's tokenizer"
             )
-        self.session = ModelSession(self.model, lengths.shape[0])
+        self.runner = ModelRunner(self.model, lengths.shape[0])
         prefix = int(lengths.max()) - 1
         if prefix > 0:  # everything but each row's last token, right-aligned (left padding)
             tokens, mask = _right_aligned(sequences, lengths - 1, prefix)
-            self.session.extend(tokens, mask)
+            self.runner.extend(tokens, mask)
 
     def _layout(self, request: DraftRequest, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """``[committed tokens not yet seen (left-padded to U slots) ; tree nodes]``: tokens and parents.
 
         Padding slots are lone roots nobody descends from; the tree's root is slot ``U - 1``.
         """
-        unseen = request.lengths - self.session.length  # (B,) >= 1
+        unseen = request.lengths - self.runner.length  # (B,) >= 1
         width = int(unseen.max())
         tokens, _ = _right_aligned(request.sequences, request.lengths, width)
         slot = torch.arange(width, device=tokens.device)
@@ -179,12 +180,13 @@ class ModelDrafter(TreeGrowingDrafter):
 
     def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
         tokens, parents = self._layout(request, tree)
-        hidden = self.session.run_layers(self.session.open_tree(tokens, parents))
+        self._tree = self.runner.begin_tree(tokens, parents)
+        hidden = self._tree.run_layers(self._tree.hidden)
         width = self._unseen_mask.shape[1]
         self._forwarded_depth = level  # this forward evaluated every draft node down to depth `level`
         at = torch.where(frontier >= 0, frontier + width, width - 1)
         picked = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        return self.session.logits(self.session.final_hidden(picked))
+        return self.runner.logits(self.runner.final_hidden(picked))
 
     def propose(self, request: DraftRequest) -> DraftTree:
         self._forwarded_depth = -1
@@ -200,10 +202,10 @@ class ModelDrafter(TreeGrowingDrafter):
         depth = self._forwarded_depth  # path entry j sits at depth j + 1
         keep = torch.cat([slots, accepted[:, :depth] + width], 1)
         keep_mask = torch.cat([self._unseen_mask, accepted_mask[:, :depth]], 1)
-        self.session.commit(keep, keep_mask)
+        self._tree.commit(keep, keep_mask)
 
     def select_rows(self, index: torch.Tensor) -> None:
-        self.session.select_rows(index)
+        self.runner.select_rows(index)
 
 
 def _right_aligned(sequences: torch.Tensor, lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +248,7 @@ class PromptLookupDrafter(Drafter):
         self.reliable_min_ngram = min(reliable_min_ngram, min_ngram)
         self.max_nodes = num_tokens * num_drafts
 
-    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         self.history: list[list[int]] = [[] for _ in range(lengths.shape[0])]
         self.index: list[dict[tuple[int, ...], list[int]]] = [{} for _ in range(lengths.shape[0])]
         # Per row: rounds it drafted in, and those whose first drafted token was accepted.
@@ -317,7 +319,7 @@ class PromptLookupDrafter(Drafter):
 class EarlyExitDrafter(TreeGrowingDrafter):
     """Self-drafting: the target's first ``exit_layer`` decoder layers, its final norm and its head.
 
-    It runs on the target session itself, in tree mode, so it reads the target's committed state and keeps none
+    It runs on the target runner itself, in tree mode, so it reads the target's committed state and keeps none
     of its own (nothing to roll forward: the target's commit is its commit). After the last level it runs those
     layers once more over the whole tree and verification continues from those hidden states at ``exit_layer``:
     that pass *is* the verification's first layers, so it costs nothing extra — and saves nothing either, since
@@ -330,7 +332,7 @@ class EarlyExitDrafter(TreeGrowingDrafter):
             raise LinspecError(f"exit_layer must be a positive integer, got {exit_layer!r}")
         self.exit_layer = exit_layer
 
-    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         if self.exit_layer >= target.num_layers:
             raise LinspecError(
                 f"exit_layer must be below the target's {target.num_layers} layers, got {self.exit_layer}"
@@ -340,7 +342,8 @@ class EarlyExitDrafter(TreeGrowingDrafter):
     def _run(self, request: DraftRequest, tree: DraftTree) -> torch.Tensor:
         root = request.sequences.gather(1, (request.lengths - 1)[:, None])[:, 0]
         tokens, parents, _ = tree.with_root(root)
-        return self.target.run_layers(self.target.open_tree(tokens, parents), 0, self.exit_layer)
+        self._tree = self.target.begin_tree(tokens, parents)
+        return self._tree.run_layers(self._tree.hidden, 0, self.exit_layer)
 
     def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
         hidden = self._run(request, tree)  # (B, 1 + N, H), the root first
@@ -349,7 +352,8 @@ class EarlyExitDrafter(TreeGrowingDrafter):
 
     def _finish(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
         if tree.num_nodes:
-            tree.target_hidden = (self.exit_layer, self._run(request, tree))
+            hidden = self._run(request, tree)
+            tree.target_pass, tree.target_hidden = self._tree, (self.exit_layer, hidden)
         return tree
 
 
@@ -365,7 +369,7 @@ class HeadDrafter(TreeGrowingDrafter):
         super().__init__(num_tokens, tree_width)
         self.heads = heads
 
-    def start(self, target: ModelSession, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         self.vocab_size = target.vocab_size
 
     @torch.no_grad()

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from linspec.errors import LinspecError
+from linspec.models.runner import ModelRunner
 from linspec.speculative.acceptance import accept
 from linspec.speculative.drafters import Drafter, DraftRequest
 from linspec.speculative.sampling import SamplingConfig
-from linspec.speculative.session import ModelSession
 from linspec.speculative.tree import DraftTree
 
 DEFAULT_MAX_TREE_NODES = 64
@@ -157,11 +157,11 @@ def speculative_generate(
     sequences[:, :prompt_width] = torch.where(mask.gather(1, order), input_ids.gather(1, order), pad)
     prompt_lengths = lengths.clone()
 
-    target_session = ModelSession(target, batch)
+    target_runner = ModelRunner(target, batch)
     target_hidden = None
     if prompt_width > 1:  # everything but the last token; the last one is the first round's root
-        target_hidden = target_session.extend(input_ids[:, :-1], mask[:, :-1])
-    drafter.start(target_session, sequences, lengths)
+        target_hidden = target_runner.extend(input_ids[:, :-1], mask[:, :-1])
+    drafter.start(target_runner, sequences, lengths)
     stats.prefill_seconds = time.perf_counter() - start
 
     active = torch.arange(batch, device=device)  # original row of each batch row still generating
@@ -176,7 +176,7 @@ def speculative_generate(
             target_hidden=target_hidden,
         )
         emitted, count, target_hidden, accepted_drafts, tree_depth = speculative_round(
-            target_session, drafter, request, max_tree_nodes, stats
+            target_runner, drafter, request, max_tree_nodes, stats
         )
         stats.target_calls += 1
         stats.row_rounds += active.numel()
@@ -204,7 +204,7 @@ def speculative_generate(
             keep = (~done).nonzero()[:, 0]
             active = active[keep]
             if active.numel():
-                target_session.select_rows(keep)
+                target_runner.select_rows(keep)
                 drafter.select_rows(keep)
                 target_hidden = None if target_hidden is None else target_hidden[keep]
 
@@ -216,7 +216,7 @@ def speculative_generate(
 
 
 def speculative_round(
-    target: ModelSession, drafter: Drafter, request: DraftRequest, max_tree_nodes: int, stats: SpeculativeStats
+    target: ModelRunner, drafter: Drafter, request: DraftRequest, max_tree_nodes: int, stats: SpeculativeStats
 ):
     """One round for every active row: ``(emitted [B, D+1], count [B], hidden [B, H], accepted [B], depth [B])``.
 
@@ -231,11 +231,13 @@ def speculative_round(
     tokens, parents, valid = tree.with_root(root)
     if tree.num_nodes == 0:  # nothing drafted: a plain decoding step (the root is committed as it is evaluated)
         final = target.extend(root[:, None])[:, None]  # (B, 1, H)
-    elif tree.target_hidden is not None:  # the drafter already ran the target's first layers on this tree
+    elif tree.target_pass is not None:  # the drafter already ran the target's first layers on this tree
+        verification = tree.target_pass
         layer, hidden = tree.target_hidden
-        final = target.final_hidden(target.run_layers(hidden, layer))
+        final = target.final_hidden(verification.run_layers(hidden, layer))
     else:
-        final = target.final_hidden(target.run_layers(target.open_tree(tokens, parents)))  # (B, 1 + N, H)
+        verification = target.begin_tree(tokens, parents)
+        final = target.final_hidden(verification.run_layers(verification.hidden))  # (B, 1 + N, H)
     logits = target.logits(final)  # p at every node, before warping
     q = None if tree.q is None else torch.cat([torch.zeros_like(tree.q[:, :1]), tree.q], 1)
     # Accept a drafted x with probability min(1, p(x)/q(x)), siblings in turn (greedy: x must be argmax p);
@@ -243,7 +245,7 @@ def speculative_round(
     # the path's next token is drawn from what is left of p (all accepted: a bonus token from p at the leaf).
     path, path_mask, next_token = accept(logits, tokens, parents, valid, q, request.sampling, request.generator)
     if tree.num_nodes:
-        target.commit(path, path_mask)
+        verification.commit(path, path_mask)
 
     accepted = path_mask.sum(1) - 1  # draft tokens accepted per row
     drafter.advance((path[:, 1:] - 1).clamp(min=0), path_mask[:, 1:])

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from linspec.models.runner import TreePass
 
 
 @dataclass
@@ -18,14 +22,15 @@ class DraftTree:
 
     ``q[b, n]`` is the distribution node ``n`` was drawn from, given its earlier siblings (sampling without
     replacement removes them); ``None`` means every node is a point mass (prompt lookup, greedy drafting).
-    ``target_hidden = (layer, h [B, 1 + N, H])``: the target's own layers ``[0, layer)`` already ran on
-    ``[root; nodes]`` in the target session's open tree, so verification continues from there.
+    ``target_pass, target_hidden = (layer, h [B, 1 + N, H])``: the target's own layers ``[0, layer)`` already
+    ran on ``[root; nodes]`` in that open verification pass of the target, so verification continues from there.
     """
 
     tokens: torch.Tensor  # (B, N) long
     parents: torch.Tensor  # (B, N) long: -1 = child of the root, else an earlier node
     valid: torch.Tensor  # (B, N) bool: padding nodes are never accepted and parent no valid node
     q: torch.Tensor | None = None  # (B, N, V) float or None (point masses)
+    target_pass: TreePass | None = field(default=None, repr=False)
     target_hidden: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property

@@ -1,0 +1,32 @@
+"""``linspec env``: versions, device and whether the installed set is the tested one — for bug reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "env",
+        help="print versions, the device, and whether the installed versions are the tested (locked) set",
+        description="Prints linspec's version, python, torch, transformers, peft, accelerate, datasets, triton, fla "
+        "and the other libraries linspec uses, the device, and whether the installed versions are exactly the "
+        "locked set the test suite passed with. Paste it into bug reports. Exit status 0 either way.",
+        epilog="example: linspec env --json > env.json",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of aligned lines")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from linspec.environment import environment_report
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(len(label) for label in report)
+        for label, value in report.items():
+            print(f"{label:<{width}}  {value}")
+    return 0

@@ -1,0 +1,192 @@
+"""Every contact between linspec and the internals of ``transformers``, in one module.
+
+transformers renames its internals in minor releases: 5.24 renamed the cache keyword from ``past_key_values`` to
+``cache`` in model forwards, decoder layers, attention modules, ``generate``'s model kwargs and model outputs,
+deprecating the old name. linspec rides on those internals in a few places — the cache ``generate`` creates,
+the keyword a cache travels under, the decoder's modules (embedding, rotary embedding, layers, final norm) that
+speculative sessions drive layer by layer, the RoPE helper, the softmax KV tensors of a ``DynamicLayer`` — and
+every one of them goes through this module, so the next rename is a change here and nowhere else.
+``tests/test_hf_surface.py`` pins each contact for every supported architecture, and ``.ci/run`` runs it against
+both the locked versions and the newest ones the declared range admits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
+
+from linspec.errors import LinspecError
+
+__all__ = [
+    "CACHE_KEYWORD",
+    "TESTED_TRANSFORMERS",
+    "Cache",
+    "DecoderParts",
+    "DynamicLayer",
+    "apply_rotary_pos_emb",
+    "cache_kwargs",
+    "generation_cache",
+    "kv_layers",
+    "kv_tensors",
+    "new_full_kv_cache",
+    "new_kv_cache",
+    "output_cache",
+    "pop_cache",
+    "set_generation_cache",
+    "set_kv_tensors",
+    "sliding_windows",
+]
+
+# The minor releases the whole suite passed with; pyproject's range ends right after the newest.
+TESTED_TRANSFORMERS = ("5.23", "5.24")
+
+
+def _cache_keyword() -> str:
+    """The keyword this transformers release passes a cache under (its decoder layers' parameter name)."""
+    parameters = inspect.signature(LlamaDecoderLayer.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+# Every name a cache may arrive under: the current one first, then the deprecated one a caller may still use.
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Any]:
+    """Keyword arguments that hand ``cache`` to a model, decoder layer or attention module of this release."""
+    return {CACHE_KEYWORD: cache}
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
+    """Remove the cache from ``kwargs`` whichever name it came under (``cache`` or ``past_key_values``).
+
+    linspec's own forwards accept both names, so a caller written for either release works, and nothing is
+    forwarded under the deprecated name (which would warn, or on 5.24 silently be a second, unused cache).
+    """
+    found = [kwargs.pop(name) for name in _CACHE_KEYWORDS if name in kwargs]
+    found = [cache for cache in found if cache is not None]
+    if len(found) > 1 and found[0] is not found[1]:
+        raise LinspecError("got two different caches (as `cache` and as `past_key_values`); pass one")
+    return found[0] if found else None
+
+
+def output_cache(outputs: Any) -> Cache | None:
+    """The cache a model output carries (``outputs.cache`` from 5.24, ``outputs.past_key_values`` before)."""
+    return outputs.get(CACHE_KEYWORD) if hasattr(outputs, "get") else getattr(outputs, CACHE_KEYWORD, None)
+
+
+def generation_cache(model_kwargs: dict[str, Any]) -> Cache | None:
+    """The cache ``generate`` keeps in its model kwargs (under either name, whichever the caller used)."""
+    return next((model_kwargs[n] for n in _CACHE_KEYWORDS if model_kwargs.get(n) is not None), None)
+
+
+def set_generation_cache(model_kwargs: dict[str, Any], cache: Cache) -> None:
+    """Give ``generate`` the cache to decode with, under the name this release reads back."""
+    for name in _CACHE_KEYWORDS:
+        model_kwargs.pop(name, None)
+    model_kwargs[CACHE_KEYWORD] = cache
+
+
+def new_kv_cache(config) -> Cache:
+    """The ordinary growing-KV cache of a softmax model (what its own ``generate`` would build)."""
+    return DynamicCache(config=config)
+
+
+def new_full_kv_cache(num_layers: int) -> Cache:
+    """A growing-KV cache with a full (never evicting) layer per decoder layer, whatever the config says."""
+    return Cache(layers=[DynamicLayer() for _ in range(num_layers)])
+
+
+def kv_layers(cache: Cache) -> list[DynamicLayer]:
+    """The full-attention KV layers of ``cache`` (sliding-window and linear layers are other types)."""
+    return [layer for layer in cache.layers if type(layer) is DynamicLayer]
+
+
+def kv_tensors(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(keys, values)`` ``[B, Hkv, C, D]`` of a KV layer, or None before its first token."""
+    keys = getattr(layer, "keys", None)
+    if not getattr(layer, "is_initialized", False) or keys is None or keys.dim() != 4:
+        return None
+    return keys, layer.values
+
+
+def set_kv_tensors(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a KV layer's tensors (a speculative commit keeps the accepted columns, a batch drops rows)."""
+    layer.keys, layer.values = keys, values
+
+
+class DecoderParts:
+    """The modules of a Llama-family decoder that speculative sessions drive directly.
+
+    ``run_layer`` calls one decoder layer the way the model's own forward does, with the cache under this
+    release's keyword and ``extra`` keyword arguments passed on to the attention module (linspec's execution
+    context travels that way).
+    """
+
+    def __init__(self, model) -> None:
+        decoder = model.get_decoder()
+        missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, n)]
+        if missing:
+            raise LinspecError(
+                f"{type(model).__name__} is not a Llama-family decoder (no {', '.join(missing)}); speculative "
+                "generation supports linspec models and Llama, Mistral, Qwen2, Qwen3-style softmax models"
+            )
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = decoder.layers
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.head = model.get_output_embeddings()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.norm.weight.shape[0]
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` for ``positions [B, T]`` (each row's own positions)."""
+        return self.rotary_emb(hidden, positions)
+
+    def run_layer(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        cache: Cache,
+        extra: dict[str, Any],
+    ) -> torch.Tensor:
+        out = self.layers[index](
+            hidden,
+            attention_mask=attention_mask,
+            position_embeddings=rotary,
+            position_ids=positions,
+            use_cache=True,
+            **cache_kwargs(cache),
+            **extra,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+
+def sliding_windows(config, num_layers: int) -> list[int | None]:
+    """Per decoder layer, the sliding window its softmax attention masks with (None: full attention).
+
+    Mistral windows every layer when ``sliding_window`` is set; Qwen2/Qwen3 name each layer's kind in
+    ``layer_types``; Llama has no window.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * num_layers
+    if layer_types is None:
+        return [int(window)] * num_layers
+    return [int(window) if kind == "sliding_attention" else None for kind in layer_types[:num_layers]]
