@@ -29,6 +29,7 @@ __all__ = [
     "DecoderParts",
     "DynamicLayer",
     "apply_rotary_pos_emb",
+    "attention_call_inputs",
     "cache_kwargs",
     "generation_cache",
     "kv_layers",
@@ -118,6 +119,13 @@ def kv_tensors(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
 def set_kv_tensors(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Replace a KV layer's tensors (a speculative commit keeps the accepted columns, a batch drops rows)."""
     layer.keys, layer.values = keys, values
+
+
+def attention_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``(hidden_states, (cos, sin))`` of one attention-module call, as a forward hook with kwargs sees it
+    (decoder layers pass the hidden states positionally or by name, the rotary embeddings by name)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return hidden, kwargs["position_embeddings"]
 
 
 class DecoderParts:

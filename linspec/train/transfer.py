@@ -13,8 +13,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from linspec.models import hf
 from linspec.models.attention import LinspecAttention
 
 
@@ -35,15 +35,14 @@ def softmax_attention(
     if module.q_norm is not None:
         q, k = module.q_norm(q), module.k_norm(k)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+    q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=module.num_heads != module.num_kv_heads)
     return _frozen(module.o_proj)(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 def softmax_output_of_call(module: LinspecAttention, args: tuple, kwargs: dict) -> torch.Tensor:
     """``softmax_attention`` for the inputs of one call of ``module``, as a forward hook (with kwargs) sees them."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    return softmax_attention(module, hidden, kwargs["position_embeddings"])
+    return softmax_attention(module, *hf.attention_call_inputs(args, kwargs))
 
 
 class AttentionTransfer:
