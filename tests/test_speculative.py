@@ -268,15 +268,20 @@ def test_sampled_tokens_follow_the_target_distribution(drafter_kind, settings):
         (dict(top_k=-1, do_sample=True), "top_k must be a non-negative integer"),
         (dict(max_tree_nodes=8), "above the limit of 8"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 0]])), "must be left-padded"),
+        (dict(input_ids=torch.tensor([[5, 97, 7]])), r"token id 97 is outside the model's vocabulary \(0..96\)"),
+        (dict(input_ids=torch.tensor([[-1, 5]])), "token id -1 is outside"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "non-empty"),
+        (dict(input_ids=torch.tensor([[5.0, 6.0]])), "integer tensor"),
+        (dict(max_new_tokens=10**12), r"exceed the model's 256 positions"),
+        (dict(input_ids=torch.full((1, 250), 5), max_new_tokens=7), r"prompt \(250 tokens\)"),
     ],
 )
 def test_bad_input_gives_one_clear_error(kwargs, message):
     target = make_target("linear")
     options = {"max_new_tokens": 4, **kwargs}
+    prompt = options.pop("input_ids", torch.tensor([[5, 6, 7, 8]]))
     with pytest.raises(linspec.LinspecError, match=message):
-        speculative_generate(
-            target, PromptLookupDrafter(num_tokens=4, num_drafts=3), torch.tensor([[5, 6, 7, 8]]), **options
-        )
+        speculative_generate(target, PromptLookupDrafter(num_tokens=4, num_drafts=3), prompt, **options)
 
 
 def test_vocabulary_mismatch_is_refused():

@@ -109,6 +109,23 @@ def _validated_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Te
     return input_ids.long(), mask
 
 
+def _check_fits_the_model(target, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+    """Token ids inside the vocabulary, and prompt + new tokens within the model's positions (which also bounds
+    what is allocated up front)."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    real = input_ids[mask]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        bad = int(real.min()) if int(real.min()) < 0 else int(real.max())
+        raise LinspecError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    limit = getattr(target.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    longest = int(mask.sum(1).max())
+    if limit is not None and longest + max_new_tokens > limit:
+        raise LinspecError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's {limit} positions "
+            "(max_position_embeddings)"
+        )
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -141,6 +158,7 @@ def speculative_generate(
             "(max_tree_nodes); use fewer draft tokens or a narrower tree"
         )
     input_ids, mask = _validated_prompt(input_ids, attention_mask)
+    _check_fits_the_model(target, input_ids, mask, max_new_tokens)
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     device = target.get_output_embeddings().weight.device
