@@ -12,6 +12,7 @@ from linspec.config import LinspecConfig
 from linspec.convert import convert, linspec_classes_for
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, check_output_dir
+from linspec.model_card import ModelCard, source_license
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,6 +49,7 @@ def convert_checkpoint(
         converted.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        ModelCard(base_model=str(src), settings=settings, license=source_license(str(src))).write(tmp)
         (tmp / "linspec.json").write_text(
             json.dumps({"source": str(src), "linspec": settings.to_dict(), "dtype": str(dtype)}, indent=2) + "\n"
         )
