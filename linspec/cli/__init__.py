@@ -19,6 +19,7 @@ COMMANDS = [
     ("eval", "evaluate"),
     ("demo", "demo"),
     ("env", "env"),
+    ("recipes", "recipes"),
 ]
 
 

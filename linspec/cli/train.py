@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "output=runs/quick && linspec eval ppl runs/quick/model --data notes.txt --ablations",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("recipe", help="recipe YAML file, or a shipped recipe's name (linspec recipes ls)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. seed=1")
     parser.add_argument("--resume", action="store_true", help="continue OUTPUT's run from its newest checkpoint")
     parser.add_argument("--force", action="store_true", help="discard an existing run in OUTPUT and start over")
@@ -50,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from linspec.train.catalog import resolve_recipe
     from linspec.train.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     if args.check:
         print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
         return 0

@@ -1,0 +1,74 @@
+"""The recipes shipped with linspec (installed as ``linspec.recipes``), by name.
+
+``linspec train NAME`` accepts a shipped recipe's name as well as a path, so an installed linspec trains without a
+source checkout; ``linspec recipes cp NAME DEST`` copies one out to edit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from linspec.errors import LinspecError
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """``{name: path}`` of every shipped recipe (the file name without ``.yaml``), sorted by name."""
+    folder = resources.files("linspec.recipes")
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".yaml"):
+            with resources.as_file(entry) as path:
+                found[entry.name[: -len(".yaml")]] = Path(path)
+    return dict(sorted(found.items()))
+
+
+def summary(path: Path) -> str:
+    """A recipe's summary: the first sentence of its first comment paragraph after the command line."""
+    words: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text:
+            if words:
+                break
+            continue
+        words.append(text)
+    paragraph = " ".join(words)
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """An existing file as given, else a shipped recipe of that name (``.yaml`` optional)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipes = shipped_recipes()
+    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
+    if name in recipes and "/" not in name_or_path:
+        return recipes[name]
+    raise LinspecError(
+        f"no recipe file {name_or_path!r} and no shipped recipe of that name; shipped: {', '.join(recipes)} "
+        "(linspec recipes ls)"
+    )
+
+
+def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
+    """Copy shipped recipe ``name`` to ``dest`` (a file, or a directory to put ``NAME.yaml`` in)."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        raise LinspecError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes)}")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists() and not force:
+        raise LinspecError(f"{target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise LinspecError(f"{target.parent} is not a directory")
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(recipes[name], tmp)
+    tmp.replace(target)
+    return target
