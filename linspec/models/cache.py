@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from linspec.errors import LinspecError
 from linspec.ops import LinearAttentionState, append_tokens
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.verify import TreeLayout
 
 
@@ -123,6 +124,7 @@ class LinspecCache(Cache):
         # candidates' (k̂, v).
         self.tree: TreeLayout | None = None
         self.candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memories: dict[int, GlobalMemory | None] = {}  # how each verifying layer folds its S on commit
 
     @classmethod
     def for_model_config(cls, config) -> LinspecCache:
@@ -135,8 +137,11 @@ class LinspecCache(Cache):
     def set_linear_state(self, layer_idx: int, state: LinearAttentionState) -> None:
         self.layers[layer_idx].state = state
 
-    def store_candidates(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def store_candidates(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, memory: GlobalMemory | None = None
+    ) -> None:
         self.candidates[layer_idx] = (keys, values)
+        self.memories[layer_idx] = memory
 
     def commit_linear(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
         """Append the accepted candidates' parked ``(k̂, v)`` to every linear state; nothing is recomputed.
@@ -146,13 +151,17 @@ class LinspecCache(Cache):
 
         Every linear layer appends the same path at the same positions, so layers whose states have the same
         shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
-        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round.
+        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round. A layer
+        with a decayed memory folds with its own λ, so it is appended on its own.
         """
         batch = accepted.shape[0]
         stacks: dict[tuple, list[int]] = {}
         for layer_idx, (keys, values) in self.candidates.items():
             state = self.layers[layer_idx].state
-            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()))
+            memory = self.memories.get(layer_idx)
+            own = layer_idx if memory is not None and memory.log_decay is not None else None
+            norm = None if memory is None else memory.norm
+            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()), norm, own)
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
@@ -166,10 +175,12 @@ class LinspecCache(Cache):
             def along_path(x: torch.Tensor, path=path) -> torch.Tensor:
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
-            new = append_tokens(stacked, along_path(keys), along_path(values), accepted_mask.repeat(len(layer_ids), 1))
+            memory = self.memories.get(layer_ids[0])
+            mask = accepted_mask.repeat(len(layer_ids), 1)
+            new = append_tokens(stacked, along_path(keys), along_path(values), mask, memory)
             for j, layer_idx in enumerate(layer_ids):
                 self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
-        self.candidates = {}
+        self.candidates, self.memories = {}, {}
 
     def softmax_layers(self) -> list[DynamicLayer]:
         """The growing-KV layers of a hybrid (empty for a fully linear model)."""
@@ -180,7 +191,7 @@ class LinspecCache(Cache):
         mode; softmax layers drop any candidate columns a previous pass left past ``committed_columns``."""
         for layer in self.softmax_layers():
             truncate_kv_columns(layer, committed_columns)
-        self.candidates = {}
+        self.candidates, self.memories = {}, {}
         self.tree = parents if isinstance(parents, TreeLayout) else TreeLayout.of(parents)
 
     def commit_tree(self, accepted: torch.Tensor, accepted_mask: torch.Tensor, committed_columns: int) -> None:
@@ -192,7 +203,7 @@ class LinspecCache(Cache):
         """
         if accepted.shape[1] > 0:
             self.commit_linear(accepted, accepted_mask)
-        self.candidates = {}
+        self.candidates, self.memories = {}, {}
         softmax_layers = self.softmax_layers()
         in_place = is_leading_prefix(accepted, accepted_mask) if softmax_layers else False
         for layer in softmax_layers:
