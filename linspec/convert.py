@@ -37,8 +37,8 @@ def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreT
     """Return a linspec model built around ``model``'s weights (shared, not copied): q/k/v/o, norms, MLPs, head.
 
     New parameters start at γ = 0 and conv = 0 (DESIGN §2), decays (if any) at their initial horizons. Softmax
-    layers listed in ``config.softmax_layers``
-    keep the model's own attention. ``model`` should not be used afterwards: the result shares its tensors.
+    layers listed in ``config.softmax_layers`` keep the model's own attention. ``model`` should not be used
+    afterwards: the result shares its tensors.
     """
     settings = config or LinspecConfig()
     base_config = model.config

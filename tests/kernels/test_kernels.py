@@ -212,3 +212,39 @@ def test_extend_runs_on_the_kernels():
             results[name] = extend_attention(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], w, gamma, state)
     assert_close(results["triton"][0], results["torch"][0], "extend output")
     assert_states_close(results["triton"][1], results["torch"][1], "extend state")
+
+
+@pytest.mark.parametrize("norm", ["none", "mean", "key"])
+def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
+    """The attention kernels carry the paper's memory only: any other memory runs their modes on PyTorch even
+    under a forced Triton backend — the kernels are never entered — and gives PyTorch's result (the conv, which
+    does not touch the memory, still runs on its kernel inside extend)."""
+    from linspec.ops.backend import use_triton
+    from linspec.ops.memory import GlobalMemory
+
+    memory = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm=norm)
+    q, k, v, w, gamma = make_inputs(1, 4, 2, 21, 16, 3, seed=12)
+    q, k = q.abs(), k.abs()  # non-negative features: "key" divides by q̂ᵀz
+    parents = torch.tensor([[-1, 0, 1, 0, 3]])
+
+    def every_mode() -> list[torch.Tensor]:
+        prompt = (q[:, :, :9], k[:, :, :9], v[:, :, :9], w, gamma, fresh_state(k, v, 4, 3), None)
+        prefill, state = extend_attention(*prompt, "relu2", memory)
+        token = (q[:, :, 9:10], k[:, :, 9:10], v[:, :, 9:10], w, gamma, state)
+        tree = (q[:, :, 9:14], k[:, :, 9:14], v[:, :, 9:14], w, gamma, state, parents)
+        return [
+            chunked_attention(q, k, v, w, gamma, 4, "relu2", memory),
+            prefill,
+            recurrent_step(*token, "relu2", memory)[0],
+            verify_attention(*tree, "relu2", memory),
+        ]
+
+    with backend("torch"):
+        expected = every_mode()
+    with backend("triton"):
+        assert use_triton(q) and use_triton(q, memory=GlobalMemory()) and not use_triton(q, memory=memory)
+        for name in ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention"):
+            monkeypatch.setattr(linspec.kernels, name, None, raising=False)  # entering a kernel would fail
+        results = every_mode()
+    for got, want, mode in zip(results, expected, ["chunked", "extend", "recurrent", "verify"], strict=True):
+        assert_close(got, want, mode)
