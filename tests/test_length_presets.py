@@ -135,3 +135,13 @@ def test_the_global_term_stays_bounded_as_context_grows_where_the_paper_grows(pr
     assert paper[-1] > 4 * paper[1]  # the paper's S keeps growing with every group (×5 from 512 to 4096 here)
     assert stable[-1] < 1.5 * stable[1:].min()  # bounded: the last window is no larger than the early ones
     assert stable[1:].max() < paper[1]  # and at most the size the paper had within its training length
+
+
+def test_the_gamma_trainable_keyword_opens_the_decays():
+    """Recipes train the global term's parameters together: ``trainable: [gamma]`` matches γ and λ."""
+    from linspec.train.run import TRAINABLE_PATTERNS
+
+    names = [name for name, _ in preset_model("stable").named_parameters()]
+    opened = [name for name in names if any(p in name for p in TRAINABLE_PATTERNS["gamma"])]
+    assert sorted({name.rsplit(".", 1)[-1] for name in opened}) == ["decay_logit", "global_scale"]
+    assert len(opened) == 2 * 3  # three linear layers
