@@ -576,8 +576,9 @@ def grouped_terms(
     group_size: int,
     local_kernel: str = "relu2",
     initial_kv: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of ``linspec.ops.chunked.grouped_terms``: ``(local, global, kv_through)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    """Triton twin of ``linspec.ops.chunked.grouped_terms`` for the paper's memory: ``(local, global, kv_through,
+    None)``.
 
     Forward only: it serves prefill and commits on a recurrent state (``extend_attention``), which run without
     gradients. A call that must record a graph is handed to the PyTorch version, so results never lose autograd.
@@ -595,6 +596,6 @@ def grouped_terms(
     states = chunk_states(k, v, group_size, initial_kv)
     if q.shape[2] == 0:
         local = q.new_empty(*q.shape[:3], v.shape[-1])
-        return local, local.clone(), states[:, :, 1:].to(v.dtype)
+        return local, local.clone(), states[:, :, 1:].to(v.dtype), None
     local, global_term = chunk_output(q, k, v, states, None, None, group_size, relu2)
-    return local, global_term, states[:, :, 1:].to(v.dtype)
+    return local, global_term, states[:, :, 1:].to(v.dtype), None

@@ -7,14 +7,29 @@ from typing import Any
 
 from linspec.errors import LinspecError
 from linspec.ops.kernel_fn import LOCAL_KERNELS
+from linspec.ops.memory import GLOBAL_NORMS
 
 FEATURE_MAPS = ("l2norm", "elu1", "relu")
+# Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
+POSITIVE_FEATURE_MAPS = ("elu1", "relu")
+_PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
 PRESETS = {
-    # You et al. 2024: L2-normalised q/k, relu² inside groups of 64, 32 causal conv taps.
-    "paper": {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32},
+    # You et al. 2024: L2-normalised q/k, relu² inside groups of 64, 32 causal conv taps. S an unbounded sum.
+    "paper": dict(_PAPER),
     # Plain positive-feature linear attention inside the group (Katharopoulos et al.), same grouping and conv.
     "elu": {"feature_map": "elu1", "local_kernel": "identity", "group_size": 64, "conv_taps": 32},
-}
+    # Recommended: the paper's layer with S a decay-weighted mean over the folded tokens (bounded at any length).
+    "stable": {**_PAPER, "global_decay": True, "global_norm": "mean"},
+    # The paper's layer with a learnable per-head decay of S only.
+    "decay": {**_PAPER, "global_decay": True},
+    # The paper's layer with S divided by the number of folded tokens only.
+    "mean": {**_PAPER, "global_norm": "mean"},
+    # Classic normalised linear attention for the global term: elu+1 features, S and its denominator q̂ᵀz decay.
+    "normalized": {
+        "feature_map": "elu1", "local_kernel": "identity", "group_size": 64, "conv_taps": 32,
+        "global_decay": True, "global_norm": "key",
+    },
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -22,6 +37,26 @@ class LinspecConfig:
     """Settings of the augmented grouped linear attention (DESIGN §2). The defaults are the paper preset.
 
     ``softmax_layers`` keeps those decoder layers (0-based) as the model's own softmax attention: a hybrid.
+
+    The global term's memory S (``linspec.ops.memory``). The paper's S is an unnormalised sum over every complete
+    group, so its size grows with the context: a model trained on short windows sees it swamp the layer past its
+    training length. Two options bound it:
+
+    * ``global_decay``: ``S_g = λ_h S_{g−1} + ΔS_g`` once per folded group, λ_h = sigmoid(``decay_logit``) per kv
+      head, learnable, initialised to horizons ``1/(1−λ)`` spread geometrically from 4 to 256 groups.
+    * ``global_norm``: ``"mean"`` divides by the (decay-weighted) number of folded tokens — safe with any feature
+      map; ``"key"`` divides by ``q̂ᵀz`` (z = Σ k̂, decayed like S), which needs a positive feature map
+      (``elu1``; ``relu`` is non-negative, its zero denominators meet zero numerators): under L2 features q̂ᵀz
+      can be zero or negative. Shifting the L2 map to make it positive would have to bend the pretrained
+      angles for every pair to be safe, so the positive option is elu+1. Both add ``eps`` (1e-6).
+
+    Recommended: the ``stable`` preset — the paper's φ and κ (so conversion and local attention are unchanged)
+    with decay *and* mean. The mean keeps the global term the size of one value at every length, for any
+    feature map, without relying on training to find a small enough λ (decay alone with λ near 1 still lets S
+    grow to 1/(1−λ) groups' worth, far past what a short training window showed); the decay turns the uniform
+    mean, which would dilute recent context over a long prompt, into a per-head recency-weighted one.
+    ``paper`` stays the default and exact; ``decay``, ``mean`` and ``normalized`` (elu+1 with ``key``) are the
+    single options. Whatever the preset, train on sequences long enough for the global path to matter.
     """
 
     group_size: int = 64
@@ -29,8 +64,11 @@ class LinspecConfig:
     feature_map: str = "l2norm"
     local_kernel: str = "relu2"
     softmax_layers: tuple[int, ...] = field(default_factory=tuple)
+    global_decay: bool = False
+    global_norm: str = "none"
 
     def __post_init__(self) -> None:
+        self._check_global_memory()
         for name in ("group_size", "conv_taps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -43,6 +81,17 @@ class LinspecConfig:
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
             raise LinspecError(f"softmax_layers must be non-negative layer indices, got {list(layers)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
+
+    def _check_global_memory(self) -> None:
+        if not isinstance(self.global_decay, bool):
+            raise LinspecError(f"global_decay must be true or false, got {self.global_decay!r}")
+        if self.global_norm not in GLOBAL_NORMS:
+            raise LinspecError(f"global_norm must be one of {', '.join(GLOBAL_NORMS)}; got {self.global_norm!r}")
+        if self.global_norm == "key" and self.feature_map not in POSITIVE_FEATURE_MAPS:
+            raise LinspecError(
+                f"global_norm 'key' divides by q̂ᵀz and needs a positive feature map "
+                f"({', '.join(POSITIVE_FEATURE_MAPS)}); got {self.feature_map!r} (or use global_norm 'mean')"
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LinspecConfig:

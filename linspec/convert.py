@@ -36,8 +36,9 @@ def _set_tensor(module: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> N
 def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreTrainedModel:
     """Return a linspec model built around ``model``'s weights (shared, not copied): q/k/v/o, norms, MLPs, head.
 
-    New parameters start at γ = 0 and conv = 0 (DESIGN §2). Softmax layers listed in ``config.softmax_layers``
-    keep the model's own attention. ``model`` should not be used afterwards: the result shares its tensors.
+    New parameters start at γ = 0 and conv = 0 (DESIGN §2), decays (if any) at their initial horizons. Softmax
+    layers listed in ``config.softmax_layers`` keep the model's own attention. ``model`` should not be used
+    afterwards: the result shares its tensors.
     """
     settings = config or LinspecConfig()
     base_config = model.config
@@ -61,6 +62,8 @@ def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreT
     for name, parameter in converted.named_parameters():
         if parameter.is_meta:  # the new linspec parameters, absent from the softmax model
             _set_tensor(converted, name, torch.zeros(parameter.shape, dtype=reference.dtype, device=reference.device))
+    for module in converted.linspec_modules():
+        module.reset_linspec_parameters()
     converted.tie_weights()
     converted.generation_config = model.generation_config
     converted.train(model.training)

@@ -3,7 +3,9 @@
 It adopts the pretrained module's own q/k/v/o projections (and Qwen3's q/k norms) — the same objects, so
 state-dict names do not change — and adds two parameters: ``global_scale`` (γ) and ``conv_weight``
 (``[num_attention_heads, conv_taps]``, ``conv_weight[h, j]`` multiplies ``v`` at ``t − j``). Both start at zero,
-so a fresh conversion is local grouped attention only; training opens the global path and the conv.
+so a fresh conversion is local grouped attention only; training opens the global path and the conv. With
+``global_decay`` it also has ``decay_logit`` (``[num_key_value_heads]``, λ = sigmoid(logit) per kv head: the
+state, and so S, is stored per kv head).
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ from linspec.ops import (
     recurrent_step,
     verify_attention,
 )
+from linspec.ops.memory import GlobalMemory
+
+
+def initial_decay_logits(num_kv_heads: int) -> torch.Tensor:
+    """``logit(λ_h)`` with horizons ``1/(1−λ_h) = 2^e`` groups, ``e`` spread evenly over (2, 8), RetNet-style.
+
+    Short horizons (4 groups: a 256-token training window at G = 64) bound S from the start in some heads, long
+    ones (256 groups: 16k tokens) keep distant context in others; training moves each head from there. One kv
+    head gets the middle, 32 groups. ``logit(1 − 2^−e) = log(2^e − 1)``.
+    """
+    exponents = 2.0 + 6.0 * (torch.arange(num_kv_heads, dtype=torch.float64) + 0.5) / num_kv_heads
+    return torch.log(torch.exp2(exponents) - 1.0)
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -55,12 +69,25 @@ class LinspecAttention(nn.Module):
         self.conv_weight = nn.Parameter(
             torch.zeros(self.num_heads, settings.conv_taps, dtype=weight.dtype, device=weight.device)
         )
+        self.decay_logit: nn.Parameter | None = None
+        if settings.global_decay:
+            logits = initial_decay_logits(self.num_kv_heads)
+            self.decay_logit = nn.Parameter(logits.to(dtype=weight.dtype, device=weight.device))
 
     def reset_linspec_parameters(self) -> None:
-        """γ = 0 and conv = 0: the state right after conversion."""
+        """γ = 0, conv = 0 and the initial decays: the state right after conversion."""
         with torch.no_grad():
             self.global_scale.zero_()
             self.conv_weight.zero_()
+            if self.decay_logit is not None:
+                self.decay_logit.copy_(initial_decay_logits(self.num_kv_heads))
+
+    def global_memory(self, dtype: torch.dtype) -> GlobalMemory | None:
+        """How the ops keep S for this layer's settings (None: the paper's plain sum). ``log λ`` in ``dtype``."""
+        if not self.settings.global_decay and self.settings.global_norm == "none":
+            return None
+        log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit.to(dtype))
+        return GlobalMemory(log_decay=log_decay, norm=self.settings.global_norm)
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -100,9 +127,10 @@ class LinspecAttention(nn.Module):
         weight = self.conv_weight.to(q.dtype)
         gamma = self.global_scale.to(q.dtype)
         local_kernel = self.settings.local_kernel
+        memory = self.global_memory(q.dtype)
 
         if cache is None and context.tree is None and context.all_real:
-            out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel)
+            out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel, memory)
         else:
             state = None if cache is None else cache.linear_state(self.layer_idx)
             if state is None:
@@ -111,13 +139,15 @@ class LinspecAttention(nn.Module):
                     self.settings.group_size, self.settings.conv_taps, q.dtype, q.device,
                 )  # fmt: skip
             if context.tree is not None:
-                out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel)
-                context.tree.keep(self.layer_idx, k, v)
+                out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel, memory)
+                context.tree.keep(self.layer_idx, k, v, memory)
                 new_state = state
             elif length == 1 and context.all_real:
-                out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel)
+                out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
             else:
-                out, new_state = extend_attention(q, k, v, weight, gamma, state, context.token_mask, local_kernel)
+                out, new_state = extend_attention(
+                    q, k, v, weight, gamma, state, context.token_mask, local_kernel, memory
+                )
             if cache is not None:
                 cache.set_linear_state(self.layer_idx, new_state)
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)

@@ -224,14 +224,17 @@ class LinspecCache(hf.Cache):
 
         Every linear layer appends the same path at the same positions, so layers whose states have the same
         shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
-        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round.
+        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round. A layer
+        with a decayed memory folds with its own λ, so it is appended on its own.
         """
         batch = accepted.shape[0]
         entries = candidates.entries()
         stacks: dict[tuple, list[int]] = {}
-        for layer_idx, (keys, values) in entries.items():
+        for layer_idx, (keys, values, memory) in entries.items():
             state = self.layers[layer_idx].state
-            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()))
+            own = layer_idx if memory is not None and memory.log_decay is not None else None
+            norm = None if memory is None else memory.norm
+            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()), norm, own)
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
@@ -245,7 +248,9 @@ class LinspecCache(hf.Cache):
             def along_path(x: torch.Tensor, path=path) -> torch.Tensor:
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
-            new = append_tokens(stacked, along_path(keys), along_path(values), accepted_mask.repeat(len(layer_ids), 1))
+            memory = entries[layer_ids[0]][2]
+            mask = accepted_mask.repeat(len(layer_ids), 1)
+            new = append_tokens(stacked, along_path(keys), along_path(values), mask, memory)
             for j, layer_idx in enumerate(layer_ids):
                 self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
 

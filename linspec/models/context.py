@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.verify import TreeLayout
 
 
@@ -26,13 +27,16 @@ class TreeCandidates:
     """
 
     layout: TreeLayout
-    _entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _entries: dict[int, tuple[torch.Tensor, torch.Tensor, GlobalMemory | None]] = field(default_factory=dict)
 
-    def keep(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store layer ``layer_idx``'s candidate ``k̂ [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]``."""
-        self._entries[layer_idx] = (keys, values)
+    def keep(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, memory: GlobalMemory | None = None
+    ) -> None:
+        """Store layer ``layer_idx``'s candidate ``k̂ [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]``, and how that
+        layer folds its global memory (its decay and normaliser), which the commit applies."""
+        self._entries[layer_idx] = (keys, values, memory)
 
-    def entries(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def entries(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, GlobalMemory | None]]:
         return self._entries
 
 

@@ -5,6 +5,9 @@ The choice is made per call from the tensors, so one model can move between devi
 ``torch`` and ``triton`` force one side. Precedence: the ``backend(name)`` context manager, then
 ``set_backend(name)``, then the ``LINSPEC_BACKEND`` environment variable. Forcing ``triton`` on CPU tensors runs
 the kernels through Triton's interpreter — slow, and meant for tests.
+
+The kernels implement the paper's global memory only: a call with a decayed or normalised ``GlobalMemory``
+(``linspec.ops.memory``) runs on PyTorch whatever the backend says, so every option works on every device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from contextlib import contextmanager
 from functools import cache
 
 import torch
+
+from linspec.ops.memory import GlobalMemory, is_plain
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -58,10 +63,13 @@ def backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when these tensors should go to the Triton kernels under the current backend."""
+def use_triton(*tensors: torch.Tensor, memory: GlobalMemory | None = None) -> bool:
+    """True when these tensors should go to the Triton kernels under the current backend.
+
+    Always False for a decayed or normalised ``memory``, which the kernels do not carry (PyTorch runs it).
+    """
     name = current_backend()
-    if name == "torch":
+    if name == "torch" or not is_plain(memory):
         return False
     if name == "triton":
         if not triton_available():

@@ -13,6 +13,7 @@ import torch
 
 from linspec.ops.chunked import grouped_terms
 from linspec.ops.conv import causal_depthwise_conv
+from linspec.ops.memory import GlobalMemory, scan_groups
 from linspec.ops.state import LinearAttentionState
 
 
@@ -56,17 +57,23 @@ def _next_state(
     count: torch.Tensor,
     total: torch.Tensor,
     block_kv: torch.Tensor | None = None,
+    key_sum_through: torch.Tensor | None = None,
 ) -> LinearAttentionState:
     """``block_kv [B, Hkv, blocks, Dk, Dv]``: each packed block's ``Σ k̂ vᵀ`` when the caller has it (the open
-    group's sum is then read from it instead of recomputed)."""
-    batch, kv_heads, packed_length, key_dim = packed_k.shape
-    value_dim = packed_v.shape[-1]
+    group's sum is then read from it instead of recomputed). ``key_sum_through [B, Hkv, blocks, Dk]``: z after
+    each block, for a memory that keeps z."""
+    batch, kv_heads, packed_length, _ = packed_k.shape
     group_size = state.group_size
     complete = total // group_size  # (B,) complete groups in the packed row
-    through = kv_through.gather(
-        2, (complete - 1).clamp(min=0).view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, key_dim, value_dim)
-    ).squeeze(2)
-    kv = torch.where((complete > 0).view(batch, 1, 1, 1), through, state.kv)
+
+    def after_complete_groups(through: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """``through [B, Hkv, blocks, …]`` at the row's last complete group, or ``before`` if it has none."""
+        index = (complete - 1).clamp(min=0).view(batch, 1, 1, *([1] * (through.dim() - 3)))
+        picked = through.gather(2, index.expand(batch, kv_heads, 1, *through.shape[3:])).squeeze(2)
+        return torch.where((complete > 0).view(batch, *([1] * (before.dim() - 1))), picked, before)
+
+    kv = after_complete_groups(kv_through, state.kv)
+    key_sum = None if key_sum_through is None else after_complete_groups(key_sum_through, state.key_sum_or_zeros())
 
     def open_group(packed: torch.Tensor) -> torch.Tensor:  # the block after the complete groups
         blocks = packed.view(batch, kv_heads, packed_length // group_size, group_size, packed.shape[-1])
@@ -77,7 +84,7 @@ def _next_state(
     if block_kv is None:
         group_kv = group_keys.transpose(-1, -2) @ group_values
     else:
-        index = complete.view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, key_dim, value_dim)
+        index = complete.view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, *block_kv.shape[3:])
         group_kv = block_kv.gather(2, index).squeeze(2)
     taps_minus_one = state.ring.shape[2]
     history = torch.cat([state.ring, real_v], dim=2)  # (B, Hkv, P-1+T, Dv)
@@ -89,6 +96,7 @@ def _next_state(
         group_values=group_values,
         ring=_gather_tokens(history, ring_index),
         position=state.position + count,
+        key_sum=key_sum,
     )
 
 
@@ -101,6 +109,7 @@ def extend_attention(
     state: LinearAttentionState,
     token_mask: torch.Tensor | None = None,
     local_kernel: str = "relu2",
+    memory: GlobalMemory | None = None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """Outputs for ``T`` new tokens after ``state`` and the state after them; padded tokens output zeros.
 
@@ -114,16 +123,18 @@ def extend_attention(
     packed_q = _scatter_tokens(q, dest, packed_length)
     packed_k = _scatter_tokens(k, dest, packed_length, prefix=state.group_keys)
     packed_v = _scatter_tokens(v, dest, packed_length, prefix=state.group_values)
-    local, global_term, kv_through = grouped_terms(
-        packed_q, packed_k, packed_v, state.group_size, local_kernel, initial_kv=state.kv
-    )
+    local, global_term, kv_through, key_sum_through = grouped_terms(
+        packed_q, packed_k, packed_v, state.group_size, local_kernel, initial_kv=state.kv,
+        memory=memory, initial_key_sum=state.key_sum, first_group=state.position // state.group_size,
+    )  # fmt: skip
     attention = _gather_tokens(local + global_scale * global_term, dest.clamp(max=packed_length - 1))
 
     real_dest = torch.where(token_mask, rank, length)
     real_v = _scatter_tokens(v, real_dest, length)  # (B, Hkv, T, Dv), each row's real values first
     conv = _gather_tokens(causal_depthwise_conv(real_v, conv_weight, history=state.ring), rank.clamp(min=0))
     out = (attention + conv) * token_mask[:, None, :, None]
-    return out, _next_state(state, packed_k, packed_v, kv_through, real_v, count, total)
+    next_state = _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, None, key_sum_through)
+    return out, next_state
 
 
 def append_tokens(
@@ -131,6 +142,7 @@ def append_tokens(
     k: torch.Tensor,
     v: torch.Tensor,
     token_mask: torch.Tensor | None = None,
+    memory: GlobalMemory | None = None,
 ) -> LinearAttentionState:
     """The state after appending already-computed ``(k̂, v)`` — the commit of accepted speculative tokens."""
     batch, _, length, _ = k.shape
@@ -145,6 +157,9 @@ def append_tokens(
     blocks_k = packed_k.view(batch, kv_heads, num_groups, state.group_size, key_dim)
     blocks_v = packed_v.view(batch, kv_heads, num_groups, state.group_size, packed_v.shape[-1])
     block_kv = blocks_k.transpose(-1, -2) @ blocks_v  # (B, Hkv, blocks, Dk, Dv)
-    kv_through = block_kv.cumsum(2) + state.kv.unsqueeze(2)
+    _, kv_through = scan_groups(memory, block_kv, state.kv)
+    key_sum_through = None
+    if memory is not None and memory.keeps_key_sum:
+        _, key_sum_through = scan_groups(memory, blocks_k.sum(3), state.key_sum_or_zeros())  # (B, Hkv, blocks, Dk)
     real_v = _scatter_tokens(v, torch.where(token_mask, rank, length), length)
-    return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, block_kv)
+    return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, block_kv, key_sum_through)

@@ -15,6 +15,7 @@ import torch
 
 from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
+from linspec.ops.memory import GlobalMemory, augmented, decay_power, is_plain, normalise
 from linspec.ops.state import LinearAttentionState
 
 
@@ -94,6 +95,38 @@ class TreeLayout:
         return self._conv_index[taps]
 
 
+def _memory_global(
+    memory: GlobalMemory,
+    state_readout: torch.Tensor,
+    buffer_readout: torch.Tensor,
+    node_global_scores: torch.Tensor,
+    v: torch.Tensor,
+    group: torch.Tensor,
+    committed_group: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """The decayed/normalised global term ``(B, Hkv, R, N, Dv)`` of every node (``group [B, N]``).
+
+    A node in group ``g`` reads S folded ``g − c`` more times than the committed group ``c`` (``λ^(g−c)``), the
+    committed group's buffer once its path has left it (``λ^(g−c−1)``) and each ancestor ``m`` of an earlier
+    group ``λ^(g−1−grp(m))``. ``*_readout`` are ``q̂ᵀ S`` and ``q̂ᵀ ΣkvBuffer`` (``[B, Hkv, R, N, Dv (+1)]``),
+    ``node_global_scores`` the q̂·k̂ of ancestors in earlier groups (``[B, Hkv, R, N, N]``, zero elsewhere).
+    """
+    folds = (group - committed_group)[:, None, None, :, None]  # (B, 1, 1, N, 1): boundaries crossed
+    past_group = folds > 0
+    state_decay = decay_power(memory, folds)
+    buffer_decay = decay_power(memory, (folds - 1).clamp(min=0))
+    ancestor_decay = decay_power(memory, (group[:, :, None] - 1 - group[:, None, :]).clamp(min=0)[:, None, None])
+    if state_decay is not None:  # (B, Hkv, 1, N, 1), (B, Hkv, 1, N, N)
+        state_readout = state_readout * state_decay
+        buffer_readout = buffer_readout * buffer_decay
+        node_global_scores = node_global_scores * ancestor_decay
+    readout = (
+        state_readout + buffer_readout * past_group + node_global_scores @ augmented(memory, v).unsqueeze(2)
+    )  # (B, Hkv, R, N, Dv (+1))
+    return normalise(memory, readout, group[:, None, None, :], group_size)
+
+
 def verify_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,12 +136,13 @@ def verify_attention(
     state: LinearAttentionState,
     parents: torch.Tensor | TreeLayout,
     local_kernel: str = "relu2",
+    memory: GlobalMemory | None = None,
 ) -> torch.Tensor:
     """Outputs ``[B, H, N, Dv]`` of every tree node, each equal to sequential decoding along its own path.
 
     ``parents``: the tree's parent indices ``[B, N]``, or its ``TreeLayout`` when several layers verify it.
     """
-    if use_triton(q):
+    if use_triton(q, memory=memory):
         from linspec.kernels import verify_attention as triton_verify_attention
 
         raw_parents = parents.parents if isinstance(parents, TreeLayout) else parents
@@ -140,7 +174,9 @@ def verify_attention(
     before_group = position[:, None, :] < (group * group_size)[:, :, None]
     local_mask = (tree.ancestors & same_group)[:, None, None]
     global_mask = (tree.ancestors & before_group)[:, None, None]
-    node_weights = local_similarity(node_scores, local_kernel) * local_mask + global_scale * (node_scores * global_mask)
+    node_weights = local_similarity(node_scores, local_kernel) * local_mask
+    if is_plain(memory):
+        node_weights = node_weights + global_scale * (node_scores * global_mask)
 
     # The committed part of the current group: local for nodes still in it, global once a path has left it.
     slots = torch.arange(group_size, device=q.device)
@@ -149,7 +185,14 @@ def verify_attention(
     buffer_scores = per_node(qr @ state.group_keys.transpose(-1, -2))  # (B, Hkv, R, N, G)
     buffer_weights = local_similarity(buffer_scores, local_kernel) * buffer_mask[:, None, None]
     past_group = (group > committed_group)[:, None, None, :, None]
-    state_term = per_node(qr @ state.kv) + per_node(qr @ state.group_kv) * past_group  # (B, Hkv, R, N, Dv)
+    if is_plain(memory):
+        state_term = per_node(qr @ state.kv) + per_node(qr @ state.group_kv) * past_group  # (B, Hkv, R, N, Dv)
+    else:
+        state_readout = per_node(qr @ augmented(memory, state.kv, state.key_sum_or_zeros()))
+        buffer_readout = per_node(qr @ augmented(memory, state.group_kv, state.group_keys.sum(2)))
+        state_term = _memory_global(
+            memory, state_readout, buffer_readout, node_scores * global_mask, v, group, committed_group, group_size
+        )
 
     # The depthwise conv along each node's path, as weights over [zero slot; ring (P−1); nodes (N)]: tap j of
     # node n lands on the slot holding its value at t − j (conv_gather_index), summed where slots repeat.

@@ -45,9 +45,10 @@ from linspec.train.state import (
 from linspec.train.transfer import AttentionTransfer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Name fragments of the parameters each ``trainable`` keyword opens (γ is ``global_scale``).
+# Name fragments of the parameters each ``trainable`` keyword opens. ``gamma`` opens the global term's own
+# parameters: γ (``global_scale``) and, for presets with a decaying memory, the per-head decays (``decay_logit``).
 TRAINABLE_PATTERNS = {
-    "gamma": ("global_scale",),
+    "gamma": ("global_scale", "decay_logit"),
     "conv": ("conv_weight",),
     "embeddings": ("embed_tokens",),
     "norms": ("norm.weight", "layernorm.weight"),

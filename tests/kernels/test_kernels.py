@@ -108,7 +108,8 @@ def test_grouped_terms_with_initial_state():
         actual = grouped_terms(q, k, v, 16, "relu2", initial_kv)
     with backend("torch"):
         expected = grouped_terms(q.double(), k.double(), v.double(), 16, "relu2", initial_kv.double())
-    for name, a, e in zip(["local", "global", "kv_through"], actual, expected, strict=True):
+    assert actual[3] is None and expected[3] is None  # the paper's memory keeps no z
+    for name, a, e in zip(["local", "global", "kv_through"], actual[:3], expected[:3], strict=True):
         assert_close(a, e, name)
 
 
@@ -116,7 +117,7 @@ def test_grouped_terms_keeps_autograd_by_handing_graphs_to_pytorch():
     q, k, v, _, _ = make_inputs(1, 2, 2, 20, 16, 3, seed=6)
     q.requires_grad_()
     with backend("triton"):
-        local, _, _ = grouped_terms(q, k, v, 16)
+        local, *_ = grouped_terms(q, k, v, 16)
     assert local.grad_fn is not None
 
 
@@ -211,3 +212,39 @@ def test_extend_runs_on_the_kernels():
             results[name] = extend_attention(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], w, gamma, state)
     assert_close(results["triton"][0], results["torch"][0], "extend output")
     assert_states_close(results["triton"][1], results["torch"][1], "extend state")
+
+
+@pytest.mark.parametrize("norm", ["none", "mean", "key"])
+def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
+    """The attention kernels carry the paper's memory only: any other memory runs their modes on PyTorch even
+    under a forced Triton backend — the kernels are never entered — and gives PyTorch's result (the conv, which
+    does not touch the memory, still runs on its kernel inside extend)."""
+    from linspec.ops.backend import use_triton
+    from linspec.ops.memory import GlobalMemory
+
+    memory = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm=norm)
+    q, k, v, w, gamma = make_inputs(1, 4, 2, 21, 16, 3, seed=12)
+    q, k = q.abs(), k.abs()  # non-negative features: "key" divides by q̂ᵀz
+    parents = torch.tensor([[-1, 0, 1, 0, 3]])
+
+    def every_mode() -> list[torch.Tensor]:
+        prompt = (q[:, :, :9], k[:, :, :9], v[:, :, :9], w, gamma, fresh_state(k, v, 4, 3), None)
+        prefill, state = extend_attention(*prompt, "relu2", memory)
+        token = (q[:, :, 9:10], k[:, :, 9:10], v[:, :, 9:10], w, gamma, state)
+        tree = (q[:, :, 9:14], k[:, :, 9:14], v[:, :, 9:14], w, gamma, state, parents)
+        return [
+            chunked_attention(q, k, v, w, gamma, 4, "relu2", memory),
+            prefill,
+            recurrent_step(*token, "relu2", memory)[0],
+            verify_attention(*tree, "relu2", memory),
+        ]
+
+    with backend("torch"):
+        expected = every_mode()
+    with backend("triton"):
+        assert use_triton(q) and use_triton(q, memory=GlobalMemory()) and not use_triton(q, memory=memory)
+        for name in ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention"):
+            monkeypatch.setattr(linspec.kernels, name, None, raising=False)  # entering a kernel would fail
+        results = every_mode()
+    for got, want, mode in zip(results, expected, ["chunked", "extend", "recurrent", "verify"], strict=True):
+        assert_close(got, want, mode)
