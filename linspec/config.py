@@ -34,7 +34,7 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class LinspecConfig:
-    """Settings of the augmented grouped linear attention (DESIGN §2). The defaults are the paper preset.
+    """Settings of the augmented grouped linear attention (docs/design.md §2). The defaults are the paper preset.
 
     ``softmax_layers`` keeps those decoder layers (0-based) as the model's own softmax attention: a hybrid.
 

@@ -36,7 +36,7 @@ def _set_tensor(module: torch.nn.Module, dotted: str, tensor: torch.Tensor) -> N
 def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreTrainedModel:
     """Return a linspec model built around ``model``'s weights (shared, not copied): q/k/v/o, norms, MLPs, head.
 
-    New parameters start at γ = 0 and conv = 0 (DESIGN §2), decays (if any) at their initial horizons. Softmax
+    New parameters start at γ = 0 and conv = 0 (docs/design.md §2), decays (if any) at their initial horizons. Softmax
     layers listed in ``config.softmax_layers`` keep the model's own attention. ``model`` should not be used
     afterwards: the result shares its tensors.
     """

@@ -1,4 +1,4 @@
-"""The four execution modes of DESIGN §3 are one math: reference == chunked == recurrent == extend == verify (fp64)."""
+"""The execution modes of docs/design.md §3 are one math: reference == chunked == recurrent == extend == verify."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The math of augmented grouped linear attention, as plain functions on tensors.
 
-Every execution mode of DESIGN §3 lives here with one shared calling convention:
+Every execution mode of docs/design.md §3 lives here with one shared calling convention:
 
 * ``q``: ``[B, H, T, Dk]`` feature-mapped queries (φ already applied, RoPE before φ).
 * ``k``: ``[B, Hkv, T, Dk]`` feature-mapped keys, ``v``: ``[B, Hkv, T, Dv]`` values. Query head ``h`` reads

@@ -1,4 +1,4 @@
-"""The quadratic, masked form of DESIGN §2, written for clarity: the spec every fast path is tested against."""
+"""The quadratic, masked form of docs/design.md §2, written for clarity: the spec every fast path is tested against."""
 
 from __future__ import annotations
 

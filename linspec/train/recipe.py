@@ -25,7 +25,7 @@ TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "
 
 @dataclass
 class Conversion:
-    """How the base model is linearised (DESIGN §2); unset values come from the preset."""
+    """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
     preset: str = "paper"  # settings preset: paper or elu
     group_size: int | None = None  # tokens per group G (paper: 64)
