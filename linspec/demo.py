@@ -43,6 +43,28 @@ def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), elapsed
 
 
+def _models(model_name: str, out: Path, trained: Path | None, console: Console):
+    """``(original, tokenizer, converted)``: the source model, and the trained or (once) converted one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from linspec.checkpoint import convert_checkpoint
+    from linspec.sources import load_source
+
+    original, tokenizer = load_source(model_name)
+    if trained is not None:
+        if not (out / "config.json").is_file():
+            raise LinspecError(f"--trained {out}: no model directory there (no config.json)")
+        if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
+            raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
+        console.print(f"using the trained model in {out}")
+    elif not (out / "config.json").exists():
+        console.print(f"converting {model_name} -> {out} (paper preset: G=64, P=32, γ=0, conv=0)")
+        convert_checkpoint(model_name, out, LinspecConfig(), force=out.exists())
+    else:
+        console.print(f"reusing the converted model in {out}")
+    return original, tokenizer, AutoModelForCausalLM.from_pretrained(out).eval()
+
+
 def run_demo(
     model_name: str = "smollm2-135m",
     out: Path | None = None,
@@ -56,27 +78,14 @@ def run_demo(
 
     ``trained``: a linspec model made from ``model_name`` by ``linspec train`` to show instead of the raw
     conversion, whose text is poor until trained."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from linspec.checkpoint import convert_checkpoint
-    from linspec.sources import load_source
+    from linspec.sources import progress_bars
 
     console = console or Console()
     out = Path(trained or out or default_output_dir(model_name))
     console.rule(f"[bold]linspec demo: {model_name}")
-    original, tokenizer = load_source(model_name)
-    if trained is not None:
-        if not (out / "config.json").is_file():
-            raise LinspecError(f"--trained {out}: no model directory there (no config.json)")
-        if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
-            raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
-        console.print(f"using the trained model in {out}")
-    elif not (out / "config.json").exists():
-        console.print(f"converting {model_name} -> {out} (paper preset: G=64, P=32, γ=0, conv=0)")
-        convert_checkpoint(model_name, out, LinspecConfig(), force=out.exists())
-    else:
-        console.print(f"reusing the converted model in {out}")
-    converted = AutoModelForCausalLM.from_pretrained(out).eval()
+    # transformers' bars for sub-second loads and saves would only interleave with the demo's own lines
+    with progress_bars(False):
+        original, tokenizer, converted = _models(model_name, out, trained, console)
     console.print(f"loaded {type(converted).__name__} with {len(converted.linspec_modules())} linear layers")
 
     console.print(f"\n[bold]prompt:[/bold] {prompt}")
