@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from linspec.config import PRESETS, LinspecConfig
+from linspec.config import MAX_LAYERS, PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,5-7"`` -> ``(0, 5, 6, 7)``."""
+    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; a reversed range or an index past ``MAX_LAYERS`` is refused, not expanded."""
     layers: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {text!r}") from None
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo_text, dash, hi_text = part.partition("-")
+        if not lo_text.strip().isdigit() or (dash and not hi_text.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
+        lo, hi = int(lo_text), int(hi_text if dash else lo_text)
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"layer range {part!r:.30} is reversed; write {hi}-{lo}")
+        if hi >= MAX_LAYERS:
+            raise argparse.ArgumentTypeError(f"layer index {hi} is past any model (at most {MAX_LAYERS - 1})")
+        layers.extend(range(lo, hi + 1))
+    if not layers and text.strip():
+        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
     return tuple(layers)
 
 

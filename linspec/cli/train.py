@@ -83,13 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m linspec.cli.train RECIPE ...``: the same command without the other sub-commands' imports."""
-    parser = argparse.ArgumentParser(prog="linspec")
+    from linspec.cli import OneLineParser, one_line
+
+    parser = OneLineParser(prog="linspec")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"linspec train: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"linspec train: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
         return 2
 
 
