@@ -50,8 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from linspec.errors import LinspecError
+    from linspec.paths import check_name
     from linspec.train.recipe import load_recipe
 
+    if args.resume and args.force:
+        raise LinspecError("--resume continues a run and --force discards it; pass one of them")
+    if args.record_bench is not None:
+        check_name(args.record_bench, "--record-bench")  # it becomes docs/<NAME>.json: checked before training
     recipe = load_recipe(args.recipe, args.overrides)
     if args.check:
         print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")

@@ -351,6 +351,13 @@ def _check_source(source: str, key: str) -> None:
             raise LinspecError(f"recipe key {key}: hub: needs a dataset name")
     elif not Path(source).expanduser().exists():
         raise LinspecError(f"recipe key {key}: file not found: {source}")
+    else:
+        from linspec.train.data import local_files
+
+        try:
+            local_files(source)
+        except LinspecError as error:
+            raise LinspecError(f"recipe key {key}: {error}") from None
 
 
 def apply_override(data: dict, assignment: str) -> None:
