@@ -88,9 +88,7 @@ class LinspecConfig:
         if isinstance(positions, int) and positions > 0:
             for name in ("group_size", "conv_taps"):
                 if getattr(self, name) > positions:
-                    raise LinspecError(
-                        f"{name} {getattr(self, name)} is larger than the model's {positions} positions"
-                    )
+                    raise LinspecError(f"{name} {getattr(self, name)} is larger than the model's {positions} positions")
 
 
 def _few(values: list, shown: int = 5) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from linspec.config import MAX_LAYERS, PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
@@ -27,6 +28,19 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
+_SIZE = re.compile(r"([1-9][0-9]{0,6})([KMG])(i?)B", re.IGNORECASE)
+
+
+def parse_shard_size(text: str) -> str:
+    """``2GB``, ``500MB``, ``1GiB``: what ``save_pretrained(max_shard_size=...)`` understands (its lower-case
+    ``b`` means bits, so the unit is normalised to bytes)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {text!r:.40}")
+    number, prefix, binary = match.groups()
+    return f"{number}{prefix.upper()}{'iB' if binary else 'B'}"
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
@@ -45,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
     parser.add_argument("--softmax-layers", type=parse_layers, default=(), help="layers to keep softmax, e.g. 0,5-7")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument(
+        "--max-shard-size", type=parse_shard_size, default="2GB", help="safetensors shard size (default 2GB)"
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin pickles (trusted files only)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from SRC")
