@@ -56,6 +56,7 @@ def _long_prompt(sandbox: Path) -> None:
     (sandbox / "long.txt").write_text("word " * 6000)
 
 
+# fmt: off
 CONVERT = [
     Case("group-size-zero", "convert {base} out --group-size 0", "group_size must be a positive integer"),
     Case("group-size-negative", "convert {base} out --group-size -3", "group_size must be a positive integer"),
@@ -87,7 +88,7 @@ CONVERT = [
     Case("src-config-list", "convert {config-list} out", "holds a JSON list"),
     Case("src-config-binary", "convert {config-binary} out", "not valid JSON"),
     Case("src-config-no-type", "convert {config-no-type} out", "unsupported architecture"),
-    Case("src-config-truncated", "convert {config-nan} out", "not valid JSON"),
+    Case("src-config-truncated", "convert {config-torn} out", "not valid JSON"),
     Case("src-truncated-weights", "convert {truncated} out", "truncated"),
     Case("src-header-bomb", "convert {header-bomb} out", "truncated or not a safetensors file"),
     Case("src-header-not-json", "convert {header-not-json} out", "corrupt safetensors header"),
@@ -129,9 +130,9 @@ GENERATE = [
     Case("tree-width-ignored", "generate {linspec} --prompt hi --tree-width 3", "only applies to --draft"),
     Case("max-ngram-zero", "generate {linspec} --prompt hi --draft lookup --max-ngram 0", "--max-ngram"),
     Case("max-ngram-not-lookup", "generate {linspec} --prompt hi --draft model --draft-model {linspec} --max-ngram 2",
-         "--max-ngram only applies to --draft lookup"),  # fmt: skip
+         "--max-ngram only applies to --draft lookup"),
     Case("tree-nodes-zero", "generate {linspec} --prompt hi --draft lookup --max-tree-nodes 0", "--max-tree-nodes"),
-    Case("temperature-without-sampling", "generate {linspec} --prompt hi --temperature 0.7", "only applies with --do-sample"),
+    Case("temperature-without-sampling", "generate {linspec} --prompt hi --temperature 0.7", "with --do-sample"),
     Case("top-k-without-sampling", "generate {linspec} --prompt hi --top-k 5", "only applies with --do-sample"),
     Case("seed-without-sampling", "generate {linspec} --prompt hi --seed 1", "only applies with --do-sample"),
     Case("temperature-nan", "generate {linspec} --prompt hi --do-sample --temperature nan", "--temperature"),
@@ -144,9 +145,9 @@ GENERATE = [
     Case("model-without-tokenizer", "generate {small-positions} --prompt hi", "no tokenizer"),
     Case("model-corrupt", "generate {truncated} --prompt hi", "truncated"),
     Case("draft-model-missing", "generate {linspec} --prompt hi --draft model --draft-model {sandbox}/no",
-         "no such file"),  # fmt: skip
+         "no such file"),
     Case("draft-model-other-vocabulary", "generate {linspec} --prompt hi --draft model --draft-model {small-positions}",
-         "not the same tokenizer"),  # fmt: skip
+         "not the same tokenizer"),
 ]
 
 TRAIN = [
@@ -296,6 +297,7 @@ BENCH_AND_DEMO = [
     Case("unknown-command", "serve", "invalid choice"),
 ]
 
+# fmt: on
 CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO]
 
 
