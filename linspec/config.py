@@ -51,7 +51,7 @@ class LinspecConfig:
         layers = tuple(self.softmax_layers)
         bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_LAYERS]
         if bad:
-            raise LinspecError(f"softmax_layers must be layer indices in 0..{MAX_LAYERS - 1}, got {_few(bad)}")
+            raise LinspecError(f"softmax_layers must be non-negative layer indices below {MAX_LAYERS}, got {_few(bad)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
 
     @classmethod

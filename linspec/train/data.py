@@ -10,6 +10,9 @@ pure function of (seed, step): resuming at step s yields the same sequences an u
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,10 +40,10 @@ def load_documents(source: str, text_field: str = "text", max_documents: int | N
         # .txt: one document per blank-line-separated paragraph block (``sample_by="paragraph"``).
         options = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
-            table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+            with _quiet_datasets():
+                table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
         except Exception as error:  # datasets' own errors (malformed JSON, a bad parquet footer): one line
-            reason = str(error).splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise LinspecError(f"{source}: cannot read it as {builder} data ({reason})") from None
+            raise LinspecError(f"{source}: cannot read it as {builder} data ({_root_cause(error)})") from None
     if max_documents is not None:
         table = table.select(range(min(max_documents, len(table))))
     if text_field in table.column_names:
@@ -49,6 +52,27 @@ def load_documents(source: str, text_field: str = "text", max_documents: int | N
     if "text" in table.column_names:  # .txt files and builtins always use "text"
         return table.select_columns(["text"])
     raise LinspecError(f"{source}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' own error logging while it reads a file: its failure becomes one LinspecError line,
+    and the log would print the same problem again, with a traceback, above it."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps the parser's message in a generic one."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def local_files(source: str) -> list[Path]:

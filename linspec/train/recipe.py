@@ -309,7 +309,7 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.lora is not None:
             _check_lora(stage.lora, f"{key}.lora")
         _check_optimizer(stage.optimizer, f"{key}.optimizer")
-        _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True, limit=stage.steps)
+        _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True, limit=MAX_STEPS)
         _fraction(stage.schedule.min_lr_ratio, f"{key}.schedule.min_lr_ratio", closed=True)
         _positive(stage.distill_temperature, f"{key}.distill_temperature")
     _positive(recipe.checkpoint.every, "checkpoint.every", allow_zero=True)

@@ -197,8 +197,9 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILES = ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE)
-# Keys that may change when a run resumes: where it lives and how it runs, not what it computes.
-RESUMABLE_CHANGES = ("output", "threads", "device")
+# Keys that may change when a run resumes: where it lives, how it runs and how often it saves, or how its
+# result is written; not what it computes.
+RESUMABLE_CHANGES = ("output", "threads", "device", "checkpoint", "merge_lora")
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: Recipe) -> None:
