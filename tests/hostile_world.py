@@ -54,6 +54,11 @@ def build_world(root: Path) -> World:
     canary = root / CANARY
     base = make_tiny_base(root / "base")
     convert_checkpoint(str(base), root / "linspec", LinspecConfig(group_size=8, conv_taps=4))
+    crafted = root / "linspec-crafted"  # a converted model whose config asks for an absurd group size
+    shutil.copytree(root / "linspec", crafted)
+    settings = json.loads((crafted / "config.json").read_text())
+    settings["linspec"]["group_size"] = 10**9
+    (crafted / "config.json").write_text(json.dumps(settings))
     small = root / "small-positions"  # 256 positions, no tokenizer
     tiny_base("llama").save_pretrained(small)
 
