@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -57,18 +58,20 @@ def convert_checkpoint(
 
 
 def _check_config_before_loading(src: str, settings: LinspecConfig) -> None:
-    """Refuse an unsupported architecture or a bad layer index from ``config.json`` before loading any weight."""
-    config_path = Path(src) / "config.json"
+    """Refuse an unsupported architecture, a bad layer index or sizes past the model's positions from
+    ``config.json`` before loading any weight."""
+    from linspec.sources import read_config_json
+
+    config_path = Path(src).expanduser() / "config.json"
     if not config_path.is_file():
         return
-    try:
-        data = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise LinspecError(f"{config_path} is not valid JSON: {error}") from error
-    if "linspec" not in data:  # a converted dir is refused later with its own message
-        linspec_classes_for(str(data.get("model_type")))
-    if isinstance(data.get("num_hidden_layers"), int):
-        settings.check_layers(data["num_hidden_layers"])
+    data = read_config_json(config_path)
+    if "linspec" in data:
+        raise LinspecError(f"{src} is already a linspec model; convert its softmax parent instead")
+    linspec_classes_for(str(data.get("model_type")))
+    if isinstance(data.get("num_hidden_layers"), int) and not isinstance(data["num_hidden_layers"], bool):
+        sizes = {key: data.get(key) for key in ("num_hidden_layers", "max_position_embeddings")}
+        settings.check_model(SimpleNamespace(**sizes))
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

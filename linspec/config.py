@@ -13,6 +13,11 @@ FEATURE_MAPS = ("l2norm", "elu1", "relu")
 # Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
+# Upper bounds far above any useful value (the paper: G = 64, P = 32) that stop absurd sizes before they cost
+# memory: the decode state holds a G-token buffer per kv head and layer, the conv P weights per head.
+MAX_GROUP_SIZE = 4096
+MAX_CONV_TAPS = 1024
+MAX_LAYERS = 4096
 PRESETS = {
     # You et al. 2024: L2-normalised q/k, relu² inside groups of 64, 32 causal conv taps. S an unbounded sum.
     "paper": dict(_PAPER),
@@ -69,17 +74,22 @@ class LinspecConfig:
 
     def __post_init__(self) -> None:
         self._check_global_memory()
-        for name in ("group_size", "conv_taps"):
+        for name, limit in (("group_size", MAX_GROUP_SIZE), ("conv_taps", MAX_CONV_TAPS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+                raise LinspecError(f"{name} must be a positive integer, got {value!r:.40}")
+            if value > limit:
+                raise LinspecError(f"{name} must be at most {limit}, got {value}")
         if self.feature_map not in FEATURE_MAPS:
             raise LinspecError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}; got {self.feature_map!r}")
         if self.local_kernel not in LOCAL_KERNELS:
             raise LinspecError(f"local_kernel must be one of {', '.join(LOCAL_KERNELS)}; got {self.local_kernel!r}")
+        if isinstance(self.softmax_layers, (str, bytes)) or not hasattr(self.softmax_layers, "__iter__"):
+            raise LinspecError(f"softmax_layers must be a list of layer indices, got {self.softmax_layers!r:.40}")
         layers = tuple(self.softmax_layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-            raise LinspecError(f"softmax_layers must be non-negative layer indices, got {list(layers)}")
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_LAYERS]
+        if bad:
+            raise LinspecError(f"softmax_layers must be non-negative layer indices below {MAX_LAYERS}, got {_few(bad)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
 
     def _check_global_memory(self) -> None:
@@ -117,5 +127,20 @@ class LinspecConfig:
         bad = [i for i in self.softmax_layers if i >= num_layers]
         if bad:
             raise LinspecError(
-                f"softmax_layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+                f"softmax_layers {_few(bad)} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
             )
+
+    def check_model(self, config: Any) -> None:
+        """Raise if these settings do not fit a model's config: a missing layer, or G or P beyond its positions."""
+        self.check_layers(int(config.num_hidden_layers))
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            for name in ("group_size", "conv_taps"):
+                if getattr(self, name) > positions:
+                    raise LinspecError(f"{name} {getattr(self, name)} is larger than the model's {positions} positions")
+
+
+def _few(values: list, shown: int = 5) -> str:
+    """A list for an error line: its first few items and how many more, never a megabyte of indices."""
+    head = ", ".join(repr(v)[:20] for v in values[:shown])
+    return f"[{head}{f', ... ({len(values) - shown} more)' if len(values) > shown else ''}]"

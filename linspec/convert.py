@@ -47,7 +47,7 @@ def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreT
     if getattr(model, "hf_quantizer", None) is not None or getattr(base_config, "quantization_config", None):
         raise LinspecError("the model is still flagged as quantized; load a float copy (see linspec.sources)")
     config_class, model_class = linspec_classes_for(base_config.model_type)
-    settings.check_layers(base_config.num_hidden_layers)
+    settings.check_model(base_config)
     linspec_config = config_class.from_base(base_config, settings)
     linspec_config._attn_implementation = base_config._attn_implementation
 

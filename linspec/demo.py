@@ -50,12 +50,13 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console):
     from linspec.checkpoint import convert_checkpoint
     from linspec.sources import load_source
 
-    original, tokenizer = load_source(model_name)
-    if trained is not None:
+    if trained is not None:  # checked before anything loads
         if not (out / "config.json").is_file():
             raise LinspecError(f"--trained {out}: no model directory there (no config.json)")
         if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
             raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
+    original, tokenizer = load_source(model_name)
+    if trained is not None:
         console.print(f"using the trained model in {out}")
     elif not (out / "config.json").exists():
         console.print(f"converting {model_name} -> {out} (paper preset: G=64, P=32, γ=0, conv=0)")

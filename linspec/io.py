@@ -1,15 +1,63 @@
-"""Atomic writes: every file or directory linspec produces appears complete or not at all."""
+"""Atomic writes: every file or directory linspec produces appears complete or not at all.
+
+Each write goes to a temporary sibling named after the target and the writing process
+(``.NAME.HOST-PID.RANDOM.partial``), which is renamed into place when complete. A process killed mid-write
+(SIGKILL, power loss) leaves only such a sibling; the next write to the same target removes siblings whose
+process is gone. A directory is written under an exclusive lock (``.NAME.lock``, removed afterwards), so two
+processes writing the same output never both "succeed": the second is refused at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from linspec.errors import LinspecError
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.(?:partial|old|tmp)$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporaries of ``path`` left by dead processes of this host; return what was removed."""
+    path = Path(path)
+    removed = []
+    pattern = glob.escape(str(path.parent / f".{path.name}.")) + "*"
+    for candidate in map(Path, glob.glob(pattern)):
+        owner = _OWNER.match(candidate.name[len(path.name) + 1 :])
+        if owner is None or owner["host"] != _HOST or _process_alive(int(owner["pid"])):
+            continue
+        previous = candidate / "previous"
+        if candidate.suffix == ".old" and previous.is_dir() and not path.exists():
+            os.replace(previous, path)  # killed between moving the old output aside and renaming the new one in
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+        removed.append(candidate)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -20,7 +68,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -33,38 +82,86 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing output unless ``force``; return the path."""
+def check_output_dir(path: str | os.PathLike, force: bool, markers: Sequence[str] = ("config.json",)) -> Path:
+    """Refuse to replace an existing output unless ``force``; return the path.
+
+    Even with ``force`` only an empty directory or one holding a marker file (``config.json``: a model
+    directory) is replaced, so a mistyped output such as a home directory is never deleted.
+    """
     path = Path(path)
-    if path.exists() and not force:
-        raise LinspecError(f"{path} already exists; pass --force to overwrite it")
-    if path.exists() and not path.is_dir():
-        raise LinspecError(f"{path} exists and is not a directory")
+    if not str(path).strip():
+        raise LinspecError("the output path is empty")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise LinspecError(f"{path} exists and is not a directory")
+        if not force:
+            raise LinspecError(f"{path} already exists; pass --force to overwrite it")
+        if any(path.iterdir()) and not any((path / marker).exists() for marker in markers):
+            raise LinspecError(
+                f"{path} is not empty and holds no {' or '.join(markers)}; refusing to replace it even with --force"
+            )
     return path
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def output_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a file ``.NAME.lock`` beside it) or raise if another process does."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LinspecError(f"{path} is being written by another process; try again when it has finished") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a lock file its holder has just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # before unlocking: a waiter that opened this file notices it is gone and retries
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    path: str | os.PathLike, force: bool = False, markers: Sequence[str] = ("config.json",)
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path``, on failure it is removed.
 
-    The old directory (with ``force``) is moved aside first and deleted only after the new one is in place,
-    so an interrupted run never leaves ``path`` half-written.
+    The old directory (with ``force``, see :func:`check_output_dir`) is moved aside first and deleted only after
+    the new one is in place, so an interrupted run never leaves ``path`` half-written. Without ``force`` an
+    output that appeared while writing (another process) is left alone and this write fails.
     """
-    path = check_output_dir(path, force)
+    path = check_output_dir(path, force, markers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any directory the user makes
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "previous")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(path):
+        remove_stale_temporaries(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any directory the user makes
+        try:
+            yield tmp
+            check_output_dir(path, force, markers)  # again: it may have appeared (or changed) meanwhile
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+                os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

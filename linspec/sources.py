@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import struct
 from collections.abc import Iterator
@@ -65,13 +66,32 @@ def load_source(
         return load_gguf(path, dtype=dtype, progress=progress)
     if path.exists():
         raise LinspecError(f"{src} is neither a model directory nor a .gguf file")
-    if _HUB_ID.fullmatch(src):
+    if looks_like_hub_id(src):
         return load_hub(src, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress)
     demos = ", ".join(sorted(DEMO_MODELS))
     raise LinspecError(
         f"{src}: no such file or directory (expected a model directory, a .gguf file, a hub id org/name "
         f"or a demo name: {demos})"
     )
+
+
+def looks_like_hub_id(src: str) -> bool:
+    """Whether a source that is not a local file should go to the Hub: ``org/name``, and ``org`` is not a local
+    directory — ``out/model-typo`` is a mistyped local path, not a repository to retry for a minute."""
+    if not _HUB_ID.fullmatch(src) or src.startswith((".", "~")) or src.lower().endswith((".gguf", ".safetensors")):
+        return False
+    return not Path(src.split("/", 1)[0]).exists()
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A model's ``config.json`` as a dict; anything else (invalid JSON, a list, binary) is one clear error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LinspecError(f"{path} is not valid JSON ({_one_line(error)})") from None
+    if not isinstance(data, dict):
+        raise LinspecError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a model config")
+    return data
 
 
 def load_model_dir(
@@ -103,6 +123,9 @@ def check_model_dir(path: Path, *, allow_pickle: bool = False) -> None:
     """
     if not (path / "config.json").is_file():
         raise LinspecError(f"{path} has no config.json, so it is not a Hugging Face model directory")
+    config = read_config_json(path / "config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise LinspecError(f"{path / 'config.json'} names no model_type, so it is not a model config")
     safetensors = _safetensors_files(path)
     if safetensors:
         for file in safetensors:
@@ -220,19 +243,19 @@ def _check_gguf(path: Path) -> dict[str, Any] | None:
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise LinspecError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from linspec.models import hf
+
     try:
-        from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
-    except ImportError:
-        return None
-    try:
-        header = GgufHeader.from_file(str(path))
-        metadata, _ = read_gguf_metadata(str(path))
+        header = hf.read_gguf_header(path)
     except Exception as err:  # any parse failure of a damaged header: report it as the file's problem
         raise LinspecError(f"{path} is a damaged GGUF file ({_one_line(err)})") from err
+    if header is None:
+        return None
+    data_start, tensors, metadata = header
     size = path.stat().st_size
-    for info in header.tensors:
-        if header.data_start + info.offset + info.nbytes > size:
-            raise LinspecError(f"{path} is truncated: tensor {info.name!r} runs past the end of the file")
+    for name, offset, nbytes in tensors:
+        if data_start + offset + nbytes > size:
+            raise LinspecError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
     return metadata
 
 
@@ -284,7 +307,7 @@ def _wrap_errors(what: str) -> Iterator[None]:
         yield
     except LinspecError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, struct.error) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, struct.error, pickle.UnpicklingError) as err:
         raise LinspecError(f"{what}: {_one_line(err)}") from err
     except Exception as err:  # e.g. safetensors' SafetensorError, huggingface_hub's errors
         if type(err).__module__.split(".")[0] in {"safetensors", "huggingface_hub", "tokenizers", "gguf"}:
@@ -298,42 +321,8 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Hide transformers' (and huggingface_hub's) tqdm bars during a load when ``enabled`` is false.
+def progress_bars(enabled: bool):
+    """Hide transformers' (and huggingface_hub's) tqdm bars during a load when ``enabled`` is false."""
+    from linspec.models import hf
 
-    With ``enabled`` the user's global setting is left as it is. transformers' legacy GGUF loader calls
-    ``tqdm`` directly, ignoring that setting, so its module-level ``tqdm`` is pointed at transformers' switchable
-    one for the duration.
-    """
-    from transformers.utils import logging as hf_logging
-
-    if enabled:
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    with _gguf_tqdm(hf_logging.tqdm):
-        try:
-            yield
-        finally:
-            if was_enabled:
-                hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _gguf_tqdm(replacement: Any) -> Iterator[None]:
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is None:
-        yield
-        return
-    gguf_utils.tqdm = replacement
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
+    return hf.progress_bars(enabled)

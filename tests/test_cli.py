@@ -62,8 +62,12 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tiny_dir, tm
     code, _, err = run_cli("convert", str(tiny_dir), str(out), capsys=capsys)
     assert_one_line_error(code, err, "already exists", "--force")
     assert (out / "precious.txt").read_text() == "keep me"
+    code, _, err = run_cli("convert", str(tiny_dir), str(out), "--force", capsys=capsys)  # not a model dir
+    assert_one_line_error(code, err, "refusing to replace it even with --force")
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "config.json").write_text("{}")  # an earlier model directory: --force replaces it
     code, _, _ = run_cli("convert", str(tiny_dir), str(out), "--force", "--group-size", "8", capsys=capsys)
-    assert code == 0 and not (out / "precious.txt").exists() and (out / "config.json").exists()
+    assert code == 0 and not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
     assert leftovers(tmp_path) == []
 
 

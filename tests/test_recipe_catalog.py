@@ -36,7 +36,7 @@ def test_copy_refuses_to_overwrite_without_force_and_unknown_names(tmp_path):
     assert target.read_text().startswith("# linspec train")
     with pytest.raises(LinspecError, match="no shipped recipe 'nope'"):
         copy_recipe("nope", tmp_path)
-    with pytest.raises(LinspecError, match="no recipe file"):
+    with pytest.raises(LinspecError, match="recipe not found"):
         resolve_recipe("../recipes/nope")
     with pytest.raises(LinspecError, match="is not a directory"):
         copy_recipe("smollm2-135m-demo", tmp_path / "missing" / "x.yaml")

@@ -273,6 +273,9 @@ def test_sampled_tokens_follow_the_target_distribution(drafter_kind, settings):
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "non-empty"),
         (dict(input_ids=torch.tensor([[5.0, 6.0]])), "integer tensor"),
         (dict(max_new_tokens=10**12), r"exceed the model's 256 positions"),
+        (dict(temperature=float("inf"), do_sample=True), "temperature must be >= 0 and finite"),
+        (dict(eos_token_id=[2, 97]), r"eos_token_id must be token ids in 0..96"),
+        (dict(pad_token_id=-1), r"pad_token_id must be token ids in 0..96, got -1"),
         (dict(input_ids=torch.full((1, 250), 5), max_new_tokens=7), r"prompt \(250 tokens\)"),
     ],
 )
@@ -282,6 +285,15 @@ def test_bad_input_gives_one_clear_error(kwargs, message):
     prompt = options.pop("input_ids", torch.tensor([[5, 6, 7, 8]]))
     with pytest.raises(linspec.LinspecError, match=message):
         speculative_generate(target, PromptLookupDrafter(num_tokens=4, num_drafts=3), prompt, **options)
+
+
+@pytest.mark.parametrize("kind", ("lookup", "early-exit", "model"))
+def test_a_zero_or_negative_draft_depth_is_refused_not_defaulted(kind):
+    from linspec.speculative.drafters import build_drafter
+
+    for bad in (0, -2, True):
+        with pytest.raises(linspec.LinspecError, match="num_tokens must be a positive integer"):
+            build_drafter(kind, num_tokens=bad, exit_layer=1, draft_model=object())
 
 
 def test_vocabulary_mismatch_is_refused():

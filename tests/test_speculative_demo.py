@@ -89,5 +89,5 @@ def test_generate_command_runs_speculatively_and_reports_statistics(demo_model_p
 def test_generate_command_turns_bad_input_into_one_line_and_exit_2(demo_model_path, capsys):
     assert main(["generate", str(demo_model_path), "--prompt", "hi", "--do-sample", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["linspec generate: error: temperature must be >= 0, got -1.0"]
+    assert err == ["linspec generate: error: temperature must be >= 0 and finite, got -1.0"]
     assert main(["generate", str(demo_model_path), "--prompt", "hi", "--draft", "model", "--draft-model", "x"]) == 2

@@ -15,6 +15,7 @@ from linspec.errors import LinspecError
 from linspec.train.data import build_splits, global_batch, load_documents, pack
 from linspec.train.recipe import load_recipe
 from linspec.train.run import TrainingDiverged, TrainingInterrupted, lr_factor, train
+from linspec.train.state import load_checkpoint
 from linspec.train.tiny import make_tiny_base, tiny_tokenizer
 from linspec.train.transfer import AttentionTransfer
 
@@ -193,7 +194,7 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp
     recipe = load_recipe(path, ["output=" + str(tmp_path / "cut"), "eval.baselines=false"])
     with pytest.raises(TrainingInterrupted, match="lora step 3"):
         train(recipe, on_step=interrupt)
-    assert (tmp_path / "cut" / "checkpoints" / "lora" / "step-0000003" / "state.pt").is_file()
+    assert (tmp_path / "cut" / "checkpoints" / "lora" / "step-0000003" / "state.safetensors").is_file()
     assert not (tmp_path / "cut" / "model").exists()
     train(recipe, resume=True)
     assert steps_of(tmp_path / "cut") == straight  # same stages, steps and losses, bit for bit
@@ -220,7 +221,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
         train(recipe, on_step=poison)
     folder = tmp_path / "run" / "checkpoints" / "attention_transfer"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000001", "step-0000002"]
-    state = torch.load(folder / "step-0000002" / "state.pt", weights_only=False)
+    state = load_checkpoint(folder / "step-0000002")
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
     assert not (tmp_path / "run" / "model").exists()
 

@@ -103,7 +103,7 @@ def test_fsdp_matches_one_process_writes_the_same_model_and_resumes(workdir, one
     shutil.copytree(sharded, resumed)
     shutil.rmtree(resumed / "stages" / "lora")
     shutil.rmtree(resumed / "model")
-    assert (resumed / "checkpoints" / "lora" / "step-0000002" / "state.pt").is_file()
+    assert (resumed / "checkpoints" / "lora" / "step-0000002" / "state.safetensors").is_file()
     run_torchrun(workdir, 2, "fsdp-resumed", "distributed=fsdp", "merge_lora=false", "--resume")
     assert steps_of(resumed) == steps_of(sharded)  # the resumed step repeats bit for bit
     model = AutoModelForCausalLM.from_pretrained(resumed / "model", dtype=torch.float32)

@@ -26,6 +26,7 @@ from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
+MAX_STEPS = 10_000
 DEFAULT_CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 
 
@@ -139,9 +140,13 @@ def run(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
     from linspec.sources import load_source
 
-    if args.steps <= 0 or any(c <= 0 for c in args.contexts):
-        raise LinspecError("--steps and --contexts must be positive")
-    load_source(args.model)  # fetch/check once here, so workers start from the cache
+    if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
+        raise LinspecError(f"--steps and --contexts must be positive (and --steps at most {MAX_STEPS})")
+    model, _ = load_source(args.model)  # fetch/check once here, so workers start from the cache
+    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if positions is not None and max(args.contexts) > positions:
+        raise LinspecError(f"--contexts up to {max(args.contexts)} exceed the model's {positions} positions")
+    del model
     results = measure(args.model, sorted(args.contexts), args.steps)
     summary = summarise(results)
     rows = [

@@ -185,6 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
 
+    if any(not 0 < n <= 1 << 20 for n in args.lengths) or any(not 0 < d <= 512 for d in args.head_dims):
+        raise LinspecError("--lengths must be in 1..1048576 and --head-dims in 1..512")
     if not torch.cuda.is_available():
         raise LinspecError(
             "linspec bench kernels needs a CUDA GPU and none is visible (for CPU: linspec bench prefill)"

@@ -104,6 +104,9 @@ def plot(results: list[PrefillResult]):
     return figure
 
 
+MAX_LENGTH = 1 << 17
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="sequence lengths")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="head layouts")
@@ -115,8 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
 
-    if args.repeats <= 0 or any(length <= 0 for length in args.lengths):
-        raise LinspecError("--repeats and --lengths must be positive")
+    if not 0 < args.repeats <= 1000 or any(not 0 < length <= MAX_LENGTH for length in args.lengths):
+        raise LinspecError(f"--repeats must be in 1..1000 and --lengths in 1..{MAX_LENGTH}")
+    if args.threads is not None and not 0 < args.threads <= 1024:
+        raise LinspecError(f"--threads must be in 1..1024, got {args.threads}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = [measure(shape, length, args.repeats) for shape in args.shapes for length in sorted(args.lengths)]

@@ -44,6 +44,9 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def record(name: str, data: dict[str, Any], section_markdown: str, figure=None, docs_dir: Path | None = None) -> Path:
     """Write ``<name>.json`` (+ ``<name>.png``) and replace this benchmark's section in ``benchmarks.md``."""
+    from linspec.paths import check_name
+
+    check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
     docs_dir = Path(docs_dir or DOCS)
     payload = {"benchmark": name, "machine": machine_summary(), **data}
     atomic_write_text(docs_dir / f"{name}.json", json.dumps(payload, indent=2) + "\n")

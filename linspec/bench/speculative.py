@@ -124,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     import linspec
     from linspec.sources import load_source
 
+    checks = {"max_new_tokens": (1, 4096), "repeats": (1, 100), "sample_repeats": (0, 100), "threads": (1, 1024),
+              "exit_layer": (1, 4096)}  # fmt: skip
+    for name, (low, high) in checks.items():
+        if not low <= getattr(args, name) <= high:
+            raise LinspecError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {getattr(args, name)}")
     console = Console()
     torch.set_num_threads(args.threads)
     original, tokenizer = load_source(args.model, progress=False)

@@ -1,7 +1,7 @@
 """``linspec`` command line: thin parsers that call one library function each and print the result.
 
-Every library error (``LinspecError``, ``OSError``, ``ValueError``) becomes one line on stderr and exit code 2;
-nothing is half-written because every writer in the library is atomic.
+Every library error (``LinspecError``, ``OSError``, ``ValueError``) and every command-line mistake becomes one
+line on stderr and exit code 2; nothing is half-written because every writer in the library is atomic.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 # (sub-command, module under linspec.cli): each module has ``add_parser(subparsers)`` setting ``func``.
 COMMANDS = [
@@ -34,8 +35,28 @@ def _version() -> str:
         return __version__
 
 
+MAX_MESSAGE = 300  # characters of an error line; the rest of a long message is cut
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``linspec CMD: error: ...``), like every other linspec error.
+
+    Sub-command parsers are made from their parent's class, so the whole tree answers the same way.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """The first non-empty line of ``message``, at most ``MAX_MESSAGE`` characters."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="linspec",
         description="Linearize pretrained LLMs (grouped linear attention + causal depthwise conv) and generate fast.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear && linspec generate out/smollm2-linear "
@@ -57,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         print("linspec: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as error:  # LinspecError is a ValueError
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"linspec {args.command}: error: {message}", file=sys.stderr)
+        print(f"linspec {args.command}: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"linspec {args.command}: error: out of memory", file=sys.stderr)
         return 2
     return int(result or 0)
 

@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import re
 
-from linspec.config import PRESETS, LinspecConfig
+from linspec.config import MAX_LAYERS, PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,5-7"`` -> ``(0, 5, 6, 7)``."""
+    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; a reversed range or an index past ``MAX_LAYERS`` is refused, not expanded."""
     layers: list[int] = []
-    try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {text!r}") from None
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo_text, dash, hi_text = part.partition("-")
+        if not lo_text.strip().isdigit() or (dash and not hi_text.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
+        lo, hi = int(lo_text), int(hi_text if dash else lo_text)
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"layer range {part!r:.30} is reversed; write {hi}-{lo}")
+        if hi >= MAX_LAYERS:
+            raise argparse.ArgumentTypeError(f"layer index {hi} is past any model (at most {MAX_LAYERS - 1})")
+        layers.extend(range(lo, hi + 1))
+    if not layers and text.strip():
+        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
     return tuple(layers)
+
+
+_SIZE = re.compile(r"([1-9][0-9]{0,6})([KMG])(i?)B", re.IGNORECASE)
+
+
+def parse_shard_size(text: str) -> str:
+    """``2GB``, ``500MB``, ``1GiB``: what ``save_pretrained(max_shard_size=...)`` understands (its lower-case
+    ``b`` means bits, so the unit is normalised to bytes)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 1GiB, got {text!r:.40}")
+    number, prefix, binary = match.groups()
+    return f"{number}{prefix.upper()}{'iB' if binary else 'B'}"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
     parser.add_argument("--softmax-layers", type=parse_layers, default=(), help="layers to keep softmax, e.g. 0,5-7")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument(
+        "--max-shard-size", type=parse_shard_size, default="2GB", help="safetensors shard size (default 2GB)"
+    )
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin pickles (trusted files only)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from SRC")

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from linspec.demo import DEMO_PROMPT
 
+MAX_NEW_TOKENS = 4096
+MAX_CONTEXT = 1 << 17
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -34,7 +37,18 @@ def run(args: argparse.Namespace) -> int:
     from linspec.demo import run_demo
     from linspec.errors import LinspecError
 
-    if args.max_new_tokens <= 0 or any(c <= 0 for c in args.contexts):
-        raise LinspecError("--max-new-tokens and --contexts must be positive")
+    if not 0 < args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise LinspecError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if any(not 0 < c <= MAX_CONTEXT for c in args.contexts):
+        raise LinspecError(f"--contexts must be in 1..{MAX_CONTEXT}")
+    if not args.prompt.strip():
+        raise LinspecError("--prompt is empty")
+    if args.trained is not None and args.out is not None:
+        raise LinspecError("--trained shows an existing model and --out names where to convert one; pass one of them")
+    if args.out is not None and args.out.exists():
+        if not args.out.is_dir():
+            raise LinspecError(f"--out {args.out} exists and is not a directory")
+        if any(args.out.iterdir()) and not (args.out / "config.json").is_file():
+            raise LinspecError(f"--out {args.out} is not empty and holds no model; choose a new directory")
     run_demo(args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts), trained=args.trained)
     return 0

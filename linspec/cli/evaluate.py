@@ -54,6 +54,21 @@ def add_model_and_data(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
 
 
+MAX_WINDOW = 1 << 20
+
+
+def check_data(source: str) -> None:
+    """Refuse missing, empty, binary or unknown data before the model is loaded."""
+    from linspec.errors import LinspecError
+    from linspec.train.data import local_files
+
+    if source.startswith("hub:"):
+        if not source[4:]:
+            raise LinspecError("--data hub: needs a dataset name")
+        return
+    local_files(source)
+
+
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
     from linspec.checkpoint import parse_dtype
@@ -61,10 +76,22 @@ def run_ppl(args: argparse.Namespace) -> int:
     from linspec.evaluate import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
     from linspec.sources import load_source
 
-    model, tokenizer = load_source(args.model, dtype=parse_dtype(args.dtype))
+    if not 2 <= args.window <= MAX_WINDOW:
+        raise LinspecError(f"--window must be in 2..{MAX_WINDOW}, got {args.window}")
+    if args.stride is not None and not 0 < args.stride <= args.window:
+        raise LinspecError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise LinspecError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.ablate and args.ablations:
+        raise LinspecError("--ablate picks one variant and --ablations runs all four; pass one of them")
+    dtype = parse_dtype(args.dtype)
+    check_data(args.data)
+    model, tokenizer = load_source(args.model, dtype=dtype)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
     ids = read_text_ids(tokenizer, args.data, args.text_field)[: args.max_tokens]
+    if len(ids) < 2:
+        raise LinspecError(f"{args.data} holds fewer than two tokens of text; nothing to score")
     if args.ablations:
         variants = list(ABLATIONS.items())
     else:
@@ -85,9 +112,10 @@ def run_layers(args: argparse.Namespace) -> int:
     from linspec.evaluate import rank_layers, read_text_ids
     from linspec.sources import load_source
 
-    for name in ("seq_len", "max_sequences", "top"):
-        if getattr(args, name) < 1:
-            raise LinspecError(f"--{name.replace('_', '-')} must be at least 1")
+    for name, limit in (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096)):
+        if not 1 <= getattr(args, name) <= limit:
+            raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
+    check_data(args.data)
     model, tokenizer = load_source(args.model)
     if not hasattr(model, "linspec_modules") or not model.linspec_modules():
         raise LinspecError(f"{args.model} has no linear-attention layers; convert it first (linspec convert)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,14 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft-model", help="the draft model for --draft model (same tokenizer)")
     parser.add_argument("--exit-layer", type=int, help="layers the early-exit drafter uses")
     parser.add_argument("--num-draft-tokens", type=int, help="draft depth per round (default: lookup 10, models 4)")
-    parser.add_argument("--tree-width", type=int, default=1, help="1 = chain (default); >1 = a tree")
-    parser.add_argument("--max-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default 3)")
-    parser.add_argument("--max-tree-nodes", type=int, default=64, help="refuse larger draft trees (default 64)")
+    parser.add_argument("--tree-width", type=int, help="1 = chain (default); >1 = a tree")
+    parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
+    parser.add_argument("--max-tree-nodes", type=int, help="refuse larger draft trees (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 0 = off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--stats", action="store_true", help="print acceptance statistics and speed")
     parser.add_argument("--json", action="store_true", help="print one JSON object (texts and statistics)")
@@ -47,23 +48,25 @@ def run(args: argparse.Namespace) -> int:
     from linspec.sources import load_source
     from linspec.speculative.drafters import build_drafter
     from linspec.speculative.generate import DEFAULT_MAX_TREE_NODES, generate_text
-    from linspec.speculative.sampling import SamplingConfig
 
-    # Everything checkable without the model is checked before loading it.
-    sampling = SamplingConfig(args.do_sample, args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens <= 0:
-        raise LinspecError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width, max_ngram=args.max_ngram)
-    build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=args.draft_model, **options)
-
+    sampling = check_arguments(args)  # everything checkable without the model, before loading it
+    options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
     model, tokenizer = load_source(args.model)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer to encode the prompt")
-    draft_model = load_source(args.draft_model)[0] if args.draft == "model" and args.draft_model else None
+    check_prompts_fit(model, tokenizer, args)
+    draft_model = None
+    if args.draft == "model":
+        draft_model = load_source(args.draft_model)[0]
+        check_same_vocabulary(model, draft_model, args.draft_model)
+    if args.draft == "early-exit" and args.exit_layer >= model.config.num_hidden_layers:
+        raise LinspecError(
+            f"--exit-layer {args.exit_layer} must be below the model's {model.config.num_hidden_layers} layers"
+        )
     drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, **options)
     generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     if args.draft == "none" and len(args.prompt) == 1 and not (args.json or args.stats):
-        stream_plain(model, tokenizer, args, generator)
+        stream_plain(model, tokenizer, args, sampling, generator)
         return 0
     texts, stats = generate_text(
         model, tokenizer, args.prompt, drafter, args.max_new_tokens, chat=not args.no_chat,
@@ -85,7 +88,97 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def stream_plain(model, tokenizer, args: argparse.Namespace, generator) -> None:
+MAX_NEW_TOKENS = 1 << 20
+MAX_DRAFT = 256  # draft depth, tree width and tree nodes: far beyond any useful tree, small enough to allocate
+
+# flag -> the drafters it applies to; a flag given for a drafter that ignores it is refused, not dropped.
+DRAFT_FLAGS = {
+    "draft_model": ("model",),
+    "exit_layer": ("early-exit",),
+    "num_draft_tokens": ("lookup", "early-exit", "model"),
+    "tree_width": ("lookup", "early-exit", "model"),
+    "max_ngram": ("lookup",),
+    "max_tree_nodes": ("lookup", "early-exit", "model"),
+}
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_arguments(args: argparse.Namespace):
+    """Refuse every flag that is out of range or would be ignored, naming the flag; return the sampling config."""
+    from linspec.errors import LinspecError
+    from linspec.speculative.drafters import DRAFTERS
+    from linspec.speculative.sampling import SamplingConfig
+
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise LinspecError("--prompt is empty; give the text to continue")
+    if not 0 < args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise LinspecError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if args.draft not in DRAFTERS:
+        raise LinspecError(f"--draft must be one of {', '.join(DRAFTERS)}; got {args.draft!r:.40}")
+    for name, drafters in DRAFT_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.draft not in drafters:
+            raise LinspecError(
+                f"{_flag(name)} only applies to --draft {' or '.join(drafters)} (got --draft {args.draft})"
+            )
+        if name != "draft_model" and not 0 < value <= MAX_DRAFT:
+            raise LinspecError(f"{_flag(name)} must be in 1..{MAX_DRAFT}, got {value}")
+    if args.draft == "model" and not args.draft_model:
+        raise LinspecError("--draft model needs --draft-model SRC (a model sharing the tokenizer)")
+    if args.draft == "early-exit" and args.exit_layer is None:
+        raise LinspecError("--draft early-exit needs --exit-layer N")
+    given = [_flag(name) for name in SAMPLING_FLAGS if getattr(args, name) is not None]
+    if given and not args.do_sample:
+        raise LinspecError(f"{given[0]} only applies with --do-sample (greedy decoding ignores it)")
+    if args.temperature is not None and math.isinf(args.temperature):
+        raise LinspecError("--temperature must be finite")
+    defaults = SamplingConfig()
+    return SamplingConfig(  # checks the ranges of --temperature, --top-k and --top-p
+        args.do_sample,
+        defaults.temperature if args.temperature is None else args.temperature,
+        defaults.top_k if args.top_k is None else args.top_k,
+        defaults.top_p if args.top_p is None else args.top_p,
+    )
+
+
+def check_prompts_fit(model, tokenizer, args: argparse.Namespace) -> None:
+    """Each prompt must encode to tokens the model has, and prompt + ``--max-new-tokens`` must fit its positions."""
+    from linspec.errors import LinspecError
+    from linspec.speculative.generate import encode_prompts
+
+    input_ids, mask = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat)
+    if int(mask.sum(1).min()) == 0:
+        raise LinspecError("--prompt encodes to no tokens")
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(input_ids.max()) >= vocab:
+        raise LinspecError(f"the tokenizer produces ids up to {int(input_ids.max())}, past the model's {vocab} tokens")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    length = int(mask.sum(1).max())
+    if isinstance(positions, int) and length + args.max_new_tokens > positions:
+        raise LinspecError(
+            f"the prompt ({length} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"{positions} positions"
+        )
+
+
+def check_same_vocabulary(model, draft_model, source: str) -> None:
+    from linspec.errors import LinspecError
+
+    sizes = (model.get_input_embeddings().num_embeddings, draft_model.get_input_embeddings().num_embeddings)
+    if sizes[0] != sizes[1]:
+        raise LinspecError(
+            f"--draft-model {source} has {sizes[1]} tokens, the model {sizes[0]}: not the same tokenizer"
+        )
+
+
+def stream_plain(model, tokenizer, args: argparse.Namespace, sampling, generator) -> None:
     """Plain decoding of one prompt through HF ``generate()``, printing text as it is produced."""
     import torch
     from transformers import TextStreamer
@@ -99,12 +192,16 @@ def stream_plain(model, tokenizer, args: argparse.Namespace, generator) -> None:
     )
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p) if args.do_sample else {}
+    options = (
+        dict(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
+        if args.do_sample
+        else {}
+    )
     model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-        **sampling,
+        **options,
     )

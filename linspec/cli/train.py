@@ -50,9 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from linspec.errors import LinspecError
+    from linspec.paths import check_name
     from linspec.train.catalog import resolve_recipe
     from linspec.train.recipe import load_recipe
 
+    if args.resume and args.force:
+        raise LinspecError("--resume continues a run and --force discards it; pass one of them")
+    if args.record_bench is not None:
+        check_name(args.record_bench, "--record-bench")  # it becomes docs/<NAME>.json: checked before training
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     if args.check:
         print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
@@ -84,13 +90,15 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m linspec.cli.train RECIPE ...``: the same command without the other sub-commands' imports."""
-    parser = argparse.ArgumentParser(prog="linspec")
+    from linspec.cli import OneLineParser, one_line
+
+    parser = OneLineParser(prog="linspec")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"linspec train: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"linspec train: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
         return 2
 
 

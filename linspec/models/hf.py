@@ -12,7 +12,10 @@ both the locked versions and the newest ones the declared range admits.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +41,8 @@ __all__ = [
     "new_kv_cache",
     "output_cache",
     "pop_cache",
+    "progress_bars",
+    "read_gguf_header",
     "set_generation_cache",
     "set_kv_tensors",
     "sliding_windows",
@@ -198,3 +203,45 @@ def sliding_windows(config, num_layers: int) -> list[int | None]:
     if layer_types is None:
         return [int(window)] * num_layers
     return [int(window) if kind == "sliding_attention" else None for kind in layer_types[:num_layers]]
+
+
+def read_gguf_header(path: Path) -> tuple[int, list[tuple[str, int, int]], dict[str, Any]] | None:
+    """``(data_start, [(tensor name, offset, nbytes)], metadata)`` of a GGUF file, read with transformers' own
+    header reader (fast: it skips the vocabulary); None when this release has no such reader."""
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+    except ImportError:
+        return None
+    header = GgufHeader.from_file(str(path))
+    metadata, _ = read_gguf_metadata(str(path))
+    return header.data_start, [(t.name, t.offset, t.nbytes) for t in header.tensors], metadata
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Hide transformers' (and huggingface_hub's) tqdm bars while active, when ``enabled`` is false.
+
+    With ``enabled`` the user's global setting is left as it is. transformers' legacy GGUF loader calls ``tqdm``
+    directly, ignoring that setting, so its module-level ``tqdm`` is pointed at the switchable one meanwhile.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if enabled:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -405,14 +405,18 @@ def build_drafter(
     10 for lookup (cheap drafts) and 4 for models (each level costs a forward). Validated here."""
     if kind == "none":
         return None
+    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
+        raise LinspecError(f"num_tokens must be a positive integer (or None for the default), got {num_tokens!r}")
     if kind == "lookup":
-        return PromptLookupDrafter(num_tokens=num_tokens or 10, max_ngram=max_ngram, num_drafts=tree_width)
+        return PromptLookupDrafter(
+            num_tokens=10 if num_tokens is None else num_tokens, max_ngram=max_ngram, num_drafts=tree_width
+        )
     if kind == "early-exit":
         if exit_layer is None:
             raise LinspecError("the early-exit drafter needs an exit layer (--exit-layer N)")
-        return EarlyExitDrafter(exit_layer, num_tokens=num_tokens or 4, tree_width=tree_width)
+        return EarlyExitDrafter(exit_layer, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
     if kind == "model":
         if draft_model is None:
             raise LinspecError("the model drafter needs a draft model (--draft-model SRC)")
-        return ModelDrafter(draft_model, num_tokens=num_tokens or 4, tree_width=tree_width)
+        return ModelDrafter(draft_model, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
     raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")

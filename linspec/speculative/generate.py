@@ -161,6 +161,10 @@ def speculative_generate(
     _check_fits_the_model(target, input_ids, mask, max_new_tokens)
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    for name, ids in (("eos_token_id", eos.tolist()), ("pad_token_id", [pad])):
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise LinspecError(f"{name} must be token ids in 0..{vocab - 1}, got {ids if len(ids) > 1 else ids[0]!r}")
     device = target.get_output_embeddings().weight.device
     input_ids, mask, eos = input_ids.to(device), mask.to(device), eos.to(device)
     stats = SpeculativeStats()

@@ -51,8 +51,8 @@ def resolve_recipe(name_or_path: str) -> Path:
     if name in recipes and "/" not in name_or_path:
         return recipes[name]
     raise LinspecError(
-        f"no recipe file {name_or_path!r} and no shipped recipe of that name; shipped: {', '.join(recipes)} "
-        "(linspec recipes ls)"
+        f"recipe not found: {name_or_path} is neither a file nor a shipped recipe ({', '.join(recipes)}; "
+        "linspec recipes ls)"
     )
 
 

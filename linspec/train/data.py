@@ -10,6 +10,9 @@ pure function of (seed, step): resuming at step s yields the same sequences an u
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,15 +35,15 @@ def load_documents(source: str, text_field: str = "text", max_documents: int | N
         except Exception as error:  # network, unknown name: one line for the user
             raise LinspecError(f"could not load hub dataset {name!r}: {str(error).splitlines()[0]}") from None
     else:
-        path = builtin_file(source[len("builtin:") :]) if source.startswith("builtin:") else Path(source).expanduser()
-        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS) if path.is_dir() else [path]
-        kinds = {BUILDERS.get(p.suffix) for p in files}
-        if not files or None in kinds or len(kinds) != 1:
-            raise LinspecError(f"{source}: expected .txt, .jsonl, .json or .parquet file(s) of one kind")
-        builder = kinds.pop()
+        files = local_files(source)
+        builder = BUILDERS[files[0].suffix]
         # .txt: one document per blank-line-separated paragraph block (``sample_by="paragraph"``).
         options = {"sample_by": "paragraph"} if builder == "text" else {}
-        table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+        try:
+            with _quiet_datasets():
+                table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+        except Exception as error:  # datasets' own errors (malformed JSON, a bad parquet footer): one line
+            raise LinspecError(f"{source}: cannot read it as {builder} data ({_root_cause(error)})") from None
     if max_documents is not None:
         table = table.select(range(min(max_documents, len(table))))
     if text_field in table.column_names:
@@ -49,6 +52,52 @@ def load_documents(source: str, text_field: str = "text", max_documents: int | N
     if "text" in table.column_names:  # .txt files and builtins always use "text"
         return table.select_columns(["text"])
     raise LinspecError(f"{source}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' own error logging while it reads a file: its failure becomes one LinspecError line,
+    and the log would print the same problem again, with a traceback, above it."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` wraps the parser's message in a generic one."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def local_files(source: str) -> list[Path]:
+    """The data files a local or ``builtin:`` source names, checked: one known kind, not empty, text as UTF-8."""
+    path = builtin_file(source[len("builtin:") :]) if source.startswith("builtin:") else Path(source).expanduser()
+    if not path.exists():
+        raise LinspecError(f"{source}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+    kinds = {BUILDERS.get(p.suffix) for p in files}
+    if not files or None in kinds or len(kinds) != 1:
+        raise LinspecError(f"{source}: expected .txt, .jsonl, .json or .parquet file(s) of one kind")
+    for file in files:
+        if not file.is_file() or file.stat().st_size == 0:
+            raise LinspecError(f"{file}: empty or not a regular file; it holds no text")
+        if BUILDERS[file.suffix] != "parquet":
+            with open(file, "rb") as handle:
+                head = handle.read(1 << 16)
+            try:
+                head.decode("utf-8")
+            except UnicodeDecodeError as error:
+                if error.start < len(head) - 4:  # not just a character cut at the end of the sample
+                    raise LinspecError(f"{file}: not UTF-8 text (byte {error.start}); is it a binary file?") from None
+            if b"\0" in head:
+                raise LinspecError(f"{file}: holds NUL bytes; is it a binary file?")
+    return files
 
 
 def pack(documents, tokenizer, seq_len: int, max_sequences: int | None = None) -> torch.Tensor:

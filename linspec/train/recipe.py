@@ -7,7 +7,9 @@ wrong types, out-of-range values and missing files each raise one ``LinspecError
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,8 +21,16 @@ import yaml
 
 from linspec.config import PRESETS, LinspecConfig
 from linspec.errors import LinspecError
+from linspec.paths import check_name
 
 TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
+# Upper bounds far beyond any real run that stop absurd sizes before they allocate anything.
+MAX_STEPS = 10**8
+MAX_BATCH = 1 << 16
+MAX_SEQ_LEN = 1 << 20
+MAX_LORA_RANK = 4096
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -168,45 +178,69 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise LinspecError(errors[0] if errors else f"recipe key {key}: got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise LinspecError(f"recipe key {key}: expected one of {_type_name(tp)}, got {value!r}")
+            raise LinspecError(f"recipe key {key}: expected one of {_type_name(tp)}, got {_shown(value)}")
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise LinspecError(f"recipe key {key}: expected a list, got {value!r}")
+            raise LinspecError(f"recipe key {key}: expected a list, got {_shown(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float:
+        return _coerce_float(value, key)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise LinspecError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+        raise LinspecError(f"recipe key {key}: expected {_type_name(tp)}, got {_shown(value)}")
     return value
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    """A finite float from an int, a float or a numeric string (YAML 1.1 reads 1e-3 as a string); never a bool,
+    NaN or infinity, which would train silently wrong."""
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None:
+        raise LinspecError(f"recipe key {key}: expected float, got {_shown(value)}")
+    if not math.isfinite(number):
+        raise LinspecError(f"recipe key {key}: must be a finite number, got {value!r}")
+    return number
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise LinspecError(f"recipe key {prefix or '(top level)'}: expected a mapping, got {data!r}")
+        raise LinspecError(f"recipe key {prefix or '(top level)'}: expected a mapping, got {_shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for name in data:
         if name not in known:
             where = f"{prefix}.{name}" if prefix else str(name)
-            raise LinspecError(f"recipe key {where}: unknown key; known keys here: {', '.join(sorted(known))}")
+            raise LinspecError(f"recipe key {where:.80}: unknown key; known keys here: {', '.join(sorted(known))}")
     values = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
     return cls(**values)
 
 
-def _positive(value: Any, key: str, allow_zero: bool = False) -> None:
+def _positive(value: Any, key: str, allow_zero: bool = False, limit: float | None = None) -> None:
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise LinspecError(f"recipe key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if value is not None and limit is not None and value > limit:
+        raise LinspecError(f"recipe key {key}: must be at most {limit}, got {value!r}")
+
+
+def _fraction(value: float, key: str, *, closed: bool) -> None:
+    """``value`` in [0, 1] (``closed``) or [0, 1)."""
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise LinspecError(f"recipe key {key}: must be in [0, 1{']' if closed else ')'}, got {value!r}")
 
 
 def is_local_path(source: str) -> bool:
@@ -222,8 +256,16 @@ def validate(recipe: Recipe) -> Recipe:
         recipe.conversion.settings()
     except LinspecError as error:
         raise LinspecError(f"recipe key conversion: {error}") from None
+    if not recipe.base.strip():
+        raise LinspecError("recipe key base: empty; name a model directory, a .gguf file, a hub id or a demo name")
     if is_local_path(recipe.base) and not Path(recipe.base).expanduser().exists():
         raise LinspecError(f"recipe key base: file not found: {recipe.base}")
+    if not recipe.output.strip() or "\0" in recipe.output:
+        raise LinspecError("recipe key output: empty or not a path")
+    output = Path(recipe.output).expanduser()
+    recipe.output = str(output)
+    if output.exists() and not output.is_dir():
+        raise LinspecError(f"recipe key output: {recipe.output} exists and is not a directory")
     data = recipe.data
     if not data.train:
         raise LinspecError("recipe key data.train: at least one training source is needed")
@@ -233,7 +275,9 @@ def validate(recipe: Recipe) -> Recipe:
         _check_source(data.eval, "data.eval")
     if not 0 < data.eval_fraction < 1:
         raise LinspecError(f"recipe key data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
-    _positive(data.seq_len, "data.seq_len")
+    if not data.text_field:
+        raise LinspecError("recipe key data.text_field: empty")
+    _positive(data.seq_len, "data.seq_len", limit=MAX_SEQ_LEN)
     _positive(data.max_train_sequences, "data.max_train_sequences")
     _positive(data.max_documents, "data.max_documents")
     _positive(data.max_eval_sequences, "data.max_eval_sequences")
@@ -242,12 +286,13 @@ def validate(recipe: Recipe) -> Recipe:
     names = set()
     for i, stage in enumerate(recipe.stages):
         key = f"stages[{i}]"
-        stage.name = stage.name or stage.kind
+        stage.name = check_name(stage.name or stage.kind, f"recipe key {key}.name")  # it becomes stages/<name>
         if stage.name in names:
             raise LinspecError(f"recipe key {key}.name: duplicate stage name {stage.name!r}")
         names.add(stage.name)
-        for name in ("steps", "batch_size", "micro_batch_size"):
-            _positive(getattr(stage, name), f"{key}.{name}")
+        _positive(stage.steps, f"{key}.steps", limit=MAX_STEPS)
+        for name in ("batch_size", "micro_batch_size"):
+            _positive(getattr(stage, name), f"{key}.{name}", limit=MAX_BATCH)
         if stage.batch_size % stage.micro_batch_size:
             raise LinspecError(f"recipe key {key}.batch_size: must be a multiple of micro_batch_size")
         if stage.kind == "attention_transfer" and stage.loss != "mse":
@@ -262,19 +307,37 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.kind == "lora" and stage.lora is None:
             raise LinspecError(f"recipe key {key}.lora: a lora stage needs a lora section")
         if stage.lora is not None:
-            _positive(stage.lora.r, f"{key}.lora.r")
-            if not stage.lora.targets:
-                raise LinspecError(f"recipe key {key}.lora.targets: name at least one module")
-        _positive(stage.optimizer.lr, f"{key}.optimizer.lr")
-        if len(stage.optimizer.betas) != 2:
-            raise LinspecError(f"recipe key {key}.optimizer.betas: expected two numbers")
-        _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True)
+            _check_lora(stage.lora, f"{key}.lora")
+        _check_optimizer(stage.optimizer, f"{key}.optimizer")
+        _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True, limit=MAX_STEPS)
+        _fraction(stage.schedule.min_lr_ratio, f"{key}.schedule.min_lr_ratio", closed=True)
         _positive(stage.distill_temperature, f"{key}.distill_temperature")
     _positive(recipe.checkpoint.every, "checkpoint.every", allow_zero=True)
-    _positive(recipe.checkpoint.keep, "checkpoint.keep")
+    _positive(recipe.checkpoint.keep, "checkpoint.keep", limit=1000)
     _positive(recipe.eval.every, "eval.every", allow_zero=True)
-    _positive(recipe.threads, "threads")
+    _positive(recipe.eval.max_sequences, "eval.max_sequences")
+    _positive(recipe.threads, "threads", limit=MAX_THREADS)
     return recipe
+
+
+def _check_lora(lora: Lora, key: str) -> None:
+    _positive(lora.r, f"{key}.r", limit=MAX_LORA_RANK)
+    _positive(lora.alpha, f"{key}.alpha")
+    _fraction(lora.dropout, f"{key}.dropout", closed=False)
+    if not lora.targets or not all(lora.targets):
+        raise LinspecError(f"recipe key {key}.targets: name at least one module, with no empty names")
+
+
+def _check_optimizer(opt: Optimizer, key: str) -> None:
+    """AdamW's own checks come too late (after loading) and miss a negative clip, which flips the update."""
+    _positive(opt.lr, f"{key}.lr")
+    _positive(opt.weight_decay, f"{key}.weight_decay", allow_zero=True)
+    _positive(opt.eps, f"{key}.eps")
+    _positive(opt.grad_clip, f"{key}.grad_clip")
+    if len(opt.betas) != 2:
+        raise LinspecError(f"recipe key {key}.betas: expected two numbers")
+    for j, beta in enumerate(opt.betas):
+        _fraction(beta, f"{key}.betas[{j}]", closed=False)
 
 
 def _check_source(source: str, key: str) -> None:
@@ -288,6 +351,13 @@ def _check_source(source: str, key: str) -> None:
             raise LinspecError(f"recipe key {key}: hub: needs a dataset name")
     elif not Path(source).expanduser().exists():
         raise LinspecError(f"recipe key {key}: file not found: {source}")
+    else:
+        from linspec.train.data import local_files
+
+        try:
+            local_files(source)
+        except LinspecError as error:
+            raise LinspecError(f"recipe key {key}: {error}") from None
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -295,7 +365,12 @@ def apply_override(data: dict, assignment: str) -> None:
     path, sep, text = assignment.partition("=")
     if not sep or not path:
         raise LinspecError(f"override {assignment!r}: expected key=value, e.g. stages.0.steps=10")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as error:
+        raise LinspecError(f"override {path:.60}: the value is not valid YAML ({_yaml_problem(error)})") from None
+    if any(not part for part in path.split(".")):
+        raise LinspecError(f"override {path:.60}: empty key between dots")
     *parents, last = path.split(".")
     node: Any = data
     walked = []
@@ -308,7 +383,7 @@ def apply_override(data: dict, assignment: str) -> None:
         else:
             if node.get(part) is None:
                 node[part] = {}
-            node = node[part]
+            node = node[part]  # an unknown key is named by the recipe check that follows
         if not isinstance(node, dict | list):
             raise LinspecError(f"override {path}: {'.'.join(walked)} is a value, not a section")
     if isinstance(node, list):
@@ -324,13 +399,26 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise LinspecError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise LinspecError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most 1 MiB)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise LinspecError(f"{path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as error:
-        raise LinspecError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+        raise LinspecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    if not isinstance(data, dict):
+        raise LinspecError(f"{path}: a recipe is a mapping of keys (base:, stages:, ...), got {_shown(data)}")
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(_build(Recipe, data, ""))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line from a YAML error: what went wrong and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -32,6 +32,7 @@ import yaml
 
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, atomic_write_text
+from linspec.paths import child_path
 from linspec.train.data import build_splits, global_batch
 from linspec.train.recipe import Recipe, Stage
 from linspec.train.state import (
@@ -137,12 +138,15 @@ class StopFlag:
 def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=None) -> Path:
     """Run every stage of ``recipe``; returns ``OUTPUT/model``. ``on_step(stage, step, loss)`` is for tests."""
     started = time.perf_counter()
+    if resume and force:
+        raise LinspecError("--resume continues a run and --force discards it; pass one of them")
     env = setup_env(recipe)
     run_dir = Path(recipe.output)
-    prepare_run_dir(run_dir, resume, force, env)
-    if env.main:
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    prepare_run_dir(run_dir, resume, force, env, recipe)
+    if env.main and not (run_dir / RECIPE_FILE).exists():
+        atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.main)
+    log.repair()
     weights_dtype = DTYPES[recipe.precision] if recipe.distributed != "fsdp" else torch.float32
 
     from linspec.convert import convert
@@ -173,7 +177,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
 
     final = len(recipe.stages) - 1
     for index, stage in enumerate(recipe.stages):
-        stage_dir = run_dir / "stages" / stage.name
+        stage_dir = child_path(run_dir / "stages", stage.name, f"recipe key stages[{index}].name")
         if resume and (stage_dir / "config.json").is_file():
             model = load_stage(stage_dir, weights_dtype)
             say(env, f"stage {stage.name}: already finished, loaded {stage_dir}")
@@ -186,18 +190,35 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     output = run_dir / "model"
     if env.main:
         with atomic_directory(output, force=True) as tmp:
-            shutil.copytree(run_dir / "stages" / recipe.stages[-1].name, tmp, dirs_exist_ok=True)
+            shutil.copytree(stage_dir, tmp, dirs_exist_ok=True)
         write_summary(run_dir, log, time.perf_counter() - started)
     env.barrier()
     return output
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env) -> None:
-    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+RECIPE_FILE = "recipe.yaml"
+RUN_FILES = ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE)
+# Keys that may change when a run resumes: where it lives, how it runs and how often it saves, or how its
+# result is written; not what it computes.
+RESUMABLE_CHANGES = ("output", "threads", "device", "checkpoint", "merge_lora")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: Recipe) -> None:
+    """Check the output before any work: a fresh or empty directory, a run to resume with the same recipe, or
+    (with ``force``) a run to discard. A directory that holds other files is never written into or emptied."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LinspecError(f"recipe key output: {run_dir} exists and is not a directory")
+    has_run = (run_dir / RECIPE_FILE).exists() or (run_dir / "metrics.jsonl").exists()
+    if run_dir.is_dir() and not has_run and any(p.name not in RUN_FILES for p in run_dir.iterdir()):
+        raise LinspecError(
+            f"recipe key output: {run_dir} holds files that are not a linspec run; choose an empty or new directory"
+        )
     if has_run and not (resume or force):
         raise LinspecError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
+    if resume and has_run:
+        check_same_recipe(run_dir / RECIPE_FILE, recipe)
     if force and not resume and env.main:
-        for name in ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json"):
+        for name in RUN_FILES:
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -205,6 +226,35 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env) -> None:
                 target.unlink()
     env.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_same_recipe(path: Path, recipe: Recipe) -> None:
+    """Refuse to resume a run under a recipe that differs from the one it started with (but for
+    ``RESUMABLE_CHANGES``): the checkpoints, metrics and finished stages belong to that recipe."""
+    if not path.is_file():
+        raise LinspecError(f"{path.parent} holds no {RECIPE_FILE}, so it cannot be resumed; start over with --force")
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise LinspecError(f"{path} is damaged ({type(error).__name__}); start over with --force") from None
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    changed = [key for key in _differences(stored, current) if key.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise LinspecError(
+            f"the recipe differs from the one {path.parent} was started with ({shown}); resume with the same "
+            "recipe, or start over with --force"
+        )
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain YAML structures."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(dict.fromkeys([*old, *new]))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(whole recipe)"]
 
 
 def say(env: Env, message: str) -> None:
@@ -451,16 +501,16 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
         state = snapshot(step)
         path = None
         if env.main:
-            path = save_checkpoint(Path(recipe.output), stage.name, step, state, recipe.checkpoint.keep)
-            log.plot(Path(recipe.output) / "loss.png")
+            run_dir = Path(recipe.output)
+            path = save_checkpoint(run_dir, stage.name, step, state, recipe.checkpoint.keep)
+            log.plot(run_dir / "loss.png")
         env.barrier()
         return path
 
     start, last_good = 0, None
     existing = checkpoint_dirs(Path(recipe.output), stage.name) if resume else []
     if existing:
-        last_good = existing[-1]
-        state = load_checkpoint(last_good)
+        last_good, state = newest_usable_checkpoint(existing, trainable_names, env)
         set_model_state_dict(model, state["trainable"], options=load)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=load)
         scheduler.load_state_dict(state["scheduler"])
@@ -541,6 +591,23 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
         model.activation_checkpointing_disable()
     evaluate(forward, eval_seqs, env, log, stage.name, recipe, stage.steps)
     return model
+
+
+def newest_usable_checkpoint(existing: list[Path], trainable_names: list[str], env: Env) -> tuple[Path, dict]:
+    """The newest checkpoint that loads and holds exactly this stage's trainable tensors, skipping (and naming)
+    damaged newer ones; none usable is one error naming the newest problem."""
+    problems = []
+    for path in reversed(existing):
+        try:
+            state = load_checkpoint(path)
+            if not isinstance(state["trainable"], dict) or set(state["trainable"]) != set(trainable_names):
+                raise LinspecError(f"checkpoint {path} holds other trainable tensors than this stage trains")
+        except LinspecError as error:
+            problems.append(str(error))
+            say(env, f"skipping {path}: {error}")
+            continue
+        return path, state
+    raise LinspecError(f"no usable checkpoint to resume from: {problems[0]}")
 
 
 class _null:

@@ -1,8 +1,10 @@
-"""Training checkpoints (atomic, resumable exactly), the metrics log (JSONL) and its loss-curve PNG.
+"""Training checkpoints (atomic, resumable exactly, data only), the metrics log (JSONL) and its loss-curve PNG.
 
-A checkpoint is ``OUTPUT/checkpoints/<stage>/step-<n>/state.pt``: the trainable tensors, optimiser, scheduler,
-every process's RNG states and the step (the data position is a function of the step). Written into a temp
-directory and renamed, so a crash while saving leaves the previous checkpoint as it was.
+A checkpoint is ``OUTPUT/checkpoints/<stage>/step-<n>/``: ``state.safetensors`` (the trainable tensors, the
+optimiser's moments, the RNG state tensors), ``state.json`` (everything else: step, scheduler, optimiser settings,
+Python/NumPy RNG states; see :mod:`linspec.train.state_codec`) and ``meta.json`` (format, stage, step), written
+into a temporary directory and renamed, so a crash while saving leaves the previous checkpoint as it was. Loading
+never unpickles: a damaged, foreign or crafted checkpoint is one ``LinspecError``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from linspec.errors import LinspecError
 from linspec.io import atomic_directory, atomic_write_bytes
+from linspec.paths import child_path
+from linspec.train.state_codec import decode, encode
+
+CHECKPOINT_FORMAT = {"format": "linspec-checkpoint", "version": 1}
+_STEP_DIR = re.compile(r"step-(\d{1,12})")
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,25 +44,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stage_checkpoints_dir(run_dir: Path, stage: str) -> Path:
+    return child_path(Path(run_dir) / "checkpoints", stage, "stage name")
+
+
 def checkpoint_dirs(run_dir: Path, stage: str) -> list[Path]:
-    """Complete checkpoints of ``stage``, oldest first."""
-    folder = Path(run_dir) / "checkpoints" / stage
-    found = [p for p in folder.glob("step-*") if (p / "state.pt").is_file()] if folder.is_dir() else []
+    """Finished checkpoints of ``stage`` (those with ``meta.json``, written last), oldest first."""
+    folder = stage_checkpoints_dir(run_dir, stage)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "meta.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, state: dict[str, Any], keep: int) -> Path:
-    path = Path(run_dir) / "checkpoints" / stage / f"step-{step:07d}"
-    with atomic_directory(path, force=True) as tmp:
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"stage": stage, "step": step}) + "\n")
+    from safetensors.torch import save_file
+
+    path = stage_checkpoints_dir(run_dir, stage) / f"step-{step:07d}"
+    skeleton, tensors = encode(state)
+    with atomic_directory(path, force=True, markers=("meta.json",)) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(skeleton) + "\n")
+        (tmp / "meta.json").write_text(json.dumps({**CHECKPOINT_FORMAT, "stage": stage, "step": step}) + "\n")
     for old in checkpoint_dirs(run_dir, stage)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    """The state saved in checkpoint directory ``path``; anything wrong with it is one ``LinspecError``."""
+    path = Path(path)
+    try:
+        return _read_checkpoint(path)
+    except LinspecError as error:
+        raise LinspecError(f"checkpoint {path} is damaged or not a linspec checkpoint: {error}") from None
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from linspec.sources import check_safetensors
+
+    if (path / "state.pt").exists() and not (path / "state.json").exists():
+        raise LinspecError("it is a pickle (state.pt), which linspec never loads; start over with --force")
+    meta = _read_json(path / "meta.json")
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in CHECKPOINT_FORMAT.items()):
+        raise LinspecError(f"meta.json does not say {CHECKPOINT_FORMAT}")
+    check_safetensors(path / "state.safetensors")
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise LinspecError(f"state.safetensors: {str(error).splitlines()[0] if str(error) else error!r}") from None
+    state = decode(_read_json(path / "state.json"), tensors)
+    if not isinstance(state, dict) or not {"step", "trainable", "optimizer", "scheduler", "rng"} <= set(state):
+        raise LinspecError("state.json lacks the step, trainable, optimizer, scheduler or rng entry")
+    if not isinstance(state["step"], int) or state["step"] != meta.get("step"):
+        raise LinspecError("the step in state.json does not match meta.json")
+    return state
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LinspecError(f"{path.name} is missing") from None
+    except (OSError, ValueError, RecursionError) as error:
+        raise LinspecError(f"{path.name} is not valid JSON ({str(error).splitlines()[0][:80]})") from None
 
 
 class MetricsLog:
@@ -70,9 +127,31 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record; a torn last line (a process killed mid-write) is skipped, damage elsewhere refused."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                if number == len(lines):
+                    break
+                raise LinspecError(f"{self.path} line {number} is damaged; remove that line or start over with --force")
+            records.append(record)
+        return records
+
+    def repair(self) -> None:
+        """Rewrite the log without a torn last line, so that the next append starts on a line of its own."""
+        if self.enabled and self.path.exists():
+            text = self.path.read_bytes()
+            if text and not text.endswith(b"\n"):
+                self.truncate(lambda record: True)
 
     def truncate(self, keep) -> None:
         """Keep only the records for which ``keep(record)`` is true (rewritten atomically)."""

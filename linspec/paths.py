@@ -1,0 +1,46 @@
+"""Names that become paths: one validator, used for every name a recipe, an override or a flag turns into a path.
+
+A stage name, a benchmark name or a checkpoint label is joined onto a directory linspec owns
+(``OUTPUT/stages/<name>``, ``docs/<name>.json``). ``Path("run") / "/etc"`` is ``/etc`` and ``"../x"`` climbs out,
+so such a name is refused up front unless it is one plain, portable file name; :func:`child_path` then checks the
+joined path again, so a name that slipped past validation still cannot leave its directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from linspec.errors import LinspecError
+
+MAX_NAME_LENGTH = 64
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: object, what: str) -> str:
+    """Return ``name`` if it is a safe single path component, else raise naming ``what`` (e.g. ``stages[1].name``).
+
+    Safe: 1..64 characters of letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit — so no
+    separators, no ``..``, no hidden or absolute names, no control characters, the same on every file system.
+    """
+    if not isinstance(name, str):
+        raise LinspecError(f"{what}: expected a name, got {type(name).__name__} {name!r:.40}")
+    if not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise LinspecError(
+            f"{what}: {shown!r} is not a plain name (letters, digits, '.', '_', '-'; starting with a letter or "
+            f"digit; at most {MAX_NAME_LENGTH} characters)"
+        )
+    return name
+
+
+def child_path(parent: str | os.PathLike, name: str, what: str) -> Path:
+    """``parent / name`` for a validated ``name``, checked to resolve inside ``parent`` (symlinks included)."""
+    check_name(name, what)
+    parent = Path(parent)
+    child = parent / name
+    resolved_parent = parent.resolve()
+    if resolved_parent not in child.resolve().parents:
+        raise LinspecError(f"{what}: {name!r} leads outside {parent} (a symbolic link?)")
+    return child

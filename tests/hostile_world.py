@@ -1,0 +1,130 @@
+"""The files the hostile-input suite feeds linspec: a tiny real model and its conversion, plus corrupt, foreign,
+binary, crafted and booby-trapped look-alikes of every kind of file linspec reads.
+
+A crafted pickle here would create ``CANARY`` if it ever ran; the suite asserts it never exists.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from linspec.train.corpus import SAMPLE
+
+CANARY = "pwned-by-pickle"
+
+
+class Booby:
+    """Unpickling this runs ``open(path, 'w')``: proof of code execution if the file appears."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@dataclass
+class World:
+    root: Path
+    canary: Path
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.root / name)
+
+
+def evil_pickle(canary: Path) -> bytes:
+    return pickle.dumps({"model.embed_tokens.weight": Booby(canary)})
+
+
+def build_world(root: Path) -> World:
+    """Write every fixture file under ``root`` (a few MB, about a second)."""
+    from tiny_models import tiny_base
+
+    from linspec.checkpoint import convert_checkpoint
+    from linspec.config import LinspecConfig
+    from linspec.train.tiny import make_tiny_base
+
+    canary = root / CANARY
+    base = make_tiny_base(root / "base")
+    convert_checkpoint(str(base), root / "linspec", LinspecConfig(group_size=8, conv_taps=4))
+    crafted = root / "linspec-crafted"  # a converted model whose config asks for an absurd group size
+    shutil.copytree(root / "linspec", crafted)
+    settings = json.loads((crafted / "config.json").read_text())
+    settings["linspec"]["group_size"] = 10**9
+    (crafted / "config.json").write_text(json.dumps(settings))
+    small = root / "small-positions"  # 256 positions, no tokenizer
+    tiny_base("llama").save_pretrained(small)
+
+    (root / "text.txt").write_text(SAMPLE)
+    (root / "one-token.txt").write_text("a")
+    (root / "empty.txt").write_bytes(b"")
+    (root / "mixed-dir").mkdir()
+    (root / "mixed-dir" / "a.txt").write_text("text")
+    (root / "mixed-dir" / "b.jsonl").write_text('{"text": "text"}\n')
+    (root / "docs.jsonl").write_text('{"body": "one document"}\n')
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    (root / "nul.jsonl").write_bytes(b'{"text": "a"}\n\x00\x00\x00\n')
+    (root / "broken.jsonl").write_text('{"text": "unterminated\n{"text": 1}}\n')
+    (root / "table.csv").write_text("text\nhello\n")
+    (root / "empty-dir").mkdir()
+
+    def model_like(name: str, **files: bytes) -> None:
+        folder = root / name
+        folder.mkdir()
+        for file, data in files.items():
+            (folder / file.replace("__", ".")).write_bytes(data)
+
+    weights = (base / "model.safetensors").read_bytes()
+    config = (base / "config.json").read_bytes()
+    model_like("config-list", config__json=b"[1, 2, 3]", model__safetensors=weights)
+    model_like("config-binary", config__json=bytes(range(256)), model__safetensors=weights)
+    model_like("config-no-type", config__json=b"{}", model__safetensors=weights)
+    torn_config = b'{"model_type": "llama", "num_hidden_layers": NaN'
+    model_like("config-torn", config__json=torn_config, model__safetensors=weights)
+    model_like("truncated", config__json=config, model__safetensors=weights[: len(weights) // 2])
+    model_like("header-bomb", config__json=config, model__safetensors=struct.pack("<Q", 2**62) + b"{}")
+    model_like("header-not-json", config__json=config, model__safetensors=struct.pack("<Q", 4) + b"\xff\xfe{[")
+    model_like(
+        "index-missing-shard",
+        config__json=config,
+        model__safetensors__index__json=json.dumps({"weight_map": {"a": "model-00001.safetensors"}}).encode(),
+    )
+    model_like("index-garbage", config__json=config, model__safetensors__index__json=b"\x00garbage")
+    model_like("pickle-evil", config__json=config, pytorch_model__bin=evil_pickle(canary))
+    model_like("gguf-only", config__json=config, model__gguf=b"GGUF")
+    model_like("no-weights", config__json=config)
+    gpt2_config = json.dumps({"model_type": "gpt2", "n_layer": 1}).encode()
+    model_like("gpt2", config__json=gpt2_config, model__safetensors=weights)
+    (root / "fake.gguf").write_bytes(b"NOTGGUF" + b"\0" * 64)
+    (root / "truncated.gguf").write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 12)
+    (root / "a-file").write_text("not a directory")
+    victim = root / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+
+    recipe = {
+        "base": str(base),
+        "output": str(root / "runs" / "default"),
+        "conversion": {"group_size": 8, "conv_taps": 4},
+        "data": {"train": ["builtin:sample"], "eval": None, "eval_fraction": 0.25, "seq_len": 32},
+        "eval": {"baselines": False},
+        "checkpoint": {"every": 1, "keep": 3},
+        "stages": [{"kind": "attention_transfer", "steps": 2, "batch_size": 2, "optimizer": {"lr": 0.05}}],
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (root / "recipe-scalar.yaml").write_text("just a string\n")
+    (root / "recipe-list.yaml").write_text("- base: x\n- stages: []\n")
+    (root / "recipe-broken.yaml").write_text("base: [unclosed\n")
+    (root / "recipe-binary.yaml").write_bytes(b"\xff\xfe\x00base: x")
+    (root / "recipe-huge.yaml").write_text("# " + "x" * (1 << 20) + "\n")
+    (root / "recipe-python-tag.yaml").write_text(f"base: !!python/object/apply:os.system ['touch {canary}']\n")
+    (root / "recipe-empty.yaml").write_text("")
+    shutil.copy(root / "recipe.yaml", root / "recipe-copy.yaml")
+    return World(root, canary)

@@ -1,0 +1,220 @@
+"""Hostile inputs through the public Python API: each row raises one ``LinspecError`` with a one-line message,
+runs no code from data and leaves the files it was pointed at as they were."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hostile_world import build_world, evil_pickle
+from tiny_models import tiny_base, tiny_linspec
+
+import linspec
+from linspec.checkpoint import load
+from linspec.config import LinspecConfig
+from linspec.errors import LinspecError
+from linspec.io import atomic_directory
+from linspec.paths import check_name, child_path
+from linspec.sources import load_source, read_config_json
+from linspec.train.recipe import apply_override, load_recipe
+from linspec.train.state import MetricsLog, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_torch_thread):
+    return build_world(tmp_path_factory.mktemp("hostile-api"))
+
+
+def good_checkpoint(run: Path) -> Path:
+    state = {
+        "step": 2,
+        "trainable": {"w": torch.ones(2)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": ["w"]}]},
+        "scheduler": {"last_epoch": 2},
+        "rng": [{"torch": torch.get_rng_state()}],
+    }
+    return save_checkpoint(run, "stage", 2, state, keep=2)
+
+
+def damage(edit: Callable[[Path], None]) -> Callable[[Path], Path]:
+    """A checkpoint saved properly, then edited by ``edit``."""
+
+    def make(run: Path) -> Path:
+        path = good_checkpoint(run)
+        edit(path)
+        return path
+
+    return make
+
+
+def _write(name: str, data: bytes | str) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        (path / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    return edit
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[: len(data) // 2])
+
+    return edit
+
+
+def _pickled(path: Path) -> None:
+    for name in ("state.json", "state.safetensors"):
+        (path / name).unlink()
+    (path / "state.pt").write_bytes(evil_pickle(path.parent / "pwned-by-pickle"))
+
+
+CHECKPOINTS = {
+    "pickle-state-pt": (damage(_pickled), "never loads"),
+    "meta-missing": (damage(lambda p: (p / "meta.json").unlink()), "meta.json is missing"),
+    "meta-foreign": (damage(_write("meta.json", '{"format": "torch", "step": 2}')), "meta.json does not say"),
+    "meta-binary": (damage(_write("meta.json", b"\xff\x00")), "not valid JSON"),
+    "tensors-truncated": (damage(_truncate("state.safetensors")), "state.safetensors"),
+    "tensors-missing": (damage(lambda p: (p / "state.safetensors").unlink()), "missing"),
+    "skeleton-truncated": (damage(_truncate("state.json")), "not valid JSON"),
+    "skeleton-unknown-tag": (damage(_write("state.json", '{"$eval": "__import__(\\"os\\")"}')), "unknown or"),
+    "skeleton-unknown-tensor": (
+        damage(_write("state.json", '{"step": 2, "trainable": {"w": {"$tensor": "t99"}}}')),
+        "does not hold",
+    ),
+    "skeleton-deep": (damage(_write("state.json", "[" * 100_000 + "]" * 100_000)), "not valid JSON"),
+    "skeleton-bad-array": (
+        damage(_write("state.json", '{"$ndarray": [1, "x"], "dtype": "uint32"}')),
+        "does not fit its dtype",
+    ),
+    "skeleton-object-dtype": (damage(_write("state.json", '{"$ndarray": [1], "dtype": "object"}')), "malformed"),
+    "step-mismatch": (
+        damage(
+            lambda p: (p / "meta.json").write_text(json.dumps({**json.loads((p / "meta.json").read_text()), "step": 9}))
+        ),
+        "does not match",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_damaged_or_crafted_checkpoints_are_one_error_and_run_nothing(name, tmp_path):
+    make, fragment = CHECKPOINTS[name]
+    path = make(tmp_path / "run")
+    with pytest.raises(LinspecError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and fragment in message and str(path) in message
+    assert not list(tmp_path.rglob("pwned-by-pickle"))
+
+
+def test_a_good_checkpoint_round_trips(tmp_path):
+    state = load_checkpoint(good_checkpoint(tmp_path))
+    assert state["step"] == 2 and torch.equal(state["trainable"]["w"], torch.ones(2))
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(state["rng"][0]["torch"], torch.get_rng_state())
+
+
+BAD_NAMES = ["", ".", "..", ".hidden", "/abs", "a/b", "a\\b", "../x", "x" * 65, "nul\0", "a b", "tab\t", "é", "-x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n)[:20] for n in BAD_NAMES])
+def test_names_that_become_paths_are_plain(name):
+    with pytest.raises(LinspecError, match="stage name"):
+        check_name(name, "stage name")
+
+
+@pytest.mark.parametrize("name", [5, None, ["a"]])
+def test_a_name_must_be_a_string(name):
+    with pytest.raises(LinspecError, match="expected a name"):
+        check_name(name, "stage name")
+
+
+def test_child_path_refuses_a_symbolic_link_out(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "stages" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(LinspecError, match="leads outside"):
+        child_path(tmp_path / "stages", "link", "stage name")
+    assert child_path(tmp_path / "stages", "transfer", "stage name") == tmp_path / "stages" / "transfer"
+
+
+API_CASES: dict[str, tuple[Callable[..., object], str]] = {
+    "config-group-zero": (lambda w: LinspecConfig(group_size=0), "group_size must be a positive integer"),
+    "config-group-bool": (lambda w: LinspecConfig(group_size=True), "group_size must be a positive integer"),
+    "config-group-text": (lambda w: LinspecConfig(group_size="8"), "group_size must be a positive integer"),
+    "config-group-absurd": (lambda w: LinspecConfig(group_size=10**9), "group_size must be at most"),
+    "config-taps-absurd": (lambda w: LinspecConfig(conv_taps=10**8), "conv_taps must be at most"),
+    "config-layers-negative": (lambda w: LinspecConfig(softmax_layers=(-1,)), "softmax_layers must be"),
+    "config-layers-absurd": (lambda w: LinspecConfig(softmax_layers=range(10**7)), "more)"),
+    "config-layers-string": (lambda w: LinspecConfig(softmax_layers="01"), "list of layer indices"),
+    "config-layers-int": (lambda w: LinspecConfig(softmax_layers=3), "list of layer indices"),
+    "config-feature-map": (lambda w: LinspecConfig(feature_map="softmax"), "feature_map must be one of"),
+    "config-preset": (lambda w: LinspecConfig.from_preset("fast"), "unknown preset"),
+    "config-from-dict": (lambda w: LinspecConfig.from_dict({"group": 8}), "unknown linspec setting"),
+    "convert-twice": (lambda w: linspec.convert(tiny_linspec()), "already a linspec model"),
+    "convert-layer-range": (
+        lambda w: linspec.convert(tiny_base("llama"), LinspecConfig(softmax_layers=(3,))),
+        "out of range",
+    ),
+    "convert-group-past-positions": (
+        lambda w: linspec.convert(tiny_base("llama"), LinspecConfig(group_size=512)),
+        "larger than the model's 256 positions",
+    ),
+    "load-missing": (lambda w: load(w["missing"]), "no such file or directory"),
+    "load-config-list": (lambda w: load(w["config-list"]), "holds a JSON list"),
+    "load-pickle": (lambda w: load(w["pickle-evil"]), "allow_pickle=True"),
+    "load-pickle-allowed": (
+        lambda w: load_source(w["pickle-evil"], allow_pickle=True, progress=False),
+        "cannot load the model",
+    ),
+    "load-local-typo": (lambda w: load_source("base/typo"), "no such file"),
+    "read-config-binary": (lambda w: read_config_json(Path(w["config-binary"]) / "config.json"), "not valid JSON"),
+    "recipe-scalar": (lambda w: load_recipe(w["recipe-scalar.yaml"]), "a recipe is a mapping"),
+    "recipe-python-tag": (lambda w: load_recipe(w["recipe-python-tag.yaml"]), "not valid YAML"),
+    "recipe-override-yaml": (lambda w: apply_override({}, "seed=[1"), "not valid YAML"),
+    "recipe-override-empty-part": (lambda w: apply_override({}, "a..b=1"), "empty key"),
+    "recipe-stage-name": (
+        lambda w: load_recipe(w["recipe.yaml"], [f"stages.0.name={w['victim']}"]),
+        "not a plain name",
+    ),
+    "recipe-grad-clip": (lambda w: load_recipe(w["recipe.yaml"], ["stages.0.optimizer.grad_clip=-1"]), "grad_clip"),
+    "atomic-force-non-model": (
+        lambda w: atomic_directory(w["victim"], force=True).__enter__(),
+        "refusing to replace it even with --force",
+    ),
+    "atomic-into-file": (lambda w: atomic_directory(w["a-file"], force=True).__enter__(), "not a directory"),
+    "ppl-window-one": (
+        lambda w: list(__import__("linspec.evaluate").evaluate.sliding_windows(torch.arange(4), 1, 1)),
+        "need window >= 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(API_CASES))
+def test_api_refuses_bad_input_with_one_line(name, world, monkeypatch):
+    monkeypatch.chdir(world.root)
+    call, fragment = API_CASES[name]
+    with pytest.raises(LinspecError) as error:
+        call(world)
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400 and fragment in message, message
+    assert (Path(world["victim"]) / "precious.txt").read_text() == "keep me"
+    assert not world.canary.exists()
+
+
+def test_metrics_log_skips_a_torn_last_line_and_refuses_damage_elsewhere(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(event="step", stage="a", step=1)
+    log.write(event="step", stage="a", step=2)
+    with open(log.path, "a") as handle:
+        handle.write('{"event": "st')  # killed mid-write
+    assert [r["step"] for r in log.records()] == [1, 2]
+    log.repair()
+    log.write(event="step", stage="a", step=3)
+    assert [r["step"] for r in log.records()] == [1, 2, 3]
+    log.path.write_text('{"step": 1}\n[garbage\n{"step": 3}\n')
+    with pytest.raises(LinspecError, match="line 2 is damaged"):
+        log.records()

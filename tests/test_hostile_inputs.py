@@ -1,0 +1,394 @@
+"""Hostile inputs: every command and the public Python API against a catalogue of bad input.
+
+Each CLI row runs ``linspec.cli.main`` in-process (cwd: a fresh sandbox) and asserts what a user should see
+from any bad input: exit code 2, exactly one short ``linspec ...: error:`` line and no traceback, nothing
+created, changed or deleted in the sandbox, the fixture files or the repository's docs, and no code run from
+data (the booby-trapped pickles never create their canary). Each API row asserts one ``LinspecError`` with a
+one-line message. Interrupted runs and concurrent writers need real processes and have their own tests in
+``test_hostile_processes.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hostile_world import CANARY, build_world
+
+from linspec.cli import main
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+MAX_LINE = 400
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_torch_thread):
+    return build_world(tmp_path_factory.mktemp("hostile-world"))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path_factory.getbasetemp() / "linspec-cache"))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: str  # one string, split on spaces; {name} is a fixture file, {sandbox} the case's working directory
+    fragment: str  # must appear in the error line
+    setup: Callable[[Path], None] | None = None
+
+
+def _mkdir(*names: str) -> Callable[[Path], None]:
+    def setup(sandbox: Path) -> None:
+        for name in names:
+            (sandbox / name).mkdir(parents=True)
+            (sandbox / name / "notes.txt").write_text("mine")
+
+    return setup
+
+
+def _long_prompt(sandbox: Path) -> None:
+    (sandbox / "long.txt").write_text("word " * 6000)
+
+
+# fmt: off
+CONVERT = [
+    Case("group-size-zero", "convert {base} out --group-size 0", "group_size must be a positive integer"),
+    Case("group-size-negative", "convert {base} out --group-size -3", "group_size must be a positive integer"),
+    Case("group-size-absurd", "convert {base} out --group-size 1000000000", "group_size must be at most"),
+    Case("group-size-text", "convert {base} out --group-size eight", "invalid int value"),
+    Case("group-size-float", "convert {base} out --group-size 8.5", "invalid int value"),
+    Case("conv-taps-absurd", "convert {base} out --conv-taps 100000000", "conv_taps must be at most"),
+    Case("conv-taps-zero", "convert {base} out --conv-taps 0", "conv_taps must be a positive integer"),
+    Case("group-past-positions", "convert {small-positions} out --group-size 512", "larger than the model's 256"),
+    Case("softmax-reversed", "convert {base} out --softmax-layers 3-1", "reversed"),
+    Case("softmax-huge-range", "convert {base} out --softmax-layers 0-5000000", "past any model"),
+    Case("softmax-out-of-range", "convert {base} out --softmax-layers 7", "out of range"),
+    Case("softmax-negative", "convert {base} out --softmax-layers=-1", "expected layer indices"),
+    Case("softmax-letters", "convert {base} out --softmax-layers a,b", "expected layer indices"),
+    Case("softmax-open-range", "convert {base} out --softmax-layers 1-", "expected layer indices"),
+    Case("softmax-only-commas", "convert {base} out --softmax-layers ,,", "expected layer indices"),
+    Case("preset-unknown", "convert {base} out --preset fast", "invalid choice"),
+    Case("feature-map-unknown", "convert {base} out --feature-map softmax", "feature_map must be one of"),
+    Case("local-kernel-unknown", "convert {base} out --local-kernel cubic", "local_kernel must be one of"),
+    Case("dtype-unknown", "convert {base} out --dtype float8", "dtype must be one of"),
+    Case("shard-size-garbage", "convert {base} out --max-shard-size lots", "expected a size"),
+    Case("shard-size-bits", "convert {base} out --max-shard-size 2Gb0", "expected a size"),
+    Case("unknown-flag", "convert {base} out --grop-size 8", "unrecognized arguments"),
+    Case("missing-out", "convert {base}", "required"),
+    Case("src-missing", "convert {sandbox}/nope out", "no such file or directory"),
+    Case("src-local-typo-not-hub", "convert outdir/modle out", "no such file or directory", _mkdir("outdir")),
+    Case("src-empty-dir", "convert {empty-dir} out", "no config.json"),
+    Case("src-a-file", "convert {a-file} out", "neither a model directory nor a .gguf file"),
+    Case("src-config-list", "convert {config-list} out", "holds a JSON list"),
+    Case("src-config-binary", "convert {config-binary} out", "not valid JSON"),
+    Case("src-config-no-type", "convert {config-no-type} out", "unsupported architecture"),
+    Case("src-config-truncated", "convert {config-torn} out", "not valid JSON"),
+    Case("src-truncated-weights", "convert {truncated} out", "truncated"),
+    Case("src-header-bomb", "convert {header-bomb} out", "truncated or not a safetensors file"),
+    Case("src-header-not-json", "convert {header-not-json} out", "corrupt safetensors header"),
+    Case("src-index-missing-shard", "convert {index-missing-shard} out", "is missing"),
+    Case("src-index-garbage", "convert {index-garbage} out", "not a valid safetensors index"),
+    Case("src-pickle-refused", "convert {pickle-evil} out", "--allow-pickle"),
+    Case("src-pickle-allowed-but-evil", "convert {pickle-evil} out --allow-pickle", "cannot load the model"),
+    Case("src-gguf-only-dir", "convert {gguf-only} out", "only GGUF"),
+    Case("src-no-weights", "convert {no-weights} out", "holds no model weights"),
+    Case("src-unsupported", "convert {gpt2} out", "unsupported architecture 'gpt2'"),
+    Case("src-fake-gguf", "convert {fake.gguf} out", "not a GGUF file"),
+    Case("src-truncated-gguf", "convert {truncated.gguf} out", "GGUF"),
+    Case("src-already-linspec", "convert {linspec} out", "already a linspec model"),
+    Case("out-exists", "convert {base} mine", "already exists; pass --force", _mkdir("mine")),
+    Case("out-exists-not-a-model-even-forced", "convert {base} mine --force", "refusing to replace", _mkdir("mine")),
+    Case("out-is-a-file", "convert {base} {a-file} --force", "not a directory"),
+    Case("out-precious-dir-forced", "convert {base} {victim} --force", "refusing to replace"),
+]
+
+GENERATE = [
+    Case("prompt-empty", "generate {linspec} --prompt=", "--prompt is empty"),
+    Case("prompt-blank", "generate {linspec} --prompt=\u2003", "--prompt is empty"),
+    Case("prompt-missing", "generate {linspec}", "--prompt"),
+    Case("max-new-zero", "generate {linspec} --prompt hi --max-new-tokens 0", "--max-new-tokens must be in"),
+    Case("max-new-negative", "generate {linspec} --prompt hi --max-new-tokens -5", "--max-new-tokens must be in"),
+    Case("max-new-absurd", "generate {linspec} --prompt hi --max-new-tokens 1000000000000", "--max-new-tokens"),
+    Case("max-new-past-positions", "generate {linspec} --prompt hi --max-new-tokens 5000", "4096 positions"),
+    Case("draft-unknown", "generate {linspec} --prompt hi --draft medusa", "--draft must be one of"),
+    Case("draft-model-without-path", "generate {linspec} --prompt hi --draft model", "needs --draft-model"),
+    Case("draft-model-path-ignored", "generate {linspec} --prompt hi --draft-model {base}", "only applies to --draft"),
+    Case("exit-layer-ignored", "generate {linspec} --prompt hi --exit-layer 1", "only applies to --draft early-exit"),
+    Case("early-exit-no-layer", "generate {linspec} --prompt hi --draft early-exit", "needs --exit-layer"),
+    Case("early-exit-layer-zero", "generate {linspec} --prompt hi --draft early-exit --exit-layer 0", "--exit-layer"),
+    Case("early-exit-too-deep", "generate {linspec} --prompt hi --draft early-exit --exit-layer 9", "below the model"),
+    Case("draft-depth-zero", "generate {linspec} --prompt hi --draft lookup --num-draft-tokens 0", "in 1..256"),
+    Case("draft-depth-absurd", "generate {linspec} --prompt hi --draft lookup --num-draft-tokens 99999", "1..256"),
+    Case("draft-depth-ignored", "generate {linspec} --prompt hi --num-draft-tokens 4", "only applies to --draft"),
+    Case("tree-width-zero", "generate {linspec} --prompt hi --draft lookup --tree-width 0", "--tree-width"),
+    Case("tree-width-ignored", "generate {linspec} --prompt hi --tree-width 3", "only applies to --draft"),
+    Case("max-ngram-zero", "generate {linspec} --prompt hi --draft lookup --max-ngram 0", "--max-ngram"),
+    Case("max-ngram-not-lookup", "generate {linspec} --prompt hi --draft model --draft-model {linspec} --max-ngram 2",
+         "--max-ngram only applies to --draft lookup"),
+    Case("tree-nodes-zero", "generate {linspec} --prompt hi --draft lookup --max-tree-nodes 0", "--max-tree-nodes"),
+    Case("temperature-without-sampling", "generate {linspec} --prompt hi --temperature 0.7", "with --do-sample"),
+    Case("top-k-without-sampling", "generate {linspec} --prompt hi --top-k 5", "only applies with --do-sample"),
+    Case("seed-without-sampling", "generate {linspec} --prompt hi --seed 1", "only applies with --do-sample"),
+    Case("temperature-nan", "generate {linspec} --prompt hi --do-sample --temperature nan", "temperature must be >= 0"),
+    Case("temperature-negative", "generate {linspec} --prompt hi --do-sample --temperature -1", "must be >= 0"),
+    Case("temperature-inf", "generate {linspec} --prompt hi --do-sample --temperature inf", "must be finite"),
+    Case("top-p-zero", "generate {linspec} --prompt hi --do-sample --top-p 0", "top_p must be in (0, 1]"),
+    Case("top-p-above-one", "generate {linspec} --prompt hi --do-sample --top-p 1.5", "top_p must be in (0, 1]"),
+    Case("top-k-negative", "generate {linspec} --prompt hi --do-sample --top-k -1", "top_k must be a non-negative"),
+    Case("model-missing", "generate {sandbox}/none --prompt hi", "no such file or directory"),
+    Case("model-without-tokenizer", "generate {small-positions} --prompt hi", "no tokenizer"),
+    Case("model-corrupt", "generate {truncated} --prompt hi", "truncated"),
+    Case("model-crafted-config", "generate {linspec-crafted} --prompt hi", "group_size must be at most"),
+    Case("draft-model-missing", "generate {linspec} --prompt hi --draft model --draft-model {sandbox}/no",
+         "no such file"),
+    Case("draft-model-other-vocabulary", "generate {linspec} --prompt hi --draft model --draft-model {small-positions}",
+         "not the same tokenizer"),
+]
+
+TRAIN = [
+    Case("stage-name-absolute", "train {recipe.yaml} output={sandbox}/run stages.0.name={victim}", "not a plain name"),
+    Case("stage-name-climbs", "train {recipe.yaml} output={sandbox}/run stages.0.name=../../escaped", "not a plain"),
+    Case("stage-name-hidden", "train {recipe.yaml} output={sandbox}/run stages.0.name=.git", "not a plain name"),
+    Case("stage-name-slash", "train {recipe.yaml} output={sandbox}/run stages.0.name=a/b", "not a plain name"),
+    Case("stage-name-long", "train {recipe.yaml} output={sandbox}/run stages.0.name=" + "n" * 200, "not a plain"),
+    Case("stage-name-number", "train {recipe.yaml} output={sandbox}/run stages.0.name=12", "expected str"),
+    Case("stage-name-dot", "train {recipe.yaml} output={sandbox}/run stages.0.name=..", "not a plain name"),
+    Case("record-bench-climbs", "train {recipe.yaml} output={sandbox}/run --record-bench ../../x", "--record-bench"),
+    Case("record-bench-absolute", "train {recipe.yaml} output={sandbox}/run --record-bench /tmp/x", "--record-bench"),
+    Case("resume-and-force", "train {recipe.yaml} output={sandbox}/run --resume --force", "pass one of them"),
+    Case("grad-clip-negative", "train {recipe.yaml} stages.0.optimizer.grad_clip=-1", "grad_clip: must be > 0"),
+    Case("grad-clip-zero", "train {recipe.yaml} stages.0.optimizer.grad_clip=0", "grad_clip: must be > 0"),
+    Case("lr-nan", "train {recipe.yaml} stages.0.optimizer.lr=nan", "must be a finite number"),
+    Case("lr-yaml-nan", "train {recipe.yaml} stages.0.optimizer.lr=.nan", "must be a finite number"),
+    Case("lr-inf", "train {recipe.yaml} stages.0.optimizer.lr=.inf", "must be a finite number"),
+    Case("lr-negative", "train {recipe.yaml} stages.0.optimizer.lr=-1e-3", "lr: must be > 0"),
+    Case("lr-bool", "train {recipe.yaml} stages.0.optimizer.lr=true", "expected float"),
+    Case("lr-text", "train {recipe.yaml} stages.0.optimizer.lr=fast", "expected float"),
+    Case("min-lr-ratio-negative", "train {recipe.yaml} stages.0.schedule.min_lr_ratio=-5", "min_lr_ratio"),
+    Case("min-lr-ratio-above-one", "train {recipe.yaml} stages.0.schedule.min_lr_ratio=2", "min_lr_ratio"),
+    Case("betas-above-one", "train {recipe.yaml} stages.0.optimizer.betas=[1.5,0.9]", "betas[0]"),
+    Case("betas-one-value", "train {recipe.yaml} stages.0.optimizer.betas=[0.9]", "expected two numbers"),
+    Case("eps-zero", "train {recipe.yaml} stages.0.optimizer.eps=0", "eps: must be > 0"),
+    Case("weight-decay-negative", "train {recipe.yaml} stages.0.optimizer.weight_decay=-1", "weight_decay"),
+    Case("warmup-negative", "train {recipe.yaml} stages.0.schedule.warmup_steps=-1", "warmup_steps"),
+    Case("schedule-unknown", "train {recipe.yaml} stages.0.schedule.name=exponential", "expected one of"),
+    Case("steps-absurd", "train {recipe.yaml} stages.0.steps=1000000000000", "steps: must be at most"),
+    Case("steps-float", "train {recipe.yaml} stages.0.steps=2.5", "expected int"),
+    Case("batch-zero", "train {recipe.yaml} stages.0.batch_size=0", "batch_size: must be > 0"),
+    Case("batch-absurd", "train {recipe.yaml} stages.0.batch_size=10000000", "batch_size: must be at most"),
+    Case("micro-batch-uneven", "train {recipe.yaml} stages.0.micro_batch_size=3", "multiple of micro_batch_size"),
+    Case("seq-len-zero", "train {recipe.yaml} data.seq_len=0", "seq_len: must be > 0"),
+    Case("seq-len-absurd", "train {recipe.yaml} data.seq_len=1000000000", "seq_len: must be at most"),
+    Case("eval-fraction-one", "train {recipe.yaml} data.eval_fraction=1", "eval_fraction"),
+    Case("text-field-empty", "train {recipe.yaml} data.text_field=''", "text_field: empty"),
+    Case("train-data-empty-list", "train {recipe.yaml} data.train=[]", "at least one training source"),
+    Case("train-data-missing", "train {recipe.yaml} data.train=[{sandbox}/none.txt]", "file not found"),
+    Case("train-data-empty-file", "train {recipe.yaml} data.train=[{empty.txt}]", "empty"),
+    Case("train-data-binary", "train {recipe.yaml} data.train=[{binary.txt}]", "not UTF-8 text"),
+    Case("train-data-unknown-builtin", "train {recipe.yaml} data.train=[builtin:nope]", "unknown builtin"),
+    Case("train-data-hub-empty", "train {recipe.yaml} data.train=['hub:']", "needs a dataset name"),
+    Case("lora-rank-zero", "train {recipe.yaml} stages.0.lora.r=0", "lora.r: must be > 0"),
+    Case("lora-rank-absurd", "train {recipe.yaml} stages.0.lora.r=100000000", "lora.r: must be at most"),
+    Case("lora-dropout-one", "train {recipe.yaml} stages.0.lora.dropout=1", "lora.dropout"),
+    Case("lora-alpha-nan", "train {recipe.yaml} stages.0.lora.alpha=.nan", "finite"),
+    Case("lora-no-targets", "train {recipe.yaml} stages.0.lora.targets=[]", "name at least one module"),
+    Case("distill-temperature-zero", "train {recipe.yaml} stages.0.distill_temperature=0", "distill_temperature"),
+    Case("trainable-unknown", "train {recipe.yaml} stages.0.trainable=[everything]", "trainable[0]"),
+    Case("checkpoint-keep-zero", "train {recipe.yaml} checkpoint.keep=0", "checkpoint.keep"),
+    Case("threads-zero", "train {recipe.yaml} threads=0", "threads: must be > 0"),
+    Case("threads-absurd", "train {recipe.yaml} threads=1000000", "threads: must be at most"),
+    Case("conversion-group-absurd", "train {recipe.yaml} conversion.group_size=1000000000", "group_size must be at"),
+    Case("conversion-conv-absurd", "train {recipe.yaml} conversion.conv_taps=100000000", "conv_taps must be at"),
+    Case("conversion-layers-negative", "train {recipe.yaml} conversion.softmax_layers=[-1]", "softmax_layers"),
+    Case("conversion-layers-text", "train {recipe.yaml} conversion.softmax_layers=abc", "expected a list"),
+    Case("precision-unknown", "train {recipe.yaml} precision=fp8", "expected one of"),
+    Case("device-unknown", "train {recipe.yaml} device=tpu", "expected one of"),
+    Case("override-broken-yaml", "train {recipe.yaml} seed=[1", "not valid YAML"),
+    Case("override-wrong-type", "train {recipe.yaml} seed=abc", "expected int"),
+    Case("override-unknown-key", "train {recipe.yaml} sed=1", "unknown key"),
+    Case("override-no-equals", "train {recipe.yaml} seed", "expected key=value"),
+    Case("override-empty-key", "train {recipe.yaml} =5", "expected key=value"),
+    Case("override-empty-part", "train {recipe.yaml} stages..steps=1", "empty key"),
+    Case("override-bad-index", "train {recipe.yaml} stages.9.steps=1", "not an index"),
+    Case("override-index-word", "train {recipe.yaml} stages.first.steps=1", "not an index"),
+    Case("override-into-set-value", "train {recipe.yaml} data.seq_len.x=1", "is a value, not a section"),
+    Case("override-into-value", "train {recipe.yaml} seed.x=1", "seed: expected int"),
+    Case("base-empty", "train {recipe.yaml} base=''", "recipe key base: empty"),
+    Case("base-missing-file", "train {recipe.yaml} base=./missing.gguf", "file not found"),
+    Case("output-is-a-file", "train {recipe.yaml} output={a-file}", "not a directory"),
+    Case("output-not-a-run", "train {recipe.yaml} output={victim}", "not a linspec run"),
+    Case("output-not-a-run-forced", "train {recipe.yaml} output={victim} --force", "not a linspec run"),
+    Case("recipe-missing", "train {sandbox}/none.yaml", "recipe not found"),
+    Case("recipe-is-dir", "train {empty-dir}", "recipe not found"),
+    Case("recipe-scalar", "train {recipe-scalar.yaml}", "a recipe is a mapping"),
+    Case("recipe-list", "train {recipe-list.yaml}", "a recipe is a mapping"),
+    Case("recipe-broken-yaml", "train {recipe-broken.yaml}", "not valid YAML"),
+    Case("recipe-binary", "train {recipe-binary.yaml}", "not a text file"),
+    Case("recipe-huge", "train {recipe-huge.yaml}", "too large for a recipe"),
+    Case("recipe-python-tag", "train {recipe-python-tag.yaml}", "not valid YAML"),
+    Case("recipe-empty", "train {recipe-empty.yaml}", "at least one"),
+    Case("recipe-check-still-validates", "train {recipe.yaml} stages.0.steps=0 --check", "steps: must be > 0"),
+    Case("dry-run-still-validates", "train {recipe.yaml} stages.0.optimizer.lr=nan --dry-run", "finite"),
+]
+
+EVAL = [
+    Case("ppl-data-missing", "eval ppl {linspec} --data {sandbox}/none.txt", "no such file"),
+    Case("ppl-data-empty", "eval ppl {linspec} --data {empty.txt}", "empty"),
+    Case("ppl-data-binary", "eval ppl {linspec} --data {binary.txt}", "not UTF-8 text"),
+    Case("ppl-data-nul", "eval ppl {linspec} --data {nul.jsonl}", "NUL bytes"),
+    Case("ppl-data-malformed-jsonl", "eval ppl {linspec} --data {broken.jsonl}", "cannot read it as json"),
+    Case("ppl-data-unknown-kind", "eval ppl {linspec} --data {table.csv}", "expected .txt, .jsonl"),
+    Case("ppl-data-empty-dir", "eval ppl {linspec} --data {empty-dir}", "expected .txt, .jsonl"),
+    Case("ppl-data-unknown-builtin", "eval ppl {linspec} --data builtin:nope", "unknown builtin"),
+    Case("ppl-data-hub-empty", "eval ppl {linspec} --data hub:", "needs a dataset name"),
+    Case("ppl-data-mixed-kinds", "eval ppl {linspec} --data {mixed-dir}", "of one kind"),
+    Case("ppl-text-field-missing", "eval ppl {linspec} --data {docs.jsonl}", "no column 'text'"),
+    Case("ppl-window-one", "eval ppl {linspec} --data {text.txt} --window 1", "--window must be in"),
+    Case("ppl-window-absurd", "eval ppl {linspec} --data {text.txt} --window 1000000000", "--window must be in"),
+    Case("ppl-stride-zero", "eval ppl {linspec} --data {text.txt} --stride 0", "--stride must be in"),
+    Case("ppl-stride-past-window", "eval ppl {linspec} --data {text.txt} --window 8 --stride 9", "--stride"),
+    Case("ppl-max-tokens-one", "eval ppl {linspec} --data {text.txt} --max-tokens 1", "--max-tokens"),
+    Case("ppl-ablate-unknown", "eval ppl {linspec} --data {text.txt} --ablate mlp", "invalid choice"),
+    Case("ppl-ablate-and-ablations", "eval ppl {linspec} --data {text.txt} --ablate conv --ablations", "one of them"),
+    Case("ppl-dtype-unknown", "eval ppl {linspec} --data {text.txt} --dtype int8", "dtype must be one of"),
+    Case("ppl-model-crafted-config", "eval ppl {linspec-crafted} --data {text.txt}", "group_size must be at most"),
+    Case("ppl-model-missing", "eval ppl {sandbox}/m --data {text.txt}", "no such file"),
+    Case("ppl-ablations-softmax-model", "eval ppl {base} --data {text.txt} --ablations", "need a linspec model"),
+    Case("ppl-task-missing", "eval", "required"),
+    Case("layers-seq-len-zero", "eval layers {linspec} --data {text.txt} --seq-len 0", "--seq-len must be in"),
+    Case("layers-top-zero", "eval layers {linspec} --data {text.txt} --top 0", "--top must be in"),
+    Case("layers-sequences-absurd", "eval layers {linspec} --data {text.txt} --max-sequences 99999999", "1..65536"),
+    Case("layers-softmax-model", "eval layers {base} --data {text.txt}", "no linear-attention layers"),
+    Case("layers-too-little-text", "eval layers {linspec} --data {one-token.txt}", "fewer than --seq-len"),
+    Case("layers-data-binary", "eval layers {linspec} --data {binary.txt}", "not UTF-8"),
+]
+
+BENCH_AND_DEMO = [
+    Case("bench-unknown", "bench everything", "invalid choice"),
+    Case("bench-decode-steps-zero", "bench decode --steps 0 --no-record", "must be positive"),
+    Case("bench-decode-context-negative", "bench decode --contexts -1 --no-record", "must be positive"),
+    Case("bench-decode-steps-absurd", "bench decode --steps 100000 --no-record", "at most 10000"),
+    Case(
+        "bench-decode-context-past-positions",
+        "bench decode --model {linspec} --contexts 100000 --no-record",
+        "exceed the model's",
+    ),
+    Case("bench-prefill-lengths-zero", "bench prefill --lengths 0 --no-record", "--lengths"),
+    Case("bench-prefill-lengths-absurd", "bench prefill --lengths 1000000000 --no-record", "--lengths"),
+    Case("bench-prefill-repeats-zero", "bench prefill --repeats 0 --no-record", "--repeats"),
+    Case("bench-prefill-threads-zero", "bench prefill --threads 0 --no-record", "--threads"),
+    Case("bench-prefill-shape-unknown", "bench prefill --shapes giant", "invalid choice"),
+    Case("bench-kernels-lengths-zero", "bench kernels --lengths 0 --no-record", "--lengths"),
+    Case("bench-kernels-batch-heads", "bench kernels --batch-heads 4y16", "BATCHxHEADS"),
+    Case("bench-speculative-tokens-zero", "bench speculative --max-new-tokens 0", "--max-new-tokens must be in"),
+    Case("bench-speculative-repeats-zero", "bench speculative --repeats 0", "--repeats must be in"),
+    Case("bench-speculative-threads-zero", "bench speculative --threads 0", "--threads must be in"),
+    Case("bench-speculative-exit-layer", "bench speculative --exit-layer 0", "--exit-layer must be in"),
+    Case("bench-speculative-model-missing", "bench speculative --model {sandbox}/m", "no such file"),
+    Case("bench-speculative-converted-softmax", "bench speculative --model {base} --converted {base}", "not a linspec"),
+    Case("demo-tokens-zero", "demo --max-new-tokens 0", "--max-new-tokens must be in"),
+    Case("demo-tokens-absurd", "demo --max-new-tokens 1000000000", "--max-new-tokens must be in"),
+    Case("demo-context-zero", "demo --contexts 0", "--contexts must be in"),
+    Case("demo-context-absurd", "demo --contexts 100000000000", "--contexts must be in"),
+    Case("demo-prompt-empty", "demo --prompt=", "--prompt is empty"),
+    Case("demo-trained-and-out", "demo --trained {linspec} --out {sandbox}/o", "pass one of them"),
+    Case("demo-out-a-file", "demo --out {a-file}", "not a directory"),
+    Case("demo-out-not-a-model", "demo --out {victim}", "holds no model"),
+    Case("no-command", "", "required"),
+    Case("unknown-command", "serve", "invalid choice"),
+]
+
+ENV_AND_RECIPES = [
+    Case("env-unknown-flag", "env --yaml", "unrecognized arguments"),
+    Case("recipes-no-action", "recipes", "required"),
+    Case("recipes-unknown-action", "recipes rm smollm2-135m-demo", "invalid choice"),
+    Case("recipes-cp-unknown", "recipes cp nope {sandbox}", "no shipped recipe 'nope'"),
+    Case("recipes-cp-path-as-name", "recipes cp ../../etc/passwd {sandbox}", "no shipped recipe"),
+    Case("recipes-cp-taken", "recipes cp smollm2-135m-demo {sandbox}/taken.yaml", "exists; pass --force",
+         setup=lambda sandbox: (sandbox / "taken.yaml").write_text("mine")),
+    Case("recipes-cp-no-dir", "recipes cp smollm2-135m-demo {sandbox}/no/where.yaml", "is not a directory"),
+    Case("train-shipped-name-climbs", "train ../recipes/smollm2-135m-demo", "recipe not found"),
+]
+
+# fmt: on
+CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``roots`` with its size and modification time."""
+    seen = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            stat = path.lstat()
+            seen[str(path)] = (stat.st_size if path.is_file() else -1, stat.st_mtime_ns)
+    return seen
+
+
+def expand(argv: str, world, sandbox: Path) -> list[str]:
+    """``{name}`` -> the fixture file ``name`` (dots and dashes allowed), ``{sandbox}`` -> the working directory."""
+    names = {p.name: str(p) for p in world.root.iterdir()} | {"sandbox": str(sandbox)}
+    return [re.sub(r"\{([\w.-]+)\}", lambda m: names[m[1]], part) for part in argv.split(" ") if part]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse usage errors
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, err: str, fragment: str) -> None:
+    """Exit 2; the last stderr line is the only ``linspec`` line (progress bars may precede it); short."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    messages = [line for line in lines if line.startswith("linspec")]
+    assert code == 2, (code, err)
+    assert len(messages) == 1 and lines[-1] == messages[0], err
+    assert len(messages[0]) <= MAX_LINE, len(messages[0])
+    assert ": error: " in messages[0] and fragment in messages[0], messages[0]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_cli_refuses_bad_input_cleanly(case: Case, world, tmp_path, monkeypatch, capsys):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    if case.setup is not None:
+        case.setup(sandbox)
+    monkeypatch.chdir(sandbox)
+    before = snapshot(sandbox, world.root, DOCS)
+    code, _, err = run_main(expand(case.argv, world, sandbox), capsys)
+    assert_refused(code, err, case.fragment)
+    assert snapshot(sandbox, world.root, DOCS) == before, "a refused command changed files"
+    assert not world.canary.exists() and not (sandbox / CANARY).exists()
+
+
+def test_catalogue_is_large_and_ids_are_unique():
+    assert len(CLI_CASES) >= 100
+    assert len({c.id for c in CLI_CASES}) == len(CLI_CASES)
+
+
+def test_every_sub_command_has_bad_input_rows():
+    from linspec.cli import COMMANDS
+
+    covered = {c.argv.split(" ")[0] for c in CLI_CASES if c.argv}
+    assert {command for command, _ in COMMANDS} <= covered
+
+
+def test_a_refused_parser_error_is_one_line_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "linspec", "convert", "a", "b", "--group-size", "x"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert os.listdir(tmp_path) == []
