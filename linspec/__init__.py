@@ -4,6 +4,7 @@
 converted directory loads with ``AutoModelForCausalLM.from_pretrained(path)`` and no remote code.
 """
 
+from linspec.checkpoint import load
 from linspec.config import LinspecConfig
 from linspec.convert import convert, supported_architectures
 from linspec.errors import LinspecError
@@ -21,7 +22,7 @@ from linspec.speculative import (
 
 register_auto_classes()
 
-__all__ = ["LinspecCache", "LinspecConfig", "LinspecError", "convert", "supported_architectures"]
+__all__ = ["LinspecCache", "LinspecConfig", "LinspecError", "convert", "load", "supported_architectures"]
 __all__ += [
     "Drafter",
     "EarlyExitDrafter",

@@ -15,14 +15,6 @@ from linspec.errors import LinspecError
 from linspec.io import atomic_directory, check_output_dir
 from linspec.model_card import ModelCard, source_license
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise LinspecError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
 
 def convert_checkpoint(
     src: str,
@@ -34,6 +26,7 @@ def convert_checkpoint(
     max_shard_size: str = "2GB",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> Path:
     """Load ``src`` (HF dir, hub id, ``.gguf`` or a demo name), convert it, save model + tokenizer to ``out``.
 
@@ -44,7 +37,9 @@ def convert_checkpoint(
 
     check_output_dir(out, force)
     _check_config_before_loading(src, settings)
-    model, tokenizer = load_source(src, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_source(
+        src, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, device=device
+    )
     converted = convert(model, settings)
     with atomic_directory(out, force=force) as tmp:
         converted.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -74,8 +69,11 @@ def _check_config_before_loading(src: str, settings: LinspecConfig) -> None:
         settings.check_model(SimpleNamespace(**sizes))
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` for any source ``linspec`` understands; a converted dir gives a linspec model."""
+def load(path: str | os.PathLike, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"):
+    """``(model, tokenizer)`` for any source linspec understands — a converted directory gives a linspec model —
+    on ``device`` in ``dtype`` (``auto``: CUDA when present, else CPU; bfloat16 on CUDA, float32 elsewhere)."""
+    from linspec.devices import placement
     from linspec.sources import load_source
 
-    return load_source(str(path), dtype=dtype)
+    target, weights = placement(device, dtype)
+    return load_source(str(path), dtype=weights, device=target)

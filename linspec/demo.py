@@ -36,14 +36,14 @@ def chat_input_ids(tokenizer, prompt: str) -> torch.Tensor:
 
 
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
-    ids = chat_input_ids(tokenizer, prompt)
+    ids = chat_input_ids(tokenizer, prompt).to(model.device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     elapsed = time.perf_counter() - start
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), elapsed
 
 
-def _models(model_name: str, out: Path, trained: Path | None, console: Console):
+def _models(model_name: str, out: Path, trained: Path | None, console: Console, device, dtype):
     """``(original, tokenizer, converted)``: the source model, and the trained or (once) converted one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -55,7 +55,7 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console):
             raise LinspecError(f"--trained {out}: no model directory there (no config.json)")
         if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
             raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
-    original, tokenizer = load_source(model_name)
+    original, tokenizer = load_source(model_name, dtype=dtype, device=device)
     if trained is not None:
         console.print(f"using the trained model in {out}")
     elif not (out / "config.json").exists():
@@ -63,7 +63,7 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console):
         convert_checkpoint(model_name, out, LinspecConfig(), force=out.exists())
     else:
         console.print(f"reusing the converted model in {out}")
-    return original, tokenizer, AutoModelForCausalLM.from_pretrained(out).eval()
+    return original, tokenizer, AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
 
 
 def run_demo(
@@ -74,19 +74,23 @@ def run_demo(
     contexts: tuple[int, ...] = (256, 4096),
     console: Console | None = None,
     trained: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """Convert (once; reused afterwards), generate with both models, time decoding at short and long context.
 
     ``trained``: a linspec model made from ``model_name`` by ``linspec train`` to show instead of the raw
     conversion, whose text is poor until trained."""
+    from linspec.devices import placement
     from linspec.sources import progress_bars
 
+    target, weights = placement(device, dtype)
     console = console or Console()
     out = Path(trained or out or default_output_dir(model_name))
     console.rule(f"[bold]linspec demo: {model_name}")
     # transformers' bars for sub-second loads and saves would only interleave with the demo's own lines
     with progress_bars(False):
-        original, tokenizer, converted = _models(model_name, out, trained, console)
+        original, tokenizer, converted = _models(model_name, out, trained, console, target, weights)
     console.print(f"loaded {type(converted).__name__} with {len(converted.linspec_modules())} linear layers")
 
     console.print(f"\n[bold]prompt:[/bold] {prompt}")
@@ -114,7 +118,7 @@ def run_demo(
         table.add_column(column, justify="right")
     generator = torch.Generator().manual_seed(0)
     for context in contexts:
-        prompt_ids = torch.randint(0, original.config.vocab_size, (1, context), generator=generator)
+        prompt_ids = torch.randint(0, original.config.vocab_size, (1, context), generator=generator).to(target)
         timings = {}
         for name, model in (("original", original), ("converted", converted)):
             _, times, nbytes = time_decode(model, prompt_ids, steps=16)

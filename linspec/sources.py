@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from linspec.demo_model import DEMO_MODELS, cache_root, demo_model_dir
+from linspec.devices import resolve_device
 from linspec.errors import LinspecError
 
 __all__ = [
@@ -48,13 +49,26 @@ def load_source(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a demo name, a ``.gguf`` file, a HF model directory or a hub id ``org/name``.
 
-    The model is in eval mode, on CPU, in ``dtype``. The tokenizer is ``None`` when a local directory has none.
-    A demo name wins over a local path spelled the same; write ``./smollm2-135m`` to mean the directory.
+    The model is in eval mode, in ``dtype``, on ``device`` (a name ``linspec.devices.resolve_device`` accepts;
+    None: the CPU). The tokenizer is ``None`` when a local directory has none. A demo name wins over a local path
+    spelled the same; write ``./smollm2-135m`` to mean the directory.
     """
-    src = str(src)
+    target = None if device is None else resolve_device(device)  # a missing GPU is refused before loading
+    model, tokenizer = _load_on_cpu(
+        str(src), dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
+    )
+    if target is not None and target.type != "cpu":
+        model = model.to(target)
+    return model, tokenizer
+
+
+def _load_on_cpu(
+    src: str, *, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool, progress: bool
+) -> tuple[Any, Any]:
     if src in DEMO_MODELS:
         return load_model_dir(demo_model_dir(src, progress=progress), dtype=dtype, progress=progress)
     path = Path(src).expanduser()

@@ -36,3 +36,23 @@ def test_summary_ratios_come_from_the_measurements():
     assert abs(summary["speedup_by_context"][8192] - 30.0 / 12.6) < 1e-9
     assert summary["cache_ratio_longest"] == 128.0
     json.dumps(summary)  # recorded as JSON
+
+
+def test_results_go_where_the_user_says_and_never_into_the_package(tmp_path, monkeypatch, capsys):
+    import linspec.bench.report as report
+
+    tiny_base("llama").save_pretrained(tmp_path / "tiny")
+    args = ["bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "8", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "mine")]) == 0
+    written = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    assert written == ["benchmarks.md", "decode.json", "decode.png"]
+    assert json.loads((tmp_path / "mine" / "decode.json").read_text())["device"] == "cpu"
+    monkeypatch.chdir(tmp_path)  # default: a fresh run folder under the working directory
+    assert main(["bench", "prefill", "--lengths", "8", "--repeats", "1", "--shapes", "smollm2-135m"]) == 0
+    (run,) = (tmp_path / "runs" / "bench").iterdir()
+    assert run.name.startswith("prefill-") and (run / "prefill.json").is_file()
+    assert "wrote" in capsys.readouterr().out
+    assert report.project_docs_dir().name == "docs"  # this checkout's recorded tables
+    monkeypatch.setattr(report, "_CHECKOUT", tmp_path)  # what an installed package sees
+    assert main([*args, "--update-docs"]) == 2
+    assert "needs a linspec source checkout" in capsys.readouterr().err

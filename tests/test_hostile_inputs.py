@@ -76,7 +76,7 @@ CONVERT = [
     Case("preset-unknown", "convert {base} out --preset fast", "invalid choice"),
     Case("feature-map-unknown", "convert {base} out --feature-map softmax", "feature_map must be one of"),
     Case("local-kernel-unknown", "convert {base} out --local-kernel cubic", "local_kernel must be one of"),
-    Case("dtype-unknown", "convert {base} out --dtype float8", "dtype must be one of"),
+    Case("dtype-unknown", "convert {base} out --dtype float8", "dtype must be auto or one of"),
     Case("shard-size-garbage", "convert {base} out --max-shard-size lots", "expected a size"),
     Case("shard-size-bits", "convert {base} out --max-shard-size 2Gb0", "expected a size"),
     Case("unknown-flag", "convert {base} out --grop-size 8", "unrecognized arguments"),
@@ -256,7 +256,7 @@ EVAL = [
     Case("ppl-max-tokens-one", "eval ppl {linspec} --data {text.txt} --max-tokens 1", "--max-tokens"),
     Case("ppl-ablate-unknown", "eval ppl {linspec} --data {text.txt} --ablate mlp", "invalid choice"),
     Case("ppl-ablate-and-ablations", "eval ppl {linspec} --data {text.txt} --ablate conv --ablations", "one of them"),
-    Case("ppl-dtype-unknown", "eval ppl {linspec} --data {text.txt} --dtype int8", "dtype must be one of"),
+    Case("ppl-dtype-unknown", "eval ppl {linspec} --data {text.txt} --dtype int8", "dtype must be auto or one of"),
     Case("ppl-model-crafted-config", "eval ppl {linspec-crafted} --data {text.txt}", "group_size must be at most"),
     Case("ppl-model-missing", "eval ppl {sandbox}/m --data {text.txt}", "no such file"),
     Case("ppl-ablations-softmax-model", "eval ppl {base} --data {text.txt} --ablations", "need a linspec model"),
@@ -316,8 +316,25 @@ ENV_AND_RECIPES = [
     Case("train-shipped-name-climbs", "train ../recipes/smollm2-135m-demo", "recipe not found"),
 ]
 
+PLACEMENT_AND_OUTPUT = [
+    Case("generate-device-unknown", "generate {linspec} --prompt hi --device bogus", "unknown device 'bogus'"),
+    Case("generate-device-unsupported", "generate {linspec} --prompt hi --device hpu", "unsupported device"),
+    Case("generate-dtype-unknown", "generate {linspec} --prompt hi --dtype int8", "dtype must be auto or one of"),
+    Case("ppl-device-unknown", "eval ppl {linspec} --data {empty.txt} --device gpu0", "unknown device"),
+    Case("ppl-dtype-double", "eval ppl {linspec} --data {empty.txt} --dtype double", "dtype must be auto"),
+    Case("layers-dtype-unknown", "eval layers {linspec} --data {empty.txt} --dtype q4", "dtype must be auto"),
+    Case("convert-device-unknown", "convert {base} {sandbox}/o --device nowhere", "unknown device"),
+    Case("demo-device-unknown", "demo --device abacus", "unknown device"),
+    Case("bench-decode-dtype-unknown", "bench decode --model {base} --dtype half-ish --no-record", "dtype must be"),
+    Case("bench-decode-out-and-docs", "bench decode --out {sandbox}/b --update-docs", "pass one of them"),
+    Case("bench-decode-out-a-file", "bench decode --out {a-file} --contexts 8 --steps 1", "is not a folder"),
+    Case("bench-prefill-no-record-and-out", "bench prefill --no-record --out {sandbox}/b", "writes nothing"),
+    Case("bench-speculative-device", "bench speculative --device bogus", "unknown device"),
+    Case("train-update-docs-alone", "train {recipe.yaml} --update-docs", "needs --record-bench"),
+]
+
 # fmt: on
-CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES]
+CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES, *PLACEMENT_AND_OUTPUT]
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:

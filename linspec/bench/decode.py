@@ -21,7 +21,8 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from linspec.bench.report import markdown_table, record
+from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.devices import add_placement_arguments, placement
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
 
@@ -47,6 +48,7 @@ def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tup
     cache = new_cache_for(model)
     start = time.perf_counter()
     logits = model(prompt, **hf.cache_kwargs(cache), use_cache=True).logits
+    _synchronize(logits)
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
     times = []
@@ -54,20 +56,32 @@ def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tup
         start = time.perf_counter()
         logits = model(token, **hf.cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
+        _synchronize(token)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     return prefill, times, cache_nbytes(cache)
 
 
-def measure_one(source: str, which: str, context: int, steps: int, seed: int = 0) -> DecodeResult:
+def _synchronize(tensor: torch.Tensor) -> None:
+    """Wait for queued GPU work, so a timer reads the work's end rather than its launch."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def measure_one(
+    source: str, which: str, context: int, steps: int, device: str = "cpu", dtype: str = "float32", seed: int = 0
+) -> DecodeResult:
     """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
     import linspec
     from linspec.sources import load_source
 
-    model, _ = load_source(source, progress=False)
+    target, weights = placement(device, dtype)
+    model, _ = load_source(source, progress=False, dtype=weights)
     if which == "converted":
         model = linspec.convert(model, linspec.LinspecConfig())
+    model = model.to(target)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
+    prompt = prompt.to(target)
     time_decode(model, prompt[:, :16], steps=2, warmup=0)  # first-call costs (allocator, kernels) stay out
     prefill, times, nbytes = time_decode(model, prompt, steps)
     median = statistics.median(times)
@@ -75,7 +89,9 @@ def measure_one(source: str, which: str, context: int, steps: int, seed: int = 0
     return DecodeResult(which, context, prefill, 1e3 * median, 1 / median, nbytes, peak)
 
 
-def measure(source: str, contexts: list[int], steps: int) -> list[DecodeResult]:
+def measure(
+    source: str, contexts: list[int], steps: int, device: str = "cpu", dtype: str = "float32"
+) -> list[DecodeResult]:
     """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
     pairs = [(context, which) for context in contexts for which in ("original", "converted")]
@@ -83,7 +99,17 @@ def measure(source: str, contexts: list[int], steps: int) -> list[DecodeResult]:
         task = progress.add_task("decode benchmark", total=len(pairs))
         for context, which in pairs:
             progress.update(task, description=f"{which} @ {context} tokens")
-            command = [sys.executable, "-m", "linspec.bench.decode", source, which, str(context), str(steps)]
+            command = [
+                sys.executable,
+                "-m",
+                "linspec.bench.decode",
+                source,
+                which,
+                str(context),
+                str(steps),
+                device,
+                dtype,
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"decode worker failed ({which} @ {context}): {done.stderr.strip()[-300:]}")
@@ -133,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model source (default: the demo model)")
     parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS, help="context lengths")
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps per context (default 32)")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not write under docs/")
+    add_placement_arguments(parser)
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,12 +169,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
         raise LinspecError(f"--steps and --contexts must be positive (and --steps at most {MAX_STEPS})")
+    out_dir = output_dir(args, "decode")
+    device, dtype = placement(args.device, args.dtype)
     model, _ = load_source(args.model)  # fetch/check once here, so workers start from the cache
     positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     if positions is not None and max(args.contexts) > positions:
         raise LinspecError(f"--contexts up to {max(args.contexts)} exceed the model's {positions} positions")
     del model
-    results = measure(args.model, sorted(args.contexts), args.steps)
+    results = measure(args.model, sorted(args.contexts), args.steps, str(device), str(dtype).removeprefix("torch."))
     summary = summarise(results)
     rows = [
         [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
@@ -165,12 +194,15 @@ def run(args: argparse.Namespace) -> int:
         f"- cache at {hi} tokens: original / converted = {summary['cache_ratio_longest']:.1f}×"
     )
     print(text)
-    if not args.no_record:
-        payload = {"model": args.model, "steps": args.steps, "results": [asdict(r) for r in results], **summary}
-        record("decode", payload, text, plot(results))
+    if out_dir is not None:
+        payload = {"model": args.model, "steps": args.steps, "device": str(device), "dtype": str(dtype)}
+        path = record(
+            "decode", {**payload, "results": [asdict(r) for r in results], **summary}, text, plot(results), out_dir
+        )
+        print(f"wrote {path}")
     return 0
 
 
-if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS
-    source, which, context, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    print(json.dumps(asdict(measure_one(source, which, context, steps))))
+if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE
+    source, which, context, steps, device, dtype = sys.argv[1:7]
+    print(json.dumps(asdict(measure_one(source, which, int(context), int(steps), device, dtype))))

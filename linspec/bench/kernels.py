@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import markdown_table, record
+from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
 
 EXAMPLE = "example: linspec bench kernels --lengths 2048 8192 32768 --batch-heads 1x16 8x32 --head-dims 64 128"
 DEFAULT_LENGTHS = [2048, 4096, 8192, 16384, 32768]
@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims (default 64 128)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    parser.add_argument("--no-record", action="store_true", help="print only; do not write under docs/")
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
     if any(not 0 < n <= 1 << 20 for n in args.lengths) or any(not 0 < d <= 512 for d in args.head_dims):
         raise LinspecError("--lengths must be in 1..1048576 and --head-dims in 1..512")
+    out_dir = output_dir(args, "kernels")
     if not torch.cuda.is_available():
         raise LinspecError(
             "linspec bench kernels needs a CUDA GPU and none is visible (for CPU: linspec bench prefill)"
@@ -231,9 +232,10 @@ def run(args: argparse.Namespace) -> int:
         f"- linspec vs SDPA flash, median speed-up over all cases: **{statistics.median(speedups):.2f}×**"
     )
     print(text)
-    if not args.no_record:
+    if out_dir is not None:
         payload = {"device": device, "ceilings": ceilings, "fla_installed": fla is not None}
-        record("kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results))
+        path = record("kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir)
+        print(f"wrote {path}")
     return 0
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import markdown_table, record
+from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
 
 EXAMPLE = "example: linspec bench prefill --lengths 512 2048 8192 --repeats 5 --threads 2"
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192]
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="head layouts")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per length (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not write under docs/")
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise LinspecError(f"--repeats must be in 1..1000 and --lengths in 1..{MAX_LENGTH}")
     if args.threads is not None and not 0 < args.threads <= 1024:
         raise LinspecError(f"--threads must be in 1..1024, got {args.threads}")
+    out_dir = output_dir(args, "prefill")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = [measure(shape, length, args.repeats) for shape in args.shapes for length in sorted(args.lengths)]
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         f"- chunked faster than SDPA at every length from 2k tokens: **{verdict}**"
     )
     print(text)
-    if not args.no_record:
+    if out_dir is not None:
         payload = {"repeats": args.repeats, "threads": torch.get_num_threads(), "shapes": SHAPES}
-        record("prefill", {**payload, "results": [asdict(r) for r in results]}, text, plot(results))
+        path = record("prefill", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir)
+        print(f"wrote {path}")
     return 0

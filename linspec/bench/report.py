@@ -1,7 +1,13 @@
-"""Recording benchmark results: docs/<name>.json, docs/<name>.png and a section of docs/benchmarks.md."""
+"""Recording benchmark results: ``<name>.json``, ``<name>.png`` and a section of ``benchmarks.md`` in one folder.
+
+The folder is the user's: ``--out DIR``, else a fresh ``runs/bench/<name>-<time>`` under the working directory.
+The project's own recorded tables (``docs/`` of a source checkout) change only with ``--update-docs``; an
+installed linspec has no such folder and refuses that flag.
+"""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import platform
@@ -11,9 +17,52 @@ from typing import Any
 
 import torch
 
+from linspec.errors import LinspecError
 from linspec.io import atomic_write_bytes, atomic_write_text
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def project_docs_dir() -> Path:
+    """``docs/`` of the source checkout linspec runs from; refused for an installed package."""
+    docs = _CHECKOUT / "docs"
+    pyproject = _CHECKOUT / "pyproject.toml"
+    if (
+        not (docs / "benchmarks.md").is_file()
+        or not pyproject.is_file()
+        or 'name = "linspec"' not in pyproject.read_text()
+    ):
+        raise LinspecError(
+            "--update-docs rewrites the project's docs/ and needs a linspec source checkout; use --out DIR"
+        )
+    return docs
+
+
+def default_out_dir(name: str) -> Path:
+    return Path("runs") / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a benchmark's results go: the same three flags on every ``linspec bench`` command."""
+    parser.add_argument("--out", help="folder for the JSON, the PNG and benchmarks.md (default: runs/bench/NAME-TIME)")
+    parser.add_argument("--update-docs", action="store_true", help="update the project's docs/ (a source checkout)")
+    parser.add_argument("--no-record", action="store_true", help="print only; write nothing")
+
+
+def output_dir(args: argparse.Namespace, name: str) -> Path | None:
+    """The folder ``args`` ask for (None: record nothing), checked before any measuring starts."""
+    if args.no_record and (args.out or args.update_docs):
+        raise LinspecError("--no-record writes nothing; drop --out / --update-docs, or drop --no-record")
+    if args.out and args.update_docs:
+        raise LinspecError("--out and --update-docs name two places; pass one of them")
+    if args.no_record:
+        return None
+    if args.update_docs:
+        return project_docs_dir()
+    folder = Path(args.out) if args.out else default_out_dir(name)
+    if folder.exists() and not folder.is_dir():
+        raise LinspecError(f"--out {folder} exists and is not a folder")
+    return folder
 
 
 def machine_summary() -> dict[str, Any]:
@@ -43,11 +92,13 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def record(name: str, data: dict[str, Any], section_markdown: str, figure=None, docs_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` (+ ``<name>.png``) and replace this benchmark's section in ``benchmarks.md``."""
+    """Write ``<name>.json`` (+ ``<name>.png``) into ``docs_dir`` (None: a fresh run folder) and replace this
+    benchmark's section in that folder's ``benchmarks.md``."""
     from linspec.paths import check_name
 
     check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
-    docs_dir = Path(docs_dir or DOCS)
+    docs_dir = Path(docs_dir) if docs_dir is not None else default_out_dir(name)
+    docs_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": machine_summary(), **data}
     atomic_write_text(docs_dir / f"{name}.json", json.dumps(payload, indent=2) + "\n")
     if figure is not None:

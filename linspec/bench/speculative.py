@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.console import Console
 
-from linspec.bench.report import markdown_table, record
+from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.devices import add_placement_arguments, placement
 from linspec.errors import LinspecError
 
 EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2 --sample-repeats 4"
@@ -117,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="linspec model dir for the converted target, e.g. a trained runs/smollm2-135m-demo/model "
         "(default: the raw paper-preset conversion of --model)",
     )
-    parser.add_argument("--docs-dir", help="where to write the results (default: the repository's docs/)")
+    add_placement_arguments(parser)
+    add_output_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,15 +131,19 @@ def run(args: argparse.Namespace) -> int:
     for name, (low, high) in checks.items():
         if not low <= getattr(args, name) <= high:
             raise LinspecError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {getattr(args, name)}")
+    out_dir = output_dir(args, "speculative")
+    device, dtype = placement(args.device, args.dtype)
     console = Console()
     torch.set_num_threads(args.threads)
-    original, tokenizer = load_source(args.model, progress=False)
+    original, tokenizer = load_source(args.model, progress=False, dtype=dtype, device=device)
     if args.converted:
-        converted, _ = load_source(args.converted, progress=False)
+        converted, _ = load_source(args.converted, progress=False, dtype=dtype, device=device)
         if not hasattr(converted, "linspec_modules"):
             raise LinspecError(f"--converted {args.converted} is not a linspec model; convert or train one first")
     else:
-        converted = linspec.convert(load_source(args.model, progress=False)[0], linspec.LinspecConfig())
+        converted = linspec.convert(
+            load_source(args.model, progress=False, dtype=dtype, device=device)[0], linspec.LinspecConfig()
+        )
     models = {"original": original.eval(), "converted": converted.eval()}
     prompts = [p for p in PROMPTS if not args.prompts or p[0] in args.prompts]
     runs: list[Run] = []
@@ -159,11 +165,11 @@ def run(args: argparse.Namespace) -> int:
                 )
     _add_speedups(runs)
     section, figure = _report(runs, args, prompts)
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "docs_dir")}
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "out", "update_docs", "no_record")}
     data = {"settings": options | {"prompts": [p[0] for p in prompts]}, "runs": [asdict(r) for r in runs]}
-    path = record("speculative", data, section, figure, docs_dir=args.docs_dir)
     console.print(section)
-    console.print(f"wrote {path}")
+    if out_dir is not None:
+        console.print(f"wrote {record('speculative', data, section, figure, out_dir)}")
     return 0
 
 
@@ -187,7 +193,7 @@ def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting,
                 drafter = build_drafter(options.pop("kind"), draft_model=draft_model, **options)
                 out = speculative_generate(
                     target, drafter, input_ids, attention_mask=mask, do_sample=sample,
-                    generator=torch.Generator().manual_seed(repeat),
+                    generator=torch.Generator(device=models[target_name].device).manual_seed(repeat),
                     eos_token_id=target.generation_config.eos_token_id, **common,
                 )  # fmt: skip
                 sequences, stats = out.sequences, out.stats

@@ -58,7 +58,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--feature-map", help="φ for q/k: l2norm (paper), elu1, relu")
     parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
     parser.add_argument("--softmax-layers", type=parse_layers, default=(), help="layers to keep softmax, e.g. 0,5-7")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype of the written weights: float32 (default), bfloat16, float16"
+    )
+    parser.add_argument("--device", default="cpu", help="where the model is loaded while converting (default cpu)")
     parser.add_argument(
         "--max-shard-size", type=parse_shard_size, default="2GB", help="safetensors shard size (default 2GB)"
     )
@@ -69,20 +72,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linspec.checkpoint import convert_checkpoint, parse_dtype
+    from linspec.checkpoint import convert_checkpoint
+    from linspec.devices import placement
 
     overrides = {
         name: getattr(args, name)
         for name in ("group_size", "conv_taps", "feature_map", "local_kernel")
         if getattr(args, name) is not None
     }
+    device, dtype = placement(args.device, args.dtype)
     settings = LinspecConfig.from_preset(args.preset, softmax_layers=args.softmax_layers, **overrides)
     out = convert_checkpoint(
         args.src,
         args.out,
         settings,
         force=args.force,
-        dtype=parse_dtype(args.dtype),
+        dtype=dtype,
+        device=device,
         max_shard_size=args.max_shard_size,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,

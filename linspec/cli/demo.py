@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from linspec.demo import DEMO_PROMPT
+from linspec.devices import add_placement_arguments
 
 MAX_NEW_TOKENS = 4096
 MAX_CONTEXT = 1 << 17
@@ -30,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 4096], help="contexts for the timing")
+    add_placement_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -50,5 +52,8 @@ def run(args: argparse.Namespace) -> int:
             raise LinspecError(f"--out {args.out} exists and is not a directory")
         if any(args.out.iterdir()) and not (args.out / "config.json").is_file():
             raise LinspecError(f"--out {args.out} is not empty and holds no model; choose a new directory")
-    run_demo(args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts), trained=args.trained)
+    run_demo(
+        args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts), trained=args.trained,
+        device=args.device, dtype=args.dtype,
+    )  # fmt: skip
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from linspec.devices import add_placement_arguments
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -27,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
     ppl.add_argument("--ablate", choices=["gamma", "conv", "both"], help="zero γ, the conv, or both")
     ppl.add_argument("--ablations", action="store_true", help="run full, no-gamma, no-conv and local-only")
-    ppl.add_argument("--dtype", default="float32", help="float32 (default; use it on CPU), bfloat16, float16")
+    add_placement_arguments(ppl)
     ppl.set_defaults(func=run_ppl)
 
     layers = tasks.add_parser(
@@ -42,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
     layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
+    add_placement_arguments(layers)
     layers.set_defaults(func=run_layers)
 
 
@@ -71,7 +74,7 @@ def check_data(source: str) -> None:
 
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
-    from linspec.checkpoint import parse_dtype
+    from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.evaluate import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
     from linspec.sources import load_source
@@ -84,9 +87,9 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise LinspecError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.ablate and args.ablations:
         raise LinspecError("--ablate picks one variant and --ablations runs all four; pass one of them")
-    dtype = parse_dtype(args.dtype)
+    device, dtype = placement(args.device, args.dtype)
     check_data(args.data)
-    model, tokenizer = load_source(args.model, dtype=dtype)
+    model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
     ids = read_text_ids(tokenizer, args.data, args.text_field)[: args.max_tokens]
@@ -108,6 +111,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def run_layers(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
+    from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.evaluate import rank_layers, read_text_ids
     from linspec.sources import load_source
@@ -115,8 +119,9 @@ def run_layers(args: argparse.Namespace) -> int:
     for name, limit in (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096)):
         if not 1 <= getattr(args, name) <= limit:
             raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
+    device, dtype = placement(args.device, args.dtype)
     check_data(args.data)
-    model, tokenizer = load_source(args.model)
+    model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if not hasattr(model, "linspec_modules") or not model.linspec_modules():
         raise LinspecError(f"{args.model} has no linear-attention layers; convert it first (linspec convert)")
     if tokenizer is None:

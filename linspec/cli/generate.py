@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 
+from linspec.devices import add_placement_arguments
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -38,12 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--stats", action="store_true", help="print acceptance statistics and speed")
     parser.add_argument("--json", action="store_true", help="print one JSON object (texts and statistics)")
+    add_placement_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.sources import load_source
     from linspec.speculative.drafters import build_drafter
@@ -51,20 +55,21 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = check_arguments(args)  # everything checkable without the model, before loading it
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
-    model, tokenizer = load_source(args.model)
+    device, dtype = placement(args.device, args.dtype)
+    model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer to encode the prompt")
     check_prompts_fit(model, tokenizer, args)
     draft_model = None
     if args.draft == "model":
-        draft_model = load_source(args.draft_model)[0]
+        draft_model = load_source(args.draft_model, dtype=dtype, device=device)[0]
         check_same_vocabulary(model, draft_model, args.draft_model)
     if args.draft == "early-exit" and args.exit_layer >= model.config.num_hidden_layers:
         raise LinspecError(
             f"--exit-layer {args.exit_layer} must be below the model's {model.config.num_hidden_layers} layers"
         )
     drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, **options)
-    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+    generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     if args.draft == "none" and len(args.prompt) == 1 and not (args.json or args.stats):
         stream_plain(model, tokenizer, args, sampling, generator)
         return 0
@@ -189,7 +194,7 @@ def stream_plain(model, tokenizer, args: argparse.Namespace, sampling, generator
         chat_input_ids(tokenizer, args.prompt[0])
         if not args.no_chat
         else tokenizer(args.prompt[0], return_tensors="pt")["input_ids"]
-    )
+    ).to(model.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     options = (

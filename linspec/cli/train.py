@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _keys_help() -> str:
@@ -40,7 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--record-bench",
         metavar="NAME",
-        help="after training, write the perplexity table to docs/benchmarks.md under NAME (e.g. training)",
+        help="after training, write the perplexity table as NAME into OUTPUT/bench/ (benchmarks.md, NAME.json)",
+    )
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="with --record-bench: write into the project's docs/ instead (a source checkout only)",
     )
     parser.set_defaults(func=run)
 
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from linspec.bench.report import project_docs_dir
     from linspec.errors import LinspecError
     from linspec.paths import check_name
     from linspec.train.catalog import resolve_recipe
@@ -58,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.force:
         raise LinspecError("--resume continues a run and --force discards it; pass one of them")
     if args.record_bench is not None:
-        check_name(args.record_bench, "--record-bench")  # it becomes docs/<NAME>.json: checked before training
+        check_name(args.record_bench, "--record-bench")  # it becomes <NAME>.json: checked before training
+    if args.update_docs and args.record_bench is None:
+        raise LinspecError("--update-docs needs --record-bench NAME (the table to write)")
+    docs = project_docs_dir() if args.update_docs else None  # refused up front outside a checkout
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     if args.check:
         print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
@@ -84,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(recipe.output))
     if args.record_bench:
-        print(f"recorded {record_benchmark(recipe, args.record_bench, args.recipe, overrides=args.overrides)}")
+        where = docs or Path(recipe.output) / "bench"
+        path = record_benchmark(recipe, args.record_bench, args.recipe, overrides=args.overrides, docs_dir=where)
+        print(f"recorded {path}")
     return 0
 
 
