@@ -35,6 +35,7 @@ def test_summary_ratios_come_from_the_measurements():
     assert abs(summary["original_growth"] - 3.0) < 1e-9
     assert abs(summary["speedup_by_context"][8192] - 30.0 / 12.6) < 1e-9
     assert summary["cache_ratio_longest"] == 128.0
+    assert summary["prefill_ratio_longest"] == 1.0
     json.dumps(summary)  # recorded as JSON
 
 

@@ -128,6 +128,7 @@ def summarise(results: list[DecodeResult]) -> dict:
         "original_growth": by["original", hi].ms_per_token / by["original", lo].ms_per_token,
         "speedup_by_context": {c: by["original", c].ms_per_token / by["converted", c].ms_per_token for c in contexts},
         "cache_ratio_longest": by["original", hi].cache_bytes / by["converted", hi].cache_bytes,
+        "prefill_ratio_longest": by["original", hi].prefill_s / by["converted", hi].prefill_s,
     }
     return summary
 
@@ -187,11 +188,16 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = min(args.contexts), max(args.contexts)
     speedups = ", ".join(f"{c}: {s:.2f}×" for c, s in summary["speedup_by_context"].items())
     text = (
-        f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n{table}\n\n"
+        f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n"
+        f"*converted* is the raw conversion with the paper preset (untrained): this table measures speed, which "
+        f"does not depend on the weights; the quality behind it at each length is in the quality tables. "
+        f"{device}, {str(dtype).removeprefix('torch.')}, batch 1; *prefill s* is the whole model's prefill of the "
+        f"context.\n\n{table}\n\n"
         f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
         f"(original: {summary['original_growth']:.2f}×)\n"
         f"- converted speed-up over the original by context: {speedups}\n"
-        f"- cache at {hi} tokens: original / converted = {summary['cache_ratio_longest']:.1f}×"
+        f"- cache at {hi} tokens: original / converted = {summary['cache_ratio_longest']:.1f}×\n"
+        f"- whole-model prefill at {hi} tokens: original / converted = {summary['prefill_ratio_longest']:.2f}×"
     )
     print(text)
     if out_dir is not None:

@@ -122,6 +122,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
 
 
+def settings_summary(model_dir: str) -> str:
+    """The conversion settings a speed table must state: global memory, softmax layers kept, group and taps."""
+    import json
+    from pathlib import Path
+
+    try:
+        settings = json.loads((Path(model_dir) / "config.json").read_text())["linspec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "settings unknown"
+    memory = (
+        "paper memory"
+        if not settings.get("global_decay") and settings.get("global_norm", "none") == "none"
+        else (f"decay={settings.get('global_decay', False)}, norm={settings.get('global_norm', 'none')}")
+    )
+    layers = settings.get("softmax_layers") or []
+    kept = f"{len(layers)} softmax layers {layers}" if layers else "all-linear"
+    return f"{memory}, {kept}, G={settings.get('group_size')}, P={settings.get('conv_taps')}"
+
+
 def run(args: argparse.Namespace) -> int:
     import linspec
     from linspec.sources import load_source
@@ -293,7 +312,7 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         f"{args.sample_repeats} seeds, because their speed depends mostly on which text was drawn (a sample that "
         "copies the passage is fast, one that paraphrases is not). "
         + (
-            f"*converted* is `{args.converted}` (a trained linspec model). "
+            f"*converted* is `{args.converted}` (a trained linspec model; {settings_summary(args.converted)}). "
             if args.converted
             else "*converted* is the raw, untrained paper-preset conversion (γ = conv = 0, perplexity ~10⁴): its "
             "text is noise that prompt lookup rarely matches, so its rows measure what the machinery costs on a "

@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
     from linspec.bench.report import project_docs_dir
     from linspec.errors import LinspecError
     from linspec.paths import check_name
-    from linspec.train.catalog import resolve_recipe
     from linspec.train.recipe import load_recipe
 
     if args.resume and args.force:
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.update_docs and args.record_bench is None:
         raise LinspecError("--update-docs needs --record-bench NAME (the table to write)")
     docs = project_docs_dir() if args.update_docs else None  # refused up front outside a checkout
-    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.check:
         print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
         return 0

@@ -395,10 +395,10 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read ``path``, apply ``key=value`` overrides, build and validate the recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise LinspecError(f"recipe not found: {path}")
+    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
+    from linspec.train.catalog import resolve_recipe
+
+    path = resolve_recipe(str(path))
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise LinspecError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most 1 MiB)")
     try:
