@@ -115,6 +115,19 @@ def test_every_key_is_documented_and_help_lists_them_with_an_example(capsys):
     for key in ("stages.N.lora.r", "stages.N.optimizer.lr", "data.seq_len", "checkpoint.every", "merge_lora"):
         assert key in text
     assert text.strip().splitlines()[-1].startswith("example: linspec train recipes/")
+    leaves = [(key, comment) for key, kind, comment in rows if kind != "section"]
+    assert all("default" in comment or "required" in comment for _, comment in leaves), leaves
+    sections = [comment for _, kind, comment in rows if kind == "section"]
+    assert all(comment.endswith((".", ")")) for comment in sections), sections  # whole sentences
+
+
+def test_check_prints_the_presets_values_not_nulls(capsys, tmp_path):
+    from linspec.cli import main
+
+    assert main(["train", "smollm2-135m-demo", "conversion.preset=stable", "--check"]) == 0
+    conversion = yaml.safe_load(capsys.readouterr().out)["conversion"]
+    assert conversion["group_size"] == 64 and conversion["feature_map"] == "l2norm"
+    assert None not in conversion.values()
 
 
 def test_paper_recipe_dry_run_runs_every_stage_on_a_tiny_model(tmp_path, monkeypatch):

@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     docs = project_docs_dir() if args.update_docs else None  # refused up front outside a checkout
     recipe = load_recipe(args.recipe, args.overrides)
     if args.check:
-        print(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False), end="")
+        resolved = dataclasses.asdict(recipe)
+        settings = recipe.conversion.settings().to_dict()  # the preset's values where the recipe left null
+        resolved["conversion"] = {k: settings.get(k, v) if v is None else v for k, v in resolved["conversion"].items()}
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
         return 0
     if args.dry_run:
         from linspec.train.dry_run import dry_run

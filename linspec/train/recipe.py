@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -37,11 +38,11 @@ MAX_THREADS = 1024
 class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
-    preset: str = "paper"  # settings preset: paper or elu
-    group_size: int | None = None  # tokens per group G (paper: 64)
-    conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32)
-    feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu
-    local_kernel: str | None = None  # κ inside a group: relu2 (paper) or identity
+    preset: str = "paper"  # paper (exact), stable (recommended past the training length), decay, mean, normalized, elu
+    group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
+    conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
+    feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)
+    local_kernel: str | None = None  # κ inside a group: relu2 (paper) or identity (default: the preset's)
     softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention (a hybrid)
 
     def settings(self) -> LinspecConfig:
@@ -427,8 +428,6 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(key, type, comment)`` for every key, from the field comments in this file (for ``--help``)."""
-    import inspect
-
     source = inspect.getsource(cls)
     comments = {}
     for line in source.splitlines():
@@ -447,8 +446,26 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
             inner = [typing.get_args(tp)[0]]
             key += ".N"
         if inner:
-            rows.append((key, "section", (inner[0].__doc__ or "").split("\n")[0]))
+            rows.append((key, "section", _first_paragraph(inner[0].__doc__ or "")))
             rows.extend(describe_keys(inner[0], key + "."))
         else:
-            rows.append((key, _type_name(tp), comments.get(f.name, "")))
+            comment = comments.get(f.name, "")
+            rows.append((key, _type_name(tp), comment if "default" in comment else comment + _default_text(f)))
     return rows
+
+
+def _first_paragraph(doc: str) -> str:
+    """A docstring's first paragraph on one line: ``--help`` shows whole sentences, not a cut first line."""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: VALUE)`` as YAML would spell it, or `` (required)``."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return " (required)"
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return f" (default: {text.removesuffix('...').strip()})"
