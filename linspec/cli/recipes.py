@@ -14,12 +14,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: linspec recipes cp smollm2-135m-demo my-recipe.yaml && linspec train my-recipe.yaml",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = actions.add_parser("ls", help="list shipped recipes with their summaries")
+    ls = actions.add_parser(
+        "ls", help="list shipped recipes with their summaries", epilog="example: linspec recipes ls"
+    )
     ls.set_defaults(func=run_ls)
-    cp = actions.add_parser("cp", help="copy a shipped recipe to DEST (a file or a directory)")
+    cp = actions.add_parser(
+        "cp",
+        help="copy a shipped recipe to DEST (a file or a directory)",
+        epilog="example: linspec recipes cp qwen2.5-1.5b-gpu my-recipe.yaml",
+    )
     cp.add_argument("name", help="a shipped recipe's name (see `linspec recipes ls`)")
     cp.add_argument("dest", help="destination file, or an existing directory")
-    cp.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST if it exists (default: refuse)")
     cp.set_defaults(func=run_cp)
 
 
