@@ -6,18 +6,18 @@ import argparse
 
 from linspec.config import PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
+from linspec.hybrid import AutoLayers
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,5-7"`` -> ``(0, 5, 6, 7)``."""
-    layers: list[int] = []
+def parse_layers(text: str):
+    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; ``"auto:4"`` -> ``AutoLayers(4)`` (chosen by measurement on --data)."""
+    from linspec.errors import LinspecError
+    from linspec.hybrid import parse_softmax_layers
+
     try:
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {text!r}") from None
-    return tuple(layers)
+        return parse_softmax_layers(text)
+    except LinspecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Swap softmax attention for augmented grouped linear attention (paper preset by default), "
         f"reusing the pretrained q/k/v/o weights. Supported architectures: {', '.join(supported_architectures())}.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear --group-size 64 --conv-taps 32 "
-        "--softmax-layers 0,15",
+        "--softmax-layers 0,15; a hybrid chosen by measurement: linspec convert smollm2-135m out/smollm2-hybrid "
+        "--softmax-layers auto:2 --data builtin:wiki-en-eval",
     )
     parser.add_argument("src", help="HF model dir, hub id, .gguf file, or the demo name 'smollm2-135m'")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
@@ -36,7 +37,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--conv-taps", type=int, help="causal depthwise-conv taps P (paper: 32)")
     parser.add_argument("--feature-map", help="φ for q/k: l2norm (paper), elu1, relu")
     parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
-    parser.add_argument("--softmax-layers", type=parse_layers, default=(), help="layers to keep softmax, e.g. 0,5-7")
+    parser.add_argument(
+        "--softmax-layers",
+        type=parse_layers,
+        default=(),
+        help="layers to keep softmax, e.g. 0,5-7; auto:N keeps the N layers that measure best on --data "
+        "(linspec eval layers' ranking of the raw all-linear conversion)",
+    )
+    parser.add_argument("--data", help="held-out text for --softmax-layers auto:N (.txt/.jsonl/.parquet, builtin:NAME)")
+    parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet --data (default: text)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -53,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         for name in ("group_size", "conv_taps", "feature_map", "local_kernel")
         if getattr(args, name) is not None
     }
-    settings = LinspecConfig.from_preset(args.preset, softmax_layers=args.softmax_layers, **overrides)
+    auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
+    settings = LinspecConfig.from_preset(args.preset, softmax_layers=() if auto else args.softmax_layers, **overrides)
+    if auto:
+        settings = choose_layers(args, settings, auto)
     out = convert_checkpoint(
         args.src,
         args.out,
@@ -69,3 +81,29 @@ def run(args: argparse.Namespace) -> int:
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"
     )
     return 0
+
+
+def choose_layers(args: argparse.Namespace, settings: LinspecConfig, auto: AutoLayers) -> LinspecConfig:
+    """``--softmax-layers auto:N``: rank the raw all-linear conversion's layers on --data, keep the best N."""
+    from linspec.checkpoint import parse_dtype
+    from linspec.errors import LinspecError
+    from linspec.evaluate import read_text_ids
+    from linspec.hybrid import resolve_softmax_layers, text_sequences
+    from linspec.io import check_output_dir
+    from linspec.sources import load_source
+
+    if not args.data:
+        raise LinspecError(f"--softmax-layers {auto} needs --data (held-out text to measure the layers on)")
+    check_output_dir(args.out, args.force)
+    base, tokenizer = load_source(
+        args.src,
+        dtype=parse_dtype(args.dtype),
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if tokenizer is None:
+        raise LinspecError(f"{args.src} has no tokenizer, so --data cannot be tokenised for auto:N")
+    sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), seq_len=256, max_sequences=8)
+    chosen = resolve_softmax_layers(base, settings, auto, sequences)
+    print(f"{auto}: measured on {args.data}, keeping layers {list(chosen.softmax_layers)} softmax")
+    return chosen

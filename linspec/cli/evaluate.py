@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from linspec.cli.evaluate_quality import add_quality_tasks
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -43,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
     layers.set_defaults(func=run_layers)
+    add_quality_tasks(tasks, ppl)
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, model_help: str) -> None:
