@@ -17,6 +17,7 @@ ignored.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -60,6 +61,10 @@ class LinspecLM(TemplateLM):
             model, tokenizer = load_source(str(pretrained), dtype=parse_dtype(dtype))
         if tokenizer is None:
             raise LinspecError(f"{pretrained or 'the model'} has no tokenizer; the harness needs one")
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # The harness CLI passes device=cuda unless told otherwise; like its own hf model, run on the CPU.
+            warnings.warn(f"device {device!r} is not available; evaluating on the CPU", stacklevel=2)
+            device = "cpu"
         self.model = model.to(device).eval() if device else model.eval()
         self.tokenizer = tokenizer
         self.pretrained = str(pretrained or getattr(model, "name_or_path", "model"))
@@ -155,8 +160,8 @@ def register() -> None:
     table only when the registry is empty, so that table is loaded first or ``--model hf`` would vanish."""
     import lm_eval.models  # noqa: F401
 
-    if NAME not in model_registry:
-        model_registry.register(NAME, LinspecLM)
+    if NAME not in model_registry:  # by import path: ``python -m`` runs this file as a second module, __main__
+        model_registry.register(NAME, target=f"{__spec__.name}:LinspecLM")
 
 
 register()
