@@ -205,15 +205,22 @@ def test_convert_softmax_layers_auto_measures_on_data(tiny_dir, text_file, tmp_p
     assert "needs --data" in capsys.readouterr().err
 
 
-def test_eval_ppl_lengths_writes_a_curve_per_model(tiny_dir, text_file, tmp_path, capsys):
+def test_eval_ppl_lengths_writes_and_records_a_curve_per_model(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    from linspec.bench import report
+
+    monkeypatch.setattr(report, "DOCS", tmp_path / "docs")  # --record-bench writes here, not into the repo
+    (tmp_path / "docs").mkdir()
     out = tmp_path / "run"
     code = main(
         ["eval", "ppl", str(tiny_dir), "--data", str(text_file), "--lengths", "32", "128", "--reference",
-         str(tiny_dir), "--max-windows", "2", "--out", str(out)]
+         str(tiny_dir), "--max-windows", "2", "--out", str(out), "--record-bench", "ppl-test"]
     )  # fmt: skip
     assert code == 0
     assert "ppl @ 32 | ppl @ 128" in capsys.readouterr().out
     data = json.loads((out / "ppl-length.json").read_text())
+    assert data["command"].startswith(f"linspec eval ppl {tiny_dir} --data {text_file} --lengths 32 128")
+    section = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "<!-- bench:ppl-test:begin -->" in section and "![ppl-test](ppl-test.png)" in section
     model, reference = data["curves"].values()
     assert [p["length"] for p in model] == [32, 128]
     assert [p["ppl"] for p in model] == [p["ppl"] for p in reference]  # the same model on the same windows

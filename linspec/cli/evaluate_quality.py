@@ -142,11 +142,29 @@ def _finish(args: argparse.Namespace, name: str, data: dict, section: str, figur
         print(f"recorded {record_bench(args.record_bench, data, section, figure)}")
 
 
-def _command(args: argparse.Namespace) -> str:
-    import shlex
-    import sys
+# The options each task's recorded command repeats (with their values), after its positional arguments.
+COMMAND_OPTIONS = {
+    "ppl": ("data", "lengths", "reference", "max_windows", "score_tokens", "max_tokens"),
+    "passkey": ("lengths", "trials", "seed"),
+    "agreement": ("reference", "prompts", "num_prompts", "max_new_tokens", "seed"),
+    "harness": ("tasks", "include_path", "limit", "num_fewshot", "max_length"),
+}
 
-    return "linspec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"linspec eval {args.task}"
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces these results, rebuilt from the parsed arguments (not from ``sys.argv``,
+    which is another program's when the CLI is called from Python)."""
+    import shlex
+
+    positional = args.models if args.task == "passkey" else [args.model]
+    parts = ["linspec", "eval", args.task, *positional]
+    for name in COMMAND_OPTIONS[args.task]:
+        value = getattr(args, name)
+        if value is not None:
+            parts += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    if args.record_bench:
+        parts += ["--record-bench", args.record_bench]
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 def run_ppl_curve(args: argparse.Namespace) -> int:
