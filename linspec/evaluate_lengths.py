@@ -102,7 +102,7 @@ def plot_length_curves(curves: dict[str, list[LengthPoint]], title: str = "perpl
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         axes.plot([p.length for p in points], [p.ppl for p in points], marker="o", label=label)
-    axes.set_xscale("log", base=2)
+    length_axis(axes, [p.length for points in curves.values() for p in points])
     axes.set_yscale("log")
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel("perplexity of the same scored tokens")
@@ -110,3 +110,13 @@ def plot_length_curves(curves: dict[str, list[LengthPoint]], title: str = "perpl
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     return figure
+
+
+def length_axis(axes, lengths: Sequence[int]) -> None:
+    """A log-2 x axis labelled with the measured lengths themselves (256, 1024, ...), not powers of two."""
+    from matplotlib.ticker import NullLocator
+
+    ticks = sorted(set(lengths))
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ticks, [str(n) for n in ticks])
+    axes.xaxis.set_minor_locator(NullLocator())

@@ -135,10 +135,12 @@ def plot_passkey(curves: dict[str, list[PasskeyResult]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from linspec.evaluate_lengths import length_axis
+
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, results in curves.items():
         axes.plot([r.length for r in results], [r.accuracy for r in results], marker="o", label=label)
-    axes.set_xscale("log", base=2)
+    length_axis(axes, [r.length for results in curves.values() for r in results])
     axes.set_ylim(-0.05, 1.05)
     axes.set_xlabel("prompt length (tokens)")
     axes.set_ylabel("passkey exact-match rate")
