@@ -63,6 +63,42 @@ def sequence_nll(model, input_ids: torch.Tensor, skip: int = 0) -> tuple[float, 
     return float(nll.sum()), nll.numel()
 
 
+def prefill_chunks(model, ids: torch.Tensor, cache, chunk: int = 512) -> Iterator[torch.Tensor]:
+    """Feed a 1-D id tensor through ``cache`` ``chunk`` tokens at a time, yielding each chunk's logits ``[c, V]``.
+
+    Memory stays bounded by the chunk, not the text: a linspec cache is constant in context length and a softmax
+    model's KV cache grows linearly, while the attention scores and logits never exceed one chunk's rows."""
+    from linspec.models import hf
+
+    if chunk < 1:
+        raise LinspecError(f"chunk must be at least 1 token, got {chunk}")
+    device = next(model.parameters()).device
+    for piece in ids.split(chunk):
+        out = model(input_ids=piece[None].to(device), use_cache=True, **hf.cache_kwargs(cache))
+        yield out.logits[0].float()  # (c, V)
+
+
+@torch.no_grad()
+def next_token_scores(model, ids: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(ids[t] | ids[:t]), ids[t] is the argmax)`` for t = 1..L−1 of a 1-D id tensor, scored chunk-wise
+    through the model's own cache (see :func:`prefill_chunks`), so an 8k-token window fits on a CPU.
+
+    Equal to one full forward (a test checks it): the cache is the model's decoding path, exact by DESIGN §3."""
+    from linspec.models.cache import new_cache_for
+
+    cache = new_cache_for(model)
+    logprobs, hits = [], []
+    previous = None  # the last row of the previous chunk predicts this chunk's first token
+    for start, logits in zip(range(0, len(ids), chunk), prefill_chunks(model, ids, cache, chunk), strict=True):
+        rows = logits if previous is None else torch.cat([previous, logits])  # predictions of ids[start(+1)..]
+        targets = ids[max(start, 1) : start + len(logits)].to(rows.device)
+        rows = rows[: len(targets)]
+        logprobs.append(torch.log_softmax(rows, -1).gather(-1, targets[:, None])[:, 0])
+        hits.append(rows.argmax(-1) == targets)
+        previous = logits[-1:]
+    return torch.cat(logprobs).cpu(), torch.cat(hits).cpu()
+
+
 def perplexity_of_sequences(model, sequences: torch.Tensor, batch_size: int = 4, progress: bool = False) -> Perplexity:
     """Perplexity over packed, independent sequences ``[N, L]`` (each scored from its second token)."""
     from tqdm.auto import tqdm
@@ -174,6 +210,19 @@ def rank_layers(model, sequences: torch.Tensor, top: int = 8, progress: bool = T
         with softmax_restored(model, chosen):
             cumulative.append((chosen, perplexity_of_sequences(model, sequences).ppl))
     return LayerRanking(baseline, single, cumulative)
+
+
+def choose_softmax_layers(model, sequences: torch.Tensor, n: int, progress: bool = False) -> tuple[int, ...]:
+    """The ``n`` layers to keep softmax (``softmax_layers: auto:N``): the best ``n`` of :func:`rank_layers`.
+
+    ``model`` is an all-linear linspec model (a raw conversion or, better, one after attention transfer);
+    ``sequences [N, L]`` is held-out text. Layers are ranked alone and the best ``n`` kept together, which is
+    what ``linspec eval layers`` prints as its ``n``-th candidate."""
+    layers = [m.layer_idx for m in getattr(model, "linspec_modules", list)()]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(layers):
+        raise LinspecError(f"auto:N needs 1 <= N <= {len(layers)} (the model's linear layers); got {n!r}")
+    ranking = rank_layers(model, sequences, top=n, progress=progress)
+    return tuple(ranking.cumulative[-1][0])
 
 
 def read_text_ids(tokenizer, path: str, text_field: str = "text") -> torch.Tensor:

@@ -5,27 +5,20 @@ from __future__ import annotations
 import argparse
 import re
 
-from linspec.config import MAX_LAYERS, PRESETS, LinspecConfig
+from linspec.config import PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
+from linspec.hybrid import AutoLayers
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; a reversed range or an index past ``MAX_LAYERS`` is refused, not expanded."""
-    layers: list[int] = []
-    shown = text if len(text) <= 40 else text[:37] + "..."
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo_text, dash, hi_text = part.partition("-")
-        if not lo_text.strip().isdigit() or (dash and not hi_text.strip().isdigit()):
-            raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
-        lo, hi = int(lo_text), int(hi_text if dash else lo_text)
-        if hi < lo:
-            raise argparse.ArgumentTypeError(f"layer range {part!r:.30} is reversed; write {hi}-{lo}")
-        if hi >= MAX_LAYERS:
-            raise argparse.ArgumentTypeError(f"layer index {hi} is past any model (at most {MAX_LAYERS - 1})")
-        layers.extend(range(lo, hi + 1))
-    if not layers and text.strip():
-        raise argparse.ArgumentTypeError(f"expected layer indices like '0,5-7', got {shown!r}")
-    return tuple(layers)
+def parse_layers(text: str):
+    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; ``"auto:4"`` -> ``AutoLayers(4)`` (chosen by measurement on --data)."""
+    from linspec.errors import LinspecError
+    from linspec.hybrid import parse_softmax_layers
+
+    try:
+        return parse_softmax_layers(text)
+    except LinspecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 _SIZE = re.compile(r"([1-9][0-9]{0,6})([KMG])(i?)B", re.IGNORECASE)
@@ -48,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Swap softmax attention for augmented grouped linear attention (paper preset by default), "
         f"reusing the pretrained q/k/v/o weights. Supported architectures: {', '.join(supported_architectures())}.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear --group-size 64 --conv-taps 32 "
-        "--softmax-layers 0,15",
+        "--softmax-layers 0,15; a hybrid chosen by measurement: linspec convert smollm2-135m out/smollm2-hybrid "
+        "--softmax-layers auto:2 --data builtin:wiki-en-eval",
     )
     parser.add_argument("src", help="HF model dir, hub id, .gguf file, or the demo name 'smollm2-135m'")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
@@ -57,10 +51,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--conv-taps", type=int, help="causal depthwise-conv taps P (paper: 32)")
     parser.add_argument("--feature-map", help="φ for q/k: l2norm (paper), elu1, relu")
     parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
-    parser.add_argument("--softmax-layers", type=parse_layers, default=(), help="layers to keep softmax, e.g. 0,5-7")
     parser.add_argument(
-        "--dtype", default="float32", help="dtype of the written weights: float32 (default), bfloat16, float16"
+        "--softmax-layers",
+        type=parse_layers,
+        default=(),
+        help="layers to keep softmax, e.g. 0,5-7; auto:N keeps the N layers that measure best on --data "
+        "(linspec eval layers' ranking of the raw all-linear conversion)",
     )
+    parser.add_argument("--data", help="held-out text for --softmax-layers auto:N (.txt/.jsonl/.parquet, builtin:NAME)")
+    parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet --data (default: text)")
+    parser.add_argument("--dtype", default="float32", help="written weights: float32 (default), bfloat16, float16")
     parser.add_argument("--device", default="cpu", help="where the model is loaded while converting (default cpu)")
     parser.add_argument(
         "--max-shard-size", type=parse_shard_size, default="2GB", help="safetensors shard size (default 2GB)"
@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     device, dtype = placement(args.device, args.dtype)
-    settings = LinspecConfig.from_preset(args.preset, softmax_layers=args.softmax_layers, **overrides)
+    auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
+    settings = LinspecConfig.from_preset(args.preset, softmax_layers=() if auto else args.softmax_layers, **overrides)
+    if auto:
+        settings = choose_layers(args, settings, auto)
     out = convert_checkpoint(
         args.src,
         args.out,
@@ -98,3 +101,31 @@ def run(args: argparse.Namespace) -> int:
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"
     )
     return 0
+
+
+def choose_layers(args: argparse.Namespace, settings: LinspecConfig, auto: AutoLayers) -> LinspecConfig:
+    """``--softmax-layers auto:N``: rank the raw all-linear conversion's layers on --data, keep the best N."""
+    from linspec.devices import placement
+    from linspec.errors import LinspecError
+    from linspec.evaluate import read_text_ids
+    from linspec.hybrid import resolve_softmax_layers, text_sequences
+    from linspec.io import check_output_dir
+    from linspec.sources import load_source
+
+    if not args.data:
+        raise LinspecError(f"--softmax-layers {auto} needs --data (held-out text to measure the layers on)")
+    check_output_dir(args.out, args.force)
+    device, dtype = placement(args.device, args.dtype)
+    base, tokenizer = load_source(
+        args.src,
+        dtype=dtype,
+        device=device,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if tokenizer is None:
+        raise LinspecError(f"{args.src} has no tokenizer, so --data cannot be tokenised for auto:N")
+    sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), seq_len=256, max_sequences=8)
+    chosen = resolve_softmax_layers(base, settings, auto, sequences)
+    print(f"{auto}: measured on {args.data}, keeping layers {list(chosen.softmax_layers)} softmax")
+    return chosen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from linspec.cli.evaluate_quality import add_quality_tasks
 from linspec.devices import add_placement_arguments
 
 
@@ -46,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
     add_placement_arguments(layers)
     layers.set_defaults(func=run_layers)
+    add_quality_tasks(tasks, ppl)
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, model_help: str) -> None:
