@@ -37,13 +37,15 @@ def test_kernel_benchmark_cost_model_orders_the_ops():
         kernels_bench.parse_batch_heads("16")
 
 
-def test_prefill_benchmark_runs_and_records(tmp_path, monkeypatch, capsys):
-    recorded = {}
-    monkeypatch.setattr(prefill_bench, "record", lambda name, data, text, figure: recorded.update(name=name, data=data))
-    args = parse(prefill_bench, ["--lengths", "64", "128", "--repeats", "1", "--shapes", "smollm2-135m"])
+def test_prefill_benchmark_runs_and_records(tmp_path, capsys):
+    args = parse(prefill_bench, ["--lengths", "64", "128", "--repeats", "1", "--shapes", "smollm2-135m",
+                                 "--out", str(tmp_path)])  # fmt: skip
     assert prefill_bench.run(args) == 0
     assert "chunked ÷ SDPA" in capsys.readouterr().out
-    results = recorded["data"]["results"]
-    assert recorded["name"] == "prefill" and [r["length"] for r in results] == [64, 128]
+    data = json.loads((tmp_path / "prefill.json").read_text())
+    results = data["results"]
+    assert data["benchmark"] == "prefill" and [r["length"] for r in results] == [64, 128]
     assert all(r["chunked_tokens_per_s"] > 0 and r["speedup"] > 0 for r in results)
-    json.dumps(recorded["data"])
+    assert (tmp_path / "prefill.png").stat().st_size > 0 and "bench:prefill:begin" in (
+        tmp_path / "benchmarks.md"
+    ).read_text()
