@@ -6,8 +6,8 @@ deprecating the old name. linspec rides on those internals in a few places — t
 the keyword a cache travels under, the decoder's modules (embedding, rotary embedding, layers, final norm) that
 speculative sessions drive layer by layer, the RoPE helper, the softmax KV tensors of a ``DynamicLayer`` — and
 every one of them goes through this module, so the next rename is a change here and nowhere else.
-``tests/test_hf_surface.py`` pins each contact for every supported architecture, and ``.ci/run`` runs it against
-both the locked versions and the newest ones the declared range admits.
+``tests/test_hf_surface.py`` pins each contact for every supported architecture; ``.ci/run`` runs it on the locked
+set, and ``.ci/compat`` on the oldest admitted transformers minor and on the newest versions the ranges admit.
 """
 
 from __future__ import annotations
