@@ -33,8 +33,8 @@ import yaml
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, atomic_write_text
 from linspec.paths import child_path
-from linspec.train.data import build_splits, global_batch
-from linspec.train.recipe import Recipe, Stage
+from linspec.train.data import TrainingSet, pack, split_documents
+from linspec.train.recipe import Phase, Recipe, Stage
 from linspec.train.state import (
     MetricsLog,
     checkpoint_dirs,
@@ -155,13 +155,15 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     base, tokenizer = load_source(recipe.base, dtype=weights_dtype, progress=env.main)
     if tokenizer is None:
         raise LinspecError(f"recipe key base: {recipe.base} has no tokenizer")
-    if env.main:  # build the datasets cache once, then every process reads it
-        train_seqs, eval_seqs = build_splits(recipe.data, tokenizer)
+    if env.main:  # build the datasets cache (and the chat answers) once, then every process reads them
+        training, eval_seqs = build_data(recipe, base, tokenizer, env)
     env.barrier()
     if not env.main:
-        train_seqs, eval_seqs = build_splits(recipe.data, tokenizer)
+        training, eval_seqs = build_data(recipe, base, tokenizer, env)
     eval_seqs = eval_seqs[: recipe.eval.max_sequences or len(eval_seqs)]
-    say(env, f"data: {len(train_seqs)} training and {len(eval_seqs)} held-out sequences of {recipe.data.seq_len}")
+    text, chat = training.prepare(recipe.data.seq_len)
+    say(env, f"data: {len(text)} training{f' + {len(chat)} chat' if chat is not None else ''} and {len(eval_seqs)} "
+        f"held-out sequences of {recipe.data.seq_len}")
 
     done = {r["stage"] for r in log.records() if r.get("event") == "eval"}
     if recipe.eval.baselines and "original" not in done:
@@ -182,7 +184,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
             model = load_stage(stage_dir, weights_dtype)
             say(env, f"stage {stage.name}: already finished, loaded {stage_dir}")
             continue
-        model = run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, log, resume, on_step)
+        model = run_stage(recipe, index, stage, model, training, eval_seqs, teacher, env, log, resume, on_step)
         keep_adapter = index == final and not recipe.merge_lora and stage.lora is not None
         model = save_stage(model, tokenizer, stage_dir, weights_dtype, env, keep_adapter)
         log.plot(run_dir / "loss.png")
@@ -194,6 +196,25 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
         write_summary(run_dir, log, time.perf_counter() - started)
     env.barrier()
     return output
+
+
+def build_data(recipe: Recipe, base, tokenizer, env: Env) -> tuple[TrainingSet, torch.Tensor]:
+    """The training set, packed at every length the stages use, and the held-out sequences (``data.seq_len``).
+    Chat data is answered by ``base``, the original model, before it is converted."""
+    import datasets
+
+    documents, eval_documents = split_documents(recipe.data)
+    chat_documents = None
+    if recipe.data.chat is not None:
+        from linspec.train.chat_data import conversations
+
+        texts = conversations(recipe.data.chat, recipe.base, base.to(env.device), tokenizer, progress=env.main)
+        chat_documents = datasets.Dataset.from_dict({"text": texts})
+    training = TrainingSet(documents, tokenizer, recipe.data, chat_documents)
+    for stage in recipe.stages:
+        for seq_len in stage.seq_lens(recipe.data.seq_len):
+            training.prepare(seq_len)
+    return training, pack(eval_documents, tokenizer, recipe.data.seq_len, recipe.data.max_eval_sequences)
 
 
 RECIPE_FILE = "recipe.yaml"
@@ -444,7 +465,21 @@ def compute_loss(stage: Stage, forward, batch, teacher, transfer) -> torch.Tenso
     return kl.sum(-1).mean() * t * t
 
 
-def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, log, resume, on_step):
+def set_checkpointing(model, stage: Stage, phase: Phase | None, recipe: Recipe, current: bool) -> bool:
+    """Turn activation checkpointing on or off for ``phase`` (None: the stage is over, so off); returns the new
+    setting. Long phases need it (activations grow with the length), short ones run faster without it.
+    Attention transfer never uses it: its backward stays inside each layer already."""
+    wanted = False
+    if phase is not None and stage.kind != "attention_transfer":
+        wanted = recipe.gradient_checkpointing if phase.gradient_checkpointing is None else phase.gradient_checkpointing
+    if wanted and not current:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif current and not wanted:
+        model.activation_checkpointing_disable()
+    return wanted
+
+
+def run_stage(recipe, index, stage, model, training, eval_seqs, teacher, env, log, resume, on_step):
     """Train one stage; returns the (possibly peft-wrapped) model. Exact resume from the newest checkpoint."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -458,8 +493,6 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
     weights_dtype = next(model.parameters()).dtype
     model = set_trainable(model, stage, weights_dtype, recipe.seed + index)
     model.to(env.device)
-    if recipe.gradient_checkpointing and stage.kind != "attention_transfer":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     forward = wrap(model, recipe, env, stage)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -521,13 +554,16 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
     elif env.main:
         log.truncate(lambda r: r.get("stage") != stage.name)
 
-    seq_len = train_seqs.shape[1]
     bar = tqdm(total=stage.steps, initial=start, desc=stage.name, unit="step", disable=not env.main, dynamic_ncols=True)
     autocast = torch.autocast(env.device.type, dtype=DTYPES[recipe.precision], enabled=recipe.precision != "fp32")
     session_start, session_tokens = time.perf_counter(), 0
+    checkpointing = False
     with StopFlag() as stop, AttentionTransfer(model) if stage.kind == "attention_transfer" else _null() as transfer:
         for step in range(start, stage.steps):
-            batch = global_batch(train_seqs, step, stage.batch_size, recipe.data.seed)  # (batch_size, L)
+            phase = stage.phase_at(step, recipe.data.seq_len)
+            seq_len = phase.seq_len
+            checkpointing = set_checkpointing(model, stage, phase, recipe, checkpointing)
+            batch = training.batch(step, stage.batch_size, seq_len)  # (batch_size, seq_len)
             local = batch[env.rank * per_process : (env.rank + 1) * per_process].to(env.device)
             total = 0.0
             for i, micro in enumerate(local.split(stage.micro_batch_size)):
@@ -563,6 +599,7 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
                 "step": step + 1,
                 "loss": loss_value,
                 "loss_name": stage.loss,
+                "seq_len": seq_len,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": session_tokens / elapsed,
@@ -587,8 +624,7 @@ def run_stage(recipe, index, stage, model, train_seqs, eval_seqs, teacher, env, 
             if on_step is not None:
                 on_step(stage.name, step + 1, loss_value)
         bar.close()
-    if recipe.gradient_checkpointing and stage.kind != "attention_transfer":
-        model.activation_checkpointing_disable()
+    set_checkpointing(model, stage, None, recipe, checkpointing)
     evaluate(forward, eval_seqs, env, log, stage.name, recipe, stage.steps)
     return model
 
