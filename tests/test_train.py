@@ -201,11 +201,11 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, monkeypatch):
-    import linspec.train.run as run_module
+    import linspec.train.stages.attention_transfer as transfer_stage
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_base), ["eval.baselines=false", "checkpoint.every=1"])
     trained = {}
-    real_set_trainable = run_module.set_trainable
+    real_set_trainable = transfer_stage.set_trainable
 
     def remember_model(model, *args):
         trained["model"] = real_set_trainable(model, *args)
@@ -216,7 +216,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
             with torch.no_grad():
                 trained["model"].linspec_modules()[0].global_scale.fill_(float("nan"))
 
-    monkeypatch.setattr(run_module, "set_trainable", remember_model)
+    monkeypatch.setattr(transfer_stage, "set_trainable", remember_model)
     with pytest.raises(TrainingDiverged, match=r"attention_transfer: loss nan at step 3.*step-0000002"):
         train(recipe, on_step=poison)
     folder = tmp_path / "run" / "checkpoints" / "attention_transfer"

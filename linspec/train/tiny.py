@@ -8,7 +8,6 @@ import torch
 
 from linspec.train.corpus import SAMPLE
 
-
 # A minimal chat template, so chat data (docs/training.md) can be tested on the tiny model.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
