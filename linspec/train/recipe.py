@@ -39,7 +39,7 @@ MAX_NEW_TOKENS = 1 << 16
 class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
-    preset: str = "paper"  # settings preset: paper or elu
+    preset: str = "paper"  # layer preset: stable (recommended), paper, decay, mean, normalized, elu
     group_size: int | None = None  # tokens per group G (paper: 64)
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu
