@@ -72,9 +72,11 @@ class Data:
 
 @dataclass
 class Chat:
-    """Chat-preserving data: instruction prompts built from a corpus, answered once by the original model (in its
-    chat template), cached on disk and mixed with the plain text. Distilling on them keeps an instruct model
-    an instruct model; plain text alone restores language modelling but not instruction following."""
+    """Chat data: the original model's own answers to instruction prompts, mixed with the plain text.
+
+    Prompts are built from a corpus, answered once by the original model in its chat template and cached on disk.
+    Distilling on them keeps an instruct model an instruct model; plain text alone restores language modelling
+    but not instruction following."""
 
     prompts: str = "builtin:wiki-en"  # corpus the instruction prompts are built from (never the eval source)
     num_prompts: int = 128  # prompts answered by the original model (once; cached)
