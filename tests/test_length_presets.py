@@ -140,7 +140,7 @@ def test_the_global_term_stays_bounded_as_context_grows_where_the_paper_grows(pr
 
 def test_the_gamma_trainable_keyword_opens_the_decays():
     """Recipes train the global term's parameters together: ``trainable: [gamma]`` matches γ and λ."""
-    from linspec.train.run import TRAINABLE_PATTERNS
+    from linspec.train.trainable import TRAINABLE_PATTERNS
 
     names = [name for name, _ in preset_model("stable").named_parameters()]
     opened = [name for name in names if any(p in name for p in TRAINABLE_PATTERNS["gamma"])]

@@ -140,3 +140,18 @@ def test_paper_recipe_dry_run_runs_every_stage_on_a_tiny_model(tmp_path, monkeyp
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if r["event"] == "step"]) == 2 * len(recipe.stages)
+
+
+def test_auto_softmax_layers_are_measured_at_the_start_and_the_trained_model_has_a_card(tmp_path):
+    from linspec.train.dry_run import dry_run
+
+    recipe = load_recipe("smollm2-135m-demo", ["conversion.softmax_layers=auto:2"])
+    assert recipe.conversion.auto_layers().count == 2 and recipe.conversion.settings().softmax_layers == ()
+    summary = dry_run(recipe, keep=tmp_path / "run")  # the tiny model has 2 layers: auto:1 there
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert len(config["linspec"]["softmax_layers"]) == 1
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "| softmax layers kept |" in card and "import linspec" in card and "- transfer: attention_transfer" in card
+    assert f"{summary['ppl']['lora']:.2f}" in card and "Not measured" not in card
+    with pytest.raises(LinspecError, match="auto:N"):
+        load_recipe("smollm2-135m-demo", ["conversion.softmax_layers=auto:x"])

@@ -201,11 +201,11 @@ def test_ctrl_c_saves_and_resume_reproduces_the_uninterrupted_losses_exactly(tmp
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_base, monkeypatch):
-    import linspec.train.run as run_module
+    import linspec.train.stages.attention_transfer as transfer_stage
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_base), ["eval.baselines=false", "checkpoint.every=1"])
     trained = {}
-    real_set_trainable = run_module.set_trainable
+    real_set_trainable = transfer_stage.set_trainable
 
     def remember_model(model, *args):
         trained["model"] = real_set_trainable(model, *args)
@@ -216,7 +216,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
             with torch.no_grad():
                 trained["model"].linspec_modules()[0].global_scale.fill_(float("nan"))
 
-    monkeypatch.setattr(run_module, "set_trainable", remember_model)
+    monkeypatch.setattr(transfer_stage, "set_trainable", remember_model)
     with pytest.raises(TrainingDiverged, match=r"attention_transfer: loss nan at step 3.*step-0000002"):
         train(recipe, on_step=poison)
     folder = tmp_path / "run" / "checkpoints" / "attention_transfer"
@@ -237,3 +237,100 @@ def test_unmerged_lora_is_saved_as_an_adapter_beside_the_model(tmp_path, tiny_ba
     assert any("lora_A" in n for n, _ in model.named_parameters())
     # lora_B starts at zero: non-zero values prove the trained adapter weights were saved, not just its config
     assert any(t.abs().sum() > 0 for n, t in model.named_parameters() if "lora_B" in n)
+
+
+CURRICULUM = [{"seq_len": 16, "steps": 2}, {"seq_len": 48, "steps": 2}]
+
+
+def test_a_curriculum_changes_the_sequence_length_at_its_phase_boundaries(tmp_path, tiny_base):
+    stages = [
+        {"kind": "attention_transfer", "steps": 4, "batch_size": 2, "curriculum": CURRICULUM},
+        {"kind": "lora", "steps": 3, "batch_size": 2, "lora": {"r": 4}, "loss": "distill",
+         "curriculum": [{"seq_len": 64, "steps": 1}, {"seq_len": 24, "steps": 2, "gradient_checkpointing": True}]},
+    ]  # fmt: skip
+    path = recipe_file(tmp_path, tiny_base, stages=stages)
+    seen = []
+    train(load_recipe(path, ["eval.baselines=false"]), on_step=lambda stage, step, loss: seen.append((stage, step)))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lengths = [(r["stage"], r["step"], r["seq_len"]) for r in records if r["event"] == "step"]
+    assert lengths == [
+        ("attention_transfer", 1, 16), ("attention_transfer", 2, 16), ("attention_transfer", 3, 48),
+        ("attention_transfer", 4, 48), ("lora", 1, 64), ("lora", 2, 24), ("lora", 3, 24),
+    ]  # fmt: skip
+    # held-out sequences keep data.seq_len whatever the curriculum
+    evals = [r for r in records if r["event"] == "eval"]
+    assert all(r["tokens"] % 31 == 0 for r in evals)
+
+
+def test_curriculum_steps_must_add_up_to_the_stage(tmp_path, tiny_base):
+    stages = [{"kind": "attention_transfer", "steps": 5, "curriculum": CURRICULUM}]
+    with pytest.raises(LinspecError, match=r"stages\[0\].curriculum: its phases add up to 4 steps"):
+        load_recipe(recipe_file(tmp_path, tiny_base, stages=stages))
+
+
+def test_gradient_checkpointing_changes_memory_not_the_losses(tmp_path, tiny_base):
+    stage = {"kind": "lora", "steps": 2, "batch_size": 2, "lora": {"r": 4}, "optimizer": {"lr": 0.01}}
+    runs = {}
+    for flag in (False, True):
+        phases = [{"seq_len": 32, "steps": 2, "gradient_checkpointing": flag}]
+        path = recipe_file(tmp_path, tiny_base, stages=[{**stage, "curriculum": phases}])
+        train(load_recipe(path, [f"output={tmp_path / str(flag)}", "eval.baselines=false"]))
+        runs[flag] = [loss for _, _, loss in steps_of(tmp_path / str(flag))]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_resume_across_a_curriculum_boundary_repeats_the_losses_exactly(tmp_path, tiny_base):
+    stages = [{"kind": "lora", "steps": 4, "batch_size": 2, "lora": {"r": 4, "dropout": 0.1}, "loss": "distill",
+               "optimizer": {"lr": 0.01}, "curriculum": CURRICULUM}]  # fmt: skip
+    path = recipe_file(tmp_path, tiny_base, stages=stages)
+    train(load_recipe(path, ["output=" + str(tmp_path / "straight"), "eval.baselines=false"]))
+
+    def interrupt(stage, step, loss):
+        if step == 1:  # seen at the end of step 2, the last of the 16-token phase
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = load_recipe(path, ["output=" + str(tmp_path / "cut"), "eval.baselines=false"])
+    with pytest.raises(TrainingInterrupted, match="lora step 2"):
+        train(recipe, on_step=interrupt)
+    train(recipe, resume=True)
+    assert steps_of(tmp_path / "cut") == steps_of(tmp_path / "straight")
+
+
+def test_chat_data_is_the_original_models_answers_cached_and_mixed_at_its_ratio(tmp_path, tiny_base, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linspec.train import chat_data
+    from linspec.train.data import TrainingSet
+    from linspec.train.recipe import Chat, Data
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
+    chat = Chat(prompts="builtin:sample", num_prompts=3, max_new_tokens=5, batch_size=2, ratio=0.25)
+    first = chat_data.conversations(chat, "tiny", model, tokenizer, progress=False)
+    prompts = chat_data.instruction_prompts("builtin:sample", 3, seed=0)
+    assert prompts == chat_data.instruction_prompts("builtin:sample", 3, seed=0)  # reproducible
+    for prompt, text in zip(prompts, first, strict=True):  # the template renders the user turn, then an answer
+        assert text.startswith(f"user: {prompt}<|endoftext|>assistant: ")
+    # the answers are greedy generations of the original model, batched with left padding
+    alone = chat_data.generate_answers(model, tokenizer, prompts[2:], chat, progress=False)
+    assert first[2].endswith(f"assistant: {alone[0]}<|endoftext|>")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached answers should have been reused")
+
+    monkeypatch.setattr(chat_data, "generate_answers", refuse)
+    assert chat_data.conversations(chat, "tiny", model, tokenizer, progress=False) == first
+    cached = chat_data.cache_file("tiny", prompts, chat)
+    assert cached.is_file() and len(cached.read_text().splitlines()) == 3
+    with pytest.raises(AssertionError, match="reused"):  # other settings: another cache entry
+        chat_data.conversations(Chat(**{**vars(chat), "max_new_tokens": 6}), "tiny", model, tokenizer)
+
+    import datasets
+
+    documents = datasets.Dataset.from_dict({"text": ["one two three four five six seven eight nine ten"] * 40})
+    data = Data(seq_len=8, chat=chat)
+    mixed = TrainingSet(documents, tokenizer, data, datasets.Dataset.from_dict({"text": first}))
+    text, chat_sequences = mixed.prepare(8)
+    rows = torch.cat([mixed.batch(step, 4, 8) for step in range(6)])
+    is_chat = [any(torch.equal(row, c) for c in chat_sequences) for row in rows]
+    assert is_chat == [False, False, False, True] * 6  # exactly a quarter, spread evenly
+    assert torch.equal(mixed.batch(3, 4, 8), rows[12:16])  # a pure function of the step

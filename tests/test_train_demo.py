@@ -1,4 +1,4 @@
-"""The demo recipe end to end on the real SmolLM2-135M (shortened: a few steps of 128 tokens)."""
+"""The demo recipe end to end on the real SmolLM2-135M (shortened: a few steps of 128-192 tokens, 2 chat answers)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,16 @@ def test_demo_recipe_runs_both_stages_on_the_real_model(demo_model_path, tmp_pat
         "data.seq_len=128",  # two groups of 64: the global path (γ) gets a gradient
         "data.max_eval_sequences=2",
         "stages.0.steps=2",
+        "stages.0.curriculum=[{seq_len: 128, steps: 1}, {seq_len: 192, steps: 1}]",
         "stages.0.batch_size=1",
         "stages.0.micro_batch_size=1",
         "stages.1.steps=1",
+        "stages.1.curriculum=[{seq_len: 192, steps: 1, gradient_checkpointing: true}]",
         "stages.1.batch_size=1",
+        "data.chat.prompts=builtin:sample",  # two answers from the real model, mixed in
+        "data.chat.num_prompts=2",
+        "data.chat.max_new_tokens=8",
+        "data.chat.ratio=0.5",
     ]
     recipe = load_recipe(DEMO, overrides)
     output = train(recipe)

@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "a linspec model directory to OUTPUT/model. Recipes are YAML files validated before any work starts; "
         "recipes/*.yaml are commented examples. Several processes: torchrun --nproc-per-node N -m linspec "
         "train RECIPE (DDP; distributed=fsdp shards the model).",
-        epilog=_keys_help() + "\n\nexample: linspec train recipes/smollm2-135m-demo.yaml stages.1.steps=50 "
+        epilog=_keys_help() + "\n\nexample: linspec train recipes/smollm2-135m-demo.yaml stages.1.lora.r=16 "
         "output=runs/quick && linspec eval ppl runs/quick/model --data notes.txt --ablations",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -123,26 +124,80 @@ def pack(documents, tokenizer, seq_len: int, max_sequences: int | None = None) -
     return torch.tensor(packed["input_ids"], dtype=torch.long)
 
 
-def build_splits(data: Data, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(train [N, L], eval [M, L])``; the eval split comes from ``data.eval`` or held-out train documents."""
+def split_documents(data: Data):
+    """``(train documents, held-out documents)``: the held-out ones come from ``data.eval`` or, when it is null,
+    from ``eval_fraction`` of the training documents (split before packing, so no sequence straddles both)."""
     import datasets
 
     parts = [load_documents(source, data.text_field, data.max_documents) for source in data.train]
     train_docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if data.eval is None:
         split = train_docs.train_test_split(test_size=data.eval_fraction, seed=data.seed, shuffle=True)
-        train_docs, eval_docs = split["train"], split["test"]
-    else:
-        eval_docs = load_documents(data.eval, data.text_field)
+        return split["train"], split["test"]
+    return train_docs, load_documents(data.eval, data.text_field)
+
+
+def build_splits(data: Data, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train [N, L], eval [M, L])`` packed at ``data.seq_len``."""
+    train_docs, eval_docs = split_documents(data)
     train = pack(train_docs, tokenizer, data.seq_len, data.max_train_sequences)
-    held_out = pack(eval_docs, tokenizer, data.seq_len, data.max_eval_sequences)
-    return train, held_out
+    return train, pack(eval_docs, tokenizer, data.seq_len, data.max_eval_sequences)
+
+
+class TrainingSet:
+    """The training sequences at every length a curriculum asks for, plain text and (optionally) chat, and the
+    batch of each optimiser step.
+
+    Sequences of one length are packed once (``prepare``) and kept. A batch is a pure function of (seed, step,
+    length): position ``p`` of the global stream (``step × batch_size + i``) is a chat sequence exactly when
+    ``⌊(p+1)·ratio⌋ > ⌊p·ratio⌋``, so chat makes up ``ratio`` of every stretch of the stream, and each pool is
+    read in its own seeded order, epoch after epoch. Resuming at any step, across a change of length included,
+    gives the sequences an uninterrupted run would have seen.
+    """
+
+    def __init__(self, documents, tokenizer, data: Data, chat_documents=None) -> None:
+        self.documents = documents
+        self.chat_documents = chat_documents
+        self.tokenizer = tokenizer
+        self.data = data
+        self.ratio = Fraction(data.chat.ratio).limit_denominator(1000) if chat_documents is not None else Fraction(0)
+        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def prepare(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(text [N, seq_len], chat [M, seq_len] or None)``, packed on first use."""
+        if seq_len not in self.packed:
+            text = pack(self.documents, self.tokenizer, seq_len, self.data.max_train_sequences)
+            chat = None
+            if self.chat_documents is not None:
+                chat = pack(self.chat_documents, self.tokenizer, seq_len)
+            self.packed[seq_len] = (text, chat)
+        return self.packed[seq_len]
+
+    def batch(self, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
+        """``[batch_size, seq_len]``: the sequences of optimiser step ``step`` (0-based), the same on every process."""
+        text, chat = self.prepare(seq_len)
+        if chat is None:
+            return global_batch(text, step, batch_size, self.data.seed)
+        rows = []
+        for p in range(step * batch_size, (step + 1) * batch_size):
+            chat_before = p * self.ratio.numerator // self.ratio.denominator  # chat positions among 0..p-1
+            if (p + 1) * self.ratio.numerator // self.ratio.denominator > chat_before:
+                rows.append(nth_sequence(chat, chat_before, self.data.seed))
+            else:
+                rows.append(nth_sequence(text, p - chat_before, self.data.seed))
+        return torch.stack(rows)
 
 
 def sequence_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of sequences in ``epoch``: a permutation fixed by (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_sequences, generator=generator)
+
+
+def nth_sequence(sequences: torch.Tensor, index: int, seed: int) -> torch.Tensor:
+    """The ``index``-th sequence of the stream that reads ``sequences`` epoch after epoch in seeded orders."""
+    epoch, offset = divmod(index, sequences.shape[0])
+    return sequences[sequence_order(sequences.shape[0], seed, epoch)[offset]]
 
 
 def global_batch(sequences: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ in seconds: conversion, LoRA/peft, the losses, checkpoints, evaluation and the o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -18,19 +19,32 @@ TINY_LAYERS = 2
 
 
 def shrink(recipe: Recipe, base_dir: Path, output: Path) -> Recipe:
-    """The same recipe at toy scale: 2 steps a stage, 2 sequences of 32 tokens a step, G ≤ 8, P ≤ 4."""
+    """The same recipe at toy scale: 2 steps a stage, 2 sequences of 32 tokens a step (a curriculum: 32, then 64),
+    G ≤ 8, P ≤ 4, chat data from two prompts."""
     small = copy.deepcopy(recipe)
     small.base, small.output, small.device = str(base_dir), str(output), "cpu"
     conversion = small.conversion.settings()
     small.conversion.group_size = min(conversion.group_size, 8)
     small.conversion.conv_taps = min(conversion.conv_taps, 4)
-    small.conversion.softmax_layers = [i for i in small.conversion.softmax_layers if i < TINY_LAYERS]
+    if isinstance(small.conversion.softmax_layers, list):
+        small.conversion.softmax_layers = [i for i in small.conversion.softmax_layers if i < TINY_LAYERS]
+    elif small.conversion.auto_layers() is not None:  # auto:N on the tiny model: at most one of its layers
+        small.conversion.softmax_layers = "auto:1"
     small.data.train, small.data.eval, small.data.eval_fraction = ["builtin:sample"], None, 0.25
     small.data.seq_len, small.data.max_train_sequences, small.data.max_eval_sequences = 32, None, 4
     small.checkpoint.every, small.eval.every, small.threads = 1, 0, None
+    if small.data.chat is not None:  # two short answers from the tiny model, on the sample text
+        chat = small.data.chat
+        chat.prompts, chat.num_prompts, chat.max_new_tokens, chat.batch_size = "builtin:sample", 2, 4, 2
     for stage in small.stages:
         stage.steps, stage.batch_size, stage.micro_batch_size = 2, 2, 1
         stage.schedule.warmup_steps = min(stage.schedule.warmup_steps, 1)
+        if stage.curriculum:  # a step at 32 tokens, then one at 64 with the last phase's other settings
+            first, last = stage.curriculum[0], stage.curriculum[-1]
+            stage.curriculum = [
+                dataclasses.replace(first, seq_len=32, steps=1),
+                dataclasses.replace(last, seq_len=64, steps=1),
+            ]
     return validate(small)
 
 

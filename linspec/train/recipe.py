@@ -32,22 +32,35 @@ MAX_BATCH = 1 << 16
 MAX_SEQ_LEN = 1 << 20
 MAX_LORA_RANK = 4096
 MAX_THREADS = 1024
+MAX_CHAT_PROMPTS = 1 << 20
+MAX_NEW_TOKENS = 1 << 16
 
 
 @dataclass
 class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
-    preset: str = "paper"  # paper (exact), stable (recommended past the training length), decay, mean, normalized, elu
+    preset: str = "paper"  # stable (recommended), paper (exact), decay, mean, normalized, elu
     group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)
     local_kernel: str | None = None  # κ inside a group: relu2 (paper) or identity (default: the preset's)
-    softmax_layers: list[int] = field(default_factory=list)  # layers kept as softmax attention (a hybrid)
+    softmax_layers: list[int] | str = field(default_factory=list)  # layers kept softmax (a hybrid); auto:N measures
+
+    def auto_layers(self):
+        """``AutoLayers(N)`` for ``softmax_layers: auto:N`` (chosen by measurement when the run starts), else None."""
+        from linspec.hybrid import AutoLayers, parse_softmax_layers
+
+        layers = parse_softmax_layers(self.softmax_layers)
+        return layers if isinstance(layers, AutoLayers) else None
 
     def settings(self) -> LinspecConfig:
+        """The layer settings; with ``auto:N`` the softmax layers are left empty until ``train`` measures them."""
+        from linspec.hybrid import AutoLayers, parse_softmax_layers
+
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
-        overrides["softmax_layers"] = tuple(self.softmax_layers)
+        layers = parse_softmax_layers(self.softmax_layers)
+        overrides["softmax_layers"] = () if isinstance(layers, AutoLayers) else layers
         return LinspecConfig.from_preset(self.preset, **overrides)
 
 
@@ -66,6 +79,33 @@ class Data:
     max_train_sequences: int | None = None  # cap on packed training sequences (null: all)
     max_eval_sequences: int = 64  # packed held-out sequences used for perplexity
     seed: int = 0  # shuffling seed (order of sequences in each epoch)
+    chat: Chat | None = None  # the original model's own answers to instruction prompts, mixed in (null: none)
+
+
+@dataclass
+class Chat:
+    """Chat data: the original model's own answers to instruction prompts, mixed with the plain text.
+
+    Prompts are built from a corpus, answered once by the original model in its chat template and cached on disk.
+    Distilling on them keeps an instruct model an instruct model; plain text alone restores language modelling
+    but not instruction following."""
+
+    prompts: str = "builtin:wiki-en"  # corpus the instruction prompts are built from (never the eval source)
+    num_prompts: int = 128  # prompts answered by the original model (once; cached)
+    max_new_tokens: int = 128  # length limit of each answer
+    temperature: float = 0.0  # 0: greedy answers; > 0: sampled at this temperature
+    seed: int = 0  # which paragraphs become prompts, and the sampling seed
+    batch_size: int = 16  # prompts answered together while generating
+    ratio: float = 0.25  # share of training sequences taken from the chat data (the rest: data.train)
+
+
+@dataclass
+class Phase:
+    """One part of a sequence-length curriculum: ``steps`` optimiser steps on sequences of ``seq_len`` tokens."""
+
+    seq_len: int = 256  # tokens per training sequence in this phase
+    steps: int = 1  # optimiser steps of this phase
+    gradient_checkpointing: bool | None = None  # recompute activations in backward (null: the recipe's setting)
 
 
 @dataclass
@@ -118,6 +158,21 @@ class Stage:
     lora: Lora | None = None  # adapter for this stage (null: none)
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: Schedule = field(default_factory=Schedule)
+    curriculum: list[Phase] = field(default_factory=list)  # seq_len per run of steps (empty: data.seq_len throughout)
+
+    def phase_at(self, step: int, default_seq_len: int) -> Phase:
+        """The curriculum phase of optimiser step ``step`` (0-based); without a curriculum, one phase of
+        ``default_seq_len`` (``data.seq_len``) over the whole stage."""
+        end = 0
+        for phase in self.curriculum:
+            end += phase.steps
+            if step < end:
+                return phase
+        return Phase(seq_len=default_seq_len, steps=self.steps)
+
+    def seq_lens(self, default_seq_len: int) -> list[int]:
+        """Every sequence length this stage trains on, in order."""
+        return list(dict.fromkeys(p.seq_len for p in self.curriculum)) or [default_seq_len]
 
 
 @dataclass
@@ -150,7 +205,7 @@ class Recipe:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     distributed: Literal["ddp", "fsdp"] = "ddp"  # several processes (torchrun): ddp replicates, fsdp shards lora/full
     seed: int = 0  # seed for LoRA init and dropout
-    gradient_checkpointing: bool = False  # recompute activations in backward (lora/full stages): less memory
+    gradient_checkpointing: bool = False  # recompute activations in backward (lora/full stages): less memory per token
     threads: int | None = None  # torch CPU threads (null: torch's default)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     eval: Evaluation = field(default_factory=Evaluation)
@@ -282,6 +337,8 @@ def validate(recipe: Recipe) -> Recipe:
     _positive(data.max_train_sequences, "data.max_train_sequences")
     _positive(data.max_documents, "data.max_documents")
     _positive(data.max_eval_sequences, "data.max_eval_sequences")
+    if data.chat is not None:
+        _check_chat(data.chat, data)
     if not recipe.stages:
         raise LinspecError("recipe key stages: at least one stage is needed")
     names = set()
@@ -313,12 +370,41 @@ def validate(recipe: Recipe) -> Recipe:
         _positive(stage.schedule.warmup_steps, f"{key}.schedule.warmup_steps", allow_zero=True, limit=MAX_STEPS)
         _fraction(stage.schedule.min_lr_ratio, f"{key}.schedule.min_lr_ratio", closed=True)
         _positive(stage.distill_temperature, f"{key}.distill_temperature")
+        _check_curriculum(stage, key)
     _positive(recipe.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(recipe.checkpoint.keep, "checkpoint.keep", limit=1000)
     _positive(recipe.eval.every, "eval.every", allow_zero=True)
     _positive(recipe.eval.max_sequences, "eval.max_sequences")
     _positive(recipe.threads, "threads", limit=MAX_THREADS)
     return recipe
+
+
+def _check_chat(chat: Chat, data: Data) -> None:
+    _check_source(chat.prompts, "data.chat.prompts")
+    if chat.prompts == data.eval:
+        raise LinspecError("recipe key data.chat.prompts: must not be the held-out source data.eval")
+    _positive(chat.num_prompts, "data.chat.num_prompts", limit=MAX_CHAT_PROMPTS)
+    _positive(chat.max_new_tokens, "data.chat.max_new_tokens", limit=MAX_NEW_TOKENS)
+    _positive(chat.temperature, "data.chat.temperature", allow_zero=True, limit=100)
+    _positive(chat.batch_size, "data.chat.batch_size", limit=MAX_BATCH)
+    if not 0 < chat.ratio < 1:
+        raise LinspecError(f"recipe key data.chat.ratio: must be in (0, 1), got {chat.ratio!r}")
+
+
+def _check_curriculum(stage: Stage, key: str) -> None:
+    """Phases name their lengths and steps; their steps must add up to the stage's, so ``steps`` keeps meaning
+    the stage's length (and its learning-rate schedule) with or without a curriculum."""
+    for j, phase in enumerate(stage.curriculum):
+        _positive(phase.seq_len, f"{key}.curriculum[{j}].seq_len", limit=MAX_SEQ_LEN)
+        if phase.seq_len < 2:
+            raise LinspecError(f"recipe key {key}.curriculum[{j}].seq_len: must be at least 2 tokens")
+        _positive(phase.steps, f"{key}.curriculum[{j}].steps", limit=MAX_STEPS)
+    total = sum(phase.steps for phase in stage.curriculum)
+    if stage.curriculum and total != stage.steps:
+        raise LinspecError(
+            f"recipe key {key}.curriculum: its phases add up to {total} steps but {key}.steps is {stage.steps}; "
+            "make them equal"
+        )
 
 
 def _check_lora(lora: Lora, key: str) -> None:

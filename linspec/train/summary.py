@@ -53,7 +53,8 @@ def record_benchmark(
         f"### Recovering quality by training: `{recipe.base}`, {kind}\n\n"
         f"`{command}`. Held-out perplexity on `{recipe.data.eval}` "
         f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
-        f"G={conversion.group_size}, P={conversion.conv_taps}, softmax layers: "
+        f"quality preset `{recipe.conversion.preset}`, G={conversion.group_size}, P={conversion.conv_taps}, "
+        "softmax layers: "
         f"{list(conversion.softmax_layers) or 'none (all-linear)'}.\n\n" + format_table(recipe.output)
     )
     if summary.get("run_seconds"):

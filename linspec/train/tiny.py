@@ -8,6 +8,12 @@ import torch
 
 from linspec.train.corpus import SAMPLE
 
+# A minimal chat template, so chat data (docs/training.md) can be tested on the tiny model.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
 
 def tiny_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer trained on linspec's sample text in well under a second."""
@@ -24,9 +30,11 @@ def tiny_tokenizer(vocab_size: int = 320):
         show_progress=False,
     )
     tokenizer.train_from_iterator(SAMPLE.splitlines(), trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def make_tiny_base(path: str | Path, seed: int = 0, num_layers: int = 2, hidden_size: int = 64) -> Path:

@@ -1,0 +1,84 @@
+"""The run directory: what may be in it before a run, and the check that a resumed run keeps its recipe.
+
+Layout of ``recipe.output``::
+
+    recipe.yaml          the resolved recipe of the run
+    metrics.jsonl        one line per step ({"event": "step", ...}) and per evaluation ({"event": "eval", ...})
+    loss.png             loss curve per stage
+    checkpoints/<stage>/step-<n>/   resumable state (atomic; the newest ``checkpoint.keep`` are kept)
+    stages/<stage>/      the model after each finished stage (a linspec model dir, LoRA merged)
+    model/               the final model (LoRA merged unless merge_lora: false, then model/adapter holds it)
+    summary.json         held-out perplexity of every phase and the training time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import yaml
+
+from linspec.errors import LinspecError
+from linspec.train.distributed import Env
+from linspec.train.recipe import Recipe
+
+RECIPE_FILE = "recipe.yaml"
+RUN_FILES = ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE)
+# Keys that may change when a run resumes: where it lives, how it runs and how often it saves, or how its
+# result is written; not what it computes.
+RESUMABLE_CHANGES = ("output", "threads", "device", "checkpoint", "merge_lora")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: Recipe) -> None:
+    """Check the output before any work: a fresh or empty directory, a run to resume with the same recipe, or
+    (with ``force``) a run to discard. A directory that holds other files is never written into or emptied."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LinspecError(f"recipe key output: {run_dir} exists and is not a directory")
+    has_run = (run_dir / RECIPE_FILE).exists() or (run_dir / "metrics.jsonl").exists()
+    if run_dir.is_dir() and not has_run and any(p.name not in RUN_FILES for p in run_dir.iterdir()):
+        raise LinspecError(
+            f"recipe key output: {run_dir} holds files that are not a linspec run; choose an empty or new directory"
+        )
+    if has_run and not (resume or force):
+        raise LinspecError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
+    if resume and has_run:
+        check_same_recipe(run_dir / RECIPE_FILE, recipe)
+    if force and not resume and env.main:
+        for name in RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    env.barrier()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_same_recipe(path: Path, recipe: Recipe) -> None:
+    """Refuse to resume a run under a recipe that differs from the one it started with (but for
+    ``RESUMABLE_CHANGES``): the checkpoints, metrics and finished stages belong to that recipe."""
+    if not path.is_file():
+        raise LinspecError(f"{path.parent} holds no {RECIPE_FILE}, so it cannot be resumed; start over with --force")
+    try:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise LinspecError(f"{path} is damaged ({type(error).__name__}); start over with --force") from None
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    changed = [key for key in _differences(stored, current) if key.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise LinspecError(
+            f"the recipe differs from the one {path.parent} was started with ({shown}); resume with the same "
+            "recipe, or start over with --force"
+        )
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain YAML structures."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(dict.fromkeys([*old, *new]))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(whole recipe)"]
