@@ -309,6 +309,10 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.conversion.preset not in PRESETS:
         raise LinspecError(f"recipe key conversion.preset: expected one of {', '.join(PRESETS)}")
     try:
+        recipe.conversion.auto_layers()
+    except LinspecError as error:
+        raise LinspecError(f"recipe key conversion.softmax_layers: {error}") from None
+    try:
         recipe.conversion.settings()
     except LinspecError as error:
         raise LinspecError(f"recipe key conversion: {error}") from None
