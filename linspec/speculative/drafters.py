@@ -388,7 +388,8 @@ class HeadDrafter(TreeGrowingDrafter):
         return self._head_logits[:, level : level + 1].expand(-1, frontier.shape[1], -1)
 
 
-DRAFTERS = ("none", "lookup", "early-exit", "model")
+TRAINED_DRAFTERS = ("medusa", "eagle", "redrafter")  # linspec.drafting: trained from the target, loaded from a dir
+DRAFTERS = ("none", "lookup", "early-exit", "model", *TRAINED_DRAFTERS)
 
 
 def build_drafter(
@@ -399,10 +400,13 @@ def build_drafter(
     max_ngram: int = 3,
     exit_layer: int | None = None,
     draft_model=None,
+    trained=None,
 ) -> Drafter | None:
-    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit`` or ``model`` — with one tree knob:
-    ``tree_width`` (lookup: distinct continuations merged; models: branches per level). ``num_tokens`` defaults to
-    10 for lookup (cheap drafts) and 4 for models (each level costs a forward). Validated here."""
+    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit``, ``model`` or a trained one
+    (``medusa``, ``eagle``, ``redrafter``: ``trained`` is the module ``linspec.drafting.load_drafter`` returned) —
+    with one tree knob: ``tree_width`` (lookup: distinct continuations merged; models: branches per level).
+    ``num_tokens`` defaults to 10 for lookup (cheap drafts), 4 for models (each level costs a forward) and the
+    trained depth for trained drafters. Validated here."""
     if kind == "none":
         return None
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
@@ -419,4 +423,10 @@ def build_drafter(
         if draft_model is None:
             raise LinspecError("the model drafter needs a draft model (--draft-model SRC)")
         return ModelDrafter(draft_model, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
+    if kind in TRAINED_DRAFTERS:
+        if trained is None:
+            raise LinspecError(f"the {kind} drafter needs a trained drafter directory (--drafter PATH)")
+        if trained.kind != kind:
+            raise LinspecError(f"the drafter given is a {trained.kind} drafter, not {kind}")
+        return trained.drafter(num_tokens, tree_width)
     raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")
