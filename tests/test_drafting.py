@@ -131,7 +131,8 @@ def test_depth_and_settings_out_of_range_are_refused():
         build_drafter("redrafter")
 
 
-def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys):
+def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
     from linspec.cli import main
     from linspec.train.tiny import make_tiny_base
 

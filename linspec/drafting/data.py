@@ -3,8 +3,9 @@
 Prompts are built from the shipped corpora (``linspec.prompts``) and wrapped in the chat template; the target
 continues each greedily; one more forward per text records its final hidden states (after the last norm — what
 ``DraftRequest.target_hidden`` carries). A drafter trained on this learns the target's own behaviour, not a
-dataset's, which is what acceptance rewards. Cached as safetensors under the run's ``data/``, keyed by the
-target's fingerprint and the data settings, so a resumed or repeated run skips it.
+dataset's, which is what acceptance rewards. Cached as safetensors in linspec's cache (``$LINSPEC_CACHE/drafting``),
+keyed by the target's fingerprint and the data settings, so a resumed run, a repeated one and the other drafter
+kinds for the same target skip it.
 
 Layout: ``tokens [S, T]`` per text the last prompt token then the continuation (-1 past the end), ``hidden
 [S, T, H]`` the target's hidden state after each of those tokens; ``train_*`` and ``eval_*`` (held-out prompts).

@@ -39,7 +39,7 @@ class DrafterSpec:
 @dataclass
 class DistillData:
     """Self-distillation data: the target's own greedy continuations of instruction prompts built from a corpus,
-    and its final hidden states on them; cached under OUTPUT/data, keyed by target and these settings."""
+    and its final hidden states on them; cached in linspec's cache, keyed by target and these settings."""
 
     prompts: str = "builtin:wiki-en"  # builtin:NAME, a corpus file, or prompts verbatim (.txt lines, .jsonl "prompt")
     num_prompts: int = 96  # training prompts
@@ -76,7 +76,7 @@ class DrafterRecipe:
     """Train a drafter for TARGET from the target itself; the result is OUTPUT/drafter."""
 
     target: str = "smollm2-135m"  # the model the drafter drafts for: demo name, model directory, .gguf or hub id
-    output: str = "runs/drafter"  # run directory: data/, checkpoints/, metrics.jsonl, drafter/
+    output: str = "runs/drafter"  # run directory: checkpoints/, metrics.jsonl, drafter/
     drafter: DrafterSpec = field(default_factory=DrafterSpec)
     data: DistillData = field(default_factory=DistillData)
     train: Optimisation = field(default_factory=Optimisation)

@@ -51,7 +51,7 @@ def _prepare_output(recipe: DrafterRecipe, resume: bool, force: bool, fingerprin
             raise LinspecError(f"{output} already exists; pass --resume to continue it or --force to start over")
         if any(output.iterdir()) and not marker.is_file():
             raise LinspecError(f"{output} is not empty and holds no {RUN_FILE}; not replacing it even with --force")
-        for name in ("checkpoints", "drafter", "metrics.jsonl"):  # the data cache stays: it is keyed by content
+        for name in ("checkpoints", "drafter", "metrics.jsonl"):
             path = output / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,9 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
     target.requires_grad_(False)
     fingerprint = target_fingerprint(target)
     output = _prepare_output(recipe, resume, force, fingerprint)
-    data = self_distillation_data(target, tokenizer, recipe.data, output / "data", fingerprint)
+    from linspec.demo_model import cache_root
+
+    data = self_distillation_data(target, tokenizer, recipe.data, cache_root() / "drafting", fingerprint)
     spec = recipe.drafter
     vocab_size = target.get_output_embeddings().weight.shape[0]
     token_ids = None
