@@ -314,6 +314,8 @@ BENCH_AND_DEMO = [
     Case("bench-speculative-repeats-zero", "bench speculative --repeats 0", "--repeats must be in"),
     Case("bench-speculative-threads-zero", "bench speculative --threads 0", "--threads must be in"),
     Case("bench-speculative-exit-layer", "bench speculative --exit-layer 0", "--exit-layer must be in"),
+    Case("bench-speculative-drafter-missing", "bench speculative --drafters {sandbox}/none", "no such directory"),
+    Case("bench-speculative-not-a-drafter", "bench speculative --drafters {empty-dir}", "no drafter.json"),
     Case("bench-speculative-model-missing", "bench speculative --model {sandbox}/m", "no such file"),
     Case("bench-speculative-converted-softmax", "bench speculative --model {base} --converted {base}", "not a linspec"),
     Case("demo-tokens-zero", "demo --max-new-tokens 0", "--max-new-tokens must be in"),

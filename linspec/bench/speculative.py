@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     for name, (low, high) in checks.items():
         if not low <= getattr(args, name) <= high:
             raise LinspecError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {getattr(args, name)}")
+    from linspec.drafting.store import read_config
+
+    for path in args.drafters:  # a missing or damaged drafter is refused before any model loads
+        read_config(path)
     out_dir = output_dir(args, "speculative")
     device, dtype = placement(args.device, args.dtype)
     console = Console()
