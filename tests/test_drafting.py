@@ -45,6 +45,13 @@ def test_greedy_output_equals_plain_greedy_for_each_trained_drafter(kind, target
         out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
         assert torch.equal(out.sequences[:, : expected.shape[1]], expected), (width, draft_vocab)
         assert out.stats.drafted > 0
+    drafted = []
+    for confidence in (0.0, 0.999):  # unconfident drafts are not proposed; the output does not change
+        drafter = random_drafter(kind, target).drafter(3, 2, min_confidence=confidence)
+        out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(out.sequences[:, : expected.shape[1]], expected), confidence
+        drafted.append(out.stats.drafted)
+    assert drafted[1] < drafted[0]
 
 
 @pytest.mark.parametrize(

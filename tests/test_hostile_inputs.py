@@ -127,6 +127,10 @@ GENERATE = [
          "is a medusa drafter, not eagle"),
     Case("drafter-too-deep", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
          "--num-draft-tokens 3", "drafts 1..2 tokens per round"),
+    Case("drafter-confidence-one", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
+         "--min-confidence 1", "--min-confidence must be in [0, 1)"),
+    Case("drafter-confidence-ignored", "generate {base} --prompt hi --draft lookup --min-confidence 0.5",
+         "only applies to --draft medusa"),
     Case("drafter-tree-absurd", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
          "--tree-width 999", "--tree-width must be in 1..256"),
     Case("draft-model-without-path", "generate {linspec} --prompt hi --draft model", "needs --draft-model"),

@@ -79,6 +79,12 @@ def settings_for(target_name: str, exit_layer: int, trained: dict | None = None)
             Setting(
                 f"{kind} tree k={depth} x3", "greedy", "linspec", {"kind": kind, "num_tokens": depth, "tree_width": 3}
             ),
+            Setting(
+                f"{kind} chain k={depth} conf>=0.5",
+                "greedy",
+                "linspec",
+                {"kind": kind, "num_tokens": depth, "min_confidence": 0.5},
+            ),
             Setting(f"{kind} chain k={depth}", "t=1", "linspec", {"kind": kind, "num_tokens": depth}),
         ]
     rows = [

@@ -34,6 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exit-layer", type=int, help="layers the early-exit drafter uses")
     parser.add_argument("--num-draft-tokens", type=int, help="draft depth per round (default: lookup 10, models 4)")
     parser.add_argument("--tree-width", type=int, help="1 = chain (default); >1 = a tree")
+    parser.add_argument(
+        "--min-confidence", type=float,
+        help="trained drafters, greedy: propose only drafts whose cumulative probability reaches this (default 0)",
+    )  # fmt: skip
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--max-tree-nodes", type=int, help="refuse larger draft trees (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
     if args.draft in TRAINED_DRAFTERS:
         del options["max_ngram"]
+        options["min_confidence"] = args.min_confidence or 0.0
     device, dtype = placement(args.device, args.dtype)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
@@ -116,6 +121,7 @@ DRAFT_FLAGS = {
     "num_draft_tokens": ("lookup", "early-exit", "model", *TRAINED),
     "tree_width": ("lookup", "early-exit", "model", *TRAINED),
     "max_ngram": ("lookup",),
+    "min_confidence": TRAINED,
     "max_tree_nodes": ("lookup", "early-exit", "model", *TRAINED),
 }
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -146,7 +152,9 @@ def check_arguments(args: argparse.Namespace):
             raise LinspecError(
                 f"{_flag(name)} only applies to --draft {' or '.join(drafters)} (got --draft {args.draft})"
             )
-        if name not in ("draft_model", "drafter") and not 0 < value <= MAX_DRAFT:
+        if name == "min_confidence" and not 0 <= value < 1:
+            raise LinspecError(f"--min-confidence must be in [0, 1), got {value}")
+        if name not in ("draft_model", "drafter", "min_confidence") and not 0 < value <= MAX_DRAFT:
             raise LinspecError(f"{_flag(name)} must be in 1..{MAX_DRAFT}, got {value}")
     if args.draft == "model" and not args.draft_model:
         raise LinspecError("--draft model needs --draft-model SRC (a model sharing the tokenizer)")

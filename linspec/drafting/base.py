@@ -62,8 +62,9 @@ class TrainedDrafter(nn.Module):
         """``(loss, correct [D], counted [D])``: training loss and top-1 hits per draft depth."""
         raise NotImplementedError
 
-    def drafter(self, num_tokens: int | None = None, tree_width: int = 1):
-        """A ``Drafter`` of ``num_tokens`` levels (default: ``max_depth``) and ``tree_width`` branches."""
+    def drafter(self, num_tokens: int | None = None, tree_width: int = 1, min_confidence: float = 0.0):
+        """A ``Drafter`` of ``num_tokens`` levels (default: ``max_depth``) and ``tree_width`` branches; greedy
+        drafts below ``min_confidence`` cumulative draft probability are not proposed."""
         raise NotImplementedError
 
     def check_depth(self, num_tokens: int | None) -> int:

@@ -42,14 +42,14 @@ class MedusaHeads(TrainedDrafter):
         total, hits, counted = (torch.stack(x) for x in zip(*parts, strict=True))
         return total.sum() / counted.sum().clamp(min=1), hits, counted
 
-    def drafter(self, num_tokens: int | None = None, tree_width: int = 1) -> MedusaDrafter:
-        return MedusaDrafter(self, self.check_depth(num_tokens), tree_width)
+    def drafter(self, num_tokens: int | None = None, tree_width: int = 1, min_confidence: float = 0.0) -> MedusaDrafter:
+        return MedusaDrafter(self, self.check_depth(num_tokens), tree_width, min_confidence)
 
 
 class MedusaDrafter(HeadDrafter):
     """``HeadDrafter`` over trained Medusa heads: full-vocabulary logits (zero probability outside a reduced
     draft vocabulary)."""
 
-    def __init__(self, heads: MedusaHeads, num_tokens: int, tree_width: int = 1) -> None:
-        super().__init__(lambda h: heads.vocab.to_full(heads.draft_logits(h)), num_tokens, tree_width)
+    def __init__(self, heads: MedusaHeads, num_tokens: int, tree_width: int = 1, min_confidence: float = 0.0) -> None:
+        super().__init__(lambda h: heads.vocab.to_full(heads.draft_logits(h)), num_tokens, tree_width, min_confidence)
         self.module = heads

@@ -40,15 +40,19 @@ class RecurrentDraftModule(TrainedDrafter):
         total, hits, counted = (torch.stack(x) for x in zip(*parts, strict=True))
         return (total.sum() + self.feature_loss_weight * regression) / counted.sum().clamp(min=1), hits, counted
 
-    def drafter(self, num_tokens: int | None = None, tree_width: int = 1) -> RecurrentDrafter:
-        return RecurrentDrafter(self, self.check_depth(num_tokens), tree_width)
+    def drafter(
+        self, num_tokens: int | None = None, tree_width: int = 1, min_confidence: float = 0.0
+    ) -> RecurrentDrafter:
+        return RecurrentDrafter(self, self.check_depth(num_tokens), tree_width, min_confidence)
 
 
 class RecurrentDrafter(TreeGrowingDrafter):
     """Grows the tree from per-node recurrent states; reads only ``request.target_hidden`` and the root."""
 
-    def __init__(self, module: RecurrentDraftModule, num_tokens: int, tree_width: int = 1) -> None:
-        super().__init__(num_tokens, tree_width)
+    def __init__(
+        self, module: RecurrentDraftModule, num_tokens: int, tree_width: int = 1, min_confidence: float = 0.0
+    ) -> None:
+        super().__init__(num_tokens, tree_width, min_confidence)
         self.module = module
 
     def start(self, target, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
