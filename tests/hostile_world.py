@@ -127,4 +127,19 @@ def build_world(root: Path) -> World:
     (root / "recipe-python-tag.yaml").write_text(f"base: !!python/object/apply:os.system ['touch {canary}']\n")
     (root / "recipe-empty.yaml").write_text("")
     shutil.copy(root / "recipe.yaml", root / "recipe-copy.yaml")
+    drafter = {"drafter": {"kind": "medusa", "depth": 2, "draft_vocab": 64}, "target": str(base),
+               "output": str(root / "runs" / "drafter"), "data": {"prompts": str(root / "text.txt")}}  # fmt: skip
+    (root / "drafter.yaml").write_text(yaml.safe_dump(drafter))
+    _medusa_for(base, root / "drafter-for-base")
     return World(root, canary)
+
+
+def _medusa_for(model_dir: Path, out: Path) -> None:
+    """A saved (untrained) Medusa drafter for the model in ``model_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    from linspec.drafting import save_drafter
+    from linspec.drafting.store import build
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    save_drafter(build("medusa", model, {"depth": 2}), out, model)

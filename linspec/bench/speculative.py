@@ -49,6 +49,14 @@ PROMPTS = [
     ),
     ("summary", True, f"Summarise this passage in two sentences, reusing its wording.\n\n{PASSAGE}"),
     ("open", False, "Write a short story about a robot who learns to paint."),
+    ("explain", False, "Explain how a refrigerator keeps food cold, for a curious ten-year-old."),
+    ("list", False, "List five tips for keeping a houseplant healthy, one line each."),
+    (
+        "follow-up",
+        False,
+        "Earlier you told me that bees make honey from nectar. Follow-up question: why do bees "
+        "need to store so much honey, and what happens to a hive in winter?",
+    ),
 ]
 
 
@@ -61,8 +69,24 @@ class Setting:
     slow: bool = False  # run only on the first and the last prompt
 
 
-def settings_for(target_name: str, exit_layer: int) -> list[Setting]:
+def settings_for(target_name: str, exit_layer: int, trained: dict | None = None) -> list[Setting]:
+    """The rows for one target; ``trained``: ``{kind: depth}`` of the trained drafters made for it."""
     other = "converted" if target_name == "original" else "original"
+    learned = []
+    for kind, depth in (trained or {}).items():
+        learned += [
+            Setting(f"{kind} chain k={depth}", "greedy", "linspec", {"kind": kind, "num_tokens": depth}),
+            Setting(
+                f"{kind} tree k={depth} x3", "greedy", "linspec", {"kind": kind, "num_tokens": depth, "tree_width": 3}
+            ),
+            Setting(
+                f"{kind} chain k={depth} conf>=0.5",
+                "greedy",
+                "linspec",
+                {"kind": kind, "num_tokens": depth, "min_confidence": 0.5},
+            ),
+            Setting(f"{kind} chain k={depth}", "t=1", "linspec", {"kind": kind, "num_tokens": depth}),
+        ]
     rows = [
         Setting("plain generate()", "greedy", "plain-hf"),
         Setting("plain, linspec loop", "greedy", "linspec", {"kind": "none"}),
@@ -83,7 +107,7 @@ def settings_for(target_name: str, exit_layer: int) -> list[Setting]:
         Setting("lookup tree k=10 x3", "t=1", "linspec", {"kind": "lookup", "num_tokens": 10, "tree_width": 3}),
         Setting("HF assisted: prompt lookup k=10", "t=1", "hf-assisted", {"prompt_lookup_num_tokens": 10}),
     ]  # fmt: skip
-    return rows
+    return rows[:4] + [r for r in learned if r.mode == "greedy"] + rows[4:] + [r for r in learned if r.mode != "greedy"]
 
 
 @dataclass
@@ -99,6 +123,7 @@ class Run:
     speedup: float | None = None
     tokens_per_call: float | None = None
     acceptance_by_depth: list[float] | None = None
+    ms_per_round: dict | None = None  # draft / verify (forward, acceptance) / commit, milliseconds per round
     identical_to_plain: bool | None = None
     error: str | None = None
     text: str = ""
@@ -112,6 +137,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--exit-layer", type=int, default=24, help="early-exit layer (default 24 of 30)")
     parser.add_argument("--prompts", nargs="+", choices=[p[0] for p in PROMPTS], help="subset of the prompts")
+    parser.add_argument(
+        "--drafters", nargs="+", default=[], metavar="DIR",
+        help="trained drafter directories (linspec train recipes/<kind>-*.yaml); each runs on the target it was "
+        "trained for",
+    )  # fmt: skip
     parser.add_argument("--targets", nargs="+", choices=["original", "converted"], default=["original", "converted"])
     parser.add_argument(
         "--converted",
@@ -150,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
     for name, (low, high) in checks.items():
         if not low <= getattr(args, name) <= high:
             raise LinspecError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {getattr(args, name)}")
+    from linspec.drafting.store import read_config
+
+    for path in args.drafters:  # a missing or damaged drafter is refused before any model loads
+        read_config(path)
     out_dir = output_dir(args, "speculative")
     device, dtype = placement(args.device, args.dtype)
     console = Console()
@@ -164,18 +198,20 @@ def run(args: argparse.Namespace) -> int:
             load_source(args.model, progress=False, dtype=dtype, device=device)[0], linspec.LinspecConfig()
         )
     models = {"original": original.eval(), "converted": converted.eval()}
+    trained = _trained_drafters(args.drafters, models, tokenizer)
     prompts = [p for p in PROMPTS if not args.prompts or p[0] in args.prompts]
     runs: list[Run] = []
     for target_name in args.targets:
         for index, (prompt_name, _, prompt) in enumerate(prompts):
             edge = index in (0, len(prompts) - 1)
-            block = [s for s in settings_for(target_name, args.exit_layer) if edge or not s.slow]
+            mine = {kind: module.max_depth for (name, kind), module in trained.items() if name == target_name}
+            block = [s for s in settings_for(target_name, args.exit_layer, mine) if edge or not s.slow]
             results = [Run(target_name, prompt_name, s.mode, s.name) for s in block]
             for repeat in range(max(args.repeats, args.sample_repeats)):  # interleaved: the same spread of load
                 for setting, result in zip(block, results, strict=True):
                     runs_wanted = args.repeats if setting.mode == "greedy" else args.sample_repeats
                     if not result.error and repeat < runs_wanted:
-                        _measure(models, target_name, tokenizer, prompt, setting, repeat, args, result)
+                        _measure(models, target_name, tokenizer, prompt, setting, repeat, args, result, trained)
             for setting, result in zip(block, results, strict=True):
                 runs.append(result)
                 console.print(
@@ -192,7 +228,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting, repeat: int, args, result: Run):
+def _trained_drafters(paths: list[str], models: dict, tokenizer) -> dict:
+    """``{(target name, kind): module}``: each drafter bound to the target it was trained for (others skipped)."""
+    from linspec.drafting import load_drafter
+
+    found = {}
+    for path in paths:
+        for name, model in models.items():
+            try:
+                module = load_drafter(path, model, tokenizer)
+            except LinspecError as error:
+                if "trained for another target" in str(error):
+                    continue
+                raise
+            found[(name, module.kind)] = module
+    return found
+
+
+def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting, repeat: int, args, result: Run,
+             trained: dict | None = None):  # fmt: skip
     """One generation; ``result`` keeps the fastest run (tokens/s) of this setting, or the error."""
     from linspec.errors import LinspecError
     from linspec.speculative.drafters import build_drafter
@@ -209,7 +263,9 @@ def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting,
             if setting.kind == "linspec":
                 options = dict(setting.drafter)
                 draft_model = models.get(options.pop("model", None))
-                drafter = build_drafter(options.pop("kind"), draft_model=draft_model, **options)
+                kind = options.pop("kind")
+                module = (trained or {}).get((target_name, kind))
+                drafter = build_drafter(kind, draft_model=draft_model, trained=module, **options)
                 out = speculative_generate(
                     target, drafter, input_ids, attention_mask=mask, do_sample=sample,
                     generator=torch.Generator(device=models[target_name].device).manual_seed(repeat),
@@ -245,6 +301,12 @@ def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting,
     result.text = tokenizer.decode(new, skip_special_tokens=True)[:200]
     if stats is not None:
         result.acceptance_by_depth = [round(a, 3) for a in stats.acceptance_by_depth]
+        rounds = max(stats.target_calls, 1)
+        result.ms_per_round = {
+            "draft": round(1000 * stats.draft_seconds / rounds, 2),
+            "verify": round(1000 * (stats.verify_seconds - stats.commit_seconds) / rounds, 2),
+            "commit": round(1000 * stats.commit_seconds / rounds, 2),
+        }
     result._tokens = new.tolist()  # compared with plain greedy in _add_speedups
 
 
@@ -257,6 +319,14 @@ def _add_speedups(runs: list[Run]) -> None:
         r.speedup = r.tokens_per_s / base.tokens_per_s
         if r.mode == "greedy" and r is not base:
             r.identical_to_plain = getattr(r, "_tokens", None) == getattr(base, "_tokens", None)
+
+
+def _cost_split(runs: list[Run]) -> str:
+    """Median milliseconds per round spent drafting, verifying (forward and acceptance) and committing."""
+    splits = [r.ms_per_round for r in runs if r.ms_per_round]
+    if not splits:
+        return "-"
+    return "/".join(f"{statistics.median(s[part] for s in splits):.0f}" for part in ("draft", "verify", "commit"))
 
 
 def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
@@ -284,14 +354,16 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         rows.append([
             target, mode, setting, *cells,
             f"{statistics.median(speedups):.2f}x" if speedups else "-",
+            f"{statistics.median(every):.2f}x" if len(every) == len(names) else "-",
             f"{statistics.geometric_mean(every):.2f}x" if len(every) == len(names) else "-",
             f"{statistics.mean(calls):.2f}" if calls else "-",
             ("yes" if all(exact) else f"{sum(exact)}/{len(exact)}") if exact else "-",
+            _cost_split(mine),
             f"{statistics.median([r.tokens_per_s for r in mine if not r.error]):.2f}" if not errors else errors[0][:60],
         ])  # fmt: skip
     headers = [
-        "target", "mode", "setting", *names, "median (grounded)", "geomean (all)", "tokens/call", "same tokens",
-        "tok/s or error",
+        "target", "mode", "setting", *names, "median (grounded)", "median (all)", "geomean (all)", "tokens/call",
+        "same tokens", "ms/round draft/verify/commit", "tok/s or error",
     ]  # fmt: skip
     machine = f"{torch.get_num_threads()} thread(s)"
     section = "\n".join([
@@ -306,8 +378,10 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         "Speedup = end-to-end tokens/s (prefill included, stop at EOS or the budget) over plain `generate()` of "
         "the same target in the same mode. Prompts: "
         + "; ".join(f"**{p[0]}** ({'grounded' if p[1] else 'open-ended'})" for p in prompts)
-        + " — the full texts are in `linspec/bench/speculative.py`. The median column covers the grounded prompts "
-        "only; the geometric mean covers all four (rows that ran on all of them). Repeats are interleaved (every "
+        + " — the full texts are in `linspec/bench/speculative.py`. *median (grounded)* covers the grounded "
+        "prompts; *median (all)* and the geometric mean cover every prompt (rows that ran on all of them). Trained "
+        "drafters (`--drafters`) run on the target they were trained for; *ms/round* splits a round into drafting, "
+        "verification (the target's forward and acceptance) and the commit. Repeats are interleaved (every "
         "setting of a prompt, then again). Greedy rows: the fastest run counts. Sampled (t=1) rows: the mean over "
         f"{args.sample_repeats} seeds, because their speed depends mostly on which text was drawn (a sample that "
         "copies the passage is fast, one that paraphrases is not). "

@@ -18,18 +18,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "forward; the output is exactly what plain decoding gives (greedy: identical tokens; sampling: the same "
         "distribution). Drafters: lookup (n-grams from the prompt: good for quoting, summarising, editing), "
         "early-exit (the model's first --exit-layer layers), model (a separate --draft-model sharing the "
-        "tokenizer, e.g. the converted model drafting for its parent).",
+        "tokenizer, e.g. the converted model drafting for its parent), medusa, eagle and redrafter (drafters trained "
+        "for this model with linspec train, loaded with --drafter DIR).",
         epilog="example: linspec generate smollm2-135m --prompt 'Repeat exactly: The quick brown fox.' "
         "--draft lookup --tree-width 2 --max-new-tokens 64 --stats",
     )
     parser.add_argument("model", help="model directory, .gguf file, hub id or demo name (e.g. smollm2-135m)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
     parser.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
-    parser.add_argument("--draft", default="none", help="none (default), lookup, early-exit or model")
+    parser.add_argument(
+        "--draft", default="none", help="none (default), lookup, early-exit, model, medusa, eagle or redrafter"
+    )
+    parser.add_argument("--drafter", help="trained drafter directory for --draft medusa/eagle/redrafter")
     parser.add_argument("--draft-model", help="the draft model for --draft model (same tokenizer)")
     parser.add_argument("--exit-layer", type=int, help="layers the early-exit drafter uses")
     parser.add_argument("--num-draft-tokens", type=int, help="draft depth per round (default: lookup 10, models 4)")
     parser.add_argument("--tree-width", type=int, help="1 = chain (default); >1 = a tree")
+    parser.add_argument(
+        "--min-confidence", type=float,
+        help="trained drafters, greedy: propose only drafts whose cumulative probability reaches this (default 0)",
+    )  # fmt: skip
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--max-tree-nodes", type=int, help="refuse larger draft trees (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -50,11 +58,14 @@ def run(args: argparse.Namespace) -> int:
     from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.sources import load_source
-    from linspec.speculative.drafters import build_drafter
+    from linspec.speculative.drafters import TRAINED_DRAFTERS, build_drafter
     from linspec.speculative.generate import DEFAULT_MAX_TREE_NODES, generate_text
 
     sampling = check_arguments(args)  # everything checkable without the model, before loading it
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
+    if args.draft in TRAINED_DRAFTERS:
+        del options["max_ngram"]
+        options["min_confidence"] = args.min_confidence or 0.0
     device, dtype = placement(args.device, args.dtype)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
@@ -64,11 +75,16 @@ def run(args: argparse.Namespace) -> int:
     if args.draft == "model":
         draft_model = load_source(args.draft_model, dtype=dtype, device=device)[0]
         check_same_vocabulary(model, draft_model, args.draft_model)
+    trained = None
+    if args.draft in TRAINED_DRAFTERS:
+        from linspec.drafting import load_drafter
+
+        trained = load_drafter(args.drafter, model, tokenizer)
     if args.draft == "early-exit" and args.exit_layer >= model.config.num_hidden_layers:
         raise LinspecError(
             f"--exit-layer {args.exit_layer} must be below the model's {model.config.num_hidden_layers} layers"
         )
-    drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, **options)
+    drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, trained=trained, **options)
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     if args.draft == "none" and len(args.prompt) == 1 and not (args.json or args.stats):
         stream_plain(model, tokenizer, args, sampling, generator)
@@ -97,13 +113,16 @@ MAX_NEW_TOKENS = 1 << 20
 MAX_DRAFT = 256  # draft depth, tree width and tree nodes: far beyond any useful tree, small enough to allocate
 
 # flag -> the drafters it applies to; a flag given for a drafter that ignores it is refused, not dropped.
+TRAINED = ("medusa", "eagle", "redrafter")
 DRAFT_FLAGS = {
     "draft_model": ("model",),
+    "drafter": TRAINED,
     "exit_layer": ("early-exit",),
-    "num_draft_tokens": ("lookup", "early-exit", "model"),
-    "tree_width": ("lookup", "early-exit", "model"),
+    "num_draft_tokens": ("lookup", "early-exit", "model", *TRAINED),
+    "tree_width": ("lookup", "early-exit", "model", *TRAINED),
     "max_ngram": ("lookup",),
-    "max_tree_nodes": ("lookup", "early-exit", "model"),
+    "min_confidence": TRAINED,
+    "max_tree_nodes": ("lookup", "early-exit", "model", *TRAINED),
 }
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
 
@@ -133,10 +152,14 @@ def check_arguments(args: argparse.Namespace):
             raise LinspecError(
                 f"{_flag(name)} only applies to --draft {' or '.join(drafters)} (got --draft {args.draft})"
             )
-        if name != "draft_model" and not 0 < value <= MAX_DRAFT:
+        if name == "min_confidence" and not 0 <= value < 1:
+            raise LinspecError(f"--min-confidence must be in [0, 1), got {value}")
+        if name not in ("draft_model", "drafter", "min_confidence") and not 0 < value <= MAX_DRAFT:
             raise LinspecError(f"{_flag(name)} must be in 1..{MAX_DRAFT}, got {value}")
     if args.draft == "model" and not args.draft_model:
         raise LinspecError("--draft model needs --draft-model SRC (a model sharing the tokenizer)")
+    if args.draft in TRAINED and not args.drafter:
+        raise LinspecError(f"--draft {args.draft} needs --drafter DIR (a drafter trained with linspec train)")
     if args.draft == "early-exit" and args.exit_layer is None:
         raise LinspecError("--draft early-exit needs --exit-layer N")
     given = [_flag(name) for name in SAMPLING_FLAGS if getattr(args, name) is not None]

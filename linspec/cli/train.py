@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
         check_name(args.record_bench, "--record-bench")  # it becomes <NAME>.json: checked before training
     if args.update_docs and args.record_bench is None:
         raise LinspecError("--update-docs needs --record-bench NAME (the table to write)")
+    from linspec.drafting.recipe import is_drafter_recipe
+
+    if is_drafter_recipe(args.recipe):  # a YAML with a top-level drafter: key trains a drafter (linspec.drafting)
+        from linspec.drafting.cli import run_drafter_recipe
+
+        return run_drafter_recipe(args)
     docs = project_docs_dir() if args.update_docs else None  # refused up front outside a checkout
     recipe = load_recipe(args.recipe, args.overrides)
     if args.check:

@@ -17,6 +17,7 @@ no rollback — it commits what the target accepted from its last forward.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,14 +68,25 @@ class TreeGrowingDrafter(Drafter):
     draft probability (each expanded into its top ``tree_width`` children) — deterministic, so q is a point mass.
     Sampling: a chain drawn from q, or ``tree_width`` root children drawn from q *without replacement* (each
     node records the renormalised q it was drawn from), each continued as a sampled chain.
+
+    ``min_confidence`` (greedy): a node whose cumulative draft probability falls below it is not proposed, and
+    growth stops at a level with no such node — an unconfident drafter proposes nothing and the round is a plain
+    step, which on CPU costs half a verification. The choice depends only on the drafter, so output stays exact.
     """
 
-    def __init__(self, num_tokens: int = 4, tree_width: int = 1) -> None:
+    def __init__(self, num_tokens: int = 4, tree_width: int = 1, min_confidence: float = 0.0) -> None:
         for name, value in (("num_tokens", num_tokens), ("tree_width", tree_width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(min_confidence, bool)
+            or not isinstance(min_confidence, int | float)
+            or not 0 <= min_confidence < 1
+        ):
+            raise LinspecError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.num_tokens = num_tokens
         self.tree_width = tree_width
+        self.min_log_confidence = math.log(min_confidence) if min_confidence > 0 else -math.inf
         self.max_nodes = num_tokens * tree_width
 
     def _frontier_logits(
@@ -101,8 +113,10 @@ class TreeGrowingDrafter(Drafter):
                 best = candidate.flatten(1).topk(width, dim=-1)  # (B, W) over F*W candidates
                 tokens = top.indices.flatten(1).gather(1, best.indices)
                 parents = frontier.gather(1, best.indices // width)
-                ok = frontier_ok.gather(1, best.indices // width) & (best.values > -1e29)
+                ok = frontier_ok.gather(1, best.indices // width) & (best.values > max(-1e29, self.min_log_confidence))
                 frontier_score = best.values
+                if not bool(ok.any()):  # nothing confident enough at this level: stop growing
+                    break
             elif level == 0 and width > 1:  # root children drawn from q without replacement
                 q_root = sampling.probs(logits[:, 0])  # (B, V)
                 drawn, q_used = [], []
@@ -365,8 +379,11 @@ class HeadDrafter(TreeGrowingDrafter):
     ReDrafter-style RNN or prophet heads by overriding ``_frontier_logits`` to condition on the frontier path.
     """
 
-    def __init__(self, heads: Callable[[torch.Tensor], torch.Tensor], num_tokens: int, tree_width: int = 1) -> None:
-        super().__init__(num_tokens, tree_width)
+    def __init__(
+        self, heads: Callable[[torch.Tensor], torch.Tensor], num_tokens: int, tree_width: int = 1,
+        min_confidence: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__(num_tokens, tree_width, min_confidence)
         self.heads = heads
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
@@ -388,7 +405,8 @@ class HeadDrafter(TreeGrowingDrafter):
         return self._head_logits[:, level : level + 1].expand(-1, frontier.shape[1], -1)
 
 
-DRAFTERS = ("none", "lookup", "early-exit", "model")
+TRAINED_DRAFTERS = ("medusa", "eagle", "redrafter")  # linspec.drafting: trained from the target, loaded from a dir
+DRAFTERS = ("none", "lookup", "early-exit", "model", *TRAINED_DRAFTERS)
 
 
 def build_drafter(
@@ -399,10 +417,14 @@ def build_drafter(
     max_ngram: int = 3,
     exit_layer: int | None = None,
     draft_model=None,
+    trained=None,
+    min_confidence: float = 0.0,
 ) -> Drafter | None:
-    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit`` or ``model`` — with one tree knob:
-    ``tree_width`` (lookup: distinct continuations merged; models: branches per level). ``num_tokens`` defaults to
-    10 for lookup (cheap drafts) and 4 for models (each level costs a forward). Validated here."""
+    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit``, ``model`` or a trained one
+    (``medusa``, ``eagle``, ``redrafter``: ``trained`` is the module ``linspec.drafting.load_drafter`` returned) —
+    with one tree knob: ``tree_width`` (lookup: distinct continuations merged; models: branches per level).
+    ``num_tokens`` defaults to 10 for lookup (cheap drafts), 4 for models (each level costs a forward) and the
+    trained depth for trained drafters. Validated here."""
     if kind == "none":
         return None
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
@@ -419,4 +441,10 @@ def build_drafter(
         if draft_model is None:
             raise LinspecError("the model drafter needs a draft model (--draft-model SRC)")
         return ModelDrafter(draft_model, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
+    if kind in TRAINED_DRAFTERS:
+        if trained is None:
+            raise LinspecError(f"the {kind} drafter needs a trained drafter directory (--drafter PATH)")
+        if trained.kind != kind:
+            raise LinspecError(f"the drafter given is a {trained.kind} drafter, not {kind}")
+        return trained.drafter(num_tokens, tree_width, min_confidence)
     raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")

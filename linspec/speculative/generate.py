@@ -38,7 +38,8 @@ class SpeculativeStats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    verify_seconds: float = 0.0  # the target's forward over the tree, acceptance and the commit
+    commit_seconds: float = 0.0  # of which: committing the accepted path
 
     @property
     def tokens_per_call(self) -> float:
@@ -267,7 +268,9 @@ def speculative_round(
     # the path's next token is drawn from what is left of p (all accepted: a bonus token from p at the leaf).
     path, path_mask, next_token = accept(logits, tokens, parents, valid, q, request.sampling, request.generator)
     if tree.num_nodes:
+        committing = time.perf_counter()
         verification.commit(path, path_mask)
+        stats.commit_seconds += time.perf_counter() - committing
 
     accepted = path_mask.sum(1) - 1  # draft tokens accepted per row
     drafter.advance((path[:, 1:] - 1).clamp(min=0), path_mask[:, 1:])

@@ -1,0 +1,17 @@
+"""Trained drafters: small modules on the target's own hidden states, trained from the target itself.
+
+* ``medusa`` (:mod:`~linspec.drafting.heads`) — K residual heads on the last hidden state, tree from their top-k.
+* ``eagle`` (:mod:`~linspec.drafting.eagle`) — one layer over [feature ; next token's embedding] predicting the
+  next feature, autoregressive in feature space, dynamic tree by draft confidence.
+* ``redrafter`` (:mod:`~linspec.drafting.redrafter`) — a recurrent cell over token embeddings started from the
+  last hidden state, beams merged into a dynamic tree.
+
+Each reads the target's embeddings and (a reduced copy of) its head, so a saved drafter holds only its own
+weights; :func:`load_drafter` refuses a drafter trained for another target or tokenizer. Training:
+``linspec train recipes/<kind>-smollm2-135m.yaml`` (:mod:`~linspec.drafting.train`).
+"""
+
+from linspec.drafting.base import TrainedDrafter
+from linspec.drafting.store import load_drafter, save_drafter
+
+__all__ = ["TrainedDrafter", "load_drafter", "save_drafter"]

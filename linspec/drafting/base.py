@@ -1,0 +1,85 @@
+"""What every trained drafter module is: settings (JSON), its own weights, frozen parts of the target, a loss
+on self-distillation data and a ``Drafter`` for ``speculative_generate``.
+
+Training positions: ``hidden [N, H]`` the target's final hidden state after token ``t`` (the one that predicts
+token ``t + 1``), ``future [N, D + 1]`` tokens ``t + 1 .. t + D + 1`` (-1 past the end of the text) and
+``future_hidden [N, D, H]`` the target's hidden states after tokens ``t + 1 .. t + D``. At generation the same
+``h`` is ``DraftRequest.target_hidden`` and token ``t + 1`` is the round's root, so depth ``d`` of a draft is
+``future[:, d]``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from linspec.drafting.vocab import IGNORE, DraftVocabulary
+from linspec.errors import LinspecError
+
+MAX_DEPTH = 16  # draft depth a drafter is trained for (heads, recurrent steps)
+
+
+def check_int(settings: dict, name: str, low: int, high: int) -> int:
+    value = settings.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise LinspecError(f"drafter setting {name} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+class TrainedDrafter(nn.Module):
+    """Base of the trained drafter modules; subclasses set ``kind`` and ``SETTINGS`` (name -> default)."""
+
+    kind: ClassVar[str]
+    SETTINGS: ClassVar[dict]
+
+    def __init__(self, target, settings: dict, token_ids: torch.Tensor | None = None) -> None:
+        super().__init__()
+        unknown = set(settings) - set(self.SETTINGS)
+        if unknown:
+            known = ", ".join(self.SETTINGS)
+            raise LinspecError(f"unknown {self.kind} drafter setting {sorted(unknown)[0]!r}; known: {known}")
+        self.settings = {**self.SETTINGS, **settings}
+        head = target.get_output_embeddings().weight
+        self.hidden_size = head.shape[1]
+        draft_vocab = self.settings["draft_vocab"]
+        if draft_vocab is not None:
+            check_int(self.settings, "draft_vocab", 1, head.shape[0])
+            if token_ids is None or token_ids.numel() != draft_vocab:
+                raise LinspecError(f"a draft vocabulary of {draft_vocab} tokens needs that many token ids")
+        self.vocab = DraftVocabulary(head, token_ids if draft_vocab is not None else None)
+
+    @property
+    def max_depth(self) -> int:
+        """Deepest draft this module was trained for."""
+        return self.settings["depth"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def loss(self, hidden: torch.Tensor, future: torch.Tensor, future_hidden: torch.Tensor):
+        """``(loss, correct [D], counted [D])``: training loss and top-1 hits per draft depth."""
+        raise NotImplementedError
+
+    def drafter(self, num_tokens: int | None = None, tree_width: int = 1, min_confidence: float = 0.0):
+        """A ``Drafter`` of ``num_tokens`` levels (default: ``max_depth``) and ``tree_width`` branches; greedy
+        drafts below ``min_confidence`` cumulative draft probability are not proposed."""
+        raise NotImplementedError
+
+    def check_depth(self, num_tokens: int | None) -> int:
+        depth = self.max_depth if num_tokens is None else num_tokens
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.max_depth:
+            raise LinspecError(
+                f"this {self.kind} drafter drafts 1..{self.max_depth} tokens per round (trained depth); got {depth!r}"
+            )
+        return depth
+
+
+def depth_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``logits [N, V']`` against draft-vocabulary ``labels [N]`` (IGNORE skipped):
+    ``(summed loss, top-1 hits, counted)``, summed so depths can be weighed by how many positions they have."""
+    counted = labels != IGNORE
+    loss = nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+    hits = ((logits.argmax(-1) == labels) & counted).sum()
+    return loss, hits, counted.sum()

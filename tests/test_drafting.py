@@ -1,0 +1,188 @@
+"""Trained drafters (Medusa, EAGLE-style, ReDrafter-style) on tiny random models: exactness under greedy and
+sampling, chain and tree, linear / hybrid / softmax targets; the drafter directory, its fingerprint checks,
+the drafter recipe (train, resume, refuse) and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_speculative import _chi_square_p_value, _exact_marginals, batch_of_prompts, make_target
+
+import linspec
+from linspec.drafting import load_drafter, save_drafter
+from linspec.drafting.store import KINDS, build
+from linspec.speculative import SamplingConfig, speculative_generate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def random_drafter(kind: str, target, depth: int = 3, draft_vocab: int | None = None, seed: int = 0):
+    """A drafter module with random weights (drafts neither always right nor always wrong)."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    token_ids = None if draft_vocab is None else torch.randperm(vocab, generator=torch.Generator().manual_seed(1))
+    settings = {"depth": depth, "draft_vocab": draft_vocab}
+    module = build(kind, target, settings, None if token_ids is None else token_ids[:draft_vocab].sort().values)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=gen))
+    return module.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("target_kind", ("softmax", "linear", "hybrid"))
+@torch.no_grad()
+def test_greedy_output_equals_plain_greedy_for_each_trained_drafter(kind, target_kind):
+    target = make_target(target_kind)
+    prompt, mask = batch_of_prompts()
+    expected = target.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for width, draft_vocab in ((1, None), (3, 40)):  # a chain on the full head, a tree on a reduced one
+        drafter = random_drafter(kind, target, draft_vocab=draft_vocab).drafter(3, width)
+        out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(out.sequences[:, : expected.shape[1]], expected), (width, draft_vocab)
+        assert out.stats.drafted > 0
+    drafted = []
+    for confidence in (0.0, 0.999):  # unconfident drafts are not proposed; the output does not change
+        drafter = random_drafter(kind, target).drafter(3, 2, min_confidence=confidence)
+        out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert torch.equal(out.sequences[:, : expected.shape[1]], expected), confidence
+        drafted.append(out.stats.drafted)
+    assert drafted[1] < drafted[0]
+
+
+@pytest.mark.parametrize(
+    "kind, target_kind, width, draft_vocab",
+    [
+        ("medusa", "linear", 1, None), ("medusa", "softmax", 3, 16),
+        ("eagle", "linear", 3, 16), ("eagle", "softmax", 1, None),
+        ("redrafter", "linear", 1, 16), ("redrafter", "softmax", 3, None),
+    ],
+)  # fmt: skip
+@torch.no_grad()
+def test_sampled_tokens_follow_the_target_distribution_with_trained_drafters(kind, target_kind, width, draft_vocab):
+    """10k rows: new tokens 1–3 match the target's exact marginals (chi-square), chain and tree, with a reduced
+    draft vocabulary (q is zero outside it) or the full one."""
+    vocab, samples = 24, 10_000
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+    target = make_target(target_kind, seed=0, **small)
+    drafter = random_drafter(kind, target, depth=2, draft_vocab=draft_vocab).drafter(2, width)
+    prompt = torch.tensor([[3, 5, 9, 3, 5]])
+    settings = dict(temperature=0.9, top_k=20)
+    gen = torch.Generator().manual_seed(7)
+    out = speculative_generate(target, drafter, prompt.expand(samples, -1), 3, do_sample=True, generator=gen,
+                               **settings)  # fmt: skip
+    assert out.stats.accepted > 0
+    exact = _exact_marginals(target, prompt, SamplingConfig(do_sample=True, **settings), 3)
+    for position in range(3):
+        counts = torch.bincount(out.sequences[:, -3 + position], minlength=vocab)
+        assert _chi_square_p_value(counts, exact[position]) > 1e-4, position
+
+
+def test_a_saved_drafter_loads_only_for_its_target(tmp_path):
+    target = make_target("linear")
+    module = random_drafter("eagle", target, draft_vocab=30)
+    save_drafter(module, tmp_path / "d", target)
+    loaded = load_drafter(tmp_path / "d", target)
+    h = torch.randn(2, 64)
+    assert torch.equal(
+        loaded.vocab(loaded.cell(h, torch.tensor([4, 5]))), module.vocab(module.cell(h, torch.tensor([4, 5])))
+    )
+    own = 4 * sum(p.numel() for p in module.parameters()) + 8 * 30  # its weights and draft ids, no target tensor
+    assert (tmp_path / "d" / "drafter.safetensors").stat().st_size < own + 4096
+    with pytest.raises(linspec.LinspecError, match="trained for another target: weights"):
+        load_drafter(tmp_path / "d", make_target("linear", seed=3))
+    with pytest.raises(linspec.LinspecError, match="trained for another target: linear/softmax layout"):
+        load_drafter(tmp_path / "d", make_target("hybrid"))
+    with pytest.raises(linspec.LinspecError, match="trained for another target: vocabulary size"):
+        load_drafter(tmp_path / "d", make_target("linear", vocab_size=50))
+    with pytest.raises(linspec.LinspecError, match="exists"):
+        save_drafter(module, tmp_path / "d", target)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "no such directory"),
+        (lambda d: d.mkdir(), "no drafter.json"),
+        (lambda d: (d.mkdir(), (d / "drafter.json").write_text("{")), "not valid JSON"),
+        (lambda d: (d.mkdir(), (d / "drafter.json").write_text('{"format": "x"}')), "does not say"),
+    ],
+)
+def test_a_missing_or_damaged_drafter_is_one_error(tmp_path, setup, message):
+    setup(tmp_path / "d")
+    with pytest.raises(linspec.LinspecError, match=message):
+        load_drafter(tmp_path / "d", make_target("softmax"))
+
+
+def test_depth_and_settings_out_of_range_are_refused():
+    target = make_target("softmax")
+    module = random_drafter("medusa", target, depth=3)
+    for bad in (0, 4, True):
+        with pytest.raises(linspec.LinspecError, match=r"drafts 1..3 tokens per round"):
+            module.drafter(bad)
+    with pytest.raises(linspec.LinspecError, match="tree_width must be a positive integer"):
+        module.drafter(2, 0)
+    with pytest.raises(linspec.LinspecError, match=r"depth must be an integer in 1\.\.16"):
+        build("redrafter", target, {"depth": 17})
+    with pytest.raises(linspec.LinspecError, match="unknown medusa drafter setting 'width'"):
+        build("medusa", target, {"width": 2})
+    from linspec.speculative.drafters import build_drafter
+
+    with pytest.raises(linspec.LinspecError, match="is a medusa drafter, not eagle"):
+        build_drafter("eagle", trained=module)
+    with pytest.raises(linspec.LinspecError, match="needs a trained drafter directory"):
+        build_drafter("redrafter")
+
+
+def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
+    from linspec.cli import main
+    from linspec.train.tiny import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base")
+    (tmp_path / "prompts.txt").write_text("\n".join(f"Tell me about the number {i}." for i in range(8)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"drafter: {{kind: medusa, depth: 2, draft_vocab: 64}}\ntarget: {base}\noutput: {tmp_path / 'run'}\n"
+        f"data: {{prompts: {tmp_path / 'prompts.txt'}, num_prompts: 6, eval_prompts: 2, max_new_tokens: 8}}\n"
+        "train: {steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 2}\ncheckpoint: {every: 2}\n"
+    )
+    assert main(["train", str(recipe)]) == 0
+    drafter = tmp_path / "run" / "drafter"
+    config = json.loads((drafter / "drafter.json").read_text())
+    assert config["kind"] == "medusa" and len(config["training"]["eval_accuracy_by_depth"]) == 2
+    assert main(["train", str(recipe), "train.steps=6", "--resume"]) == 0  # continues from step 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-3:] == [5, 6, 6]
+    assert main(["train", str(recipe)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    other = make_tiny_base(tmp_path / "other", seed=1)
+    assert main(["train", str(recipe), f"target={other}", "--resume"]) == 2
+    assert "is not the target of the run" in capsys.readouterr().err
+    args = ["generate", str(base), "--prompt", "Tell me about the number 3.", "--max-new-tokens", "6", "--json"]
+    assert main([*args, "--draft", "medusa", "--drafter", str(drafter), "--tree-width", "2"]) == 0
+    with_heads = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == with_heads["texts"]
+    assert main([*args, "--draft", "medusa", "--drafter", str(drafter), "--num-draft-tokens", "3"]) == 2
+    assert "drafts 1..2 tokens per round" in capsys.readouterr().err
+    assert main(["generate", str(other), "--prompt", "hi", "--draft", "medusa", "--drafter", str(drafter)]) == 2
+    assert "trained for another target" in capsys.readouterr().err
+
+
+DRAFTER_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+DRAFTER_RECIPES = [p for p in DRAFTER_RECIPES if "drafter" in yaml.safe_load(p.read_text())]
+
+
+def test_every_shipped_drafter_recipe_loads_and_starts_with_its_command():
+    from linspec.drafting.recipe import load_drafter_recipe
+
+    assert {p.stem.split("-")[0] for p in DRAFTER_RECIPES} == set(KINDS)
+    for path in DRAFTER_RECIPES:
+        recipe = load_drafter_recipe(path)
+        assert path.read_text().splitlines()[0] == f"# linspec train recipes/{path.name}"
+        assert recipe.drafter.kind == path.stem.split("-")[0]
