@@ -110,6 +110,60 @@ class ModelCard:
         return path
 
 
+def drafter_card(kind: str, settings: dict, target: dict, training: dict) -> str:
+    """The ``README.md`` of a trained drafter directory: what it drafts for, how to use it, how it was trained."""
+    settings_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(settings.items()))
+    training_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(training.items())) or "| — | — |"
+    target_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(target.items()))
+    return f"""---
+library_name: linspec
+tags: [linspec, speculative-decoding, drafter, {kind}]
+---
+
+# linspec {kind} drafter
+
+A trained drafter for linspec's exact speculative decoding: it proposes tokens, the target verifies them in one
+forward, and the output is exactly the target's (greedy: the same tokens; sampling: the same distribution). It
+holds only its own weights; the target's embeddings and head are read from the target when it loads, so it
+loads against the target it was trained for and no other (the fingerprint below is checked).
+
+## Use
+
+```bash
+linspec generate TARGET --draft {kind} --drafter PATH --prompt "..." --stats
+```
+
+```python
+import linspec
+from linspec.drafting import load_drafter
+
+model, tokenizer = linspec.load("TARGET")
+drafter = load_drafter("PATH", model, tokenizer).drafter()
+out = linspec.speculative_generate(model, drafter, input_ids, max_new_tokens=64)
+```
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings_rows}
+
+## Target
+
+| fingerprint | value |
+|---|---|
+{target_rows}
+
+## Training
+
+| key | value |
+|---|---|
+{training_rows}
+
+{ENGINES_NOTE}
+"""
+
+
 def source_license(source: str) -> str | None:
     """The base model's licence, when it is known: a built-in demo source, or the ``license:`` line of a local
     model directory's card."""

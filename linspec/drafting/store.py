@@ -19,6 +19,7 @@ from linspec.drafting.heads import MedusaHeads
 from linspec.drafting.redrafter import RecurrentDrafterModule
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory
+from linspec.model_card import drafter_card
 
 KINDS: dict[str, type[TrainedDrafter]] = {m.kind: m for m in (MedusaHeads, EagleDrafterModule, RecurrentDrafterModule)}
 FORMAT = {"format": "linspec-drafter", "version": 1}
@@ -51,6 +52,8 @@ def save_drafter(
     with atomic_directory(path, force=force, markers=(CONFIG,)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        card = drafter_card(module.kind, module.settings, config["target"], config["training"])
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(path)
 
 
