@@ -106,7 +106,8 @@ def run_demo(
             "`linspec demo --trained runs/smollm2-135m-demo/model` shows it.[/dim]\n"
         )
 
-    table = Table(title="greedy decode, one token per forward (median)")
+    what = "trained model" if trained is not None else "raw conversion: speed only, its quality is not recovered"
+    table = Table(title=f"greedy decode, one token per forward (median); converted = {what}")
     for column in (
         "context",
         "original ms/token",
