@@ -8,20 +8,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-import yaml
-
 from linspec.drafting.base import MAX_DEPTH
 from linspec.errors import LinspecError
-from linspec.train.catalog import resolve_recipe
 from linspec.train.recipe import (
-    MAX_RECIPE_BYTES,
     MAX_STEPS,
     _build,
     _check_source,
     _positive,
     _shown,
-    _yaml_problem,
     apply_override,
+    read_recipe_file,
 )
 
 
@@ -86,15 +82,7 @@ class DrafterRecipe:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, str]:
-    file = resolve_recipe(str(path))
-    if file.stat().st_size > MAX_RECIPE_BYTES:
-        raise LinspecError(f"{file}: {file.stat().st_size} bytes is too large for a recipe (at most 1 MiB)")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise LinspecError(f"{file}: not a text file (not UTF-8)") from None
-    except yaml.YAMLError as error:
-        raise LinspecError(f"{file}: not valid YAML: {_yaml_problem(error)}") from None
+    data, file = read_recipe_file(path)
     return data, str(file)
 
 

@@ -485,19 +485,25 @@ def apply_override(data: dict, assignment: str) -> None:
         node[last] = value
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
+def read_recipe_file(path: str | os.PathLike) -> tuple[Any, Path]:
+    """``(parsed YAML, file)`` of a recipe file or a shipped recipe's name: size-capped, UTF-8, safe YAML only
+    (tags like ``!!python`` are refused); every problem is one ``LinspecError``. Every recipe kind reads this way."""
     from linspec.train.catalog import resolve_recipe
 
     path = resolve_recipe(str(path))
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise LinspecError(f"{path}: {path.stat().st_size} bytes is too large for a recipe (at most 1 MiB)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}, path
     except UnicodeDecodeError:
         raise LinspecError(f"{path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as error:
         raise LinspecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
+    data, path = read_recipe_file(path)
     if not isinstance(data, dict):
         raise LinspecError(f"{path}: a recipe is a mapping of keys (base:, stages:, ...), got {_shown(data)}")
     for assignment in overrides:
