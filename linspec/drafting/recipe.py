@@ -12,11 +12,9 @@ from linspec.drafting.base import MAX_DEPTH
 from linspec.errors import LinspecError
 from linspec.train.recipe import (
     MAX_STEPS,
-    _build,
     _check_source,
     _positive,
-    _shown,
-    apply_override,
+    build_recipe,
     read_recipe_file,
 )
 
@@ -81,16 +79,11 @@ class DrafterRecipe:
     seed: int = 0  # initialisation and batch order
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, str]:
-    data, file = read_recipe_file(path)
-    return data, str(file)
-
-
 def is_drafter_recipe(path: str | os.PathLike) -> bool:
     """Whether ``path`` (a file or a shipped name) is a drafter recipe; anything unreadable is left to the
     ordinary recipe loader to report."""
     try:
-        data, _ = _read(path)
+        data, _ = read_recipe_file(path)
     except (LinspecError, OSError):
         return False
     return isinstance(data, dict) and "drafter" in data
@@ -127,9 +120,4 @@ def validate(recipe: DrafterRecipe) -> DrafterRecipe:
 
 def load_drafter_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> DrafterRecipe:
     """Read a drafter recipe (a file, or a shipped recipe's name), apply ``key=value`` overrides, validate."""
-    data, name = _read(path)
-    if not isinstance(data, dict):
-        raise LinspecError(f"{name}: a recipe is a mapping of keys (drafter:, target:, ...), got {_shown(data)}")
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return validate(_build(DrafterRecipe, data, ""))
+    return validate(build_recipe(DrafterRecipe, path, overrides, "drafter:, target:, ..."))

@@ -501,14 +501,20 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[Any, Path]:
         raise LinspecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
+def build_recipe(cls: type, path: str | os.PathLike, overrides: list[str], example_keys: str) -> Any:
+    """Read ``path``, apply ``key=value`` overrides and build the dataclass ``cls`` from it (types checked, unknown
+    keys refused); every recipe kind loads this way and then runs its own ``validate``."""
     data, path = read_recipe_file(path)
     if not isinstance(data, dict):
-        raise LinspecError(f"{path}: a recipe is a mapping of keys (base:, stages:, ...), got {_shown(data)}")
+        raise LinspecError(f"{path}: a recipe is a mapping of keys ({example_keys}), got {_shown(data)}")
     for assignment in overrides:
         apply_override(data, assignment)
-    return validate(_build(Recipe, data, ""))
+    return _build(cls, data, "")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
+    return validate(build_recipe(Recipe, path, overrides, "base:, stages:, ..."))
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
