@@ -178,11 +178,6 @@ class LinspecCache(hf.Cache):
         """The growing-KV layers of a hybrid (empty for a fully linear model)."""
         return [layer for layer in self.layers if not isinstance(layer, LinearStateLayer)]
 
-    @property
-    def columns(self) -> int:
-        """Input columns committed so far (padding included): the softmax layers' KV width."""
-        return self._columns
-
     def advance(self, num_columns: int) -> None:
         """Called once per model forward that committed ``num_columns`` new input columns in every layer."""
         self._columns += num_columns

@@ -67,10 +67,6 @@ class TreePass:
         self.hidden = hidden
         self.context = context
 
-    @property
-    def size(self) -> int:
-        return self.hidden.shape[1]
-
     def run_layers(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         self._runner._check_open(self)
         return self._runner.run_layers(hidden, start, end, self.context)
