@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from linspec.errors import LinspecError
-from linspec.ops.kernel_fn import LOCAL_KERNELS
 from linspec.ops.memory import GLOBAL_NORMS
 
 FEATURE_MAPS = ("l2norm", "elu1", "relu")
+# The local term: κ(q̂·k̂) inside the group (relu2: the paper; identity), or the pretrained softmax over a sliding
+# window with attention sinks (softmax: ``linspec.ops.window``), which replaces the in-group term.
+LOCAL_KERNELS = ("relu2", "identity", "softmax")
 # Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
@@ -17,6 +19,8 @@ _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "c
 # memory: the decode state holds a G-token buffer per kv head and layer, the conv P weights per head.
 MAX_GROUP_SIZE = 4096
 MAX_CONV_TAPS = 1024
+MAX_LOCAL_WINDOW = 65536
+MAX_SINK_TOKENS = 1024
 MAX_LAYERS = 4096
 PRESETS = {
     # You et al. 2024: L2-normalised q/k, relu² inside groups of 64, 32 causal conv taps. S an unbounded sum.
@@ -25,6 +29,12 @@ PRESETS = {
     "elu": {"feature_map": "elu1", "local_kernel": "identity", "group_size": 64, "conv_taps": 32},
     # Recommended: the paper's layer with S a decay-weighted mean over the folded tokens (bounded at any length).
     "stable": {**_PAPER, "global_decay": True, "global_norm": "mean"},
+    # The stable memory with the pretrained softmax over the last 128 tokens and 4 attention sinks as the local
+    # term: a fresh conversion is already close to the original (docs/training.md, "Presets").
+    "window": {
+        **_PAPER, "local_kernel": "softmax", "local_window": 128, "sink_tokens": 4,
+        "global_decay": True, "global_norm": "mean",
+    },
     # The paper's layer with a learnable per-head decay of S only.
     "decay": {**_PAPER, "global_decay": True},
     # The paper's layer with S divided by the number of folded tokens only.
@@ -55,7 +65,13 @@ class LinspecConfig:
       can be zero or negative. Shifting the L2 map to make it positive would have to bend the pretrained
       angles for every pair to be safe, so the positive option is elu+1. Both add ``eps`` (1e-6).
 
-    Recommended: the ``stable`` preset — the paper's φ and κ (so conversion and local attention are unchanged)
+    The local term: ``local_kernel`` ``relu2``/``identity`` is κ(q̂·k̂) inside the group; ``softmax`` replaces it
+    by the pretrained softmax (``q·k/√d`` before φ) over the last ``local_window`` tokens plus the first
+    ``sink_tokens`` (``linspec.ops.window``), so a fresh conversion keeps the parent's attention wherever the context
+    fits in the window.
+
+    Recommended: the ``window`` preset — the softmax window (128 tokens, 4 sinks) with the ``stable`` memory. The
+    ``stable`` preset keeps the paper's φ and κ (so conversion and local attention are unchanged)
     with decay *and* mean. The mean keeps the global term the size of one value at every length, for any
     feature map, without relying on training to find a small enough λ (decay alone with λ near 1 still lets S
     grow to 1/(1−λ) groups' worth, far past what a short training window showed); the decay turns the uniform
@@ -71,9 +87,12 @@ class LinspecConfig:
     softmax_layers: tuple[int, ...] = field(default_factory=tuple)
     global_decay: bool = False
     global_norm: str = "none"
+    local_window: int = 0
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._check_global_memory()
+        self._check_window()
         for name, limit in (("group_size", MAX_GROUP_SIZE), ("conv_taps", MAX_CONV_TAPS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -91,6 +110,23 @@ class LinspecConfig:
         if bad:
             raise LinspecError(f"softmax_layers must be non-negative layer indices below {MAX_LAYERS}, got {_few(bad)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
+
+    def _check_window(self) -> None:
+        for name, limit in (("local_window", MAX_LOCAL_WINDOW), ("sink_tokens", MAX_SINK_TOKENS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                raise LinspecError(f"{name} must be an integer in 0..{limit}, got {value!r:.40}")
+        if self.local_kernel == "softmax" and self.local_window < 1:
+            raise LinspecError("local_kernel 'softmax' needs local_window >= 1 (tokens each token attends to)")
+        if self.local_kernel != "softmax" and (self.local_window or self.sink_tokens):
+            raise LinspecError(
+                f"local_window and sink_tokens belong to local_kernel 'softmax'; got local_kernel {self.local_kernel!r}"
+            )
+
+    @property
+    def softmax_window(self) -> bool:
+        """Whether the local term is the softmax window (``linspec.ops.window``) rather than the in-group κ."""
+        return self.local_kernel == "softmax"
 
     def _check_global_memory(self) -> None:
         if not isinstance(self.global_decay, bool):

@@ -38,6 +38,12 @@ class ModelCard:
     def render(self) -> str:
         settings = self.settings
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
+        local = (
+            f"the pretrained softmax over the last {settings.local_window} tokens and "
+            f"{settings.sink_tokens} attention sinks"
+            if settings.softmax_window
+            else "local attention inside groups"
+        )
         lines = [
             "---",
             "library_name: transformers",
@@ -48,9 +54,9 @@ class ModelCard:
             "",
             f"# linspec model from {self.base_model}",
             "",
-            f"The softmax attention of `{self.base_model}` replaced by augmented grouped linear attention (local",
-            "attention inside groups, a global KV sum across groups, and a causal depthwise convolution on V), reusing",
-            "its pretrained q/k/v/o weights. Its decode cache is constant in context length.",
+            f"The softmax attention of `{self.base_model}` replaced by augmented grouped linear attention ({local},",
+            "a global KV sum across groups, and a causal depthwise convolution on V), reusing its pretrained q/k/v/o",
+            "weights. Its decode cache is constant in context length.",
             "",
             "## Conversion",
             "",
@@ -60,6 +66,12 @@ class ModelCard:
             f"| conv taps | {settings.conv_taps} |",
             f"| feature map | {settings.feature_map} |",
             f"| local kernel | {settings.local_kernel} |",
+            *(
+                [f"| softmax window | {settings.local_window} tokens + {settings.sink_tokens} sinks |"]
+                if settings.softmax_window
+                else []
+            ),
+            f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
             f"| softmax layers kept | {layers} |",
             "",
             "## Training",

@@ -14,12 +14,15 @@ from linspec.models import hf
 from linspec.models.attention import initial_decay_logits
 from linspec.speculative import ModelDrafter, PromptLookupDrafter, speculative_generate
 
-STABLE_PRESETS = ["stable", "decay", "mean", "normalized"]
+STABLE_PRESETS = ["stable", "decay", "mean", "normalized", "window"]
+TINY_WINDOW = {"local_window": 5, "sink_tokens": 2}  # so that 23-token tests cross the window and use the sinks
 
 
 def preset_model(preset: str, arch: str = "llama", group_size: int = 4):
     """A tiny converted model with a preset's memory, random γ/conv and decays moved off their initial values."""
     settings = {k: v for k, v in PRESETS[preset].items() if k not in ("group_size", "conv_taps")}
+    if "local_window" in settings:
+        settings.update(TINY_WINDOW)
     model = tiny_linspec(arch, group_size=group_size, conv_taps=3, **settings)
     with torch.no_grad():
         for index, module in enumerate(model.linspec_modules()):
@@ -101,7 +104,7 @@ def test_save_and_load_roundtrip_keeps_the_memory(preset, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("preset", ["stable", "normalized"])
+@pytest.mark.parametrize("preset", ["stable", "normalized", "window"])
 @torch.no_grad()
 def test_speculative_greedy_equals_plain_greedy(preset):
     """Tree verify and commit (paths crossing groups of 4) reproduce plain greedy decoding token for token."""

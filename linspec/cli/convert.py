@@ -50,7 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--group-size", type=int, help="tokens per group G (paper: 64)")
     parser.add_argument("--conv-taps", type=int, help="causal depthwise-conv taps P (paper: 32)")
     parser.add_argument("--feature-map", help="φ for q/k: l2norm (paper), elu1, relu")
-    parser.add_argument("--local-kernel", help="κ inside groups: relu2 (paper) or identity")
+    parser.add_argument(
+        "--local-kernel", help="local term: relu2 (paper) or identity inside groups, or softmax over a sliding window"
+    )
+    parser.add_argument("--local-window", type=int, help="tokens the softmax window covers (window preset: 128)")
+    parser.add_argument("--sink-tokens", type=int, help="first tokens the softmax window always sees (window: 4)")
     parser.add_argument(
         "--softmax-layers",
         type=parse_layers,
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("group_size", "conv_taps", "feature_map", "local_kernel")
+        for name in ("group_size", "conv_taps", "feature_map", "local_kernel", "local_window", "sink_tokens")
         if getattr(args, name) is not None
     }
     device, dtype = placement(args.device, args.dtype)
@@ -96,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
     )
+    window = f", window {settings.local_window}+{settings.sink_tokens} sinks" if settings.softmax_window else ""
     print(
-        f"wrote {out} ({settings.feature_map}/{settings.local_kernel}, G={settings.group_size}, "
+        f"wrote {out} ({settings.feature_map}/{settings.local_kernel}{window}, G={settings.group_size}, "
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"
     )
     return 0

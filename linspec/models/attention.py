@@ -5,10 +5,14 @@ state-dict names do not change — and adds two parameters: ``global_scale`` (γ
 (``[num_attention_heads, conv_taps]``, ``conv_weight[h, j]`` multiplies ``v`` at ``t − j``). Both start at zero,
 so a fresh conversion is local grouped attention only; training opens the global path and the conv. With
 ``global_decay`` it also has ``decay_logit`` (``[num_key_value_heads]``, λ = sigmoid(logit) per kv head: the
-state, and so S, is stored per kv head).
+state, and so S, is stored per kv head). With ``local_kernel: softmax`` the in-group term is replaced by the
+pretrained softmax over a sliding window with attention sinks (``linspec.ops.window``), computed from the RoPE'd
+queries and keys before φ, with the module's own logit scale.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,7 @@ from linspec.config import LinspecConfig
 from linspec.models import hf
 from linspec.models.context import ExecutionContext
 from linspec.ops import (
+    LinearAttentionState,
     chunked_attention,
     empty_state,
     extend_attention,
@@ -25,6 +30,13 @@ from linspec.ops import (
     verify_attention,
 )
 from linspec.ops.memory import GlobalMemory
+from linspec.ops.window import (
+    SoftmaxWindow,
+    empty_window,
+    window_attention,
+    window_extend,
+    window_verify,
+)
 
 
 def initial_decay_logits(num_kv_heads: int) -> torch.Tensor:
@@ -62,6 +74,7 @@ class LinspecAttention(nn.Module):
         self.k_proj = softmax_attention.k_proj
         self.v_proj = softmax_attention.v_proj
         self.o_proj = softmax_attention.o_proj
+        self.scaling = float(getattr(softmax_attention, "scaling", self.head_dim**-0.5))
         self.q_norm = getattr(softmax_attention, "q_norm", None)
         self.k_norm = getattr(softmax_attention, "k_norm", None)
         weight = self.q_proj.weight
@@ -89,10 +102,17 @@ class LinspecAttention(nn.Module):
         log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit.to(dtype))
         return GlobalMemory(log_decay=log_decay, norm=self.settings.global_norm)
 
-    def project(
+    def softmax_window(self) -> SoftmaxWindow | None:
+        """The local softmax window's settings, or None for the in-group κ term."""
+        if not self.settings.softmax_window:
+            return None
+        return SoftmaxWindow(self.settings.local_window, self.settings.sink_tokens, self.scaling)
+
+    def project_raw(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q̂ [B, H, T, D], k̂ [B, Hkv, T, D], v [B, Hkv, T, D])``: projections, q/k norms, RoPE, then φ."""
+        """``(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D])``: projections, q/k norms and RoPE, before φ;
+        16-bit inputs upcast to float32 (the running sums in the state must not round at every token)."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -102,10 +122,28 @@ class LinspecAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        name = self.settings.feature_map
-        # 16-bit inputs are upcast: the running sums in the state must not round at every token.
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        return feature_map(q.to(compute), name), feature_map(k.to(compute), name), v.to(compute)
+        return q.to(compute), k.to(compute), v.to(compute)
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q̂ [B, H, T, D], k̂ [B, Hkv, T, D], v [B, Hkv, T, D])``: ``project_raw``, then φ."""
+        q, k, v = self.project_raw(hidden_states, position_embeddings)
+        name = self.settings.feature_map
+        return feature_map(q, name), feature_map(k, name), v
+
+    def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LinearAttentionState:
+        """This layer's state before any token (with the window fields when it has a softmax window)."""
+        state = empty_state(
+            batch, self.num_kv_heads, self.head_dim, self.head_dim,
+            self.settings.group_size, self.settings.conv_taps, dtype, device,
+        )  # fmt: skip
+        window = self.softmax_window()
+        if window is None:
+            return state
+        fields = empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, window, dtype, device)
+        return replace(state, **fields)
 
     def forward(
         self,
@@ -123,31 +161,40 @@ class LinspecAttention(nn.Module):
         cache = hf.pop_cache(kwargs)
         context = linspec_context or ExecutionContext()
         batch, length, _ = hidden_states.shape
-        q, k, v = self.project(hidden_states, position_embeddings)
+        raw_q, raw_k, v = self.project_raw(hidden_states, position_embeddings)
+        q, k = feature_map(raw_q, self.settings.feature_map), feature_map(raw_k, self.settings.feature_map)
         weight = self.conv_weight.to(q.dtype)
         gamma = self.global_scale.to(q.dtype)
-        local_kernel = self.settings.local_kernel
+        window = self.softmax_window()
+        local_kernel = "none" if window is not None else self.settings.local_kernel
         memory = self.global_memory(q.dtype)
 
         if cache is None and context.tree is None and context.all_real:
             out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel, memory)
+            if window is not None:
+                out = out + window_attention(raw_q, raw_k, v, window)
         else:
             state = None if cache is None else cache.linear_state(self.layer_idx)
             if state is None:
-                state = empty_state(
-                    batch, self.num_kv_heads, self.head_dim, self.head_dim,
-                    self.settings.group_size, self.settings.conv_taps, q.dtype, q.device,
-                )  # fmt: skip
+                state = self.empty_state(batch, q.dtype, q.device)
+            window_out = None
             if context.tree is not None:
                 out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel, memory)
-                context.tree.keep(self.layer_idx, k, v, memory)
+                if window is not None:
+                    window_out = window_verify(raw_q, raw_k, v, state, context.tree.layout, window)
+                context.tree.keep(self.layer_idx, k, v, memory, raw_k if window is not None else None)
                 new_state = state
-            elif length == 1 and context.all_real:
-                out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
             else:
-                out, new_state = extend_attention(
-                    q, k, v, weight, gamma, state, context.token_mask, local_kernel, memory
-                )
+                if window is not None:
+                    window_out, state = window_extend(raw_q, raw_k, v, state, window, context.token_mask)
+                if length == 1 and context.all_real:
+                    out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
+                else:
+                    out, new_state = extend_attention(
+                        q, k, v, weight, gamma, state, context.token_mask, local_kernel, memory
+                    )
+            if window_out is not None:
+                out = out + window_out
             if cache is not None:
                 cache.set_linear_state(self.layer_idx, new_state)
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)

@@ -16,6 +16,7 @@ from linspec.models import hf
 from linspec.models.context import TreeCandidates
 from linspec.ops import LinearAttentionState, append_tokens
 from linspec.ops.verify import TreeLayout
+from linspec.ops.window import window_append
 
 
 def truncate_kv_columns(layer, columns: int) -> None:
@@ -215,7 +216,7 @@ class LinspecCache(hf.Cache):
         self._columns += accepted.shape[1]
 
     def _append_linear(self, candidates: TreeCandidates, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        """Append the accepted candidates' kept ``(k̂, v)`` to every linear state.
+        """Append the accepted candidates' kept ``(k̂, v)`` to every linear state (and their raw keys to a window).
 
         Every linear layer appends the same path at the same positions, so layers whose states have the same
         shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
@@ -225,27 +226,30 @@ class LinspecCache(hf.Cache):
         batch = accepted.shape[0]
         entries = candidates.entries()
         stacks: dict[tuple, list[int]] = {}
-        for layer_idx, (keys, values, memory) in entries.items():
+        for layer_idx, kept in entries.items():
             state = self.layers[layer_idx].state
+            memory = kept.memory
             own = layer_idx if memory is not None and memory.log_decay is not None else None
             norm = None if memory is None else memory.norm
-            shapes = (keys.shape, values.shape, *(t.shape for t in state.tensors().values()), norm, own)
+            shapes = (kept.keys.shape, kept.values.shape, *(t.shape for t in state.tensors().values()), norm, own)
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
             stacked = LinearAttentionState(
                 **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
             )
-            keys = torch.cat([entries[i][0] for i in layer_ids])
-            values = torch.cat([entries[i][1] for i in layer_ids])
             path = accepted.repeat(len(layer_ids), 1)
 
-            def along_path(x: torch.Tensor, path=path) -> torch.Tensor:
+            def along_path(name: str, layer_ids=layer_ids, path=path) -> torch.Tensor:
+                x = torch.cat([getattr(entries[i], name) for i in layer_ids])
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
-            memory = entries[layer_ids[0]][2]
+            first = entries[layer_ids[0]]
             mask = accepted_mask.repeat(len(layer_ids), 1)
-            new = append_tokens(stacked, along_path(keys), along_path(values), mask, memory)
+            values = along_path("values")
+            if first.raw_keys is not None:
+                stacked = window_append(stacked, along_path("raw_keys"), values, mask)
+            new = append_tokens(stacked, along_path("keys"), values, mask, first.memory)
             for j, layer_idx in enumerate(layer_ids):
                 self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
 

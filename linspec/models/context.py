@@ -17,6 +17,16 @@ from linspec.ops.memory import GlobalMemory
 from linspec.ops.verify import TreeLayout
 
 
+@dataclass(frozen=True)
+class KeptCandidates:
+    """One layer's candidate entries from a verification pass, as the commit needs them."""
+
+    keys: torch.Tensor  # k̂ (B, Hkv, N, Dk)
+    values: torch.Tensor  # v (B, Hkv, N, Dv)
+    memory: GlobalMemory | None  # how the layer folds S
+    raw_keys: torch.Tensor | None  # keys before φ, for a softmax-window layer; else None
+
+
 @dataclass
 class TreeCandidates:
     """One verification pass over a tree of candidates.
@@ -27,16 +37,22 @@ class TreeCandidates:
     """
 
     layout: TreeLayout
-    _entries: dict[int, tuple[torch.Tensor, torch.Tensor, GlobalMemory | None]] = field(default_factory=dict)
+    _entries: dict[int, KeptCandidates] = field(default_factory=dict)
 
     def keep(
-        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, memory: GlobalMemory | None = None
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        memory: GlobalMemory | None = None,
+        raw_keys: torch.Tensor | None = None,
     ) -> None:
-        """Store layer ``layer_idx``'s candidate ``k̂ [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]``, and how that
-        layer folds its global memory (its decay and normaliser), which the commit applies."""
-        self._entries[layer_idx] = (keys, values, memory)
+        """Store layer ``layer_idx``'s candidate ``k̂ [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]``, how that layer
+        folds its global memory (its decay and normaliser), which the commit applies, and for a softmax-window
+        layer the keys before φ, which its window keeps."""
+        self._entries[layer_idx] = KeptCandidates(keys, values, memory, raw_keys)
 
-    def entries(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, GlobalMemory | None]]:
+    def entries(self) -> dict[int, KeptCandidates]:
         return self._entries
 
 

@@ -6,8 +6,9 @@ The choice is made per call from the tensors, so one model can move between devi
 ``set_backend(name)``, then the ``LINSPEC_BACKEND`` environment variable. Forcing ``triton`` on CPU tensors runs
 the kernels through Triton's interpreter — slow, and meant for tests.
 
-The kernels implement the paper's global memory only: a call with a decayed or normalised ``GlobalMemory``
-(``linspec.ops.memory``) runs on PyTorch whatever the backend says, so every option works on every device.
+The kernels implement the paper's global memory and in-group kernels only: a call with a decayed or normalised
+``GlobalMemory`` (``linspec.ops.memory``) or without an in-group term (the ``window`` preset) runs on PyTorch
+whatever the backend says, so every option works on every device.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from functools import cache
 
 import torch
 
+from linspec.ops.kernel_fn import TRITON_LOCAL_KERNELS
 from linspec.ops.memory import GlobalMemory, is_plain
 
 BACKENDS = ("auto", "torch", "triton")
@@ -63,13 +65,14 @@ def backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def use_triton(*tensors: torch.Tensor, memory: GlobalMemory | None = None) -> bool:
+def use_triton(*tensors: torch.Tensor, memory: GlobalMemory | None = None, local_kernel: str = "relu2") -> bool:
     """True when these tensors should go to the Triton kernels under the current backend.
 
-    Always False for a decayed or normalised ``memory``, which the kernels do not carry (PyTorch runs it).
+    Always False for a decayed or normalised ``memory`` or a ``local_kernel`` the kernels do not carry (PyTorch
+    runs those).
     """
     name = current_backend()
-    if name == "torch" or not is_plain(memory):
+    if name == "torch" or not is_plain(memory) or local_kernel not in TRITON_LOCAL_KERNELS:
         return False
     if name == "triton":
         if not triton_available():

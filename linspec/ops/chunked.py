@@ -29,7 +29,7 @@ def grouped_terms(
     groups; ``key_sum_through`` (``[B, Hkv, NG, Dk]``) is the same for z when ``memory`` keeps it, else None.
     ``first_group`` (``[B]``, default 0): complete groups before the sequence, which a "mean" memory counts.
     """
-    if use_triton(q, memory=memory):
+    if use_triton(q, memory=memory, local_kernel=local_kernel):
         from linspec.kernels import grouped_terms as triton_grouped_terms
 
         return triton_grouped_terms(q, k, v, group_size, local_kernel, initial_kv)
@@ -111,7 +111,7 @@ def chunked_attention(
     the small per-group S instead of the output, and taps reaching into earlier groups are one small matmul per
     group offset. About twice as fast on CPU as summing the three terms, and fewer ops for threads to sync on.
     """
-    if use_triton(q, memory=memory):
+    if use_triton(q, memory=memory, local_kernel=local_kernel):
         from linspec.kernels import chunked_attention as triton_chunked_attention
 
         return triton_chunked_attention(q, k, v, conv_weight, global_scale, group_size, local_kernel)

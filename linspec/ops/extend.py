@@ -9,6 +9,8 @@ buffer or the ring.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from linspec.ops.chunked import grouped_terms
@@ -89,7 +91,8 @@ def _next_state(
     taps_minus_one = state.ring.shape[2]
     history = torch.cat([state.ring, real_v], dim=2)  # (B, Hkv, P-1+T, Dv)
     ring_index = count[:, None] + torch.arange(taps_minus_one, device=count.device)
-    return LinearAttentionState(
+    return replace(
+        state,
         kv=kv,
         group_kv=group_kv,
         group_keys=group_keys,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from linspec.ops.backend import use_triton
@@ -25,7 +27,7 @@ def recurrent_step(
     Branch-free over rows: each row sits at its own position, and a row whose group completes folds its
     running group sum into S while the others keep theirs.
     """
-    if use_triton(q, memory=memory):
+    if use_triton(q, memory=memory, local_kernel=local_kernel):
         from linspec.kernels import recurrent_step as triton_recurrent_step
 
         return triton_recurrent_step(q, k, v, conv_weight, global_scale, state, local_kernel)
@@ -67,8 +69,8 @@ def recurrent_step(
         if key_sum is not None:
             key_sum = torch.where(finished[..., 0], fold(memory, key_sum, keys.sum(2)), key_sum)
         group_kv, keys, values = (torch.where(finished, zero, x) for x in (group_kv, keys, values))
-    new_state = LinearAttentionState(
-        kv=kv, group_kv=group_kv, group_keys=keys, group_values=values, ring=window[:, :, 1:],
+    new_state = replace(
+        state, kv=kv, group_kv=group_kv, group_keys=keys, group_values=values, ring=window[:, :, 1:],
         position=state.position + 1, key_sum=key_sum,
     )  # fmt: skip
     return out, new_state

@@ -142,7 +142,7 @@ def verify_attention(
 
     ``parents``: the tree's parent indices ``[B, N]``, or its ``TreeLayout`` when several layers verify it.
     """
-    if use_triton(q, memory=memory):
+    if use_triton(q, memory=memory, local_kernel=local_kernel):
         from linspec.kernels import verify_attention as triton_verify_attention
 
         raw_parents = parents.parents if isinstance(parents, TreeLayout) else parents

@@ -26,6 +26,9 @@ def shrink(recipe: Recipe, base_dir: Path, output: Path) -> Recipe:
     conversion = small.conversion.settings()
     small.conversion.group_size = min(conversion.group_size, 8)
     small.conversion.conv_taps = min(conversion.conv_taps, 4)
+    if conversion.softmax_window:  # a window shorter than the toy sequences, so that it slides
+        small.conversion.local_window = min(conversion.local_window, 8)
+        small.conversion.sink_tokens = min(conversion.sink_tokens, 2)
     if isinstance(small.conversion.softmax_layers, list):
         small.conversion.softmax_layers = [i for i in small.conversion.softmax_layers if i < TINY_LAYERS]
     elif small.conversion.auto_layers() is not None:  # auto:N on the tiny model: at most one of its layers

@@ -40,11 +40,13 @@ MAX_NEW_TOKENS = 1 << 16
 class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
-    preset: str = "paper"  # stable (recommended), paper (exact), decay, mean, normalized, elu
+    preset: str = "paper"  # window (recommended), stable, paper (exact), decay, mean, normalized, elu
     group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)
-    local_kernel: str | None = None  # κ inside a group: relu2 (paper) or identity (default: the preset's)
+    local_kernel: str | None = None  # relu2 (paper) or identity inside a group, softmax: a window (default: preset's)
+    local_window: int | None = None  # tokens the softmax window covers (window preset: 128)
+    sink_tokens: int | None = None  # first tokens the softmax window always sees (window preset: 4)
     softmax_layers: list[int] | str = field(default_factory=list)  # layers kept softmax (a hybrid); auto:N measures
 
     def auto_layers(self):

@@ -1,0 +1,247 @@
+"""The softmax window: the local term of the ``window`` preset, in every execution mode.
+
+Token ``t`` attends, with the pretrained model's own softmax and logits ``q·k/√d`` (RoPE'd, no feature map), to
+the ``W`` most recent tokens (itself included) and to the first ``n`` tokens of the sequence (attention sinks)::
+
+    visible(t, s) = s ≤ t  and  (t − s < W  or  s < n)
+
+Why it exists: the paper's in-group term ``relu(q̂·k̂)²`` on L2-normalised features throws away the norms and the
+1/√d temperature the pretrained heads were trained with, so a fresh conversion starts far from the model it came
+from (SmolLM2-135M: 50 perplexity for block-local softmax at G = 64, against 24 for the original, before any
+training). A sliding window of the pretrained softmax reproduces those heads exactly wherever the context fits in
+the window, and the sinks keep the first tokens that most heads park their attention on (Xiao et al. 2023,
+StreamingLLM: dropping them is what breaks a plain window). The cost stays constant per token: the state keeps
+the last ``W − 1`` keys and values and the ``n`` sink entries.
+
+The state's window fields (``LinearAttentionState.window_keys`` etc.) hold *raw* keys. Every function here
+leaves ``position`` alone: the grouped ops, called after it on the same state, advance it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from linspec.ops.state import LinearAttentionState
+from linspec.ops.verify import TreeLayout
+
+# New tokens per slice in ``window_extend``: bounds its (slice × (n + W − 1 + slice)) score matrix on long prompts.
+EXTEND_SLICE = 512
+
+
+@dataclass(frozen=True)
+class SoftmaxWindow:
+    """``size`` W (a token sees itself and the W − 1 before it), ``sinks`` n, and the logit ``scale`` (1/√d)."""
+
+    size: int
+    sinks: int
+    scale: float
+
+
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, H, T, D]`` over ``keys``/``values [B, Hkv, K, D]`` where ``visible`` (``[B or 1,
+    T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key."""
+    batch, num_heads, length, key_dim = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(batch, kv_heads, num_heads // kv_heads, length, key_dim)
+    scores = (grouped @ keys.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, R, T, K)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ values.unsqueeze(2)  # (B, Hkv, R, T, Dv)
+    return out.reshape(batch, num_heads, length, values.shape[-1])
+
+
+def window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+    """The dense masked form over a whole sequence from position 0: the spec the other modes are tested against."""
+    t = torch.arange(q.shape[2], device=q.device)
+    s = t[None, :]
+    visible = (s <= t[:, None]) & ((t[:, None] - s < window.size) | (s < window.sinks))
+    return attend(q, k, v, visible[None], window.scale)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+    """A whole sequence from position 0 (training, full forwards) in ``O(T · (2W + n))``.
+
+    The sequence is cut into blocks of W queries; block ``b`` reads blocks ``b − 1`` and ``b`` (which hold every
+    key its window can reach) and the sinks that lie before them.
+    """
+    batch, num_heads, length, _ = q.shape
+    kv_heads = k.shape[1]
+    size = window.size
+    blocks = -(-length // size)
+    pad = blocks * size - length
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+
+    def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, NB, 2W, D): block b − 1 then block b
+        x = x.view(batch, kv_heads, blocks, size, x.shape[-1])
+        return torch.cat([F.pad(x[:, :, :-1], (0, 0, 0, 0, 1, 0)), x], dim=3)
+
+    sinks = min(window.sinks, length)
+
+    def with_sinks(x: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+        head = x[:, :, None, :sinks].expand(batch, kv_heads, blocks, sinks, x.shape[-1])
+        keys = torch.cat([head, band], dim=3).transpose(1, 2)  # (B, NB, Hkv, n + 2W, D)
+        return keys.reshape(batch * blocks, kv_heads, sinks + 2 * size, x.shape[-1])
+
+    keys, values = with_sinks(k, banded(k)), with_sinks(v, banded(v))
+    block = torch.arange(blocks, device=q.device).view(-1, 1, 1)
+    query = block * size + torch.arange(size, device=q.device).view(1, -1, 1)  # (NB, W, 1) positions
+    key = (block - 1) * size + torch.arange(2 * size, device=q.device).view(1, 1, -1)  # (NB, 1, 2W)
+    band_visible = (key >= 0) & (key <= query) & ((query - key < size) | (key < window.sinks))
+    sink = torch.arange(sinks, device=q.device).view(1, 1, -1)
+    sink_visible = (sink < (block - 1) * size).expand(blocks, size, sinks)  # sinks inside the band come from it
+    visible = torch.cat([sink_visible, band_visible], dim=-1)  # (NB, W, n + 2W)
+    grouped_q = q.view(batch, num_heads, blocks, size, -1).transpose(1, 2).reshape(batch * blocks, num_heads, size, -1)
+    out = attend(grouped_q, keys, values, visible.repeat(batch, 1, 1), window.scale)
+    out = out.view(batch, blocks, num_heads, size, -1).transpose(1, 2).reshape(batch, num_heads, blocks * size, -1)
+    return out[:, :, :length]
+
+
+def empty_window(
+    batch: int, kv_heads: int, key_dim: int, value_dim: int, window: SoftmaxWindow, dtype: torch.dtype, device=None
+) -> dict[str, torch.Tensor]:
+    """The window fields of a state before any token: zero keys and values (positions before the start)."""
+
+    def zeros(length: int, dim: int) -> torch.Tensor:
+        return torch.zeros(batch, kv_heads, length, dim, dtype=dtype, device=device)
+
+    return {
+        "window_keys": zeros(window.size - 1, key_dim),
+        "window_values": zeros(window.size - 1, value_dim),
+        "sink_keys": zeros(window.sinks, key_dim),
+        "sink_values": zeros(window.sinks, value_dim),
+    }
+
+
+def _real_first(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, T, D]`` with each row's real tokens moved to the front, in order (zeros after them)."""
+    batch, heads, length, dim = x.shape
+    rank = token_mask.long().cumsum(dim=1) - 1
+    dest = torch.where(token_mask, rank, length)
+    out = x.new_zeros(batch, heads, length + 1, dim)
+    return out.scatter(2, dest[:, None, :, None].expand(batch, heads, length, dim), x)[:, :, :length]
+
+
+def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor):
+    """The window fields after appending each row's first ``count`` entries of ``real_k``/``real_v``."""
+    batch, kv_heads, length, _ = real_k.shape
+    keep = state.window_keys.shape[2]
+    recent = count[:, None] + torch.arange(keep, device=count.device)  # the last W − 1 of [ring ; real tokens]
+
+    def ring(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        history = torch.cat([old, new], dim=2)
+        return history.gather(2, recent[:, None, :, None].expand(batch, kv_heads, keep, history.shape[-1]))
+
+    sinks = state.sink_keys.shape[2]
+    source = torch.arange(sinks, device=count.device)[None, :] - state.position[:, None]  # (B, n): new-token rank
+    taken = ((source >= 0) & (source < count[:, None]))[:, None, :, None]
+
+    def sink(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        index = source.clamp(0, max(length - 1, 0))[:, None, :, None].expand(batch, kv_heads, sinks, new.shape[-1])
+        return torch.where(taken, new.gather(2, index), old)
+
+    return {
+        "window_keys": ring(state.window_keys, real_k),
+        "window_values": ring(state.window_values, real_v),
+        "sink_keys": sink(state.sink_keys, real_k),
+        "sink_values": sink(state.sink_values, real_v),
+    }
+
+
+def _state_visible(state: LinearAttentionState, query_position: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, Q, n + W − 1]``: which sink and ring entries queries at ``query_position [B, Q]`` see.
+
+    A sink is read from its slot only once it has left the query's window (inside the window the ring, or the
+    new tokens, hold it), and only if it was seen before this call.
+    """
+    position = state.position[:, None, None]
+    query = query_position[:, :, None]
+    sink = torch.arange(state.sink_keys.shape[2], device=position.device)
+    sink_visible = (sink < position) & (sink < query - size + 1)
+    ring = position - (size - 1) + torch.arange(size - 1, device=position.device)  # ring slots' positions
+    ring_visible = (ring >= 0) & (query - ring < size)
+    return torch.cat([sink_visible, ring_visible], dim=-1)
+
+
+def _extend_slice(q, k, v, state: LinearAttentionState, token_mask: torch.Tensor, window: SoftmaxWindow):
+    length = q.shape[2]
+    count = token_mask.sum(dim=1)
+    real_q, real_k, real_v = (_real_first(x, token_mask) for x in (q, k, v))
+    rank = torch.arange(length, device=q.device)
+    query_position = state.position[:, None] + rank  # (B, T): real token j sits at position + j
+    new_position = query_position[:, None, :]  # (B, 1, T) keys' positions
+    new_visible = (rank[None, None, :] <= rank[None, :, None]) & (
+        (rank[None, :, None] - rank[None, None, :] < window.size) | (new_position < window.sinks)
+    )
+    visible = torch.cat([_state_visible(state, query_position, window.size), new_visible], dim=-1)
+    keys = torch.cat([state.sink_keys, state.window_keys, real_k], dim=2)
+    values = torch.cat([state.sink_values, state.window_values, real_v], dim=2)
+    out_real = attend(real_q, keys, values, visible, window.scale)  # (B, H, T, Dv), real tokens first
+    source = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    out = out_real.gather(2, source[:, None, :, None].expand(*out_real.shape[:2], length, out_real.shape[-1]))
+    return out * token_mask[:, None, :, None], _advanced(state, real_k, real_v, count), count
+
+
+def window_extend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearAttentionState,
+    window: SoftmaxWindow,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """Outputs for ``T`` new tokens on a state (padding allowed, zeros out) and the state with its window fields
+    advanced (``position`` unchanged). Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order."""
+    batch, _, length, _ = q.shape
+    if token_mask is None:
+        token_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    token_mask = token_mask.bool()
+    if length == 0:
+        return q.new_zeros(batch, q.shape[1], 0, v.shape[-1]), state
+    position = state.position
+    outs = []
+    for start in range(0, length, EXTEND_SLICE):
+        part = slice(start, start + EXTEND_SLICE)
+        q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
+        out, fields, count = _extend_slice(q_part, k_part, v_part, state, token_mask[:, part], window)
+        outs.append(out)
+        state = replace(state, position=state.position + count, **fields)
+    return torch.cat(outs, dim=2), replace(state, position=position)
+
+
+def window_append(
+    state: LinearAttentionState, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> LinearAttentionState:
+    """The state with already-computed raw keys and values appended to its window (the commit of accepted drafts);
+    ``position`` unchanged."""
+    if token_mask is None:
+        token_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    token_mask = token_mask.bool()
+    count = token_mask.sum(dim=1)
+    return replace(state, **_advanced(state, _real_first(k, token_mask), _real_first(v, token_mask), count))
+
+
+def window_verify(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearAttentionState,
+    layout: TreeLayout,
+    window: SoftmaxWindow,
+) -> torch.Tensor:
+    """Every node of a candidate tree at once: node ``a`` (true position ``position + depth(a)``) sees the state's
+    sinks and ring as a token at that position would, and its own ancestors — never a sibling."""
+    depth = layout.depth  # (B, N)
+    query_position = state.position[:, None] + depth
+    node_position = query_position[:, None, :]  # (B, 1, N)
+    node_visible = layout.ancestors & (
+        (depth[:, :, None] - depth[:, None, :] < window.size) | (node_position < window.sinks)
+    )
+    visible = torch.cat([_state_visible(state, query_position, window.size), node_visible], dim=-1)
+    keys = torch.cat([state.sink_keys, state.window_keys, k], dim=2)
+    values = torch.cat([state.sink_values, state.window_values, v], dim=2)
+    return attend(q, keys, values, visible, window.scale)
