@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,31 +185,44 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
 
 @dataclass
 class LayerRanking:
-    baseline: float  # perplexity with every layer linear
-    single: dict[int, float]  # layer -> perplexity with only that layer restored to softmax
-    cumulative: list[tuple[list[int], float]]  # best-first prefixes of the ranking and their perplexity
+    baseline: float  # score (perplexity, or passkey NLL) with every layer linear
+    single: dict[int, float]  # layer -> score with only that layer restored to softmax
+    cumulative: list[tuple[list[int], float]]  # best-first prefixes of the ranking and their score
 
 
 @torch.no_grad()
-def rank_layers(model, sequences: torch.Tensor, top: int = 8, progress: bool = True) -> LayerRanking:
-    """Which layers to keep softmax: restore each linear layer alone, rank by the perplexity that leaves, then
-    measure the best 1..``top`` together. Per-layer transfer losses are only a proxy (a layer with a large
-    relative error can matter little downstream); this measures the thing a hybrid is chosen for."""
+def rank_layers(
+    model,
+    sequences: torch.Tensor | None,
+    top: int = 8,
+    progress: bool = True,
+    score: Callable[[Any], float] | None = None,
+) -> LayerRanking:
+    """Which layers to keep softmax: restore each linear layer alone, rank by the score that leaves (lower is
+    better; default: the perplexity of ``sequences``), then measure the best 1..``top`` together. Per-layer
+    transfer losses are only a proxy (a layer with a large relative error can matter little downstream); this
+    measures the thing a hybrid is chosen for — fluency by perplexity, or retrieval with a passkey scorer
+    (``linspec.evaluate_passkey.key_nll_scorer``)."""
     from tqdm.auto import tqdm
+
+    if score is None:
+
+        def score(m) -> float:
+            return perplexity_of_sequences(m, sequences).ppl
 
     model.eval()
     layers = [m.layer_idx for m in model.linspec_modules()]
-    baseline = perplexity_of_sequences(model, sequences).ppl
+    baseline = score(model)
     single = {}
     for layer in tqdm(layers, desc="one layer softmax", disable=not progress):
         with softmax_restored(model, [layer]):
-            single[layer] = perplexity_of_sequences(model, sequences).ppl
+            single[layer] = score(model)
     order = sorted(layers, key=single.__getitem__)
     cumulative = []
     for k in tqdm(range(1, min(top, len(order)) + 1), desc="best k together", disable=not progress):
         chosen = sorted(order[:k])
         with softmax_restored(model, chosen):
-            cumulative.append((chosen, perplexity_of_sequences(model, sequences).ppl))
+            cumulative.append((chosen, score(model)))
     return LayerRanking(baseline, single, cumulative)
 
 

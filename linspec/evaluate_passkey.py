@@ -148,3 +148,30 @@ def plot_passkey(curves: dict[str, list[PasskeyResult]]):
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     return figure
+
+
+def key_nll_scorer(tokenizer, length: int, trials: int = 4, seed: int = 1):
+    """A function ``model -> mean NLL per key token`` over ``trials`` passkey prompts of ``length`` tokens.
+
+    Teacher-forced (the key appended to the prompt, one full forward each), so it is continuous where exact-match
+    accuracy is all-or-nothing, and cheap enough to run once per layer: what ``linspec eval layers --by passkey``
+    ranks layers by. The seed differs from ``passkey_accuracy``'s default so a ranking is not chosen on the
+    prompts it is then reported on.
+    """
+    import torch
+
+    examples = []
+    for trial in make_trials(tokenizer, length, trials, seed):
+        answer = tokenizer.encode(" " + trial.key, add_special_tokens=False)
+        examples.append((torch.tensor([trial.prompt_ids + answer]), len(answer)))
+
+    @torch.no_grad()
+    def score(model) -> float:
+        total = 0.0
+        for ids, answer_tokens in examples:
+            ids = ids.to(model.device)
+            logits = model(ids, use_cache=False).logits[0, -answer_tokens - 1 : -1].float()
+            total += torch.nn.functional.cross_entropy(logits, ids[0, -answer_tokens:]).item()
+        return total / len(examples)
+
+    return score

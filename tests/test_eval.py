@@ -122,3 +122,34 @@ def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_pat
 
     out = run_eval_cli(tmp_path, model, capsys, "layers", "--seq-len", "32", "--max-sequences", "2", "--top", "2")
     assert "| layer kept softmax |" in out and "| conversion.softmax_layers |" in out
+
+
+def test_eval_layers_by_passkey_ranks_by_the_keys_loss(tmp_path, capsys):
+    """``--by passkey`` ranks layers by the teacher-forced loss of the key; the scorer is that loss, computed."""
+    from linspec.evaluate import rank_layers, softmax_restored
+    from linspec.evaluate_passkey import key_nll_scorer, make_trials
+    from linspec.train.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = linspec.convert(
+        tiny_base("llama", vocab_size=len(tokenizer), max_position_embeddings=1024), linspec.LinspecConfig(group_size=8)
+    )
+    randomize_linspec_parameters(model)
+    score = key_nll_scorer(tokenizer, 512, trials=2)
+    losses = []
+    for trial in make_trials(tokenizer, 512, 2, seed=1):
+        answer = tokenizer.encode(" " + trial.key, add_special_tokens=False)
+        ids = torch.tensor([trial.prompt_ids + answer])
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits[0, -len(answer) - 1 : -1]
+        losses.append(F.cross_entropy(logits, ids[0, -len(answer) :]).item())
+    assert score(model) == pytest.approx(sum(losses) / 2, rel=1e-6) and min(losses) > 0
+    ranking = rank_layers(model, None, top=2, progress=False, score=score)
+    best = min(ranking.single, key=ranking.single.__getitem__)
+    assert ranking.cumulative[0] == ([best], ranking.single[best])
+    with softmax_restored(model, ranking.cumulative[-1][0]):
+        assert score(model) == pytest.approx(ranking.cumulative[-1][1], rel=1e-6)
+
+    out = run_eval_cli(tmp_path, model, capsys, "layers", "--by", "passkey", "--passkey-length", "512", "--trials", "1",
+                       "--top", "1")  # fmt: skip
+    assert "passkey key NLL" in out and "| conversion.softmax_layers |" in out

@@ -35,13 +35,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     layers = tasks.add_parser(
         "layers",
-        help="rank linear layers by the perplexity left when each runs as softmax (to choose a hybrid)",
+        help="rank linear layers by the perplexity (or passkey loss) left when each runs as softmax (for a hybrid)",
         description="For a converted (ideally attention-transferred) linspec model: run each linear layer alone "
-        "as softmax attention with its current weights and rank layers by the perplexity that leaves; then "
-        "measure the best 1..--top together. The sets printed are candidates for conversion.softmax_layers.",
-        epilog="example: linspec eval layers runs/demo/stages/transfer --data builtin:wiki-en-eval --top 8",
+        "as softmax attention with its current weights and rank layers by the perplexity of --data that leaves "
+        "(--by ppl) or by the loss of the key in passkey prompts (--by passkey: which layers retrieval needs); "
+        "then measure the best 1..--top together. The sets printed are candidates for conversion.softmax_layers.",
+        epilog="example: linspec eval layers runs/demo/stages/transfer --data builtin:wiki-en-eval --top 8; "
+        "linspec eval layers out/smollm2-window --by passkey --passkey-length 1024 --top 4",
     )
-    add_model_and_data(layers, "linspec model directory")
+    add_model_and_data(layers, "linspec model directory", data_required=False)
+    layers.add_argument("--by", choices=["ppl", "passkey"], default="ppl", help="what to rank by (default ppl)")
+    layers.add_argument("--passkey-length", type=int, default=1024, help="--by passkey: prompt tokens (1024)")
+    layers.add_argument("--trials", type=int, default=4, help="--by passkey: prompts per variant (default 4)")
     layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
     layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
@@ -50,11 +55,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_quality_tasks(tasks, ppl)
 
 
-def add_model_and_data(parser: argparse.ArgumentParser, model_help: str) -> None:
+def add_model_and_data(parser: argparse.ArgumentParser, model_help: str, data_required: bool = True) -> None:
     """The model and the text every evaluation task scores."""
     parser.add_argument("model", help=model_help)
     parser.add_argument(
-        "--data", required=True, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
+        "--data", required=data_required, help=".txt/.jsonl/.parquet file or builtin:NAME (e.g. builtin:wiki-en-eval)"
     )
     parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
 
@@ -118,29 +123,45 @@ def run_layers(args: argparse.Namespace) -> int:
     from linspec.evaluate import rank_layers, read_text_ids
     from linspec.sources import load_source
 
-    for name, limit in (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096)):
+    limits = (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096), ("passkey_length", MAX_WINDOW),
+              ("trials", 1 << 12))  # fmt: skip
+    for name, limit in limits:
         if not 1 <= getattr(args, name) <= limit:
             raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
+    if args.by == "ppl" and not args.data:
+        raise LinspecError("--by ppl needs --data (the text to score)")
     device, dtype = placement(args.device, args.dtype)
-    check_data(args.data)
+    if args.data:
+        check_data(args.data)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if not hasattr(model, "linspec_modules") or not model.linspec_modules():
         raise LinspecError(f"{args.model} has no linear-attention layers; convert it first (linspec convert)")
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
-    ids = read_text_ids(tokenizer, args.data, args.text_field)
-    count = min(args.max_sequences, len(ids) // args.seq_len)
-    if count == 0:
-        raise LinspecError(f"{args.data} has fewer than --seq-len {args.seq_len} tokens")
-    ranking = rank_layers(model, ids[: count * args.seq_len].view(count, args.seq_len), top=args.top)
-    print(f"all linear: perplexity {ranking.baseline:.2f} ({count} sequences of {args.seq_len} tokens)")
+    if args.by == "passkey":
+        from linspec.evaluate_lengths import check_lengths
+        from linspec.evaluate_passkey import key_nll_scorer
+
+        check_lengths(model, [args.passkey_length])
+        score = key_nll_scorer(tokenizer, args.passkey_length, args.trials)
+        ranking = rank_layers(model, None, top=args.top, score=score)
+        metric = "passkey key NLL"
+        print(f"all linear: {metric} {ranking.baseline:.3f} ({args.trials} prompts of {args.passkey_length} tokens)")
+    else:
+        ids = read_text_ids(tokenizer, args.data, args.text_field)
+        count = min(args.max_sequences, len(ids) // args.seq_len)
+        if count == 0:
+            raise LinspecError(f"{args.data} has fewer than --seq-len {args.seq_len} tokens")
+        ranking = rank_layers(model, ids[: count * args.seq_len].view(count, args.seq_len), top=args.top)
+        metric = "perplexity"
+        print(f"all linear: perplexity {ranking.baseline:.2f} ({count} sequences of {args.seq_len} tokens)")
     rows = sorted(ranking.single.items(), key=lambda item: item[1])
-    print(markdown_table(["layer kept softmax", "perplexity"], [[layer, round(ppl, 2)] for layer, ppl in rows]))
+    print(markdown_table(["layer kept softmax", metric], [[layer, round(value, 3)] for layer, value in rows]))
     print()
     print(
         markdown_table(
-            ["conversion.softmax_layers", "perplexity"],
-            [[str(chosen), round(ppl, 2)] for chosen, ppl in ranking.cumulative],
+            ["conversion.softmax_layers", metric],
+            [[str(chosen), round(value, 3)] for chosen, value in ranking.cumulative],
         )
     )
     return 0
