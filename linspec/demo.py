@@ -22,7 +22,7 @@ def default_output_dir(name: str) -> Path:
     from platformdirs import user_cache_dir
 
     root = Path(os.environ.get("LINSPEC_CACHE") or user_cache_dir("linspec"))
-    return root / "converted" / f"{name}-paper"
+    return root / "converted" / f"{name}-window"
 
 
 def chat_input_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -59,8 +59,9 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
     if trained is not None:
         console.print(f"using the trained model in {out}")
     elif not (out / "config.json").exists():
-        console.print(f"converting {model_name} -> {out} (paper preset: G=64, P=32, γ=0, conv=0)")
-        convert_checkpoint(model_name, out, LinspecConfig(), force=out.exists())
+        console.print(f"converting {model_name} -> {out} (window preset: softmax over the last 128 tokens + 4 sinks, "
+                      "G=64, P=32, γ=0, conv=0)")  # fmt: skip
+        convert_checkpoint(model_name, out, LinspecConfig.from_preset("window"), force=out.exists())
     else:
         console.print(f"reusing the converted model in {out}")
     return original, tokenizer, AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
@@ -101,12 +102,12 @@ def run_demo(
         console.print(f"[bold]{name}[/bold] ({seconds:.1f} s): {text!r}")
     if trained is None:
         console.print(
-            "[dim]The raw conversion is local-attention-only until trained: expect poor text here; "
-            "`linspec train recipes/smollm2-135m-demo.yaml` recovers quality, then "
+            "[dim]The raw conversion is the original's attention within its last 128 tokens and nothing beyond "
+            "until trained; `linspec train recipes/smollm2-135m-demo.yaml` trains the long-range path, then "
             "`linspec demo --trained runs/smollm2-135m-demo/model` shows it.[/dim]\n"
         )
 
-    what = "trained model" if trained is not None else "raw conversion: speed only, its quality is not recovered"
+    what = "trained model" if trained is not None else "raw conversion: its long-range path is not trained"
     table = Table(title=f"greedy decode, one token per forward (median); converted = {what}")
     for column in (
         "context",

