@@ -108,7 +108,7 @@ class LinspecAttention(nn.Module):
             return None
         return SoftmaxWindow(self.settings.local_window, self.settings.sink_tokens, self.scaling)
 
-    def project_raw(
+    def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D])``: projections, q/k norms and RoPE, before φ;
@@ -124,14 +124,6 @@ class LinspecAttention(nn.Module):
         q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         return q.to(compute), k.to(compute), v.to(compute)
-
-    def project(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q̂ [B, H, T, D], k̂ [B, Hkv, T, D], v [B, Hkv, T, D])``: ``project_raw``, then φ."""
-        q, k, v = self.project_raw(hidden_states, position_embeddings)
-        name = self.settings.feature_map
-        return feature_map(q, name), feature_map(k, name), v
 
     def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LinearAttentionState:
         """This layer's state before any token (with the window fields when it has a softmax window)."""
@@ -161,7 +153,7 @@ class LinspecAttention(nn.Module):
         cache = hf.pop_cache(kwargs)
         context = linspec_context or ExecutionContext()
         batch, length, _ = hidden_states.shape
-        raw_q, raw_k, v = self.project_raw(hidden_states, position_embeddings)
+        raw_q, raw_k, v = self.project(hidden_states, position_embeddings)
         q, k = feature_map(raw_q, self.settings.feature_map), feature_map(raw_k, self.settings.feature_map)
         weight = self.conv_weight.to(q.dtype)
         gamma = self.global_scale.to(q.dtype)
