@@ -32,7 +32,21 @@ def _scatter_tokens(x: torch.Tensor, dest: torch.Tensor, length: int, prefix: to
     return out.scatter(2, index, x)[:, :, :length]
 
 
-def _gather_tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def real_first(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, T, D]`` with each row's real tokens moved to the front, in order (zeros after them)."""
+    length = x.shape[2]
+    rank = token_mask.long().cumsum(dim=1) - 1
+    return _scatter_tokens(x, torch.where(token_mask, rank, length), length)
+
+
+def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The last ``old.shape[2]`` entries of ``[old ; each row's first count real entries]`` (``[B, heads, ·, D]``):
+    a fixed-size history (the conv ring, a softmax window) after appending a row's real tokens."""
+    keep = old.shape[2]
+    return gather_tokens(torch.cat([old, real], dim=2), count[:, None] + torch.arange(keep, device=count.device))
+
+
+def gather_tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``out[:, :, t] = x[:, :, src[:, t]]`` for ``x`` of shape ``[B, heads, L, D]``."""
     batch, heads, _, dim = x.shape
     return x.gather(2, src[:, None, :, None].expand(batch, heads, src.shape[1], dim))
@@ -88,16 +102,13 @@ def _next_state(
     else:
         index = complete.view(batch, 1, 1, 1, 1).expand(batch, kv_heads, 1, *block_kv.shape[3:])
         group_kv = block_kv.gather(2, index).squeeze(2)
-    taps_minus_one = state.ring.shape[2]
-    history = torch.cat([state.ring, real_v], dim=2)  # (B, Hkv, P-1+T, Dv)
-    ring_index = count[:, None] + torch.arange(taps_minus_one, device=count.device)
     return replace(
         state,
         kv=kv,
         group_kv=group_kv,
         group_keys=group_keys,
         group_values=group_values,
-        ring=_gather_tokens(history, ring_index),
+        ring=newest(state.ring, real_v, count),
         position=state.position + count,
         key_sum=key_sum,
     )
@@ -130,11 +141,10 @@ def extend_attention(
         packed_q, packed_k, packed_v, state.group_size, local_kernel, initial_kv=state.kv,
         memory=memory, initial_key_sum=state.key_sum, first_group=state.position // state.group_size,
     )  # fmt: skip
-    attention = _gather_tokens(local + global_scale * global_term, dest.clamp(max=packed_length - 1))
+    attention = gather_tokens(local + global_scale * global_term, dest.clamp(max=packed_length - 1))
 
-    real_dest = torch.where(token_mask, rank, length)
-    real_v = _scatter_tokens(v, real_dest, length)  # (B, Hkv, T, Dv), each row's real values first
-    conv = _gather_tokens(causal_depthwise_conv(real_v, conv_weight, history=state.ring), rank.clamp(min=0))
+    real_v = real_first(v, token_mask)  # (B, Hkv, T, Dv), each row's real values first
+    conv = gather_tokens(causal_depthwise_conv(real_v, conv_weight, history=state.ring), rank.clamp(min=0))
     out = (attention + conv) * token_mask[:, None, :, None]
     next_state = _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, None, key_sum_through)
     return out, next_state
@@ -152,7 +162,7 @@ def append_tokens(
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=k.device)
     token_mask = token_mask.bool()
-    dest, rank, count, total, packed_length = _layout(state, token_mask)
+    dest, _, count, total, packed_length = _layout(state, token_mask)
     packed_k = _scatter_tokens(k, dest, packed_length, prefix=state.group_keys)
     packed_v = _scatter_tokens(v, dest, packed_length, prefix=state.group_values)
     batch, kv_heads, _, key_dim = packed_k.shape
@@ -164,5 +174,5 @@ def append_tokens(
     key_sum_through = None
     if memory is not None and memory.keeps_key_sum:
         _, key_sum_through = scan_groups(memory, blocks_k.sum(3), state.key_sum_or_zeros())  # (B, Hkv, blocks, Dk)
-    real_v = _scatter_tokens(v, torch.where(token_mask, rank, length), length)
+    real_v = real_first(v, token_mask)
     return _next_state(state, packed_k, packed_v, kv_through, real_v, count, total, block_kv, key_sum_through)

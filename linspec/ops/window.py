@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from linspec.ops.extend import gather_tokens, newest, real_first
 from linspec.ops.state import LinearAttentionState
 from linspec.ops.verify import TreeLayout
 
@@ -117,25 +118,9 @@ def empty_window(
     }
 
 
-def _real_first(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, heads, T, D]`` with each row's real tokens moved to the front, in order (zeros after them)."""
-    batch, heads, length, dim = x.shape
-    rank = token_mask.long().cumsum(dim=1) - 1
-    dest = torch.where(token_mask, rank, length)
-    out = x.new_zeros(batch, heads, length + 1, dim)
-    return out.scatter(2, dest[:, None, :, None].expand(batch, heads, length, dim), x)[:, :, :length]
-
-
 def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor):
     """The window fields after appending each row's first ``count`` entries of ``real_k``/``real_v``."""
     batch, kv_heads, length, _ = real_k.shape
-    keep = state.window_keys.shape[2]
-    recent = count[:, None] + torch.arange(keep, device=count.device)  # the last W − 1 of [ring ; real tokens]
-
-    def ring(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        history = torch.cat([old, new], dim=2)
-        return history.gather(2, recent[:, None, :, None].expand(batch, kv_heads, keep, history.shape[-1]))
-
     sinks = state.sink_keys.shape[2]
     source = torch.arange(sinks, device=count.device)[None, :] - state.position[:, None]  # (B, n): new-token rank
     taken = ((source >= 0) & (source < count[:, None]))[:, None, :, None]
@@ -145,8 +130,8 @@ def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.T
         return torch.where(taken, new.gather(2, index), old)
 
     return {
-        "window_keys": ring(state.window_keys, real_k),
-        "window_values": ring(state.window_values, real_v),
+        "window_keys": newest(state.window_keys, real_k, count),
+        "window_values": newest(state.window_values, real_v, count),
         "sink_keys": sink(state.sink_keys, real_k),
         "sink_values": sink(state.sink_values, real_v),
     }
@@ -170,7 +155,7 @@ def _state_visible(state: LinearAttentionState, query_position: torch.Tensor, si
 def _extend_slice(q, k, v, state: LinearAttentionState, token_mask: torch.Tensor, window: SoftmaxWindow):
     length = q.shape[2]
     count = token_mask.sum(dim=1)
-    real_q, real_k, real_v = (_real_first(x, token_mask) for x in (q, k, v))
+    real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
     rank = torch.arange(length, device=q.device)
     query_position = state.position[:, None] + rank  # (B, T): real token j sits at position + j
     new_position = query_position[:, None, :]  # (B, 1, T) keys' positions
@@ -181,8 +166,7 @@ def _extend_slice(q, k, v, state: LinearAttentionState, token_mask: torch.Tensor
     keys = torch.cat([state.sink_keys, state.window_keys, real_k], dim=2)
     values = torch.cat([state.sink_values, state.window_values, real_v], dim=2)
     out_real = attend(real_q, keys, values, visible, window.scale)  # (B, H, T, Dv), real tokens first
-    source = (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    out = out_real.gather(2, source[:, None, :, None].expand(*out_real.shape[:2], length, out_real.shape[-1]))
+    out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
     return out * token_mask[:, None, :, None], _advanced(state, real_k, real_v, count), count
 
 
@@ -222,7 +206,7 @@ def window_append(
         token_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     token_mask = token_mask.bool()
     count = token_mask.sum(dim=1)
-    return replace(state, **_advanced(state, _real_first(k, token_mask), _real_first(v, token_mask), count))
+    return replace(state, **_advanced(state, real_first(k, token_mask), real_first(v, token_mask), count))
 
 
 def window_verify(
