@@ -12,6 +12,7 @@ FEATURE_MAPS = ("l2norm", "elu1", "relu")
 # The local term: κ(q̂·k̂) inside the group (relu2: the paper; identity), or the pretrained softmax over a sliding
 # window with attention sinks (softmax: ``linspec.ops.window``), which replaces the in-group term.
 LOCAL_KERNELS = ("relu2", "identity", "softmax")
+SINK_POSITIONS = ("absolute", "adjacent")
 # Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
@@ -29,10 +30,10 @@ PRESETS = {
     "elu": {"feature_map": "elu1", "local_kernel": "identity", "group_size": 64, "conv_taps": 32},
     # Recommended: the paper's layer with S a decay-weighted mean over the folded tokens (bounded at any length).
     "stable": {**_PAPER, "global_decay": True, "global_norm": "mean"},
-    # The stable memory with the pretrained softmax over the last 128 tokens and 4 attention sinks as the local
-    # term: a fresh conversion is already close to the original (docs/training.md, "Presets").
+    # The stable memory with the pretrained softmax over the last 512 tokens and 4 attention sinks (placed right
+    # before the window) as the local term: a fresh conversion is already close to the original (docs/training.md).
     "window": {
-        **_PAPER, "local_kernel": "softmax", "local_window": 128, "sink_tokens": 4,
+        **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
         "global_decay": True, "global_norm": "mean",
     },
     # The paper's layer with a learnable per-head decay of S only.
@@ -68,10 +69,13 @@ class LinspecConfig:
     The local term: ``local_kernel`` ``relu2``/``identity`` is κ(q̂·k̂) inside the group; ``softmax`` replaces it
     by the pretrained softmax (``q·k/√d`` before φ) over the last ``local_window`` tokens plus the first
     ``sink_tokens`` (``linspec.ops.window``), so a fresh conversion keeps the parent's attention wherever the context
-    fits in the window.
+    fits in the window. ``sink_positions`` ``"adjacent"`` scores the sinks that have left the window as if they
+    sat right before it (their RoPE distance frozen), which makes the window term the same at every position past
+    ``local_window + sink_tokens`` — the perplexity curve cannot drift upwards with context; ``"absolute"`` keeps
+    their true distance (the models written before the option existed).
 
-    Recommended: the ``window`` preset — the softmax window (128 tokens, 4 sinks) with the ``stable`` memory. The
-    ``stable`` preset keeps the paper's φ and κ (so conversion and local attention are unchanged)
+    Recommended: the ``window`` preset — the softmax window (512 tokens, 4 adjacent sinks) with the ``stable``
+    memory. The ``stable`` preset keeps the paper's φ and κ (so conversion and local attention are unchanged)
     with decay *and* mean. The mean keeps the global term the size of one value at every length, for any
     feature map, without relying on training to find a small enough λ (decay alone with λ near 1 still lets S
     grow to 1/(1−λ) groups' worth, far past what a short training window showed); the decay turns the uniform
@@ -89,6 +93,7 @@ class LinspecConfig:
     global_norm: str = "none"
     local_window: int = 0
     sink_tokens: int = 0
+    sink_positions: str = "absolute"
 
     def __post_init__(self) -> None:
         self._check_global_memory()
@@ -118,9 +123,16 @@ class LinspecConfig:
                 raise LinspecError(f"{name} must be an integer in 0..{limit}, got {value!r:.40}")
         if self.local_kernel == "softmax" and self.local_window < 1:
             raise LinspecError("local_kernel 'softmax' needs local_window >= 1 (tokens each token attends to)")
-        if self.local_kernel != "softmax" and (self.local_window or self.sink_tokens):
+        if self.sink_positions not in SINK_POSITIONS:
             raise LinspecError(
-                f"local_window and sink_tokens belong to local_kernel 'softmax'; got local_kernel {self.local_kernel!r}"
+                f"sink_positions must be one of {', '.join(SINK_POSITIONS)}; got {self.sink_positions!r:.40}"
+            )
+        if self.local_kernel != "softmax" and (
+            self.local_window or self.sink_tokens or self.sink_positions != "absolute"
+        ):
+            raise LinspecError(
+                "local_window, sink_tokens and sink_positions belong to local_kernel 'softmax'; "
+                f"got local_kernel {self.local_kernel!r}"
             )
 
     @property

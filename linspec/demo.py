@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -43,6 +44,14 @@ def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), elapsed
 
 
+def _cached_settings(out: Path) -> LinspecConfig | None:
+    """The linspec settings of a conversion cached in ``out``, or None when there is none (or it is unreadable)."""
+    try:
+        return LinspecConfig.from_dict(json.loads((out / "config.json").read_text())["linspec"])
+    except (OSError, ValueError, KeyError, TypeError, LinspecError):
+        return None
+
+
 def _models(model_name: str, out: Path, trained: Path | None, console: Console, device, dtype):
     """``(original, tokenizer, converted)``: the source model, and the trained or (once) converted one."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,8 +67,8 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
     original, tokenizer = load_source(model_name, dtype=dtype, device=device)
     if trained is not None:
         console.print(f"using the trained model in {out}")
-    elif not (out / "config.json").exists():
-        console.print(f"converting {model_name} -> {out} (window preset: softmax over the last 128 tokens + 4 sinks, "
+    elif _cached_settings(out) != LinspecConfig.from_preset("window"):  # none yet, or one of an older preset
+        console.print(f"converting {model_name} -> {out} (window preset: softmax over the last 512 tokens + 4 sinks, "
                       "G=64, P=32, γ=0, conv=0)")  # fmt: skip
         convert_checkpoint(model_name, out, LinspecConfig.from_preset("window"), force=out.exists())
     else:
@@ -102,7 +111,7 @@ def run_demo(
         console.print(f"[bold]{name}[/bold] ({seconds:.1f} s): {text!r}")
     if trained is None:
         console.print(
-            "[dim]The raw conversion is the original's attention within its last 128 tokens and nothing beyond "
+            "[dim]The raw conversion is the original's attention within its last 512 tokens and nothing beyond "
             "until trained; `linspec train recipes/smollm2-135m-demo.yaml` trains the long-range path, then "
             "`linspec demo --trained runs/smollm2-135m-demo/model` shows it.[/dim]\n"
         )

@@ -187,7 +187,10 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
 class LayerRanking:
     baseline: float  # score (perplexity, or passkey NLL) with every layer linear
     single: dict[int, float]  # layer -> score with only that layer restored to softmax
-    cumulative: list[tuple[list[int], float]]  # best-first prefixes of the ranking and their score
+    cumulative: list[tuple[list[int], float]]  # the chosen sets of 1..top layers and their score
+
+
+SEARCHES = ("single", "greedy")
 
 
 @torch.no_grad()
@@ -197,32 +200,52 @@ def rank_layers(
     top: int = 8,
     progress: bool = True,
     score: Callable[[Any], float] | None = None,
+    search: str = "single",
+    pool: int | None = None,
 ) -> LayerRanking:
-    """Which layers to keep softmax: restore each linear layer alone, rank by the score that leaves (lower is
-    better; default: the perplexity of ``sequences``), then measure the best 1..``top`` together. Per-layer
-    transfer losses are only a proxy (a layer with a large relative error can matter little downstream); this
-    measures the thing a hybrid is chosen for — fluency by perplexity, or retrieval with a passkey scorer
-    (``linspec.evaluate_passkey.key_nll_scorer``)."""
+    """Which layers to keep softmax: restore each linear layer alone and score what that leaves (lower is better;
+    default: the perplexity of ``sequences``), then build sets of 1..``top`` layers.
+
+    ``search="single"`` takes the best ``k`` single layers together. ``"greedy"`` (forward selection) adds, at
+    each step, the layer that scores best *together with* the ones already chosen, among the ``pool`` best single
+    layers (default: all): layers that each help alone often do the same job (two retrieval heads reading the
+    same key), and the second one then adds little — forward selection finds the layer that helps next.
+    Per-layer transfer losses are only a proxy (a layer with a large relative error can matter little
+    downstream); this measures the thing a hybrid is chosen for — fluency by perplexity, or retrieval with a
+    passkey scorer (``linspec.evaluate_passkey.key_nll_scorer``)."""
     from tqdm.auto import tqdm
 
+    if search not in SEARCHES:
+        raise LinspecError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
     if score is None:
 
         def score(m) -> float:
             return perplexity_of_sequences(m, sequences).ppl
 
+    def restored_score(layers: list[int]) -> float:
+        with softmax_restored(model, layers):
+            return score(model)
+
     model.eval()
     layers = [m.layer_idx for m in model.linspec_modules()]
     baseline = score(model)
-    single = {}
-    for layer in tqdm(layers, desc="one layer softmax", disable=not progress):
-        with softmax_restored(model, [layer]):
-            single[layer] = score(model)
+    single = {layer: restored_score([layer]) for layer in tqdm(layers, desc="one layer softmax", disable=not progress)}
     order = sorted(layers, key=single.__getitem__)
+    steps = min(top, len(order))
     cumulative = []
-    for k in tqdm(range(1, min(top, len(order)) + 1), desc="best k together", disable=not progress):
-        chosen = sorted(order[:k])
-        with softmax_restored(model, chosen):
-            cumulative.append((chosen, score(model)))
+    if search == "single":
+        for k in tqdm(range(1, steps + 1), desc="best k together", disable=not progress):
+            chosen = sorted(order[:k])
+            cumulative.append((chosen, single[order[0]] if k == 1 else restored_score(chosen)))
+        return LayerRanking(baseline, single, cumulative)
+    candidates = order[: max(pool or len(order), steps)]
+    chosen = [order[0]]
+    cumulative.append((chosen, single[order[0]]))
+    for _ in tqdm(range(2, steps + 1), desc="forward selection", disable=not progress):
+        scores = {layer: restored_score(sorted([*chosen, layer])) for layer in candidates if layer not in chosen}
+        best = min(scores, key=scores.__getitem__)
+        chosen = sorted([*chosen, best])
+        cumulative.append((chosen, scores[best]))
     return LayerRanking(baseline, single, cumulative)
 
 

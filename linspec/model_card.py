@@ -40,7 +40,7 @@ class ModelCard:
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
         local = (
             f"the pretrained softmax over the last {settings.local_window} tokens and "
-            f"{settings.sink_tokens} attention sinks"
+            f"{settings.sink_tokens} attention sinks ({settings.sink_positions} positions)"
             if settings.softmax_window
             else "local attention inside groups"
         )
@@ -67,7 +67,10 @@ class ModelCard:
             f"| feature map | {settings.feature_map} |",
             f"| local kernel | {settings.local_kernel} |",
             *(
-                [f"| softmax window | {settings.local_window} tokens + {settings.sink_tokens} sinks |"]
+                [
+                    f"| softmax window | {settings.local_window} tokens + {settings.sink_tokens} sinks "
+                    f"({settings.sink_positions} positions) |"
+                ]
                 if settings.softmax_window
                 else []
             ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,6 +81,14 @@ def test_demo_command_converts_generates_and_times_and_shows_a_trained_model(
     assert "converting" in printed and "30 linear layers" in printed and "converted (" in printed
     assert "linspec demo --trained" in printed  # the raw conversion is untrained: say how to see a trained one
     assert (out / "config.json").is_file()
+    assert main([*args, "--out", str(out)]) == 0
+    assert "reusing the converted model" in " ".join(capsys.readouterr().out.split())
+    config = json.loads((out / "config.json").read_text())
+    config["linspec"].update(local_window=128, sink_positions="absolute")  # converted by an older window preset
+    (out / "config.json").write_text(json.dumps(config))
+    assert main([*args, "--out", str(out)]) == 0
+    assert "converting" in " ".join(capsys.readouterr().out.split())
+    assert json.loads((out / "config.json").read_text())["linspec"]["local_window"] == 512
     # any linspec model made from the base can stand in for a trained one; no conversion happens then
     assert main([*args, "--trained", str(converted_dir)]) == 0
     printed = " ".join(capsys.readouterr().out.split())

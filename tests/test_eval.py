@@ -122,6 +122,9 @@ def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_pat
 
     out = run_eval_cli(tmp_path, model, capsys, "layers", "--seq-len", "32", "--max-sequences", "2", "--top", "2")
     assert "| layer kept softmax |" in out and "| conversion.softmax_layers |" in out
+    out = run_eval_cli(tmp_path, model, capsys, "layers", "--seq-len", "32", "--max-sequences", "2", "--top", "2",
+                       "--search", "greedy", "--pool", "2")  # fmt: skip
+    assert "| conversion.softmax_layers |" in out
 
 
 def test_eval_layers_by_passkey_ranks_by_the_keys_loss(tmp_path, capsys):
@@ -153,3 +156,30 @@ def test_eval_layers_by_passkey_ranks_by_the_keys_loss(tmp_path, capsys):
     out = run_eval_cli(tmp_path, model, capsys, "layers", "--by", "passkey", "--passkey-length", "512", "--trials", "1",
                        "--top", "1")  # fmt: skip
     assert "passkey key NLL" in out and "| conversion.softmax_layers |" in out
+
+
+def test_greedy_search_adds_the_layer_that_helps_most_together(tmp_path, capsys):
+    """Layers 0 and 1 each help a lot alone but do the same job; layer 2 helps less alone but adds to either.
+    Taking the best two alone gives {0, 1}; forward selection finds {0, 2}. The scores are a table over the set
+    of layers actually restored to softmax while the scorer runs."""
+    from linspec.evaluate import rank_layers
+
+    model = linspec.convert(tiny_base("llama"), linspec.LinspecConfig(group_size=8))
+    table = {(): 10.0, (0,): 5.0, (1,): 5.5, (2,): 7.0, (0, 1): 4.9, (0, 2): 2.0, (1, 2): 2.5}
+    calls = []
+
+    def score(m) -> float:
+        restored = tuple(x.layer_idx for x in m.linspec_modules() if x._forward_hooks)  # softmax_restored's hooks
+        calls.append(restored)
+        return table[restored]
+
+    single = rank_layers(model, None, top=2, progress=False, score=score)
+    assert single.cumulative == [([0], 5.0), ([0, 1], 4.9)]
+    greedy = rank_layers(model, None, top=2, progress=False, score=score, search="greedy")
+    assert greedy.cumulative == [([0], 5.0), ([0, 2], 2.0)] and greedy.single == single.single
+    calls.clear()
+    pooled = rank_layers(model, None, top=2, progress=False, score=score, search="greedy", pool=2)
+    assert pooled.cumulative == [([0], 5.0), ([0, 1], 4.9)]  # layer 2 is not among the 2 best alone
+    assert (0, 2) not in calls
+    with pytest.raises(linspec.LinspecError, match="search must be one of"):
+        rank_layers(model, None, top=2, progress=False, score=score, search="beam")

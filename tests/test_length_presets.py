@@ -149,3 +149,23 @@ def test_the_gamma_trainable_keyword_opens_the_decays():
     opened = [name for name in names if any(p in name for p in TRAINABLE_PATTERNS["gamma"])]
     assert sorted({name.rsplit(".", 1)[-1] for name in opened}) == ["decay_logit", "global_scale"]
     assert len(opened) == 2 * 3  # three linear layers
+
+
+@pytest.mark.parametrize(("sink_positions", "invariant"), [("adjacent", True), ("absolute", False)])
+@torch.no_grad()
+def test_adjacent_sinks_make_the_window_translation_invariant(sink_positions, invariant):
+    """With γ = 0 and no conv every layer is the window: the last token then reads only the sinks and the last
+    (layers × W) tokens. Adjacent sinks give it the same logits however long the text between them is; absolute
+    sinks let their RoPE distance — and so the logits — change with that length (the perplexity drift)."""
+    model = linspec.convert(
+        tiny_base("llama"),
+        LinspecConfig(local_kernel="softmax", local_window=5, sink_tokens=2, sink_positions=sink_positions),
+    ).double()
+    head, tail = random_ids(1, 2, seed=1), random_ids(1, 16, seed=2)  # 3 layers reach back 3 × (W − 1) = 12
+    short = torch.cat([head, random_ids(1, 7, seed=3), tail], dim=1)
+    long = torch.cat([head, random_ids(1, 30, seed=4), tail], dim=1)
+    gap = (model(short).logits[0, -1] - model(long).logits[0, -1]).abs().max().item()
+    if invariant:
+        assert gap < 1e-7, gap  # HF computes the RoPE angles in float32: the same rotation at other positions
+    else:
+        assert gap > 1e-5, gap

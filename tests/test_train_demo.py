@@ -43,7 +43,7 @@ def test_demo_recipe_runs_both_stages_on_the_real_model(demo_model_path, tmp_pat
     output = train(recipe)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["ppl"]
     assert list(summary) == ["original", "converted", "transfer", "lora"]
-    # The held-out sequences (128 tokens) fit in the window preset's 128-token softmax window and γ and the conv
+    # The held-out sequences (128 tokens) fit in the window preset's 512-token softmax window and γ and the conv
     # start at zero, so the raw conversion is the original model there: exact, not merely close.
     assert summary["converted"] == pytest.approx(summary["original"], rel=1e-4)
     model = AutoModelForCausalLM.from_pretrained(output)

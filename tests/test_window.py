@@ -41,15 +41,44 @@ def advanced(state, count: int | torch.Tensor):
     return replace(state, position=state.position + count)
 
 
+def sink_queries(q: torch.Tensor, adjacent: bool) -> torch.Tensor | None:
+    """Queries for out-of-window sinks (adjacent sink positions), independent of ``q`` so any mix-up shows."""
+    if not adjacent:
+        return None
+    return torch.randn(q.shape, generator=torch.Generator().manual_seed(7), dtype=q.dtype)
+
+
 WINDOWS = [(1, 0), (3, 0), (3, 2), (5, 1), (8, 3), (40, 4), (4, 9)]
 
 
+@pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), WINDOWS)
 @pytest.mark.parametrize("length", [1, 7, 16, 23])
-def test_full_sequence_equals_reference(size, sinks, length):
+def test_full_sequence_equals_reference(size, sinks, length, adjacent):
     window = SoftmaxWindow(size, sinks, 0.3)
     q, k, v = inputs(length)
-    torch.testing.assert_close(window_attention(q, k, v, window), window_reference(q, k, v, window))
+    sink_q = sink_queries(q, adjacent)
+    torch.testing.assert_close(window_attention(q, k, v, window, sink_q), window_reference(q, k, v, window, sink_q))
+
+
+@pytest.mark.parametrize(("size", "sinks"), [(3, 2), (5, 1), (4, 9), (2, 3)])
+def test_reference_scores_far_sinks_with_sink_queries_past_p(size, sinks):
+    """The reference against a per-token loop written from the definition: token ``t`` sees sinks and window;
+    a sink outside the window is scored with ``sink_q[t]`` once ``t > P = W + n − 1``, with ``q[t]`` before."""
+    window = SoftmaxWindow(size, sinks, 0.45)
+    q, k, v = inputs(15, batch=1)
+    sink_q = sink_queries(q, True)
+    expected = torch.zeros_like(q)
+    for t in range(15):
+        seen = [s for s in range(t + 1) if t - s < size or s < sinks]
+        for head in range(HEADS):
+            kv = head // (HEADS // KV_HEADS)
+            logits = torch.stack([
+                (sink_q if t - s >= size and t > size + sinks - 1 else q)[0, head, t] @ k[0, kv, s] * 0.45
+                for s in seen
+            ])  # fmt: skip
+            expected[0, head, t] = torch.softmax(logits, dim=0) @ v[0, kv, seen]
+    torch.testing.assert_close(window_reference(q, k, v, window, sink_q), expected)
 
 
 def test_the_mask_is_a_window_plus_sinks():
@@ -63,27 +92,31 @@ def test_the_mask_is_a_window_plus_sinks():
         assert seen == (not torch.allclose(window_attention(q, k, changed, window)[:, :, 9], base))
 
 
+@pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), WINDOWS)
-def test_extend_in_pieces_with_padding_equals_reference(size, sinks):
+def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent):
     """Rows advance by different, padded pieces (padding anywhere) and end where the reference does."""
     window = SoftmaxWindow(size, sinks, 0.5)
     length = 19
     q, k, v = inputs(length)
-    expected = window_reference(q, k, v, window)
+    sink_q = sink_queries(q, adjacent)
+    expected = window_reference(q, k, v, window, sink_q)
     state = fresh_state(2, window)
     cuts = [[0, 1, 5, 6, 13, 19], [0, 4, 5, 11, 12, 19]]  # each row's real tokens per call
     outputs = [[], []]
     for piece in range(5):
         spans = [(cut[piece], cut[piece + 1]) for cut in cuts]
         width = max(hi - lo for lo, hi in spans) + 2
-        qq, kk, vv = (torch.zeros(2, x.shape[1], width, DIM, dtype=torch.float64) for x in (q, k, v))
+        sources = (q, k, v) if sink_q is None else (q, k, v, sink_q)
+        pieces = [torch.zeros(2, x.shape[1], width, DIM, dtype=torch.float64) for x in sources]
         mask = torch.zeros(2, width, dtype=torch.bool)
         for row, (lo, hi) in enumerate(spans):
             columns = torch.arange(1, 1 + hi - lo) if piece % 2 else torch.arange(width - (hi - lo), width)
-            for x, src in ((qq, q), (kk, k), (vv, v)):
+            for x, src in zip(pieces, sources, strict=True):
                 x[row, :, columns] = src[row, :, lo:hi]
             mask[row, columns] = True
-        out, state = window_extend(qq, kk, vv, state, window, mask)
+        qq, kk, vv = pieces[:3]
+        out, state = window_extend(qq, kk, vv, state, window, mask, pieces[3] if sink_q is not None else None)
         assert torch.all(out[~mask[:, None, :].expand(2, HEADS, width)] == 0)
         for row in range(2):
             outputs[row].append(out[row][:, mask[row]])
@@ -100,21 +133,23 @@ def test_long_extends_run_in_slices_and_agree(monkeypatch):
 
     window = SoftmaxWindow(5, 2, 0.4)
     q, k, v = inputs(21)
-    whole, whole_state = window_extend(q, k, v, fresh_state(2, window), window)
+    sink_q = sink_queries(q, True)
+    whole, whole_state = window_extend(q, k, v, fresh_state(2, window), window, sink_q=sink_q)
     monkeypatch.setattr(window_module, "EXTEND_SLICE", 4)
-    sliced, sliced_state = window_extend(q, k, v, fresh_state(2, window), window)
+    sliced, sliced_state = window_extend(q, k, v, fresh_state(2, window), window, sink_q=sink_q)
     torch.testing.assert_close(sliced, whole)
-    torch.testing.assert_close(whole, window_reference(q, k, v, window))
+    torch.testing.assert_close(whole, window_reference(q, k, v, window, sink_q))
     torch.testing.assert_close(sliced_state.window_keys, whole_state.window_keys)
     assert torch.equal(sliced_state.position, whole_state.position)  # position stays for the grouped ops
 
 
-def decode_path(q, k, v, state, window, nodes: list[int]):
+def decode_path(q, k, v, state, window, nodes: list[int], sink_q=None):
     """Outputs of the path's nodes decoded one token at a time."""
     outs = []
     for node in nodes:
-        out, state = window_extend(q[:, :, node : node + 1], k[:, :, node : node + 1], v[:, :, node : node + 1],
-                                   state, window)  # fmt: skip
+        one = slice(node, node + 1)
+        sink_one = None if sink_q is None else sink_q[:, :, one]
+        out, state = window_extend(q[:, :, one], k[:, :, one], v[:, :, one], state, window, sink_q=sink_one)
         state = advanced(state, 1)
         outs.append(out)
     return torch.cat(outs, dim=2), state
@@ -123,20 +158,22 @@ def decode_path(q, k, v, state, window, nodes: list[int]):
 TREE = [-1, 0, 1, 0, 3, 4, 2, 6, 7, 1]  # two branches from the root, one from node 1; depths up to 6
 
 
+@pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), [(3, 0), (3, 2), (4, 9), (40, 4), (1, 1)])
 @pytest.mark.parametrize("committed", [0, 1, 2, 5, 11])
-def test_verify_equals_decoding_each_path(size, sinks, committed):
+def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent):
     window = SoftmaxWindow(size, sinks, 0.7)
     prefix = inputs(committed, batch=1, seed=1)
     state = advanced(window_extend(*prefix, fresh_state(1, window), window)[1], committed)
     q, k, v = inputs(len(TREE), batch=1, seed=2)
+    sink_q = sink_queries(q, adjacent)
     parents = torch.tensor([TREE])
-    out = window_verify(q, k, v, state, TreeLayout.of(parents), window)
+    out = window_verify(q, k, v, state, TreeLayout.of(parents), window, sink_q)
     for leaf in range(len(TREE)):
         path = [leaf]
         while TREE[path[0]] >= 0:
             path.insert(0, TREE[path[0]])
-        sequential, _ = decode_path(q, k, v, state, window, path)
+        sequential, _ = decode_path(q, k, v, state, window, path, sink_q)
         torch.testing.assert_close(out[:, :, leaf], sequential[:, :, -1])
 
 
@@ -158,11 +195,12 @@ def test_append_of_an_accepted_path_equals_decoding_it(committed):
 
 def test_gradients_equal_reference():
     window = SoftmaxWindow(5, 2, 0.6)
-    tensors = [x.requires_grad_() for x in inputs(17)]
+    q, k, v = inputs(17)
+    tensors = [x.requires_grad_() for x in (q, k, v, sink_queries(q, True))]
     weights = torch.randn(2, HEADS, 17, DIM, dtype=torch.float64)
     grads = []
     for fn in (window_attention, window_reference):
-        (fn(*tensors, window) * weights).sum().backward()
+        (fn(*tensors[:3], window, tensors[3]) * weights).sum().backward()
         grads.append([x.grad.clone() for x in tensors])
         for x in tensors:
             x.grad = None

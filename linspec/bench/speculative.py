@@ -167,7 +167,8 @@ def settings_summary(model_dir: str) -> str:
         else (f"decay={settings.get('global_decay', False)}, norm={settings.get('global_norm', 'none')}")
     )
     if settings.get("local_kernel") == "softmax":
-        memory = f"softmax window {settings.get('local_window')} + {settings.get('sink_tokens')} sinks, {memory}"
+        sinks = f"{settings.get('sink_tokens')} {settings.get('sink_positions', 'absolute')} sinks"
+        memory = f"softmax window {settings.get('local_window')} + {sinks}, {memory}"
     layers = settings.get("softmax_layers") or []
     kept = f"{len(layers)} softmax layers {layers}" if layers else "all-linear"
     return f"{memory}, {kept}, G={settings.get('group_size')}, P={settings.get('conv_taps')}"

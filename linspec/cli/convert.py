@@ -53,8 +53,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--local-kernel", help="local term: relu2 (paper) or identity inside groups, or softmax over a sliding window"
     )
-    parser.add_argument("--local-window", type=int, help="tokens the softmax window covers (window preset: 128)")
+    parser.add_argument("--local-window", type=int, help="tokens the softmax window covers (window preset: 512)")
     parser.add_argument("--sink-tokens", type=int, help="first tokens the softmax window always sees (window: 4)")
+    parser.add_argument(
+        "--sink-positions",
+        help="adjacent (window preset): sinks outside the window are scored as if they sat right before it, so "
+        "quality cannot drift with context; absolute: their true distance",
+    )
     parser.add_argument(
         "--softmax-layers",
         type=parse_layers,
@@ -81,7 +86,15 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("group_size", "conv_taps", "feature_map", "local_kernel", "local_window", "sink_tokens")
+        for name in (
+            "group_size",
+            "conv_taps",
+            "feature_map",
+            "local_kernel",
+            "local_window",
+            "sink_tokens",
+            "sink_positions",
+        )
         if getattr(args, name) is not None
     }
     device, dtype = placement(args.device, args.dtype)
@@ -100,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
     )
-    window = f", window {settings.local_window}+{settings.sink_tokens} sinks" if settings.softmax_window else ""
+    window = (
+        f", window {settings.local_window}+{settings.sink_tokens} {settings.sink_positions} sinks"
+        if settings.softmax_window
+        else ""
+    )
     print(
         f"wrote {out} ({settings.feature_map}/{settings.local_kernel}{window}, G={settings.group_size}, "
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"

@@ -39,9 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="For a converted (ideally attention-transferred) linspec model: run each linear layer alone "
         "as softmax attention with its current weights and rank layers by the perplexity of --data that leaves "
         "(--by ppl) or by the loss of the key in passkey prompts (--by passkey: which layers retrieval needs); "
-        "then measure the best 1..--top together. The sets printed are candidates for conversion.softmax_layers.",
+        "then measure the best 1..--top together (--search single) or add, one at a time, the layer that helps "
+        "most together with those already chosen (--search greedy). The sets printed are candidates for "
+        "conversion.softmax_layers.",
         epilog="example: linspec eval layers runs/demo/stages/transfer --data builtin:wiki-en-eval --top 8; "
-        "linspec eval layers out/smollm2-window --by passkey --passkey-length 1024 --top 4",
+        "linspec eval layers out/smollm2-window --by passkey --search greedy --pool 12 --top 4",
     )
     add_model_and_data(layers, "linspec model directory", data_required=False)
     layers.add_argument("--by", choices=["ppl", "passkey"], default="ppl", help="what to rank by (default ppl)")
@@ -50,6 +52,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
     layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
     layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
+    layers.add_argument(
+        "--search",
+        choices=["single", "greedy"],
+        default="single",
+        help="sets of k layers: the best k alone (single, default) or forward selection (greedy)",
+    )
+    layers.add_argument("--pool", type=int, help="--search greedy: only the N best single layers are candidates")
     add_placement_arguments(layers)
     layers.set_defaults(func=run_layers)
     add_quality_tasks(tasks, ppl)
@@ -125,6 +134,8 @@ def run_layers(args: argparse.Namespace) -> int:
 
     limits = (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096), ("passkey_length", MAX_WINDOW),
               ("trials", 1 << 12))  # fmt: skip
+    if args.pool is not None:
+        limits += (("pool", 4096),)
     for name, limit in limits:
         if not 1 <= getattr(args, name) <= limit:
             raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
@@ -144,7 +155,7 @@ def run_layers(args: argparse.Namespace) -> int:
 
         check_lengths(model, [args.passkey_length])
         score = key_nll_scorer(tokenizer, args.passkey_length, args.trials)
-        ranking = rank_layers(model, None, top=args.top, score=score)
+        ranking = rank_layers(model, None, top=args.top, score=score, search=args.search, pool=args.pool)
         metric = "passkey key NLL"
         print(f"all linear: {metric} {ranking.baseline:.3f} ({args.trials} prompts of {args.passkey_length} tokens)")
     else:
@@ -152,7 +163,8 @@ def run_layers(args: argparse.Namespace) -> int:
         count = min(args.max_sequences, len(ids) // args.seq_len)
         if count == 0:
             raise LinspecError(f"{args.data} has fewer than --seq-len {args.seq_len} tokens")
-        ranking = rank_layers(model, ids[: count * args.seq_len].view(count, args.seq_len), top=args.top)
+        sequences = ids[: count * args.seq_len].view(count, args.seq_len)
+        ranking = rank_layers(model, sequences, top=args.top, search=args.search, pool=args.pool)
         metric = "perplexity"
         print(f"all linear: perplexity {ranking.baseline:.2f} ({count} sequences of {args.seq_len} tokens)")
     rows = sorted(ranking.single.items(), key=lambda item: item[1])

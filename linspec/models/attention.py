@@ -62,8 +62,13 @@ def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class LinspecAttention(nn.Module):
-    def __init__(self, softmax_attention: nn.Module, settings: LinspecConfig) -> None:
+    def __init__(self, softmax_attention: nn.Module, settings: LinspecConfig, rotary: nn.Module | None = None) -> None:
+        """``rotary``: the decoder's rotary embedding, needed by adjacent sinks (their queries are rotated at a
+        fixed position); held in a tuple so it stays the decoder's submodule, not a second copy of this layer's."""
         super().__init__()
+        if settings.softmax_window and settings.sink_positions == "adjacent" and rotary is None:
+            raise ValueError("adjacent sink positions need the decoder's rotary embedding")
+        self._rotary = (rotary,)
         config = softmax_attention.config
         self.layer_idx = softmax_attention.layer_idx
         self.head_dim = softmax_attention.head_dim
@@ -110,9 +115,10 @@ class LinspecAttention(nn.Module):
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D])``: projections, q/k norms and RoPE, before φ;
-        16-bit inputs upcast to float32 (the running sums in the state must not round at every token)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D], sink_q)``: projections, q/k norms and RoPE,
+        before φ; 16-bit inputs upcast to float32 (the running sums in the state must not round at every token).
+        ``sink_q`` is every query rotated at the window's position ``P`` when the sinks are adjacent, else None."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape)
@@ -120,10 +126,18 @@ class LinspecAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        sink_q = None
+        window = self.softmax_window()
+        if window is not None and self.settings.sink_positions == "adjacent":
+            at = torch.full((1, 1), window.last_true_position, device=q.device)
+            cos_at, sin_at = self._rotary[0](q, at)
+            sink_q = hf.apply_rotary_pos_emb(q, q, cos_at, sin_at)[0]
         cos, sin = position_embeddings
-        q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = hf.apply_rotary_pos_emb(q, k, cos, sin)
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        return q.to(compute), k.to(compute), v.to(compute)
+        sink_q = None if sink_q is None else sink_q.to(compute)
+        return q.to(compute), k.to(compute), v.to(compute), sink_q
 
     def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LinearAttentionState:
         """This layer's state before any token (with the window fields when it has a softmax window)."""
@@ -153,7 +167,7 @@ class LinspecAttention(nn.Module):
         cache = hf.pop_cache(kwargs)
         context = linspec_context or ExecutionContext()
         batch, length, _ = hidden_states.shape
-        raw_q, raw_k, v = self.project(hidden_states, position_embeddings)
+        raw_q, raw_k, v, sink_q = self.project(hidden_states, position_embeddings)
         q, k = feature_map(raw_q, self.settings.feature_map), feature_map(raw_k, self.settings.feature_map)
         weight = self.conv_weight.to(q.dtype)
         gamma = self.global_scale.to(q.dtype)
@@ -164,7 +178,7 @@ class LinspecAttention(nn.Module):
         if cache is None and context.tree is None and context.all_real:
             out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel, memory)
             if window is not None:
-                out = out + window_attention(raw_q, raw_k, v, window)
+                out = out + window_attention(raw_q, raw_k, v, window, sink_q)
         else:
             state = None if cache is None else cache.linear_state(self.layer_idx)
             if state is None:
@@ -173,12 +187,12 @@ class LinspecAttention(nn.Module):
             if context.tree is not None:
                 out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel, memory)
                 if window is not None:
-                    window_out = window_verify(raw_q, raw_k, v, state, context.tree.layout, window)
+                    window_out = window_verify(raw_q, raw_k, v, state, context.tree.layout, window, sink_q)
                 context.tree.keep(self.layer_idx, k, v, memory, raw_k if window is not None else None)
                 new_state = state
             else:
                 if window is not None:
-                    window_out, state = window_extend(raw_q, raw_k, v, state, window, context.token_mask)
+                    window_out, state = window_extend(raw_q, raw_k, v, state, window, context.token_mask, sink_q)
                 if length == 1 and context.all_real:
                     out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
                 else:

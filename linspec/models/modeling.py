@@ -58,7 +58,7 @@ class LinspecCausalLMMixin:
         settings.check_layers(len(layers))
         for index, layer in enumerate(layers):
             if index not in settings.softmax_layers:
-                layer.self_attn = LinspecAttention(layer.self_attn, settings)
+                layer.self_attn = LinspecAttention(layer.self_attn, settings, self.model.rotary_emb)
 
     def _init_weights(self, module) -> None:
         if isinstance(module, LinspecAttention):

@@ -13,6 +13,14 @@ the window, and the sinks keep the first tokens that most heads park their atten
 StreamingLLM: dropping them is what breaks a plain window). The cost stays constant per token: the state keeps
 the last ``W − 1`` keys and values and the ``n`` sink entries.
 
+Where the sinks sit (``sink_q``): with absolute positions a sink's RoPE distance to the query grows with the
+context, so the logits the heads park on them drift and perplexity creeps up past the pretraining lengths the
+window never needed. Given ``sink_q`` (the query rotated at position ``P = W + n − 1``), a sink outside the window
+is scored as if it sat right before the window's oldest token, its distance frozen at ``P − j`` (StreamingLLM
+assigns positions inside the cache for the same reason): past ``P`` every token then sees its sinks and window
+exactly as token ``P`` does, so the window term is translation-invariant and the curve cannot drift. Queries at
+``t ≤ P`` see their sinks at the true distance either way.
+
 The state's window fields (``LinearAttentionState.window_keys`` etc.) hold *raw* keys. Every function here
 leaves ``position`` alone: the grouped ops, called after it on the same state, advance it.
 """
@@ -40,42 +48,82 @@ class SoftmaxWindow:
     sinks: int
     scale: float
 
+    @property
+    def last_true_position(self) -> int:
+        """``P``: the last query position whose out-of-window sinks keep their true distance (see the module doc)."""
+        return self.size + self.sinks - 1
+
+
+def far_queries(q: torch.Tensor, sink_q: torch.Tensor | None, query_position: torch.Tensor, window: SoftmaxWindow):
+    """The queries that score out-of-window sinks: ``sink_q`` past position ``P``, ``q`` up to it (``None`` when the
+    sinks keep absolute positions). ``query_position`` is ``[T]`` or ``[B, T]``."""
+    if sink_q is None:
+        return None
+    past = query_position > window.last_true_position
+    past = past.view(1, 1, -1, 1) if past.dim() == 1 else past[:, None, :, None]
+    return torch.where(past, sink_q, q)
+
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    far_q: torch.Tensor | None = None,
+    far: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, D]`` over ``keys``/``values [B, Hkv, K, D]`` where ``visible`` (``[B or 1,
-    T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key."""
+    T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key.
+
+    With ``far_q``, the first ``F`` columns are scored with ``far_q`` wherever ``far`` (``[B or 1, T, F]``) says:
+    the out-of-window sinks, which callers place first."""
     batch, num_heads, length, key_dim = q.shape
     kv_heads = keys.shape[1]
-    grouped = q.reshape(batch, kv_heads, num_heads // kv_heads, length, key_dim)
-    scores = (grouped @ keys.unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, R, T, K)
+
+    def scored(query: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R, T, columns)
+        grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, length, key_dim)
+        return (grouped @ columns.unsqueeze(2).transpose(-1, -2)) * scale
+
+    scores = scored(q, keys)
+    if far_q is not None:
+        count = far.shape[-1]
+        first = torch.where(far[:, None, None], scored(far_q, keys[:, :, :count]), scores[..., :count])
+        scores = torch.cat([first, scores[..., count:]], dim=-1)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ values.unsqueeze(2)  # (B, Hkv, R, T, Dv)
     return out.reshape(batch, num_heads, length, values.shape[-1])
 
 
-def window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+def window_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, sink_q: torch.Tensor | None = None
+) -> torch.Tensor:
     """The dense masked form over a whole sequence from position 0: the spec the other modes are tested against."""
     t = torch.arange(q.shape[2], device=q.device)
     s = t[None, :]
-    visible = (s <= t[:, None]) & ((t[:, None] - s < window.size) | (s < window.sinks))
-    return attend(q, k, v, visible[None], window.scale)
+    outside = t[:, None] - s >= window.size
+    visible = (s <= t[:, None]) & (~outside | (s < window.sinks))
+    far_q = far_queries(q, sink_q, t, window)
+    return attend(q, k, v, visible[None], window.scale, far_q, (visible & outside)[None])
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, sink_q: torch.Tensor | None = None
+) -> torch.Tensor:
     """A whole sequence from position 0 (training, full forwards) in ``O(T · (2W + n))``.
 
     The sequence is cut into blocks of W queries; block ``b`` reads blocks ``b − 1`` and ``b`` (which hold every
-    key its window can reach) and the sinks that lie before them.
+    key its window can reach) and, first, the sinks, for the queries that have left them behind.
     """
     batch, num_heads, length, _ = q.shape
     kv_heads = k.shape[1]
     size = window.size
     blocks = -(-length // size)
     pad = blocks * size - length
+    far_q = far_queries(q, sink_q, torch.arange(length, device=q.device), window)
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        far_q = None if far_q is None else F.pad(far_q, (0, 0, 0, pad))
 
     def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, NB, 2W, D): block b − 1 then block b
         x = x.view(batch, kv_heads, blocks, size, x.shape[-1])
@@ -92,12 +140,18 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     block = torch.arange(blocks, device=q.device).view(-1, 1, 1)
     query = block * size + torch.arange(size, device=q.device).view(1, -1, 1)  # (NB, W, 1) positions
     key = (block - 1) * size + torch.arange(2 * size, device=q.device).view(1, 1, -1)  # (NB, 1, 2W)
-    band_visible = (key >= 0) & (key <= query) & ((query - key < size) | (key < window.sinks))
+    band_visible = (key >= 0) & (key <= query) & (query - key < size)
     sink = torch.arange(sinks, device=q.device).view(1, 1, -1)
-    sink_visible = (sink < (block - 1) * size).expand(blocks, size, sinks)  # sinks inside the band come from it
+    sink_visible = query - sink >= size  # (NB, W, n): a sink inside the window is read from the band
     visible = torch.cat([sink_visible, band_visible], dim=-1)  # (NB, W, n + 2W)
-    grouped_q = q.view(batch, num_heads, blocks, size, -1).transpose(1, 2).reshape(batch * blocks, num_heads, size, -1)
-    out = attend(grouped_q, keys, values, visible.repeat(batch, 1, 1), window.scale)
+
+    def by_block(x: torch.Tensor) -> torch.Tensor:
+        return x.view(batch, num_heads, blocks, size, -1).transpose(1, 2).reshape(batch * blocks, num_heads, size, -1)
+
+    far = None if far_q is None else by_block(far_q)
+    out = attend(
+        by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, sink_visible.repeat(batch, 1, 1)
+    )
     out = out.view(batch, blocks, num_heads, size, -1).transpose(1, 2).reshape(batch, num_heads, blocks * size, -1)
     return out[:, :, :length]
 
@@ -137,37 +191,44 @@ def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.T
     }
 
 
-def _state_visible(state: LinearAttentionState, query_position: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, Q, n + W − 1]``: which sink and ring entries queries at ``query_position [B, Q]`` see.
+def _sinks_and_ring_visible(
+    sink_count: torch.Tensor, position: torch.Tensor, query_position: torch.Tensor, size: int, sinks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, Q, n], [B, Q, W − 1])``: which sink slots and ring slots queries at ``query_position [B, Q]`` see,
+    for a ring whose newest entry sits at ``position − 1`` and sink slots of which the first ``sink_count [B]``
+    are filled.
 
-    A sink is read from its slot only once it has left the query's window (inside the window the ring, or the
-    new tokens, hold it), and only if it was seen before this call.
+    A sink is read from its slot only once it has left the query's window (inside the window the ring, or the new
+    tokens, hold it): every visible sink slot is an out-of-window one.
     """
-    position = state.position[:, None, None]
     query = query_position[:, :, None]
-    sink = torch.arange(state.sink_keys.shape[2], device=position.device)
-    sink_visible = (sink < position) & (sink < query - size + 1)
-    ring = position - (size - 1) + torch.arange(size - 1, device=position.device)  # ring slots' positions
+    sink = torch.arange(sinks, device=query.device)
+    sink_visible = (sink < sink_count[:, None, None]) & (query - sink >= size)
+    position = position[:, None, None]
+    ring = position - (size - 1) + torch.arange(size - 1, device=query.device)  # ring slots' positions
     ring_visible = (ring >= 0) & (query - ring < size)
-    return torch.cat([sink_visible, ring_visible], dim=-1)
+    return sink_visible, ring_visible
 
 
-def _extend_slice(q, k, v, state: LinearAttentionState, token_mask: torch.Tensor, window: SoftmaxWindow):
+def _extend_slice(q, k, v, sink_q, state: LinearAttentionState, token_mask: torch.Tensor, window: SoftmaxWindow):
+    """One slice: the sinks are read from the state *after* it (a sink among the new tokens is a slot already)."""
     length = q.shape[2]
     count = token_mask.sum(dim=1)
     real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
+    fields = _advanced(state, real_k, real_v, count)
     rank = torch.arange(length, device=q.device)
     query_position = state.position[:, None] + rank  # (B, T): real token j sits at position + j
-    new_position = query_position[:, None, :]  # (B, 1, T) keys' positions
-    new_visible = (rank[None, None, :] <= rank[None, :, None]) & (
-        (rank[None, :, None] - rank[None, None, :] < window.size) | (new_position < window.sinks)
+    new_visible = (rank[None, :] <= rank[:, None]) & (rank[:, None] - rank[None, :] < window.size)
+    sink_visible, ring_visible = _sinks_and_ring_visible(
+        state.position + count, state.position, query_position, window.size, window.sinks
     )
-    visible = torch.cat([_state_visible(state, query_position, window.size), new_visible], dim=-1)
-    keys = torch.cat([state.sink_keys, state.window_keys, real_k], dim=2)
-    values = torch.cat([state.sink_values, state.window_values, real_v], dim=2)
-    out_real = attend(real_q, keys, values, visible, window.scale)  # (B, H, T, Dv), real tokens first
+    visible = torch.cat([sink_visible, ring_visible, new_visible.expand(q.shape[0], -1, -1)], dim=-1)
+    keys = torch.cat([fields["sink_keys"], state.window_keys, real_k], dim=2)
+    values = torch.cat([fields["sink_values"], state.window_values, real_v], dim=2)
+    far_q = far_queries(real_q, None if sink_q is None else real_first(sink_q, token_mask), query_position, window)
+    out_real = attend(real_q, keys, values, visible, window.scale, far_q, sink_visible)  # real tokens first
     out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
-    return out * token_mask[:, None, :, None], _advanced(state, real_k, real_v, count), count
+    return out * token_mask[:, None, :, None], fields, count
 
 
 def window_extend(
@@ -177,6 +238,7 @@ def window_extend(
     state: LinearAttentionState,
     window: SoftmaxWindow,
     token_mask: torch.Tensor | None = None,
+    sink_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
     """Outputs for ``T`` new tokens on a state (padding allowed, zeros out) and the state with its window fields
     advanced (``position`` unchanged). Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order."""
@@ -191,7 +253,8 @@ def window_extend(
     for start in range(0, length, EXTEND_SLICE):
         part = slice(start, start + EXTEND_SLICE)
         q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
-        out, fields, count = _extend_slice(q_part, k_part, v_part, state, token_mask[:, part], window)
+        sink_part = None if sink_q is None else sink_q[:, :, part]
+        out, fields, count = _extend_slice(q_part, k_part, v_part, sink_part, state, token_mask[:, part], window)
         outs.append(out)
         state = replace(state, position=state.position + count, **fields)
     return torch.cat(outs, dim=2), replace(state, position=position)
@@ -216,16 +279,21 @@ def window_verify(
     state: LinearAttentionState,
     layout: TreeLayout,
     window: SoftmaxWindow,
+    sink_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every node of a candidate tree at once: node ``a`` (true position ``position + depth(a)``) sees the state's
     sinks and ring as a token at that position would, and its own ancestors — never a sibling."""
     depth = layout.depth  # (B, N)
     query_position = state.position[:, None] + depth
-    node_position = query_position[:, None, :]  # (B, 1, N)
-    node_visible = layout.ancestors & (
-        (depth[:, :, None] - depth[:, None, :] < window.size) | (node_position < window.sinks)
+    outside = depth[:, :, None] - depth[:, None, :] >= window.size
+    node_visible = layout.ancestors & (~outside | (query_position[:, None, :] < window.sinks))
+    sink_visible, ring_visible = _sinks_and_ring_visible(
+        state.position.clamp(max=window.sinks), state.position, query_position, window.size, window.sinks
     )
-    visible = torch.cat([_state_visible(state, query_position, window.size), node_visible], dim=-1)
-    keys = torch.cat([state.sink_keys, state.window_keys, k], dim=2)
-    values = torch.cat([state.sink_values, state.window_values, v], dim=2)
-    return attend(q, keys, values, visible, window.scale)
+    # sinks, then nodes (a node can be an out-of-window sink of its descendants on short prompts), then the ring
+    visible = torch.cat([sink_visible, node_visible, ring_visible], dim=-1)
+    keys = torch.cat([state.sink_keys, k, state.window_keys], dim=2)
+    values = torch.cat([state.sink_values, v, state.window_values], dim=2)
+    far = torch.cat([sink_visible, node_visible & outside], dim=-1)
+    far_q = far_queries(q, sink_q, query_position, window)
+    return attend(q, keys, values, visible, window.scale, far_q, far)

@@ -45,8 +45,9 @@ class Conversion:
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)
     local_kernel: str | None = None  # relu2 (paper) or identity inside a group, softmax: a window (default: preset's)
-    local_window: int | None = None  # tokens the softmax window covers (window preset: 128)
+    local_window: int | None = None  # tokens the softmax window covers (window preset: 512)
     sink_tokens: int | None = None  # first tokens the softmax window always sees (window preset: 4)
+    sink_positions: str | None = None  # adjacent: sinks scored as if right before the window (window preset); absolute
     softmax_layers: list[int] | str = field(default_factory=list)  # layers kept softmax (a hybrid); auto:N measures
 
     def auto_layers(self):
