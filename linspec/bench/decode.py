@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.config import PRESETS
 from linspec.devices import add_placement_arguments, placement
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
@@ -69,7 +70,14 @@ def _synchronize(tensor: torch.Tensor) -> None:
 
 
 def measure_one(
-    source: str, which: str, context: int, steps: int, device: str = "cpu", dtype: str = "float32", seed: int = 0
+    source: str,
+    which: str,
+    context: int,
+    steps: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    preset: str = "window",
 ) -> DecodeResult:
     """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
     import linspec
@@ -78,7 +86,7 @@ def measure_one(
     target, weights = placement(device, dtype)
     model, _ = load_source(source, progress=False, dtype=weights)
     if which == "converted":
-        model = linspec.convert(model, linspec.LinspecConfig())
+        model = linspec.convert(model, linspec.LinspecConfig.from_preset(preset))
     model = model.to(target)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(target)
@@ -90,7 +98,7 @@ def measure_one(
 
 
 def measure(
-    source: str, contexts: list[int], steps: int, device: str = "cpu", dtype: str = "float32"
+    source: str, contexts: list[int], steps: int, device: str = "cpu", dtype: str = "float32", preset: str = "window"
 ) -> list[DecodeResult]:
     """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
@@ -109,6 +117,7 @@ def measure(
                 str(steps),
                 device,
                 dtype,
+                preset,
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -159,7 +168,10 @@ def plot(results: list[DecodeResult]):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model source (default: the demo model)")
     parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS, help="context lengths")
-    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per context (default 32)")
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per context (default 64)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="window", help="the converted model's preset (default window)"
+    )
     add_placement_arguments(parser)
     add_output_arguments(parser)
 
@@ -177,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     if positions is not None and max(args.contexts) > positions:
         raise LinspecError(f"--contexts up to {max(args.contexts)} exceed the model's {positions} positions")
     del model
-    results = measure(args.model, sorted(args.contexts), args.steps, str(device), str(dtype).removeprefix("torch."))
+    weights = str(dtype).removeprefix("torch.")
+    results = measure(args.model, sorted(args.contexts), args.steps, str(device), weights, args.preset)
     summary = summarise(results)
     rows = [
         [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
@@ -189,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     speedups = ", ".join(f"{c}: {s:.2f}×" for c, s in summary["speedup_by_context"].items())
     text = (
         f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n"
-        f"*converted* is the raw conversion with the paper preset (untrained): this table measures speed, which "
-        f"does not depend on the weights; the quality behind it at each length is in the quality tables. "
+        f"*converted* is the raw conversion with the `{args.preset}` preset (untrained): this table measures speed, "
+        f"which does not depend on the weights; the quality behind it at each length is in the quality tables. "
         f"{device}, {str(dtype).removeprefix('torch.')}, batch 1; *prefill s* is the whole model's prefill of the "
         f"context.\n\n{table}\n\n"
         f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
@@ -209,6 +222,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE
-    source, which, context, steps, device, dtype = sys.argv[1:7]
-    print(json.dumps(asdict(measure_one(source, which, int(context), int(steps), device, dtype))))
+if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE PRESET
+    source, which, context, steps, device, dtype, preset = sys.argv[1:8]
+    print(json.dumps(asdict(measure_one(source, which, int(context), int(steps), device, dtype, preset=preset))))
