@@ -14,12 +14,12 @@ StreamingLLM: dropping them is what breaks a plain window). The cost stays const
 the last ``W − 1`` keys and values and the ``n`` sink entries.
 
 Where the sinks sit (``sink_q``): with absolute positions a sink's RoPE distance to the query grows with the
-context, so the logits the heads park on them drift and perplexity creeps up past the pretraining lengths the
-window never needed. Given ``sink_q`` (the query rotated at position ``P = W + n − 1``), a sink outside the window
-is scored as if it sat right before the window's oldest token, its distance frozen at ``P − j`` (StreamingLLM
-assigns positions inside the cache for the same reason): past ``P`` every token then sees its sinks and window
-exactly as token ``P`` does, so the window term is translation-invariant and the curve cannot drift. Queries at
-``t ≤ P`` see their sinks at the true distance either way.
+context, so the logits the heads park on them drift and perplexity creeps up as the context grows. Given
+``sink_q`` (the query rotated at position ``P = W + n − 1``), a sink outside the window is scored as if it sat
+right before the window's oldest token, its distance frozen at ``P − j`` (StreamingLLM assigns positions inside
+the cache for the same reason): past ``P`` every token then sees its sinks and window exactly as token ``P``
+does, so the window term is translation-invariant and the curve cannot drift. Queries at ``t ≤ P`` see their
+sinks at the true distance either way.
 
 The state's window fields (``LinearAttentionState.window_keys`` etc.) hold *raw* keys. Every function here
 leaves ``position`` alone: the grouped ops, called after it on the same state, advance it.
