@@ -67,10 +67,13 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
     original, tokenizer = load_source(model_name, dtype=dtype, device=device)
     if trained is not None:
         console.print(f"using the trained model in {out}")
-    elif _cached_settings(out) != LinspecConfig.from_preset("window"):  # none yet, or one of an older preset
-        console.print(f"converting {model_name} -> {out} (window preset: softmax over the last 512 tokens + 4 sinks, "
-                      "G=64, P=32, γ=0, conv=0)")  # fmt: skip
-        convert_checkpoint(model_name, out, LinspecConfig.from_preset("window"), force=out.exists())
+    elif _cached_settings(out) != (settings := LinspecConfig.from_preset("window")):  # none yet, or an older preset's
+        console.print(
+            f"converting {model_name} -> {out} (window preset: softmax over the last {settings.local_window} tokens "
+            f"+ {settings.sink_tokens} {settings.sink_positions} sinks, G={settings.group_size}, "
+            f"P={settings.conv_taps}, γ=0, conv=0)"
+        )
+        convert_checkpoint(model_name, out, settings, force=out.exists())
     else:
         console.print(f"reusing the converted model in {out}")
     return original, tokenizer, AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
