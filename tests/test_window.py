@@ -16,6 +16,7 @@ from linspec.ops.window import (
     window_attention,
     window_extend,
     window_reference,
+    window_step,
     window_verify,
 )
 
@@ -206,3 +207,27 @@ def test_gradients_equal_reference():
             x.grad = None
     for fast, reference in zip(*grads, strict=True):
         torch.testing.assert_close(fast, reference)
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+@pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 0), (3, 2), (5, 1), (4, 9), (8, 3)])
+def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
+    """``window_step`` (the decode fast path) against ``window_extend`` with one token, every step from the
+    start past ``P``, the rows of the batch at different positions; outputs and every window field."""
+    window = SoftmaxWindow(size, sinks, 0.3)
+    q, k, v = inputs(30, batch=2)
+    sink_q = sink_queries(q, adjacent)
+    state = fresh_state(2, window)
+    _, state = window_extend(q[:1, :, :5].expand(2, -1, -1, -1), k[:, :, :5], v[:, :, :5], state, window,
+                             torch.tensor([[True] * 5, [False, True, False, True, False]]))  # fmt: skip
+    state = advanced(state, torch.tensor([5, 2]))
+    for t in range(5, 30):
+        step = slice(t, t + 1)
+        args = (q[:, :, step], k[:, :, step], v[:, :, step])
+        sink = None if sink_q is None else sink_q[:, :, step]
+        expected, expected_state = window_extend(*args, state, window, sink_q=sink)
+        out, next_state = window_step(*args, state, window, sink)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for name in ("window_keys", "window_values", "sink_keys", "sink_values"):
+            torch.testing.assert_close(getattr(next_state, name), getattr(expected_state, name), rtol=0, atol=0)
+        state = advanced(next_state, 1)

@@ -35,6 +35,7 @@ from linspec.ops.window import (
     empty_window,
     window_attention,
     window_extend,
+    window_step,
     window_verify,
 )
 
@@ -130,14 +131,27 @@ class LinspecAttention(nn.Module):
         sink_q = None
         window = self.softmax_window()
         if window is not None and self.settings.sink_positions == "adjacent":
-            at = torch.full((1, 1), window.last_true_position, device=q.device)
-            cos_at, sin_at = self._rotary[0](q, at)
-            sink_q = hf.apply_rotary_pos_emb(q, q, cos_at, sin_at)[0]
+            cos_at, sin_at = self._rotation_at(window.last_true_position, q)
+            sink_q = q * cos_at + hf.rotate_half(q) * sin_at
         cos, sin = position_embeddings
         q, k = hf.apply_rotary_pos_emb(q, k, cos, sin)
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         sink_q = None if sink_q is None else sink_q.to(compute)
         return q.to(compute), k.to(compute), v.to(compute), sink_q
+
+    def _rotation_at(self, position: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of the decoder's rotary embedding at one fixed ``position``, ``[1, 1, 1, D]``; computed
+        once per dtype, device and rotary frequencies (a dynamic RoPE that rescales them gets fresh ones), since
+        every forward of every layer needs them on the decode path."""
+        rotary = self._rotary[0]
+        frequencies = rotary.inv_freq
+        key = (position, like.dtype, like.device, frequencies.data_ptr(), frequencies._version)
+        cached = getattr(self, "_rotation_cache", None)
+        if cached is None or cached[0] != key:
+            cos, sin = rotary(like, torch.full((1, 1), position, device=like.device))
+            cached = (key, (cos[:, None], sin[:, None]))
+            self._rotation_cache = cached
+        return cached[1]
 
     def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LinearAttentionState:
         """This layer's state before any token (with the window fields when it has a softmax window)."""
@@ -191,9 +205,12 @@ class LinspecAttention(nn.Module):
                 context.tree.keep(self.layer_idx, k, v, memory, raw_k if window is not None else None)
                 new_state = state
             else:
-                if window is not None:
+                decoding = length == 1 and context.all_real
+                if window is not None and decoding:
+                    window_out, state = window_step(raw_q, raw_k, v, state, window, sink_q)
+                elif window is not None:
                     window_out, state = window_extend(raw_q, raw_k, v, state, window, context.token_mask, sink_q)
-                if length == 1 and context.all_real:
+                if decoding:
                     out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
                 else:
                     out, new_state = extend_attention(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, rotate_half
 
 from linspec.errors import LinspecError
 
@@ -32,6 +32,7 @@ __all__ = [
     "DecoderParts",
     "DynamicLayer",
     "apply_rotary_pos_emb",
+    "rotate_half",
     "attention_call_inputs",
     "cache_kwargs",
     "generation_cache",

@@ -43,8 +43,11 @@ def recurrent_step(
     visible = (slots[None, :] <= slot[:, None]).view(batch, 1, 1, group_size)  # (B, 1, 1, G)
 
     qr = q.view(batch, kv_heads, repeats, key_dim)  # (B, Hkv, R, Dk)
-    scores = qr @ keys.transpose(-1, -2)  # (B, Hkv, R, G)
-    local = (local_similarity(scores, local_kernel) * visible) @ values  # (B, Hkv, R, Dv)
+    if local_kernel == "none":  # the window preset: the local term is the softmax window's, computed elsewhere
+        local = 0.0
+    else:
+        scores = qr @ keys.transpose(-1, -2)  # (B, Hkv, R, G)
+        local = (local_similarity(scores, local_kernel) * visible) @ values  # (B, Hkv, R, Dv)
     if is_plain(memory):
         global_term = qr @ state.kv  # (B, Hkv, R, Dv)
     else:

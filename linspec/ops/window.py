@@ -260,6 +260,61 @@ def window_extend(
     return torch.cat(outs, dim=2), replace(state, position=position)
 
 
+def window_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearAttentionState,
+    window: SoftmaxWindow,
+    sink_q: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """``window_extend`` for one real token per row (decode), as a handful of ops instead of the general form's
+    packing and masks: scores against the sink slots, the ring and the token itself, one softmax, and the ring
+    shifted by one slot. Masks are built only while some row is within ``P`` of the start (host checks; every
+    row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole ring)."""
+    batch, num_heads, _, key_dim = q.shape
+    kv_heads = k.shape[1]
+    query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)  # (B, Hkv, R, D)
+    position = state.position  # (B,) the new token's position
+    far = query
+    if sink_q is not None:
+        past = position > window.last_true_position
+        far_rows = sink_q.view(query.shape)
+        far = far_rows if bool(past.all()) else torch.where(past.view(-1, 1, 1, 1), far_rows, query)
+    scores = (
+        torch.cat(
+            [
+                far @ state.sink_keys.transpose(-1, -2),
+                query @ state.window_keys.transpose(-1, -2),
+                query @ k.transpose(-1, -2),
+            ],
+            dim=-1,
+        )
+        * window.scale
+    )  # (B, Hkv, R, n + W - 1 + 1)
+    sinks, ring = window.sinks, window.size - 1
+    if not bool((position >= window.last_true_position).all()):
+        slot = torch.arange(sinks + ring, device=q.device)
+        at = position[:, None]
+        visible = torch.where(slot < sinks, at - slot >= window.size, slot - sinks >= ring - at)  # (B, n + W - 1)
+        visible = torch.cat([visible, visible.new_ones(batch, 1)], dim=1)
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = (
+        weights[..., :sinks] @ state.sink_values
+        + weights[..., sinks : sinks + ring] @ state.window_values
+        + weights[..., -1:] * v
+    )  # (B, Hkv, R, Dv)
+    if bool((position < sinks).any()):
+        fields = _advanced(state, k, v, torch.ones_like(position))
+    else:
+        fields = {
+            "window_keys": torch.cat([state.window_keys, k], dim=2)[:, :, 1:],  # a W = 1 ring stays empty
+            "window_values": torch.cat([state.window_values, v], dim=2)[:, :, 1:],
+        }
+    return out.reshape(batch, num_heads, 1, v.shape[-1]), replace(state, **fields)
+
+
 def window_append(
     state: LinearAttentionState, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> LinearAttentionState:
