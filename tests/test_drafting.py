@@ -150,10 +150,17 @@ def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, m
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"drafter: {{kind: medusa, depth: 2, draft_vocab: 64}}\ntarget: {base}\noutput: {tmp_path / 'run'}\n"
-        f"data: {{prompts: {tmp_path / 'prompts.txt'}, num_prompts: 6, eval_prompts: 2, max_new_tokens: 8}}\n"
+        f"data: {{prompts: {tmp_path / 'prompts.txt'}, num_prompts: 6, eval_prompts: 2, max_new_tokens: 8,\n"
+        "       text: builtin:sample, text_tokens: 40, text_length: 12}\n"
         "train: {steps: 4, batch_size: 8, warmup_steps: 1, eval_every: 2}\ncheckpoint: {every: 2}\n"
     )
     assert main(["train", str(recipe)]) == 0
+    from safetensors.torch import load_file
+
+    (cached,) = (tmp_path / "cache" / "drafting").glob("*.safetensors")
+    data = load_file(str(cached))
+    assert data["train_tokens"].shape == (6 + 4, 12)  # 6 continuations of 1 + 8 tokens, 4 windows of 12 tokens
+    assert data["eval_labels"].shape == data["eval_tokens"].shape == (2, 9)
     drafter = tmp_path / "run" / "drafter"
     config = json.loads((drafter / "drafter.json").read_text())
     assert config["kind"] == "medusa" and len(config["training"]["eval_accuracy_by_depth"]) == 2
@@ -174,6 +181,47 @@ def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, m
     assert "drafts 1..2 tokens per round" in capsys.readouterr().err
     assert main(["generate", str(other), "--prompt", "hi", "--draft", "medusa", "--drafter", str(drafter)]) == 2
     assert "trained for another target" in capsys.readouterr().err
+
+
+def test_examples_feed_the_text_and_label_with_the_targets_choices():
+    """Position (text 0, t = 1): inputs are tokens t+1.. (fed to the drafter), labels the target's choice after
+    each, hidden states after each; PAD past the end of the text and where no label was recorded."""
+    from linspec.drafting.data import PAD, examples
+
+    tokens = torch.tensor([[10, 11, 12, 13, PAD], [20, 21, 22, 23, 24]])
+    labels = torch.tensor([[31, 32, 33, PAD, PAD], [41, 42, 43, 44, 45]])
+    hidden = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1).expand(2, 5, 3)
+    h, inputs, targets, future_hidden = examples(tokens, hidden, labels, torch.tensor([[0, 1], [1, 3]]), depth=3)
+    assert h[:, 0].tolist() == [1.0, 8.0]
+    assert inputs.tolist() == [[12, 13, PAD], [24, PAD, PAD]]
+    assert targets.tolist() == [[33, PAD, PAD], [45, PAD, PAD]]
+    assert future_hidden[0, :2, 0].tolist() == [2.0, 3.0] and future_hidden[1, 0, 0].item() == 9.0
+
+
+@torch.no_grad()
+def test_read_text_records_the_targets_final_states_and_greedy_choices():
+    from linspec.drafting.data import read_text
+
+    target = make_target("linear")
+    windows = torch.randint(3, 97, (3, 11), generator=torch.Generator().manual_seed(0))
+    tokens, hidden, labels = read_text(target, windows, batch_size=2)
+    out = target(windows, output_hidden_states=True)
+    assert torch.equal(tokens, windows)
+    assert torch.equal(labels, out.logits.argmax(-1))
+    torch.testing.assert_close(hidden, out.hidden_states[-1])
+
+
+def test_text_windows_are_seeded_and_refuse_more_text_than_the_corpus_has(tmp_path):
+    from linspec.drafting.data import text_windows
+    from linspec.train.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    first = text_windows(tokenizer, "builtin:sample", 64, 16, seed=0)
+    assert first.shape == (4, 16)
+    assert torch.equal(first, text_windows(tokenizer, "builtin:sample", 64, 16, seed=0))
+    assert not torch.equal(first, text_windows(tokenizer, "builtin:sample", 64, 16, seed=1))
+    with pytest.raises(linspec.LinspecError, match=r"data\.text_tokens: builtin:sample gives"):
+        text_windows(tokenizer, "builtin:sample", 10**7, 16, seed=0)
 
 
 DRAFTER_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))

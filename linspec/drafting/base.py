@@ -2,10 +2,10 @@
 on self-distillation data and a ``Drafter`` for ``speculative_generate``.
 
 Training positions: ``hidden [N, H]`` the target's final hidden state after token ``t`` (the one that predicts
-token ``t + 1``), ``future [N, D + 1]`` tokens ``t + 1 .. t + D + 1`` (-1 past the end of the text) and
-``future_hidden [N, D, H]`` the target's hidden states after tokens ``t + 1 .. t + D``. At generation the same
-``h`` is ``DraftRequest.target_hidden`` and token ``t + 1`` is the round's root, so depth ``d`` of a draft is
-``future[:, d]``.
+token ``t + 1``), ``inputs [N, D]`` tokens ``t + 1 .. t + D``, ``labels [N, D]`` the target's greedy choice after
+each of them, and ``future_hidden [N, D, H]`` its hidden states there (-1 / PAD past the end of the text). At
+generation the same ``h`` is ``DraftRequest.target_hidden`` and token ``t + 1`` is the round's root, so depth
+``d`` of a draft must propose ``labels[:, d - 1]``, having been fed ``inputs[:, :d]``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class TrainedDrafter(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def loss(self, hidden: torch.Tensor, future: torch.Tensor, future_hidden: torch.Tensor):
+    def loss(self, hidden: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, future_hidden: torch.Tensor):
         """``(loss, correct [D], counted [D])``: training loss and top-1 hits per draft depth."""
         raise NotImplementedError
 

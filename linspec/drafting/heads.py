@@ -36,9 +36,9 @@ class MedusaHeads(TrainedDrafter):
         states = torch.stack([hidden + nn.functional.silu(block(hidden)) for block in self.blocks], 1)  # (B, K, H)
         return self.vocab(states)
 
-    def loss(self, hidden, future, future_hidden):
+    def loss(self, hidden, inputs, labels, future_hidden):
         logits = self.draft_logits(hidden)  # (N, K, V')
-        parts = [depth_loss(logits[:, k], self.vocab.labels(future[:, k + 1])) for k in range(len(self.blocks))]
+        parts = [depth_loss(logits[:, k], self.vocab.labels(labels[:, k])) for k in range(len(self.blocks))]
         total, hits, counted = (torch.stack(x) for x in zip(*parts, strict=True))
         return total.sum() / counted.sum().clamp(min=1), hits, counted
 

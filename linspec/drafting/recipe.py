@@ -40,7 +40,10 @@ class DistillData:
     eval_prompts: int = 8  # held-out prompts for the per-depth accuracy
     max_new_tokens: int = 96  # continuation length per prompt
     batch_size: int = 16  # prompts generated together
-    seed: int = 0  # which paragraphs become prompts
+    seed: int = 0  # which paragraphs become prompts (and which text windows are read)
+    text: str = "builtin:wiki-en"  # plain text the target reads in parallel, labelled with its own next-token choice
+    text_tokens: int = 0  # tokens of it (0: none); ~7x cheaper per position than generating continuations
+    text_length: int = 256  # tokens per text window (the context the target sees when labelling)
 
 
 @dataclass
@@ -100,6 +103,12 @@ def validate(recipe: DrafterRecipe) -> DrafterRecipe:
     _positive(spec.draft_vocab, "drafter.draft_vocab", limit=1 << 24)
     _positive(spec.intermediate_size, "drafter.intermediate_size", limit=1 << 16)
     _check_source(data.prompts, "data.prompts")
+    if data.text_tokens:
+        _check_source(data.text, "data.text")
+    _positive(data.text_tokens, "data.text_tokens", allow_zero=True, limit=1 << 26)
+    _positive(data.text_length, "data.text_length", limit=1 << 14)
+    if data.text_length < 2:
+        raise LinspecError(f"recipe key data.text_length: must be at least 2, got {data.text_length}")
     limits = {"num_prompts": 1 << 20, "eval_prompts": 1 << 16, "max_new_tokens": 1 << 14, "batch_size": 1 << 12}
     for key, limit in limits.items():
         _positive(getattr(data, key), f"data.{key}", limit=limit)

@@ -25,16 +25,16 @@ class RecurrentDraftModule(TrainedDrafter):
     def cell(self, state: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, hidden, future, future_hidden):
-        """Unrolled over the trained depth on the target's own continuation, each step from the drafter's own
-        previous state — as at generation (the tokens are the target's; the states are not)."""
+    def loss(self, hidden, inputs, labels, future_hidden):
+        """Unrolled over the trained depth along the text, each step from the drafter's own previous state — as
+        at generation (the tokens are the text's; the states are not)."""
         state, parts, regression = hidden, [], hidden.new_zeros(())
         for depth in range(1, self.max_depth + 1):
-            token = future[:, depth - 1]
+            token = inputs[:, depth - 1]
             state = self.cell(state, token.clamp(min=0))
-            parts.append(depth_loss(self.vocab(state), self.vocab.labels(future[:, depth])))
+            parts.append(depth_loss(self.vocab(state), self.vocab.labels(labels[:, depth - 1])))
             if self.feature_loss_weight:
-                real = (future[:, depth] >= 0)[:, None]
+                real = (token >= 0)[:, None]
                 error = torch.nn.functional.smooth_l1_loss(state, future_hidden[:, depth - 1], reduction="none")
                 regression = regression + (error * real).sum() / self.hidden_size
         total, hits, counted = (torch.stack(x) for x in zip(*parts, strict=True))

@@ -114,12 +114,13 @@ def _load_checkpoint(path: Path, module, optimizer) -> int:
 
 
 @torch.no_grad()
-def evaluate(module, tokens: torch.Tensor, hidden: torch.Tensor, batch: int = 256) -> list[float]:
+def evaluate(module, data: dict, batch: int = 256) -> list[float]:
     """Held-out top-1 accuracy per draft depth on the target's continuations (depth 1 = first draft)."""
+    tokens, hidden, labels = (data[f"eval_{name}"] for name in ("tokens", "hidden", "labels"))
     at = positions(tokens)
     hits = counted = 0
     for first in range(0, at.shape[0], batch):
-        _, h, c = module.loss(*examples(tokens, hidden, at[first : first + batch], module.max_depth))
+        _, h, c = module.loss(*examples(tokens, hidden, labels, at[first : first + batch], module.max_depth))
         hits, counted = hits + h, counted + c
     return [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counted, strict=True)]
 
@@ -143,7 +144,7 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
     vocab_size = target.get_output_embeddings().weight.shape[0]
     token_ids = None
     if spec.draft_vocab is not None:
-        token_ids = most_frequent_tokens(data["train_tokens"], vocab_size, min(spec.draft_vocab, vocab_size))
+        token_ids = most_frequent_tokens(data["train_labels"], vocab_size, min(spec.draft_vocab, vocab_size))
     settings = {"depth": spec.depth, "draft_vocab": None if token_ids is None else token_ids.numel()}
     if spec.kind == "eagle":
         settings["intermediate_size"] = spec.intermediate_size
@@ -162,7 +163,9 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
         for step in range(start, opt.steps):
             pick = torch.randint(train_at.shape[0], (opt.batch_size,),
                                  generator=torch.Generator().manual_seed(recipe.seed * 1_000_003 + step))  # fmt: skip
-            batch = examples(data["train_tokens"], data["train_hidden"], train_at[pick], module.max_depth)
+            batch = examples(
+                data["train_tokens"], data["train_hidden"], data["train_labels"], train_at[pick], module.max_depth
+            )
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, step)
             loss, _, _ = module.loss(*batch)
@@ -174,7 +177,7 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
             bar.set_postfix(loss=f"{loss.item():.3f}")
             row = {"step": step + 1, "loss": round(loss.item(), 5), "lr": learning_rate(recipe, step)}
             if opt.eval_every and (step + 1) % opt.eval_every == 0 and step + 1 < opt.steps:
-                row["eval_accuracy_by_depth"] = evaluate(module.eval(), data["eval_tokens"], data["eval_hidden"])
+                row["eval_accuracy_by_depth"] = evaluate(module.eval(), data)
                 module.train()
             with metrics.open("a") as log:
                 log.write(json.dumps(row) + "\n")
@@ -185,7 +188,7 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
         _save_checkpoint(output, step, module, optimizer, recipe.checkpoint.keep)
         raise DrafterTrainingInterrupted(f"interrupted at step {step}; checkpoint written") from None
     bar.close()
-    accuracy = evaluate(module.eval(), data["eval_tokens"], data["eval_hidden"])
+    accuracy = evaluate(module.eval(), data)
     with metrics.open("a") as log:
         log.write(json.dumps({"step": opt.steps, "eval_accuracy_by_depth": accuracy}) + "\n")
     training = {"recipe": asdict(recipe), "eval_accuracy_by_depth": accuracy}
