@@ -140,6 +140,14 @@ class LinspecConfig:
         """Whether the local term is the softmax window (``linspec.ops.window``) rather than the in-group κ."""
         return self.local_kernel == "softmax"
 
+    @property
+    def window_summary(self) -> str:
+        """``"512 tokens + 4 adjacent sinks"`` for a softmax window (what a summary line or a model card shows);
+        empty without one."""
+        if not self.softmax_window:
+            return ""
+        return f"{self.local_window} tokens + {self.sink_tokens} {self.sink_positions} sinks"
+
     def _check_global_memory(self) -> None:
         if not isinstance(self.global_decay, bool):
             raise LinspecError(f"global_decay must be true or false, got {self.global_decay!r}")

@@ -69,9 +69,8 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
         console.print(f"using the trained model in {out}")
     elif _cached_settings(out) != (settings := LinspecConfig.from_preset("window")):  # none yet, or an older preset's
         console.print(
-            f"converting {model_name} -> {out} (window preset: softmax over the last {settings.local_window} tokens "
-            f"+ {settings.sink_tokens} {settings.sink_positions} sinks, G={settings.group_size}, "
-            f"P={settings.conv_taps}, γ=0, conv=0)"
+            f"converting {model_name} -> {out} (window preset: softmax over the last {settings.window_summary}, "
+            f"G={settings.group_size}, P={settings.conv_taps}, γ=0, conv=0)"
         )
         convert_checkpoint(model_name, out, settings, force=out.exists())
     else:

@@ -66,14 +66,7 @@ class ModelCard:
             f"| conv taps | {settings.conv_taps} |",
             f"| feature map | {settings.feature_map} |",
             f"| local kernel | {settings.local_kernel} |",
-            *(
-                [
-                    f"| softmax window | {settings.local_window} tokens + {settings.sink_tokens} sinks "
-                    f"({settings.sink_positions} positions) |"
-                ]
-                if settings.softmax_window
-                else []
-            ),
+            *([f"| softmax window | {settings.window_summary} |"] if settings.softmax_window else []),
             f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
             f"| softmax layers kept | {layers} |",
             "",

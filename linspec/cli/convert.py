@@ -113,11 +113,7 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
     )
-    window = (
-        f", window {settings.local_window}+{settings.sink_tokens} {settings.sink_positions} sinks"
-        if settings.softmax_window
-        else ""
-    )
+    window = f", window {settings.window_summary}" if settings.softmax_window else ""
     print(
         f"wrote {out} ({settings.feature_map}/{settings.local_kernel}{window}, G={settings.group_size}, "
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"
