@@ -7,7 +7,7 @@ Two kinds of text, both labelled by the target itself:
   norm — what ``DraftRequest.target_hidden`` carries). This is exactly the distribution acceptance rewards, but
   generating costs one target step per token.
 - **read text** (``data.text_tokens``): windows of plain text the target reads in one parallel forward, each
-  position labelled with the token the target would have chosen there. About seven times more positions per
+  position labelled with the token the target would have chosen there. Several times more positions per
   minute on a CPU; the tokens are the text's rather than the target's, so it complements, not replaces, the
   continuations (EAGLE, too, trains on fixed text with the target's features).
 
@@ -37,6 +37,7 @@ from linspec.io import atomic_write_bytes
 
 PAD = -1
 FORMAT = 2  # bump when the cached tensors or the way they are made change
+READ_TOKENS = 2048  # tokens per forward when reading text: bounds its [tokens, vocabulary] logits (~400 MB here)
 
 
 def cache_file(folder: Path, fingerprint: dict, settings: DistillData) -> Path:
@@ -69,7 +70,7 @@ def self_distillation_data(target, tokenizer, settings: DistillData, folder: Pat
     train = [(tokens[:split], hidden[:split], labels[:split])]
     if settings.text_tokens:
         windows = text_windows(tokenizer, settings.text, settings.text_tokens, settings.text_length, settings.seed)
-        train.append(read_text(target, windows, settings.batch_size))
+        train.append(read_text(target, windows, max(1, READ_TOKENS // settings.text_length)))
     width = max(part[0].shape[1] for part in train)
     for index, name in enumerate(("tokens", "hidden", "labels")):
         data[f"train_{name}"] = torch.cat([_pad_to(part[index], width) for part in train])
