@@ -43,6 +43,9 @@ def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.
     """The last ``old.shape[2]`` entries of ``[old ; each row's first count real entries]`` (``[B, heads, ·, D]``):
     a fixed-size history (the conv ring, a softmax window) after appending a row's real tokens."""
     keep = old.shape[2]
+    if count.numel() and bool((count == count[0]).all()):  # every row appends as many (always at batch 1): a view
+        joined = torch.cat([old, real[:, :, : int(count[0])]], dim=2)
+        return joined[:, :, joined.shape[2] - keep :]
     return gather_tokens(torch.cat([old, real], dim=2), count[:, None] + torch.arange(keep, device=count.device))
 
 
