@@ -235,13 +235,17 @@ class LinspecCache(hf.Cache):
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
-            stacked = LinearAttentionState(
-                **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
-            )
+            if len(states) == 1:  # a layer on its own (a decayed memory): no copy of its state into a stack
+                stacked = states[0]
+            else:
+                stacked = LinearAttentionState(
+                    **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
+                )
             path = accepted.repeat(len(layer_ids), 1)
 
             def along_path(name: str, layer_ids=layer_ids, path=path) -> torch.Tensor:
-                x = torch.cat([getattr(entries[i], name) for i in layer_ids])
+                parts = [getattr(entries[i], name) for i in layer_ids]
+                x = parts[0] if len(parts) == 1 else torch.cat(parts)
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
             first = entries[layer_ids[0]]
