@@ -80,10 +80,14 @@ def attend(
     the out-of-window sinks, which callers place first."""
     batch, num_heads, length, key_dim = q.shape
     kv_heads = keys.shape[1]
+    repeats = num_heads // kv_heads
 
+    # The R query heads of a kv head are stacked into one (R·T)-row matmul: broadcasting the keys over R
+    # instead would copy them R times per call.
     def scored(query: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R, T, columns)
-        grouped = query.reshape(batch, kv_heads, num_heads // kv_heads, length, key_dim)
-        return (grouped @ columns.unsqueeze(2).transpose(-1, -2)) * scale
+        stacked = query.reshape(batch, kv_heads, repeats * length, key_dim)
+        scores = stacked @ columns.transpose(-1, -2)
+        return scores.view(batch, kv_heads, repeats, length, columns.shape[2]) * scale
 
     scores = scored(q, keys)
     if far_q is not None:
@@ -91,8 +95,8 @@ def attend(
         first = torch.where(far[:, None, None], scored(far_q, keys[:, :, :count]), scores[..., :count])
         scores = torch.cat([first, scores[..., count:]], dim=-1)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ values.unsqueeze(2)  # (B, Hkv, R, T, Dv)
-    return out.reshape(batch, num_heads, length, values.shape[-1])
+    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, repeats * length, scores.shape[-1])
+    return (weights @ values).view(batch, num_heads, length, values.shape[-1])
 
 
 def window_reference(
@@ -176,19 +180,20 @@ def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.T
     """The window fields after appending each row's first ``count`` entries of ``real_k``/``real_v``."""
     batch, kv_heads, length, _ = real_k.shape
     sinks = state.sink_keys.shape[2]
-    source = torch.arange(sinks, device=count.device)[None, :] - state.position[:, None]  # (B, n): new-token rank
-    taken = ((source >= 0) & (source < count[:, None]))[:, None, :, None]
-
-    def sink(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        index = source.clamp(0, max(length - 1, 0))[:, None, :, None].expand(batch, kv_heads, sinks, new.shape[-1])
-        return torch.where(taken, new.gather(2, index), old)
-
-    return {
+    fields = {
         "window_keys": newest(state.window_keys, real_k, count),
         "window_values": newest(state.window_values, real_v, count),
-        "sink_keys": sink(state.sink_keys, real_k),
-        "sink_values": sink(state.sink_values, real_v),
     }
+    if not bool((state.position < sinks).any()):  # every sink slot is filled already (the common case)
+        return {**fields, "sink_keys": state.sink_keys, "sink_values": state.sink_values}
+    source = torch.arange(sinks, device=count.device)[None, :] - state.position[:, None]  # (B, n): new-token rank
+    taken = ((source >= 0) & (source < count[:, None]))[:, None, :, None]
+    index = source.clamp(0, max(length - 1, 0))[:, None, :, None]
+
+    def sink(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.where(taken, new.gather(2, index.expand(batch, kv_heads, sinks, new.shape[-1])), old)
+
+    return {**fields, "sink_keys": sink(state.sink_keys, real_k), "sink_values": sink(state.sink_values, real_v)}
 
 
 def _sinks_and_ring_visible(
