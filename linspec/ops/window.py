@@ -310,13 +310,7 @@ def window_step(
         + weights[..., sinks : sinks + ring] @ state.window_values
         + weights[..., -1:] * v
     )  # (B, Hkv, R, Dv)
-    if bool((position < sinks).any()):
-        fields = _advanced(state, k, v, torch.ones_like(position))
-    else:
-        fields = {
-            "window_keys": torch.cat([state.window_keys, k], dim=2)[:, :, 1:],  # a W = 1 ring stays empty
-            "window_values": torch.cat([state.window_values, v], dim=2)[:, :, 1:],
-        }
+    fields = _advanced(state, k, v, torch.ones_like(position))  # the ring shifted by one slot
     return out.reshape(batch, num_heads, 1, v.shape[-1]), replace(state, **fields)
 
 
