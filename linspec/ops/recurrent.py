@@ -39,13 +39,13 @@ def recurrent_step(
     slot_index = slot.view(batch, 1, 1, 1)
     keys = state.group_keys.scatter(2, slot_index.expand(batch, kv_heads, 1, key_dim), k)  # (B, Hkv, G, Dk)
     values = state.group_values.scatter(2, slot_index.expand(batch, kv_heads, 1, value_dim), v)
-    slots = torch.arange(group_size, device=q.device)
-    visible = (slots[None, :] <= slot[:, None]).view(batch, 1, 1, group_size)  # (B, 1, 1, G)
 
     qr = q.view(batch, kv_heads, repeats, key_dim)  # (B, Hkv, R, Dk)
     if local_kernel == "none":  # the window preset: the local term is the softmax window's, computed elsewhere
         local = 0.0
     else:
+        slots = torch.arange(group_size, device=q.device)
+        visible = (slots[None, :] <= slot[:, None]).view(batch, 1, 1, group_size)  # (B, 1, 1, G)
         scores = qr @ keys.transpose(-1, -2)  # (B, Hkv, R, G)
         local = (local_similarity(scores, local_kernel) * visible) @ values  # (B, Hkv, R, Dv)
     if is_plain(memory):
