@@ -334,3 +334,24 @@ def test_chat_data_is_the_original_models_answers_cached_and_mixed_at_its_ratio(
     is_chat = [any(torch.equal(row, c) for c in chat_sequences) for row in rows]
     assert is_chat == [False, False, False, True] * 6  # exactly a quarter, spread evenly
     assert torch.equal(mixed.batch(3, 4, 8), rows[12:16])  # a pure function of the step
+
+
+def test_recall_data_changes_what_is_trained_on_and_resumes_exactly(tmp_path, tiny_base):
+    stages = [{"kind": "lora", "steps": 3, "batch_size": 2, "lora": {"r": 4}, "loss": "distill",
+               "optimizer": {"lr": 0.01}, "curriculum": [{"seq_len": 512, "steps": 3}]}]  # fmt: skip
+    path = recipe_file(tmp_path, tiny_base, stages=stages)  # 512 tokens: room for 4 facts with the tiny tokenizer
+    runs = {}
+    for name, overrides in {"plain": [], "recall": ["data.recall.ratio=0.5"]}.items():
+        train(load_recipe(path, [f"output={tmp_path / name}", "eval.baselines=false", *overrides]))
+        runs[name] = steps_of(tmp_path / name)
+    assert runs["recall"][0] != runs["plain"][0]  # half the sequences now end by restating facts
+
+    def interrupt(stage, step, loss):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = load_recipe(path, [f"output={tmp_path / 'cut'}", "eval.baselines=false", "data.recall.ratio=0.5"])
+    with pytest.raises(TrainingInterrupted, match="lora step 2"):
+        train(recipe, on_step=interrupt)
+    train(recipe, resume=True)
+    assert steps_of(tmp_path / "cut") == runs["recall"]

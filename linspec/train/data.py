@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -145,14 +146,15 @@ def build_splits(data: Data, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TrainingSet:
-    """The training sequences at every length a curriculum asks for, plain text and (optionally) chat, and the
-    batch of each optimiser step.
+    """The training sequences at every length a curriculum asks for, plain text, chat and recall (each optional
+    but the text), and the batch of each optimiser step.
 
     Sequences of one length are packed once (``prepare``) and kept. A batch is a pure function of (seed, step,
     length): position ``p`` of the global stream (``step × batch_size + i``) is a chat sequence exactly when
-    ``⌊(p+1)·ratio⌋ > ⌊p·ratio⌋``, so chat makes up ``ratio`` of every stretch of the stream, and each pool is
-    read in its own seeded order, epoch after epoch. Resuming at any step, across a change of length included,
-    gives the sequences an uninterrupted run would have seen.
+    ``⌊(p+1)·ratio⌋ > ⌊p·ratio⌋``, so chat makes up ``ratio`` of every stretch of the stream; recall sequences
+    are taken the same way from the positions chat leaves. Each pool is read in its own seeded order, epoch after
+    epoch; a recall sequence is built from a text sequence of its own seeded order. Resuming at any step, across
+    a change of length included, gives the sequences an uninterrupted run would have seen.
     """
 
     def __init__(self, documents, tokenizer, data: Data, chat_documents=None) -> None:
@@ -161,6 +163,10 @@ class TrainingSet:
         self.tokenizer = tokenizer
         self.data = data
         self.ratio = Fraction(data.chat.ratio).limit_denominator(1000) if chat_documents is not None else Fraction(0)
+        # The recall share is of the whole stream; it is drawn from what chat leaves.
+        self.recall_ratio = Fraction(0)
+        if data.recall is not None:
+            self.recall_ratio = (Fraction(data.recall.ratio) / (1 - self.ratio)).limit_denominator(1000)
         self.packed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def prepare(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -176,16 +182,37 @@ class TrainingSet:
     def batch(self, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
         """``[batch_size, seq_len]``: the sequences of optimiser step ``step`` (0-based), the same on every process."""
         text, chat = self.prepare(seq_len)
-        if chat is None:
+        if chat is None and not self.recall_ratio:
             return global_batch(text, step, batch_size, self.data.seed)
-        rows = []
-        for p in range(step * batch_size, (step + 1) * batch_size):
-            chat_before = p * self.ratio.numerator // self.ratio.denominator  # chat positions among 0..p-1
-            if (p + 1) * self.ratio.numerator // self.ratio.denominator > chat_before:
-                rows.append(nth_sequence(chat, chat_before, self.data.seed))
-            else:
-                rows.append(nth_sequence(text, p - chat_before, self.data.seed))
-        return torch.stack(rows)
+        positions = range(step * batch_size, (step + 1) * batch_size)
+        return torch.stack([self.sequence(p, text, chat) for p in positions])
+
+    def sequence(self, position: int, text: torch.Tensor, chat: torch.Tensor | None) -> torch.Tensor:
+        """The sequence at ``position`` of the global stream."""
+        seed = self.data.seed
+        if chat is not None:
+            is_chat, position = take_share(position, self.ratio)
+            if is_chat:
+                return nth_sequence(chat, position, seed)
+        if self.recall_ratio:
+            is_recall, position = take_share(position, self.recall_ratio)
+            if is_recall:
+                from linspec.train.recall_data import recall_sequence
+
+                recall = self.data.recall
+                rng = random.Random(f"{recall.seed}:{text.shape[1]}:{position}")
+                # Its own order over the text (seed + 1), so recall rows do not repeat the plain rows beside them.
+                return recall_sequence(nth_sequence(text, position, seed + 1), self.tokenizer, recall.facts, rng)
+        return nth_sequence(text, position, seed)
+
+
+def take_share(position: int, share: Fraction) -> tuple[bool, int]:
+    """Whether ``position`` of a stream belongs to the pool that takes ``share`` of every stretch of it, and its
+    index within that pool (when it does) or within the rest of the stream (when it does not)."""
+    before = position * share.numerator // share.denominator  # pool positions among 0..position-1
+    if (position + 1) * share.numerator // share.denominator > before:
+        return True, before
+    return False, position - before
 
 
 def sequence_order(num_sequences: int, seed: int, epoch: int) -> torch.Tensor:

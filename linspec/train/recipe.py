@@ -83,6 +83,7 @@ class Data:
     max_eval_sequences: int = 64  # packed held-out sequences used for perplexity
     seed: int = 0  # shuffling seed (order of sequences in each epoch)
     chat: Chat | None = None  # the original model's own answers to instruction prompts, mixed in (null: none)
+    recall: Recall | None = None  # text with facts stated far back and asked for at the end, mixed in (null: none)
 
 
 @dataclass
@@ -100,6 +101,20 @@ class Chat:
     seed: int = 0  # which paragraphs become prompts, and the sampling seed
     batch_size: int = 16  # prompts answered together while generating
     ratio: float = 0.25  # share of training sequences taken from the chat data (the rest: data.train)
+
+
+@dataclass
+class Recall:
+    """Recall data: training text with short facts ("The code for the red fox is 40213.") inserted at random
+    depths and all of them restated, in another order, at the end.
+
+    Plain text rarely makes a model fetch an exact token from thousands of tokens back, so distillation on it
+    never asks a hybrid's softmax layers to retrieve past the linear layers' window. Restating the facts does:
+    each code's digits can only come from its first statement, and the teacher's logits there are retrieval."""
+
+    ratio: float = 0.1  # share of training sequences that are recall sequences (taken from the plain-text share)
+    facts: int = 8  # facts per sequence (fewer in short sequences: at most one per 128 tokens)
+    seed: int = 0  # which labels and codes, and where they go
 
 
 @dataclass
@@ -346,6 +361,8 @@ def validate(recipe: Recipe) -> Recipe:
     _positive(data.max_eval_sequences, "data.max_eval_sequences")
     if data.chat is not None:
         _check_chat(data.chat, data)
+    if data.recall is not None:
+        _check_recall(data.recall, data)
     if not recipe.stages:
         raise LinspecError("recipe key stages: at least one stage is needed")
     names = set()
@@ -396,6 +413,19 @@ def _check_chat(chat: Chat, data: Data) -> None:
     _positive(chat.batch_size, "data.chat.batch_size", limit=MAX_BATCH)
     if not 0 < chat.ratio < 1:
         raise LinspecError(f"recipe key data.chat.ratio: must be in (0, 1), got {chat.ratio!r}")
+
+
+def _check_recall(recall: Recall, data: Data) -> None:
+    from linspec.train.recall_data import MAX_FACTS
+
+    _positive(recall.facts, "data.recall.facts", limit=MAX_FACTS)
+    if not 0 < recall.ratio < 1:
+        raise LinspecError(f"recipe key data.recall.ratio: must be in (0, 1), got {recall.ratio!r}")
+    if data.chat is not None and recall.ratio + data.chat.ratio >= 1:
+        raise LinspecError(
+            f"recipe keys data.recall.ratio + data.chat.ratio: must leave room for plain text, "
+            f"got {recall.ratio!r} + {data.chat.ratio!r}"
+        )
 
 
 def _check_curriculum(stage: Stage, key: str) -> None:

@@ -63,9 +63,12 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
         teacher, _ = load_source(recipe.base, dtype=weights_dtype, progress=False)
         teacher = teacher.to(env.device).eval().requires_grad_(False)
     ctx = RunContext(recipe, env, log, training, eval_seqs, teacher, resume, on_step)
+    chat_part = f" + {len(chat)} chat" if chat is not None else ""
+    recall = recipe.data.recall
+    recall_part = f" ({recall.ratio:.0%} of the stream made recall sequences)" if recall is not None else ""
     ctx.say(
-        f"data: {len(text)} training{f' + {len(chat)} chat' if chat is not None else ''} and {len(eval_seqs)} "
-        f"held-out sequences of {recipe.data.seq_len}",
+        f"data: {len(text)} training{chat_part} and {len(eval_seqs)} held-out sequences of {recipe.data.seq_len}"
+        f"{recall_part}",
     )
 
     done = {r["stage"] for r in log.records() if r.get("event") == "eval"}
