@@ -167,8 +167,12 @@ def trained_card(recipe: Recipe, settings, summary: dict) -> ModelCard:
     ppl = summary.get("ppl", {})
     final = next((ppl[s.name] for s in reversed(recipe.stages) if s.name in ppl), None)
     quality = {recipe.data.seq_len: (final, ppl.get("original"))} if final is not None else {}
-    data = ", ".join(recipe.data.train) + (f"; chat answers of the original to {recipe.data.chat.num_prompts} prompts"
-                                           if recipe.data.chat is not None else "")  # fmt: skip
+    parts = [", ".join(recipe.data.train)]
+    if recipe.data.chat is not None:
+        parts.append(f"chat answers of the original to {recipe.data.chat.num_prompts} prompts")
+    if recipe.data.recall is not None:
+        parts.append(f"{recipe.data.recall.ratio:.0%} recall sequences (facts restated at the end)")
+    data = "; ".join(parts)
     return ModelCard(
         base_model=recipe.base,
         settings=settings,
