@@ -345,6 +345,7 @@ def test_recall_data_changes_what_is_trained_on_and_resumes_exactly(tmp_path, ti
         train(load_recipe(path, [f"output={tmp_path / name}", "eval.baselines=false", *overrides]))
         runs[name] = steps_of(tmp_path / name)
     assert runs["recall"][0] != runs["plain"][0]  # half the sequences now end by restating facts
+    assert "50% recall sequences" in (tmp_path / "recall" / "model" / "README.md").read_text()  # the card says so
 
     def interrupt(stage, step, loss):
         if step == 1:
