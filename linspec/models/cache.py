@@ -235,17 +235,13 @@ class LinspecCache(hf.Cache):
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
-            if len(states) == 1:  # a layer on its own (a decayed memory): no copy of its state into a stack
-                stacked = states[0]
-            else:
-                stacked = LinearAttentionState(
-                    **{name: torch.cat([getattr(s, name) for s in states]) for name in states[0].tensors()}
-                )
+            stacked = LinearAttentionState(
+                **{name: _stacked([getattr(s, name) for s in states]) for name in states[0].tensors()}
+            )
             path = accepted.repeat(len(layer_ids), 1)
 
             def along_path(name: str, layer_ids=layer_ids, path=path) -> torch.Tensor:
-                parts = [getattr(entries[i], name) for i in layer_ids]
-                x = parts[0] if len(parts) == 1 else torch.cat(parts)
+                x = _stacked([getattr(entries[i], name) for i in layer_ids])
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
             first = entries[layer_ids[0]]
@@ -300,3 +296,9 @@ class LinspecCache(hf.Cache):
     def nbytes(self) -> int:
         """Bytes held by the cache: constant in context length for linear layers."""
         return sum(layer.nbytes() if isinstance(layer, LinearStateLayer) else kv_nbytes(layer) for layer in self.layers)
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` joined along the batch axis; a layer on its own (a decayed memory) is used as it is, without the
+    copy ``torch.cat`` makes of a single tensor."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
