@@ -21,6 +21,7 @@ import torch
 
 from linspec.errors import LinspecError
 from linspec.train.corpus import builtin_file
+from linspec.train.recall_data import recall_sequence
 from linspec.train.recipe import Data
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -197,8 +198,6 @@ class TrainingSet:
         if self.recall_ratio:
             is_recall, position = take_share(position, self.recall_ratio)
             if is_recall:
-                from linspec.train.recall_data import recall_sequence
-
                 recall = self.data.recall
                 rng = random.Random(f"{recall.seed}:{text.shape[1]}:{position}")
                 # Its own order over the text (seed + 1), so recall rows do not repeat the plain rows beside them.
