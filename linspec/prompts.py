@@ -24,7 +24,47 @@ TEMPLATES = {
     "facts": "List three facts stated in this text.\n\n{text}",
     "question": "Write one question that this text answers, then answer it.\n\n{text}",
 }
+# kind -> template about the paragraph's subject ("{subject}": the words before the first sentence's verb):
+# open-ended requests — stories, explanations, lists, follow-ups — whose answers do not copy a given text.
+OPEN_TEMPLATES = {
+    "story": "Write a short story about {subject}.",
+    "explain": "Explain {subject} to a curious ten-year-old.",
+    "list": "List five facts about {subject}, one line each.",
+    "follow-up": "Earlier you told me about {subject}. Follow-up question: why does it matter, and what do people "
+    "most often get wrong about it?",
+}
+KINDS = (*TEMPLATES, *OPEN_TEMPLATES)
 MIN_WORDS, MAX_WORDS = 40, 120  # paragraphs used as material; longer ones are cut at MAX_WORDS
+_SUBJECT_VERBS = {"is", "was", "are", "were", "has", "had", "became", "refers"}
+_CONNECTORS = {"of", "the", "and", "de", "von", "van", "for"}
+# capitalised only because they open a sentence: not part of a name that follows them
+_OPENERS = {
+    "The",
+    "A",
+    "An",
+    "In",
+    "On",
+    "At",
+    "Then",
+    "However",
+    "When",
+    "After",
+    "Before",
+    "During",
+    "Some",
+    "This",
+    "These",
+    "Its",
+    "His",
+    "Her",
+    "Their",
+    "According",
+    "Despite",
+    "If",
+    "Since",
+    "While",
+}
+_SUBJECT_WORDS = 8  # a subject longer than this is a clause, not a name: its first words are used instead
 
 
 @dataclass(frozen=True)
@@ -49,20 +89,57 @@ def paragraphs(documents: Sequence[str]) -> list[str]:
     return found
 
 
-def build_prompts(documents: Sequence[str], count: int, seed: int = 0) -> list[Prompt]:
-    """``count`` prompts: paragraphs in a seeded order, templates in turn. Deterministic given the inputs."""
+def subject(paragraph: str) -> str:
+    """What a paragraph is about, as a name to ask about: its first run of capitalised words (connectors such as
+    "of" may join it; a sentence opener such as "The" does not) that is more than a sentence's first word
+    ("…by the Russian Federation…" → "Russian Federation"), else the first sentence's words before "is"/"was"/…,
+    else its first words. A heuristic: the prompt only needs a plausible topic, not the paragraph's true one."""
+    words = paragraph.split()
+    runs: list[list[str]] = [[]]
+    for raw in words:
+        word = raw.strip(",;:()\"'.")
+        if (word[:1].isupper() and word.isalpha()) or (runs[-1] and word in _CONNECTORS):
+            runs[-1].append(word)
+        elif runs[-1]:
+            runs.append([])
+        if runs[-1] and raw.endswith((",", ";", ":", ".", ")")):  # punctuation ends a name
+            runs.append([])
+    for run in runs:
+        while run and run[-1] in _CONNECTORS:
+            run.pop()
+        if run and run[0] in _OPENERS:
+            run.pop(0)
+        opens_sentence = bool(run) and (paragraph.startswith(run[0]) or f". {run[0]}" in paragraph)
+        if len(run) >= 2 or (run and not opens_sentence):
+            return " ".join(run)
+    first = paragraph.split(". ")[0].split()
+    cut = next((i for i, w in enumerate(first[: _SUBJECT_WORDS + 1]) if w.lower() in _SUBJECT_VERBS and i), None)
+    return " ".join(first[: cut if cut is not None else min(len(first), 5)]).strip(" ,;:()\"'")
+
+
+def build_prompts(
+    documents: Sequence[str], count: int, seed: int = 0, kinds: Sequence[str] | None = None
+) -> list[Prompt]:
+    """``count`` prompts: paragraphs in a seeded order, the ``kinds`` in turn (default: the paragraph-instruction
+    ones, ``TEMPLATES``; any of ``KINDS``). Deterministic given the inputs."""
     if count < 1:
         raise LinspecError(f"the number of prompts must be at least 1, got {count}")
+    kinds = list(TEMPLATES) if kinds is None else list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise LinspecError(f"unknown prompt kind {unknown[0] if unknown else None!r}; known: {', '.join(KINDS)}")
     material = paragraphs(documents)
     if len(material) < count:
         raise LinspecError(
             f"the text has {len(material)} paragraphs of {MIN_WORDS}..{MAX_WORDS} words; {count} prompts need as many"
         )
     random.Random(seed).shuffle(material)
-    kinds = list(TEMPLATES)
     prompts = []
     for index, paragraph in enumerate(material[:count]):
         kind = kinds[index % len(kinds)]
+        if kind in OPEN_TEMPLATES:
+            prompts.append(Prompt(kind, OPEN_TEMPLATES[kind].format(subject=subject(paragraph))))
+            continue
         if kind == "continue":
             words = paragraph.split()
             paragraph = " ".join(words[: len(words) // 2])
@@ -70,23 +147,34 @@ def build_prompts(documents: Sequence[str], count: int, seed: int = 0) -> list[P
     return prompts
 
 
-def load_prompts(source: str, count: int, seed: int = 0, text_field: str = "text") -> list[Prompt]:
-    """Prompts from ``builtin:NAME`` or a corpus file (built with :func:`build_prompts`), or read verbatim from
-    a ``.jsonl`` file whose rows have a ``prompt`` field or a ``.txt`` file with one prompt per line (the
-    first ``count`` of them)."""
+def load_prompts(
+    source: str, count: int, seed: int = 0, text_field: str = "text", kinds: Sequence[str] | None = None
+) -> list[Prompt]:
+    """Prompts from ``builtin:NAME`` or a corpus file (built with :func:`build_prompts` of ``kinds``), or read
+    verbatim from a ``.jsonl`` file whose rows have a ``prompt`` field or a ``.txt`` file with one prompt per line
+    (the first ``count`` of them)."""
+    texts = verbatim_prompts(source)
+    if texts is not None:
+        if kinds is not None:
+            raise LinspecError(f"{source} holds prompts verbatim; prompt kinds apply to prompts built from a corpus")
+        return _verbatim(texts, count, source)
+    from linspec.train.data import load_documents
+
+    return build_prompts(list(load_documents(source, text_field)["text"]), count, seed, kinds)
+
+
+def verbatim_prompts(source: str) -> list[str] | None:
+    """The prompts of a ``.txt`` (one per line) or ``.jsonl`` (``prompt`` fields) file; None for a corpus."""
     path = Path(source).expanduser()
     if not source.startswith("builtin:") and not path.is_file():
         raise LinspecError(f"{source}: no such prompt file (expected builtin:NAME, .txt or .jsonl)")
     if path.suffix == ".txt" and path.is_file():
-        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return _verbatim(texts, count, source)
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".jsonl" and path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if rows and all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-            return _verbatim([r["prompt"] for r in rows], count, source)
-    from linspec.train.data import load_documents
-
-    return build_prompts(list(load_documents(source, text_field)["text"]), count, seed)
+            return [r["prompt"] for r in rows]
+    return None
 
 
 def _verbatim(texts: list[str], count: int, source: str) -> list[Prompt]:

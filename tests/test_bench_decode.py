@@ -70,3 +70,16 @@ def test_the_converted_model_uses_the_preset_asked_for(tmp_path):
     assert window.cache_bytes - paper.cache_bytes == extra
     longer = measure_one(str(tmp_path / "tiny"), "converted", 40, 1, preset="window")
     assert longer.cache_bytes == window.cache_bytes
+
+
+def test_speculative_bench_rows_for_a_trained_drafter_and_the_only_filter():
+    from linspec.bench.speculative import _wanted, settings_for
+
+    rows = settings_for("converted", 24, {"eagle": 5})
+    names = {(r.mode, r.name) for r in rows}
+    assert {("greedy", "lookup+eagle chain k=5"), ("greedy", "lookup+eagle chain k=5 conf>=0.5")} <= names
+    assert ("t=1", "lookup+eagle chain k=5") in names
+    assert all(r.drafter.get("lookup_first") for r in rows if r.name.startswith("lookup+"))
+    kept = [r for r in rows if _wanted(r, ["lookup+"])]
+    assert {r.kind for r in kept if not r.name.startswith("lookup+")} == {"plain-hf"}  # the baselines stay
+    assert len([r for r in kept if r.kind == "plain-hf"]) == 2 and [r for r in rows if _wanted(r, None)] == rows

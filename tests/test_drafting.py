@@ -15,7 +15,7 @@ from test_speculative import _chi_square_p_value, _exact_marginals, batch_of_pro
 import linspec
 from linspec.drafting import load_drafter, save_drafter
 from linspec.drafting.store import KINDS, build
-from linspec.speculative import SamplingConfig, speculative_generate
+from linspec.speculative import FallbackDrafter, PromptLookupDrafter, SamplingConfig, speculative_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,22 +54,55 @@ def test_greedy_output_equals_plain_greedy_for_each_trained_drafter(kind, target
     assert drafted[1] < drafted[0]
 
 
+class RecordingFallback(FallbackDrafter):
+    """Records which rows prompt lookup served in each round."""
+
+    served: list[torch.Tensor]
+
+    def propose(self, request):
+        tree = super().propose(request)
+        self.served.append(self._by_first.clone())
+        return tree
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("target_kind", ("softmax", "linear", "hybrid"))
+@torch.no_grad()
+def test_lookup_first_then_a_trained_drafter_keeps_greedy_output_exact(kind, target_kind):
+    """Rows whose context repeats get lookup's drafts, the others the trained drafter's, in the same rounds."""
+    target = make_target(target_kind)
+    prompt, mask = batch_of_prompts()  # row 2 repeats its first half: lookup finds matches there
+    expected = target.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    drafter = RecordingFallback(PromptLookupDrafter(num_tokens=4), random_drafter(kind, target).drafter(3, 2))
+    drafter.served = []
+    out = speculative_generate(target, drafter, prompt, 16, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+    assert torch.equal(out.sequences[:, : expected.shape[1]], expected)
+    assert bool(drafter.served[0][2]) and any(bool(s.any()) and not bool(s.all()) for s in drafter.served)
+
+
 @pytest.mark.parametrize(
-    "kind, target_kind, width, draft_vocab",
+    "kind, target_kind, width, draft_vocab, lookup_first",
     [
-        ("medusa", "linear", 1, None), ("medusa", "softmax", 3, 16),
-        ("eagle", "linear", 3, 16), ("eagle", "softmax", 1, None),
-        ("redrafter", "linear", 1, 16), ("redrafter", "softmax", 3, None),
+        ("medusa", "linear", 1, None, False), ("medusa", "softmax", 3, 16, False),
+        ("eagle", "linear", 3, 16, False), ("eagle", "softmax", 1, None, False),
+        ("redrafter", "linear", 1, 16, False), ("redrafter", "softmax", 3, None, False),
+        ("eagle", "linear", 2, 16, True),
     ],
 )  # fmt: skip
 @torch.no_grad()
-def test_sampled_tokens_follow_the_target_distribution_with_trained_drafters(kind, target_kind, width, draft_vocab):
+def test_sampled_tokens_follow_the_target_distribution_with_trained_drafters(
+    kind, target_kind, width, draft_vocab, lookup_first
+):
     """10k rows: new tokens 1–3 match the target's exact marginals (chi-square), chain and tree, with a reduced
-    draft vocabulary (q is zero outside it) or the full one."""
+    draft vocabulary (q is zero outside it) or the full one; and with prompt lookup first, whose point-mass rows
+    share rounds with rows drafted from q."""
     vocab, samples = 24, 10_000
     small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     target = make_target(target_kind, seed=0, **small)
     drafter = random_drafter(kind, target, depth=2, draft_vocab=draft_vocab).drafter(2, width)
+    if lookup_first:
+        drafter = RecordingFallback(PromptLookupDrafter(num_tokens=2), drafter)
+        drafter.served = []
     prompt = torch.tensor([[3, 5, 9, 3, 5]])
     settings = dict(temperature=0.9, top_k=20)
     gen = torch.Generator().manual_seed(7)
@@ -80,6 +113,8 @@ def test_sampled_tokens_follow_the_target_distribution_with_trained_drafters(kin
     for position in range(3):
         counts = torch.bincount(out.sequences[:, -3 + position], minlength=vocab)
         assert _chi_square_p_value(counts, exact[position]) > 1e-4, position
+    if lookup_first:  # some round mixed lookup rows with trained-drafter rows
+        assert any(bool(s.any()) and not bool(s.all()) for s in drafter.served)
 
 
 def test_a_saved_drafter_loads_only_for_its_target(tmp_path):
@@ -177,6 +212,10 @@ def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, m
     with_heads = json.loads(capsys.readouterr().out)
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["texts"] == with_heads["texts"]
+    assert main([*args, "--draft", "medusa", "--drafter", str(drafter), "--lookup-first", "--max-ngram", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == with_heads["texts"]
+    assert main(["train", str(recipe), "data.prompt_kinds=[story]", f"output={tmp_path / 'kinds'}"]) == 2
+    assert "holds prompts verbatim" in capsys.readouterr().err and not (tmp_path / "kinds").exists()
     assert main([*args, "--draft", "medusa", "--drafter", str(drafter), "--num-draft-tokens", "3"]) == 2
     assert "drafts 1..2 tokens per round" in capsys.readouterr().err
     assert main(["generate", str(other), "--prompt", "hi", "--draft", "medusa", "--drafter", str(drafter)]) == 2

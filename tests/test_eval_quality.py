@@ -130,6 +130,26 @@ def test_prompts_are_reproducible_and_cycle_through_the_templates(tmp_path):
         load_prompts(str(tmp_path / "missing.txt"), 5)
 
 
+def test_open_ended_prompt_kinds_ask_about_each_paragraphs_subject():
+    from linspec.prompts import KINDS, OPEN_TEMPLATES, build_prompts, subject
+
+    assert subject("The keeper of the Port of Mobile, Alabama, kept a log.") == "Port of Mobile"
+    assert subject("Some frogs inflate. They are green.") == "Some frogs inflate"  # no name: words before "are"
+    assert subject("In 1871 the lighthouse was built by Thomas Smith.") == "Thomas Smith"
+    filler = " ".join(f"word{i}" for i in range(50))
+    documents = [f"The archive of the Royal Society of Edinburgh holds {filler}.", f"Then Ada Lovelace wrote {filler}."]
+    kinds = ["story", "summarise", "list"]
+    prompts = build_prompts(documents, 2, seed=0, kinds=kinds) + build_prompts(documents[::-1], 2, seed=0, kinds=kinds)
+    assert [p.kind for p in prompts] == ["story", "summarise", "story", "summarise"]
+    stories = [p.text for p in prompts if p.kind == "story"]
+    assert sorted(stories) == sorted(
+        OPEN_TEMPLATES["story"].format(subject=s) for s in ("Royal Society of Edinburgh", "Ada Lovelace")
+    )
+    assert set(KINDS) >= set(OPEN_TEMPLATES)
+    with pytest.raises(LinspecError, match="unknown prompt kind 'poem'"):
+        build_prompts(documents, 2, kinds=["poem"])
+
+
 def test_agreement_counts_the_prefix_until_the_first_difference():
     from linspec.evaluate_agreement import Agreement
 

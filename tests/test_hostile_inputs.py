@@ -133,6 +133,10 @@ GENERATE = [
          "--min-confidence 1", "--min-confidence must be in [0, 1)"),
     Case("drafter-confidence-ignored", "generate {base} --prompt hi --draft lookup --min-confidence 0.5",
          "only applies to --draft medusa"),
+    Case("lookup-first-not-trained", "generate {base} --prompt hi --draft lookup --lookup-first",
+         "--lookup-first only applies to --draft medusa"),
+    Case("max-ngram-without-lookup-first", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
+         "--max-ngram 2", "--max-ngram applies to a trained drafter only with --lookup-first"),
     Case("drafter-tree-absurd", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
          "--tree-width 999", "--tree-width must be in 1..256"),
     Case("draft-model-without-path", "generate {linspec} --prompt hi --draft model", "needs --draft-model"),

@@ -107,13 +107,20 @@ def test_save_and_load_roundtrip_keeps_the_memory(preset, tmp_path):
 @pytest.mark.parametrize("preset", ["stable", "normalized", "window"])
 @torch.no_grad()
 def test_speculative_greedy_equals_plain_greedy(preset):
-    """Tree verify and commit (paths crossing groups of 4) reproduce plain greedy decoding token for token."""
+    """Tree verify and commit (paths crossing groups of 4) reproduce plain greedy decoding token for token.
+
+    Two rows (one left-padded) and a different decay in every layer: the commit appends all layers at once with
+    per-row decays, so a row or layer given another's λ would change the tokens."""
     target = preset_model(preset).double()
-    prompt = random_ids(1, 11, seed=3)
-    expected = target.generate(prompt, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    prompt = random_ids(2, 11, seed=3)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    prompt = prompt * mask
+    expected = target.generate(prompt, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
     drafters = {"self": ModelDrafter(target, num_tokens=5), "lookup": PromptLookupDrafter(num_tokens=4, num_drafts=2)}
     for name, drafter in drafters.items():
-        out = speculative_generate(target, drafter, prompt, 14, pad_token_id=0)
+        out = speculative_generate(target, drafter, prompt, 14, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert name != "self" or out.stats.accepted > 0  # the target drafting for itself: paths are committed
         assert torch.equal(out.sequences[:, : expected.shape[1]], expected), name
 
 

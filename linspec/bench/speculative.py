@@ -86,7 +86,13 @@ def settings_for(target_name: str, exit_layer: int, trained: dict | None = None)
                 {"kind": kind, "num_tokens": depth, "min_confidence": 0.5},
             ),
             Setting(f"{kind} chain k={depth}", "t=1", "linspec", {"kind": kind, "num_tokens": depth}),
-        ]
+            Setting(f"lookup+{kind} chain k={depth}", "greedy", "linspec",
+                    {"kind": kind, "num_tokens": depth, "lookup_first": True}),
+            Setting(f"lookup+{kind} chain k={depth} conf>=0.5", "greedy", "linspec",
+                    {"kind": kind, "num_tokens": depth, "min_confidence": 0.5, "lookup_first": True}),
+            Setting(f"lookup+{kind} chain k={depth}", "t=1", "linspec",
+                    {"kind": kind, "num_tokens": depth, "lookup_first": True}),
+        ]  # fmt: skip
     rows = [
         Setting("plain generate()", "greedy", "plain-hf"),
         Setting("plain, linspec loop", "greedy", "linspec", {"kind": "none"}),
@@ -143,6 +149,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trained for",
     )  # fmt: skip
     parser.add_argument("--targets", nargs="+", choices=["original", "converted"], default=["original", "converted"])
+    parser.add_argument(
+        "--only", nargs="+", metavar="TEXT",
+        help="run only the settings whose name contains one of these (the plain generate() baselines always run)",
+    )  # fmt: skip
     parser.add_argument(
         "--converted",
         help="linspec model dir for the converted target, e.g. a trained runs/smollm2-135m-demo/model "
@@ -208,7 +218,11 @@ def run(args: argparse.Namespace) -> int:
         for index, (prompt_name, _, prompt) in enumerate(prompts):
             edge = index in (0, len(prompts) - 1)
             mine = {kind: module.max_depth for (name, kind), module in trained.items() if name == target_name}
-            block = [s for s in settings_for(target_name, args.exit_layer, mine) if edge or not s.slow]
+            block = [
+                s
+                for s in settings_for(target_name, args.exit_layer, mine)
+                if (edge or not s.slow) and _wanted(s, args.only)
+            ]
             results = [Run(target_name, prompt_name, s.mode, s.name) for s in block]
             for repeat in range(max(args.repeats, args.sample_repeats)):  # interleaved: the same spread of load
                 for setting, result in zip(block, results, strict=True):
@@ -229,6 +243,11 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         console.print(f"wrote {record('speculative', data, section, figure, out_dir)}")
     return 0
+
+
+def _wanted(setting: Setting, only: list[str] | None) -> bool:
+    """``--only``: settings named by one of the texts, and always the plain baselines the ratios divide by."""
+    return setting.kind == "plain-hf" or not only or any(text in setting.name for text in only)
 
 
 def _trained_drafters(paths: list[str], models: dict, tokenizer) -> dict:

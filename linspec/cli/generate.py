@@ -38,6 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--min-confidence", type=float,
         help="trained drafters, greedy: propose only drafts whose cumulative probability reaches this (default 0)",
     )  # fmt: skip
+    parser.add_argument(
+        "--lookup-first", action="store_true", default=None,
+        help="trained drafters: draft by prompt lookup where the context has a match, by the trained drafter elsewhere",
+    )  # fmt: skip
     parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
     parser.add_argument("--max-tree-nodes", type=int, help="refuse larger draft trees (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -64,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = check_arguments(args)  # everything checkable without the model, before loading it
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
     if args.draft in TRAINED_DRAFTERS:
-        del options["max_ngram"]
         options["min_confidence"] = args.min_confidence or 0.0
+        options["lookup_first"] = bool(args.lookup_first)
     device, dtype = placement(args.device, args.dtype)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
@@ -120,8 +124,9 @@ DRAFT_FLAGS = {
     "exit_layer": ("early-exit",),
     "num_draft_tokens": ("lookup", "early-exit", "model", *TRAINED),
     "tree_width": ("lookup", "early-exit", "model", *TRAINED),
-    "max_ngram": ("lookup",),
+    "max_ngram": ("lookup", *TRAINED),
     "min_confidence": TRAINED,
+    "lookup_first": TRAINED,
     "max_tree_nodes": ("lookup", "early-exit", "model", *TRAINED),
 }
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -154,7 +159,9 @@ def check_arguments(args: argparse.Namespace):
             )
         if name == "min_confidence" and not 0 <= value < 1:
             raise LinspecError(f"--min-confidence must be in [0, 1), got {value}")
-        if name not in ("draft_model", "drafter", "min_confidence") and not 0 < value <= MAX_DRAFT:
+        if name == "max_ngram" and args.draft in TRAINED and not args.lookup_first:
+            raise LinspecError("--max-ngram applies to a trained drafter only with --lookup-first")
+        if name not in ("draft_model", "drafter", "min_confidence", "lookup_first") and not 0 < value <= MAX_DRAFT:
             raise LinspecError(f"{_flag(name)} must be in 1..{MAX_DRAFT}, got {value}")
     if args.draft == "model" and not args.draft_model:
         raise LinspecError("--draft model needs --draft-model SRC (a model sharing the tokenizer)")

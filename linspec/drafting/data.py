@@ -58,7 +58,7 @@ def self_distillation_data(target, tokenizer, settings: DistillData, folder: Pat
     from linspec.prompts import load_prompts
 
     count = settings.num_prompts + settings.eval_prompts
-    prompts = [p.text for p in load_prompts(settings.prompts, count, settings.seed)]
+    prompts = [p.text for p in load_prompts(settings.prompts, count, settings.seed, kinds=settings.prompt_kinds)]
     if len(prompts) < count:
         raise LinspecError(
             f"recipe key data.prompts: {settings.prompts} gives {len(prompts)} prompts; "

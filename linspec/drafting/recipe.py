@@ -10,6 +10,7 @@ from typing import Literal
 
 from linspec.drafting.base import MAX_DEPTH
 from linspec.errors import LinspecError
+from linspec.prompts import KINDS, verbatim_prompts
 from linspec.train.recipe import (
     MAX_STEPS,
     _check_source,
@@ -36,6 +37,7 @@ class DistillData:
     and its final hidden states on them; cached in linspec's cache, keyed by target and these settings."""
 
     prompts: str = "builtin:wiki-en"  # builtin:NAME, a corpus file, or prompts verbatim (.txt lines, .jsonl "prompt")
+    prompt_kinds: list[str] | None = None  # kinds built from a corpus, in turn (linspec.prompts.KINDS; null: TEMPLATES)
     num_prompts: int = 96  # training prompts
     eval_prompts: int = 8  # held-out prompts for the per-depth accuracy
     max_new_tokens: int = 96  # continuation length per prompt
@@ -103,6 +105,14 @@ def validate(recipe: DrafterRecipe) -> DrafterRecipe:
     _positive(spec.draft_vocab, "drafter.draft_vocab", limit=1 << 24)
     _positive(spec.intermediate_size, "drafter.intermediate_size", limit=1 << 16)
     _check_source(data.prompts, "data.prompts")
+    if data.prompt_kinds is not None:
+        bad = [k for k in data.prompt_kinds if k not in KINDS]
+        if bad or not data.prompt_kinds:
+            what = f"unknown kind {bad[0]!r}" if bad else "names no kind"
+            raise LinspecError(f"recipe key data.prompt_kinds: {what}; known: {', '.join(KINDS)}")
+        if verbatim_prompts(data.prompts) is not None:
+            raise LinspecError(f"recipe key data.prompt_kinds: {data.prompts} holds prompts verbatim; kinds apply to "
+                               "prompts built from a corpus")  # fmt: skip
     if data.text_tokens:
         _check_source(data.text, "data.text")
     _positive(data.text_tokens, "data.text_tokens", allow_zero=True, limit=1 << 26)

@@ -9,14 +9,17 @@ The KV-column helpers below serve both this cache's softmax layers and a plain s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from linspec.errors import LinspecError
 from linspec.models import hf
 from linspec.models.context import TreeCandidates
 from linspec.ops import LinearAttentionState, append_tokens
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.verify import TreeLayout
-from linspec.ops.window import window_append
+from linspec.ops.window import WINDOW_FIELDS, window_append
 
 
 def truncate_kv_columns(layer, columns: int) -> None:
@@ -220,8 +223,9 @@ class LinspecCache(hf.Cache):
 
         Every linear layer appends the same path at the same positions, so layers whose states have the same
         shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
-        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round. A layer
-        with a decayed memory folds with its own λ, so it is appended on its own.
+        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round. Layers
+        with decayed memories fold with their own λ, stacked as per-row decays. A softmax window (hundreds of
+        keys per layer) is not stacked: appending shifts it, one copy per layer, and stacking would add another.
         """
         batch = accepted.shape[0]
         entries = candidates.entries()
@@ -229,29 +233,30 @@ class LinspecCache(hf.Cache):
         for layer_idx, kept in entries.items():
             state = self.layers[layer_idx].state
             memory = kept.memory
-            own = layer_idx if memory is not None and memory.log_decay is not None else None
-            norm = None if memory is None else memory.norm
-            shapes = (kept.keys.shape, kept.values.shape, *(t.shape for t in state.tensors().values()), norm, own)
+            kind = None if memory is None else (memory.norm, memory.eps, memory.log_decay is not None)
+            shapes = (kept.keys.shape, kept.values.shape, *(t.shape for t in state.tensors().values()), kind)
             stacks.setdefault(shapes, []).append(layer_idx)
         for layer_ids in stacks.values():
             states = [self.layers[i].state for i in layer_ids]
-            stacked = LinearAttentionState(
-                **{name: _stacked([getattr(s, name) for s in states]) for name in states[0].tensors()}
-            )
+            shared = {name: _stacked([getattr(s, name) for s in states]) for name in _grouped_fields(states[0])}
             path = accepted.repeat(len(layer_ids), 1)
 
             def along_path(name: str, layer_ids=layer_ids, path=path) -> torch.Tensor:
                 x = _stacked([getattr(entries[i], name) for i in layer_ids])
                 return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
 
-            first = entries[layer_ids[0]]
-            mask = accepted_mask.repeat(len(layer_ids), 1)
             values = along_path("values")
-            if first.raw_keys is not None:
-                stacked = window_append(stacked, along_path("raw_keys"), values, mask)
-            new = append_tokens(stacked, along_path("keys"), values, mask, first.memory)
-            for j, layer_idx in enumerate(layer_ids):
-                self.layers[layer_idx].state = new.map(lambda t, j=j: t[j * batch : (j + 1) * batch])
+            raw_keys = along_path("raw_keys") if entries[layer_ids[0]].raw_keys is not None else None
+            memory = _stacked_memory(entries, layer_ids, batch)
+            mask = accepted_mask.repeat(len(layer_ids), 1)
+            new = append_tokens(LinearAttentionState(**shared), along_path("keys"), values, mask, memory)
+            for j, (layer_idx, old) in enumerate(zip(layer_ids, states, strict=True)):
+                rows = slice(j * batch, (j + 1) * batch)
+                state = new.map(lambda t, rows=rows: t[rows])
+                if raw_keys is not None:  # each window appended on its own: stacking would copy every window once more
+                    windowed = window_append(old, raw_keys[rows], values[rows], accepted_mask)
+                    state = replace(state, **{name: getattr(windowed, name) for name in WINDOW_FIELDS})
+                self.layers[layer_idx].state = state
 
     def compact_columns(self, order: torch.Tensor) -> None:
         """Keep KV columns ``order [B, W]`` of each row (dead columns squeezed out); ``W`` columns remain."""
@@ -299,6 +304,22 @@ class LinspecCache(hf.Cache):
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``parts`` joined along the batch axis; a layer on its own (a decayed memory) is used as it is, without the
-    copy ``torch.cat`` makes of a single tensor."""
+    """``parts`` joined along the batch axis; a layer on its own is used as it is, without the copy ``torch.cat``
+    makes of a single tensor."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _grouped_fields(state: LinearAttentionState) -> list[str]:
+    """The state's fields that ``append_tokens`` advances (all but a softmax window's)."""
+    return [name for name in state.tensors() if name not in WINDOW_FIELDS]
+
+
+def _stacked_memory(entries: dict, layer_ids: list[int], batch: int) -> GlobalMemory | None:
+    """The memory of layers ``layer_ids`` stacked along the batch axis (each ``batch`` rows): one per-row decay
+    ``(L·B, Hkv)`` when the layers decay, each row with its layer's λ; otherwise the first layer's (all equal)."""
+    first = entries[layer_ids[0]].memory
+    if first is None or first.log_decay is None:
+        return first
+    decays = [entries[i].memory.log_decay for i in layer_ids]
+    log_decay = torch.stack(decays).repeat_interleave(batch, dim=0)  # (L·B, Hkv)
+    return GlobalMemory(log_decay=log_decay, norm=first.norm, eps=first.eps)

@@ -29,7 +29,7 @@ GLOBAL_NORMS = ("none", "mean", "key")
 class GlobalMemory:
     """How S is kept. ``GlobalMemory()`` (or ``None`` wherever an op takes one) is the paper's plain sum."""
 
-    log_decay: torch.Tensor | None = None  # (Hkv,) log λ_h < 0; None: no decay
+    log_decay: torch.Tensor | None = None  # (Hkv,) log λ_h < 0, or (B, Hkv): per row; None: no decay
     norm: str = "none"
     eps: float = 1e-6
 
@@ -53,8 +53,11 @@ def is_plain(memory: GlobalMemory | None) -> bool:
 
 
 def per_head(log_decay: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``(Hkv,) -> (1, Hkv, 1, …)`` with ``ndim`` dims, to broadcast against ``[B, Hkv, …]`` tensors."""
-    return log_decay.view(1, -1, *([1] * (ndim - 2)))
+    """``(Hkv,) -> (1, Hkv, 1, …)`` or ``(B, Hkv) -> (B, Hkv, 1, …)`` with ``ndim`` dims, to broadcast against
+    ``[B, Hkv, …]`` tensors. Per-row decays let layers with different λ be stacked along the batch axis and
+    appended in one call (the speculative commit)."""
+    rows = log_decay.shape[0] if log_decay.dim() == 2 else 1
+    return log_decay.view(rows, -1, *([1] * (ndim - 2)))
 
 
 def decay_power(memory: GlobalMemory | None, steps: torch.Tensor) -> torch.Tensor | None:
@@ -89,13 +92,13 @@ def scan_groups(
     moved = per_group.movedim(dim, 2)  # (B, Hkv, NG, …)
     index = torch.arange(num_groups, device=per_group.device)
     lag = (index[:, None] - index[None, :]).to(memory.log_decay.dtype)  # (NG, NG): g − j
-    log_weights = memory.log_decay.view(-1, 1, 1) * lag  # (Hkv, NG, NG)
+    log_weights = per_head(memory.log_decay, 4) * lag  # (1 or B, Hkv, NG, NG)
     weights = torch.exp(torch.where(lag >= 0, log_weights, float("-inf"))).to(per_group.dtype)
     flat = moved.reshape(*moved.shape[:3], -1)  # (B, Hkv, NG, M)
     through = (weights @ flat).view(moved.shape)
     if initial is not None:
-        carry = torch.exp(memory.log_decay.view(-1, 1) * (index + 1)).to(per_group.dtype)  # (Hkv, NG): λ^(g+1)
-        through = through + carry.view(1, -1, num_groups, *([1] * (moved.dim() - 3))) * initial.unsqueeze(2)
+        carry = torch.exp(per_head(memory.log_decay, 3) * (index + 1)).to(per_group.dtype)  # λ^(g+1), (1|B, Hkv, NG)
+        through = through + carry.view(*carry.shape, *([1] * (moved.dim() - 3))) * initial.unsqueeze(2)
     start = initial.unsqueeze(2) if initial is not None else torch.zeros_like(moved[:, :, :1])
     before = torch.cat([start, through[:, :, :-1]], dim=2)
     return before.movedim(2, dim), through.movedim(2, dim)

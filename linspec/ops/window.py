@@ -36,6 +36,7 @@ from linspec.ops.extend import gather_tokens, newest, real_first
 from linspec.ops.state import LinearAttentionState
 from linspec.ops.verify import TreeLayout
 
+WINDOW_FIELDS = ("window_keys", "window_values", "sink_keys", "sink_values")  # a window layer's own state fields
 # New tokens per slice in ``window_extend``: bounds its (slice × (n + W − 1 + slice)) score matrix on long prompts.
 EXTEND_SLICE = 512
 
@@ -117,12 +118,17 @@ def window_attention(
     """A whole sequence from position 0 (training, full forwards) in ``O(T · (2W + n))``.
 
     The sequence is cut into blocks of W queries; block ``b`` reads blocks ``b − 1`` and ``b`` (which hold every
-    key its window can reach) and, first, the sinks, for the queries that have left them behind.
+    key its window can reach) and, first, the sinks, for the queries that have left them behind. A sequence
+    whose ``T²`` scores cost no more than the blocks' ``⌈T/W⌉ · W · 2W`` (``T`` up to about ``1.4 W``: a
+    256-token training sequence under a 1024-token window would otherwise be padded to 1024 queries × 2048 keys)
+    takes the dense form instead.
     """
     batch, num_heads, length, _ = q.shape
     kv_heads = k.shape[1]
     size = window.size
     blocks = -(-length // size)
+    if length * length <= blocks * size * 2 * size:
+        return window_reference(q, k, v, window, sink_q)
     pad = blocks * size - length
     far_q = far_queries(q, sink_q, torch.arange(length, device=q.device), window)
     if pad:

@@ -405,6 +405,73 @@ class HeadDrafter(TreeGrowingDrafter):
         return self._head_logits[:, level : level + 1].expand(-1, frontier.shape[1], -1)
 
 
+class FallbackDrafter(Drafter):
+    """``first`` where it proposes something, ``then`` for the rows it leaves empty — prompt lookup first, a
+    trained drafter otherwise: copying stretches get lookup's long cheap drafts, the rest the trained drafter's.
+
+    Per row the tree is one drafter's own, so acceptance (greedy or sampled) is exactly that drafter's; in a batch
+    whose rows mix them, the trees are padded to one width and point-mass rows get one-hot distributions.
+    ``then`` runs only in rounds where some row needs it, and each drafter hears back only about its own rows.
+    """
+
+    def __init__(self, first: Drafter, then: Drafter) -> None:
+        self.first, self.then = first, then
+        self.max_nodes = max(first.max_nodes, then.max_nodes)
+        self._by_first: torch.Tensor | None = None  # (B,) rows the last tree came from ``first``
+
+    def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.first.start(target, sequences, lengths)
+        self.then.start(target, sequences, lengths)
+
+    def propose(self, request: DraftRequest) -> DraftTree:
+        first = self.first.propose(request)
+        by_first = first.valid.any(1) if first.num_nodes else torch.zeros_like(request.lengths, dtype=torch.bool)
+        self._by_first = by_first
+        if bool(by_first.all()):
+            return first
+        then = self.then.propose(request)
+        if not bool(by_first.any()):
+            return then
+        if then.target_pass is not None:  # its layers ran on its own trees, not on the merged one
+            then.target_pass.discard()
+        return _rows_from(by_first, first, then)
+
+    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        by_first = self._by_first[:, None]
+        self.first.advance(accepted, accepted_mask & by_first)
+        self.then.advance(accepted, accepted_mask & ~by_first)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.first.select_rows(index)
+        self.then.select_rows(index)
+
+
+def _rows_from(pick: torch.Tensor, a: DraftTree, b: DraftTree) -> DraftTree:
+    """Row ``r`` of ``a`` where ``pick[r]``, else of ``b``: both padded to one width with invalid nodes."""
+    width = max(a.num_nodes, b.num_nodes)
+
+    def padded(x: torch.Tensor, fill) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=fill)
+
+    def chosen(name: str, fill) -> torch.Tensor:
+        return torch.where(pick[:, None], padded(getattr(a, name), fill), padded(getattr(b, name), fill))
+
+    tokens, parents, valid = chosen("tokens", 0), chosen("parents", -1), chosen("valid", False)
+    q = None
+    if a.q is not None or b.q is not None:
+        known = a.q if a.q is not None else b.q
+        vocab, dtype = known.shape[-1], known.dtype
+
+        def distributions(tree: DraftTree) -> torch.Tensor:  # (B, width, V); padding nodes: a point mass
+            point_masses = torch.nn.functional.one_hot(padded(tree.tokens, 0), vocab).to(dtype)
+            if tree.q is None:
+                return point_masses
+            return torch.cat([tree.q, point_masses[:, tree.num_nodes :]], 1)
+
+        q = torch.where(pick[:, None, None], distributions(a), distributions(b))
+    return DraftTree(tokens=tokens, parents=parents, valid=valid, q=q)
+
+
 TRAINED_DRAFTERS = ("medusa", "eagle", "redrafter")  # linspec.drafting: trained from the target, loaded from a dir
 DRAFTERS = ("none", "lookup", "early-exit", "model", *TRAINED_DRAFTERS)
 
@@ -419,12 +486,16 @@ def build_drafter(
     draft_model=None,
     trained=None,
     min_confidence: float = 0.0,
+    lookup_first: bool = False,
 ) -> Drafter | None:
     """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit``, ``model`` or a trained one
     (``medusa``, ``eagle``, ``redrafter``: ``trained`` is the module ``linspec.drafting.load_drafter`` returned) —
     with one tree knob: ``tree_width`` (lookup: distinct continuations merged; models: branches per level).
     ``num_tokens`` defaults to 10 for lookup (cheap drafts), 4 for models (each level costs a forward) and the
-    trained depth for trained drafters. Validated here."""
+    trained depth for trained drafters; ``lookup_first`` puts prompt lookup (10 tokens, one continuation) before
+    a trained drafter (``FallbackDrafter``). Validated here."""
+    if lookup_first and kind not in TRAINED_DRAFTERS:
+        raise LinspecError(f"lookup_first puts prompt lookup before a trained drafter; {kind!r} is not one")
     if kind == "none":
         return None
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
@@ -446,5 +517,6 @@ def build_drafter(
             raise LinspecError(f"the {kind} drafter needs a trained drafter directory (--drafter PATH)")
         if trained.kind != kind:
             raise LinspecError(f"the drafter given is a {trained.kind} drafter, not {kind}")
-        return trained.drafter(num_tokens, tree_width, min_confidence)
+        drafter = trained.drafter(num_tokens, tree_width, min_confidence)
+        return FallbackDrafter(PromptLookupDrafter(max_ngram=max_ngram), drafter) if lookup_first else drafter
     raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")
