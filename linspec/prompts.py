@@ -24,8 +24,8 @@ TEMPLATES = {
     "facts": "List three facts stated in this text.\n\n{text}",
     "question": "Write one question that this text answers, then answer it.\n\n{text}",
 }
-# kind -> template about the paragraph's subject ("{subject}": the words before the first sentence's verb):
-# open-ended requests — stories, explanations, lists, follow-ups — whose answers do not copy a given text.
+# kind -> template about the paragraph's subject ("{subject}": a name it mentions, see ``subject``): open-ended
+# requests — stories, explanations, lists, follow-ups — whose answers do not copy a given text.
 OPEN_TEMPLATES = {
     "story": "Write a short story about {subject}.",
     "explain": "Explain {subject} to a curious ten-year-old.",
@@ -39,31 +39,9 @@ _SUBJECT_VERBS = {"is", "was", "are", "were", "has", "had", "became", "refers"}
 _CONNECTORS = {"of", "the", "and", "de", "von", "van", "for"}
 # capitalised only because they open a sentence: not part of a name that follows them
 _OPENERS = {
-    "The",
-    "A",
-    "An",
-    "In",
-    "On",
-    "At",
-    "Then",
-    "However",
-    "When",
-    "After",
-    "Before",
-    "During",
-    "Some",
-    "This",
-    "These",
-    "Its",
-    "His",
-    "Her",
-    "Their",
-    "According",
-    "Despite",
-    "If",
-    "Since",
-    "While",
-}
+    "The", "A", "An", "In", "On", "At", "Then", "However", "When", "After", "Before", "During", "Some", "This",
+    "These", "Its", "His", "Her", "Their", "According", "Despite", "If", "Since", "While",
+}  # fmt: skip
 _SUBJECT_WORDS = 8  # a subject longer than this is a clause, not a name: its first words are used instead
 
 

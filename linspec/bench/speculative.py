@@ -388,6 +388,8 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         "same tokens", "ms/round draft/verify/commit", "tok/s or error",
     ]  # fmt: skip
     machine = f"{torch.get_num_threads()} thread(s)"
+    device, dtype = placement(args.device, args.dtype)
+    where = f"{device.type.upper()}, {str(dtype).removeprefix('torch.')}"
     section = "\n".join([
         "## Speculative decoding (`linspec bench speculative`)",
         "",
@@ -397,7 +399,10 @@ def _report(runs: list[Run], args, prompts) -> tuple[str, object]:
         + (f"--targets {' '.join(args.targets)} " if args.targets else "")
         + (f"--prompts {' '.join(args.prompts)} " if args.prompts else "")
         + (f"--drafters {' '.join(map(str, args.drafters))} " if args.drafters else "")
-        + f"--threads {args.threads} --exit-layer {args.exit_layer}`. CPU, float32, batch 1, {machine}, on a "
+        + (f"--only {' '.join(args.only)} " if args.only else "")
+        + (f"--device {args.device} " if args.device != "auto" else "")
+        + (f"--dtype {args.dtype} " if args.dtype != "auto" else "")
+        + f"--threads {args.threads} --exit-layer {args.exit_layer}`. {where}, batch 1, {machine}, on a "
         "machine shared with other jobs (absolute tokens/s are noisy; ratios are taken within one prompt block).",
         "",
         "Speedup = end-to-end tokens/s (prefill included, stop at EOS or the budget) over plain `generate()` of "
