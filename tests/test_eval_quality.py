@@ -134,7 +134,7 @@ def test_open_ended_prompt_kinds_ask_about_each_paragraphs_subject():
     from linspec.prompts import KINDS, OPEN_TEMPLATES, build_prompts, subject
 
     assert subject("The keeper of the Port of Mobile, Alabama, kept a log.") == "Port of Mobile"
-    assert subject("Some frogs inflate. They are green.") == "Some frogs inflate"  # no name: words before "are"
+    assert subject("Some frogs inflate. They are green.") == "Some frogs inflate"  # no name: the first words
     assert subject("In 1871 the lighthouse was built by Thomas Smith.") == "Thomas Smith"
     filler = " ".join(f"word{i}" for i in range(50))
     documents = [f"The archive of the Royal Society of Edinburgh holds {filler}.", f"Then Ada Lovelace wrote {filler}."]

@@ -411,13 +411,16 @@ class FallbackDrafter(Drafter):
 
     Per row the tree is one drafter's own, so acceptance (greedy or sampled) is exactly that drafter's; in a batch
     whose rows mix them, the trees are padded to one width and point-mass rows get one-hot distributions.
-    ``then`` runs only in rounds where some row needs it, and each drafter hears back only about its own rows.
+    ``then`` runs only in rounds where some row needs it, so it must not depend on seeing every round (trained
+    drafters and heads start from the target's hidden state each round); each drafter hears back only about the
+    rows it drafted for, and only in rounds it drafted in.
     """
 
     def __init__(self, first: Drafter, then: Drafter) -> None:
         self.first, self.then = first, then
         self.max_nodes = max(first.max_nodes, then.max_nodes)
         self._by_first: torch.Tensor | None = None  # (B,) rows the last tree came from ``first``
+        self._then_drafted = False  # whether ``then`` proposed in the last round
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         self.first.start(target, sequences, lengths)
@@ -427,7 +430,8 @@ class FallbackDrafter(Drafter):
         first = self.first.propose(request)
         by_first = first.valid.any(1) if first.num_nodes else torch.zeros_like(request.lengths, dtype=torch.bool)
         self._by_first = by_first
-        if bool(by_first.all()):
+        self._then_drafted = not bool(by_first.all())
+        if not self._then_drafted:
             return first
         then = self.then.propose(request)
         if not bool(by_first.any()):
@@ -439,7 +443,8 @@ class FallbackDrafter(Drafter):
     def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
         by_first = self._by_first[:, None]
         self.first.advance(accepted, accepted_mask & by_first)
-        self.then.advance(accepted, accepted_mask & ~by_first)
+        if self._then_drafted:
+            self.then.advance(accepted, accepted_mask & ~by_first)
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.first.select_rows(index)
