@@ -95,6 +95,16 @@ def subject(paragraph: str) -> str:
     return " ".join(first[: cut if cut is not None else min(len(first), 5)]).strip(" ,;:()\"'")
 
 
+def check_kinds(kinds: Sequence[str]) -> list[str]:
+    """``kinds`` as a list, or ``LinspecError`` naming the first unknown one (or saying that none is named)."""
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        what = f"unknown prompt kind {unknown[0]!r}" if unknown else "no prompt kind named"
+        raise LinspecError(f"{what}; known: {', '.join(KINDS)}")
+    return kinds
+
+
 def build_prompts(
     documents: Sequence[str], count: int, seed: int = 0, kinds: Sequence[str] | None = None
 ) -> list[Prompt]:
@@ -102,10 +112,7 @@ def build_prompts(
     ones, ``TEMPLATES``; any of ``KINDS``). Deterministic given the inputs."""
     if count < 1:
         raise LinspecError(f"the number of prompts must be at least 1, got {count}")
-    kinds = list(TEMPLATES) if kinds is None else list(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise LinspecError(f"unknown prompt kind {unknown[0] if unknown else None!r}; known: {', '.join(KINDS)}")
+    kinds = list(TEMPLATES) if kinds is None else check_kinds(kinds)
     material = paragraphs(documents)
     if len(material) < count:
         raise LinspecError(

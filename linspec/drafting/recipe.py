@@ -10,7 +10,7 @@ from typing import Literal
 
 from linspec.drafting.base import MAX_DEPTH
 from linspec.errors import LinspecError
-from linspec.prompts import KINDS, verbatim_prompts
+from linspec.prompts import check_kinds, verbatim_prompts
 from linspec.train.recipe import (
     MAX_STEPS,
     _check_source,
@@ -106,10 +106,10 @@ def validate(recipe: DrafterRecipe) -> DrafterRecipe:
     _positive(spec.intermediate_size, "drafter.intermediate_size", limit=1 << 16)
     _check_source(data.prompts, "data.prompts")
     if data.prompt_kinds is not None:
-        bad = [k for k in data.prompt_kinds if k not in KINDS]
-        if bad or not data.prompt_kinds:
-            what = f"unknown kind {bad[0]!r}" if bad else "names no kind"
-            raise LinspecError(f"recipe key data.prompt_kinds: {what}; known: {', '.join(KINDS)}")
+        try:
+            check_kinds(data.prompt_kinds)
+        except LinspecError as error:
+            raise LinspecError(f"recipe key data.prompt_kinds: {error}") from None
         if verbatim_prompts(data.prompts) is not None:
             raise LinspecError(f"recipe key data.prompt_kinds: {data.prompts} holds prompts verbatim; kinds apply to "
                                "prompts built from a corpus")  # fmt: skip
