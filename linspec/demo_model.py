@@ -137,14 +137,19 @@ class _Reporter:
 
 @contextlib.contextmanager
 def _build_lock(target: Path, reporter: _Reporter) -> Iterator[None]:
-    """Hold an exclusive lock beside ``target`` so that only one process downloads and dequantises."""
+    """Hold an exclusive lock beside ``target`` so that only one process downloads and dequantises.
+
+    Its own file (``.NAME.build.lock``): the build's :func:`atomic_directory` takes the output lock
+    ``.NAME.lock`` inside this one, and two ``flock`` calls on one file from one process would refuse each other.
+    Waiters block here, so a second caller waits for the first build instead of failing.
+    """
     try:
         import fcntl
     except ImportError:  # Windows: no lock, the atomic rename still keeps the cache consistent
         yield
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as handle:
+    with open(target.parent / f".{target.name}.build.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

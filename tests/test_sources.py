@@ -340,3 +340,32 @@ def test_leftovers_of_killed_builds_are_removed(tmp_path):
         (tmp_path / name).mkdir()
     _remove_leftovers(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.xyz.partial"]
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_demo_model_once_into_an_empty_cache(tmp_path, demo_model_path):
+    """The first run on a new machine: download, dequantise and cache, while a second caller waits for it.
+
+    Both processes start on an empty cache; one builds, the other blocks on the build lock and then finds the
+    finished copy. The result must hold the same weights as the copy every other test uses.
+    """
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "LINSPEC_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code = "from linspec.demo_model import demo_model_dir; print(demo_model_dir('smollm2-135m'))"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, **pipes) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (out, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-2000:]
+        assert out.strip() == str(tmp_path / "models" / "smollm2-135m")
+    assert sum("preparing demo model" in err for _, err in outputs) == 1  # one download, one dequantisation
+    built = tmp_path / "models" / "smollm2-135m"
+    assert is_complete(built, DEMO_MODELS["smollm2-135m"])
+    leftovers = [p.name for p in tmp_path.joinpath("models").iterdir() if p.name.endswith((".partial", ".old"))]
+    assert leftovers == []
+    ours, reference = load_file(built / "model.safetensors"), load_file(demo_model_path / "model.safetensors")
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[name], reference[name]) for name in ours)
