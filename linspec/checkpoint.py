@@ -65,7 +65,8 @@ def _check_config_before_loading(src: str, settings: LinspecConfig) -> None:
         raise LinspecError(f"{src} is already a linspec model; convert its softmax parent instead")
     linspec_classes_for(str(data.get("model_type")))
     if isinstance(data.get("num_hidden_layers"), int) and not isinstance(data["num_hidden_layers"], bool):
-        sizes = {key: data.get(key) for key in ("num_hidden_layers", "max_position_embeddings")}
+        keys = ("num_hidden_layers", "max_position_embeddings", "num_attention_heads", "num_key_value_heads")
+        sizes = {key: data.get(key) for key in keys}
         settings.check_model(SimpleNamespace(**sizes))
 
 

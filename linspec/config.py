@@ -23,6 +23,7 @@ MAX_CONV_TAPS = 1024
 MAX_LOCAL_WINDOW = 65536
 MAX_SINK_TOKENS = 1024
 MAX_LAYERS = 4096
+MAX_HEADS = 4096
 PRESETS = {
     # You et al. 2024: L2-normalised q/k, relu² inside groups of 64, 32 causal conv taps. S an unbounded sum.
     "paper": dict(_PAPER),
@@ -53,6 +54,11 @@ class LinspecConfig:
     """Settings of the augmented grouped linear attention (docs/design.md §2). The defaults are the paper preset.
 
     ``softmax_layers`` keeps those decoder layers (0-based) as the model's own softmax attention: a hybrid.
+    ``softmax_heads`` keeps single kv heads of linear layers, as ``(layer, kv head)`` pairs: each such head (and
+    the query heads that read it) attends with the pretrained softmax over the whole context, like a softmax
+    layer, while the layer's other heads stay linear. Retrieval lives in a few heads spread over many layers
+    (Wu et al. 2024, retrieval heads; Xiao et al. 2024, DuoAttention), so a hybrid by heads reaches them for the
+    KV cache of a few layers, where a hybrid by layers must keep every head of each layer it touches.
 
     The global term's memory S (``linspec.ops.memory``). The paper's S is an unnormalised sum over every complete
     group, so its size grows with the context: a model trained on short windows sees it swamp the layer past its
@@ -89,6 +95,7 @@ class LinspecConfig:
     feature_map: str = "l2norm"
     local_kernel: str = "relu2"
     softmax_layers: tuple[int, ...] = field(default_factory=tuple)
+    softmax_heads: tuple[tuple[int, int], ...] = field(default_factory=tuple)
     global_decay: bool = False
     global_norm: str = "none"
     local_window: int = 0
@@ -115,6 +122,31 @@ class LinspecConfig:
         if bad:
             raise LinspecError(f"softmax_layers must be non-negative layer indices below {MAX_LAYERS}, got {_few(bad)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
+        self._check_softmax_heads()
+
+    def _check_softmax_heads(self) -> None:
+        heads = self.softmax_heads
+        if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+            raise LinspecError(f"softmax_heads must be a list of [layer, kv head] pairs, got {heads!r:.40}")
+        pairs = []
+        for pair in heads:
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__iter__") or len(tuple(pair)) != 2:
+                raise LinspecError(f"softmax_heads must be a list of [layer, kv head] pairs, got {pair!r:.40}")
+            layer, head = tuple(pair)
+            for value, limit in ((layer, MAX_LAYERS), (head, MAX_HEADS)):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+                    raise LinspecError(f"softmax_heads entries must be non-negative indices, got {pair!r:.40}")
+            pairs.append((layer, head))
+        inside = sorted({layer for layer, _ in pairs if layer in self.softmax_layers})
+        if inside:
+            raise LinspecError(
+                f"softmax_heads name heads of softmax layers {_few(inside)}; every head of a softmax layer already is"
+            )
+        object.__setattr__(self, "softmax_heads", tuple(sorted(set(pairs))))
+
+    def heads_of(self, layer: int) -> tuple[int, ...]:
+        """The kv heads of linear layer ``layer`` kept as softmax attention (``softmax_heads``), sorted."""
+        return tuple(head for at, head in self.softmax_heads if at == layer)
 
     def _check_window(self) -> None:
         for name, limit in (("local_window", MAX_LOCAL_WINDOW), ("sink_tokens", MAX_SINK_TOKENS)):
@@ -168,6 +200,7 @@ class LinspecConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["softmax_layers"] = list(self.softmax_layers)
+        data["softmax_heads"] = [list(pair) for pair in self.softmax_heads]
         return data
 
     @classmethod
@@ -176,19 +209,29 @@ class LinspecConfig:
         unknown = set(data) - known
         if unknown:
             raise LinspecError(f"unknown linspec setting(s): {', '.join(sorted(unknown))}")
-        return cls(**{**data, "softmax_layers": tuple(data.get("softmax_layers", ()))})
+        return cls(**{**data, "softmax_layers": tuple(data.get("softmax_layers", ()))})  # heads: pairs in any form
 
     def check_layers(self, num_layers: int) -> None:
         """Raise if a softmax layer index does not exist in a model with ``num_layers`` decoder layers."""
         bad = [i for i in self.softmax_layers if i >= num_layers]
+        heads = [list(pair) for pair in self.softmax_heads if pair[0] >= num_layers]
+        if heads:
+            raise LinspecError(
+                f"softmax_heads {_few(heads)} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+            )
         if bad:
             raise LinspecError(
                 f"softmax_layers {_few(bad)} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
             )
 
     def check_model(self, config: Any) -> None:
-        """Raise if these settings do not fit a model's config: a missing layer, or G or P beyond its positions."""
+        """Raise if these settings do not fit a model's config: a missing layer or kv head, or G or P beyond its
+        positions."""
         self.check_layers(int(config.num_hidden_layers))
+        kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+        bad = [list(pair) for pair in self.softmax_heads if isinstance(kv_heads, int) and pair[1] >= kv_heads]
+        if bad:
+            raise LinspecError(f"softmax_heads {_few(bad)} out of range: the model has {kv_heads} kv heads per layer")
         positions = getattr(config, "max_position_embeddings", None)
         if isinstance(positions, int) and positions > 0:
             for name in ("group_size", "conv_taps"):

@@ -38,6 +38,7 @@ class ModelCard:
     def render(self) -> str:
         settings = self.settings
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
+        heads = ", ".join(f"{layer}:{head}" for layer, head in settings.softmax_heads)
         local = (
             f"the pretrained softmax over the last {settings.local_window} tokens and "
             f"{settings.sink_tokens} attention sinks ({settings.sink_positions} positions)"
@@ -69,6 +70,7 @@ class ModelCard:
             *([f"| softmax window | {settings.window_summary} |"] if settings.softmax_window else []),
             f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
             f"| softmax layers kept | {layers} |",
+            *([f"| softmax kv heads kept (layer:head) | {heads} |"] if settings.softmax_heads else []),
             "",
             "## Training",
             "",

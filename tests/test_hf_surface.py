@@ -24,7 +24,9 @@ from linspec.speculative import EarlyExitDrafter, PromptLookupDrafter, speculati
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ARCHS = sorted(BASES)
-KINDS = ("softmax", "linear", "hybrid")
+KINDS = ("softmax", "linear", "hybrid", "heads")
+# "heads": layer 1 softmax and one kv head of each linear layer kept softmax (both kinds of growing KV at once)
+HYBRIDS = {"hybrid": {"softmax_layers": (1,)}, "heads": {"softmax_layers": (1,), "softmax_heads": ((0, 1), (2, 0))}}
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -34,7 +36,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def make_model(arch: str, kind: str, seed: int = 0, **overrides):
     if kind == "softmax":
         return tiny_base(arch, seed, **overrides)
-    settings = linspec.LinspecConfig(group_size=8, conv_taps=4, softmax_layers=(1,) if kind == "hybrid" else ())
+    settings = linspec.LinspecConfig(group_size=8, conv_taps=4, **HYBRIDS.get(kind, {}))
     model = linspec.convert(tiny_base(arch, seed, **overrides), settings)
     randomize_linspec_parameters(model, seed)  # γ and conv non-zero: the linear path matters
     return model.eval()
@@ -46,7 +48,7 @@ def test_the_cache_keyword_is_the_one_this_release_uses():
     assert f"{major}.{minor}" in hf.TESTED_TRANSFORMERS, "a transformers release the suite was never declared for"
 
 
-@pytest.mark.parametrize("kind", ("linear", "hybrid"))
+@pytest.mark.parametrize("kind", ("linear", "hybrid", "heads"))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_plus_decode_equals_full_forward(arch, kind):
     """Chunked (no cache), extend (prefill on the cache) and recurrent (decode) agree at the model level, with the
@@ -78,7 +80,7 @@ def test_a_linspec_forward_takes_the_cache_under_either_name_without_warning(key
     assert (last - full[:, 7:]).abs().max().item() < 1e-10
 
 
-@pytest.mark.parametrize("kind", ("linear", "hybrid"))
+@pytest.mark.parametrize("kind", ("linear", "hybrid", "heads"))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_decodes_with_the_linspec_cache_holding_the_context(arch, kind):
     """``generate()`` builds a ``LinspecCache`` through the cache hook, returns it, and its greedy tokens equal
@@ -158,7 +160,7 @@ def test_tree_logits_and_commit_equal_one_by_one_decoding(arch, kind):
 
 def assert_same_committed_state(runner: ModelRunner, row: int, reference_cache) -> None:
     """Row ``row`` of the runner's cache holds what one-by-one decoding left in ``reference_cache``: every tensor
-    of each linear state, and each softmax layer's live KV columns in order."""
+    of each linear state, and the live KV columns of each softmax layer and softmax heads' layer, in order."""
     for index, layer in enumerate(runner.cache.layers):
         reference = reference_cache.layers[index]
         if hasattr(layer, "state"):
@@ -166,13 +168,16 @@ def assert_same_committed_state(runner: ModelRunner, row: int, reference_cache) 
                 torch.testing.assert_close(
                     value[row : row + 1], reference.state.tensors()[name], rtol=0, atol=1e-10, msg=name
                 )
-            continue
-        live = runner.kv_valid[row]  # an open tree's candidate columns come after these
+    live = runner.kv_valid[row]  # an open tree's candidate columns come after these
+    kv_layers = runner.kv_layers
+    reference_layers = reference_cache.kv_layers() if runner.is_linspec else hf.kv_layers(reference_cache)
+    assert len(kv_layers) == len(reference_layers)  # softmax layers and softmax heads alike
+    for layer, reference in zip(kv_layers, reference_layers, strict=True):
         for got, want in zip(hf.kv_tensors(layer), hf.kv_tensors(reference), strict=True):
             torch.testing.assert_close(got[row][:, : live.numel()][:, live], want[0], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ("softmax", "hybrid"))
+@pytest.mark.parametrize("kind", ("softmax", "hybrid", "heads"))
 @torch.no_grad()
 def test_a_chain_accepted_from_its_root_commits_as_a_crop(kind):
     """A chain whose rows accept 4 and 2 of its nodes from the root: softmax KV columns are kept where they are

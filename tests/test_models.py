@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
-from tiny_models import BASES, tiny_base, tiny_linspec
+from tiny_models import BASES, randomize_linspec_parameters, tiny_base, tiny_linspec
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import linspec
@@ -120,6 +122,59 @@ def test_all_layers_softmax_equals_the_original_exactly(arch):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected)
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), greedy)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kv_head_kept_softmax_equals_the_original(arch):
+    """``softmax_heads`` naming every kv head of every layer is the softmax model again, in a full forward and in
+    batched, left-padded cached generation (the heads' KV and masks, not the linear path, produce the output)."""
+    base = tiny_base(arch, seed=4)
+    ids, mask = random_ids(2, 15), torch.ones(2, 15, dtype=torch.long)
+    mask[1, :6] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = base(ids).logits
+        greedy = base.generate(ids, **kwargs)
+    every = tuple((layer, head) for layer in range(3) for head in range(2))
+    model = linspec.convert(base, linspec.LinspecConfig(group_size=8, conv_taps=4, softmax_heads=every))
+    randomize_linspec_parameters(model)  # γ and conv may be anything: the softmax heads replace the whole output
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(ids, **kwargs), greedy)
+
+
+def test_softmax_heads_replace_only_their_own_query_heads():
+    """Kv head 1 of layer 0 kept softmax: its query heads (2 and 3 of 4) carry the parent's softmax attention,
+    heads 0 and 1 the linear layer's output, unchanged by the choice."""
+    ids = random_ids(1, 20)
+    models = {
+        "softmax": tiny_base("llama", seed=2),
+        "linear": tiny_linspec("llama", seed=2),
+        "mixed": tiny_linspec("llama", seed=2, softmax_heads=((0, 1),)),
+    }
+    heads = {}
+    for name, model in models.items():  # what layer 0 hands its o_proj: every head's output, (T, H, D)
+        hook = lambda module, args, name=name: heads.__setitem__(name, args[0][0].view(20, 4, 16))  # noqa: E731
+        handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            model(ids)
+        handle.remove()
+    torch.testing.assert_close(heads["mixed"][:, 2:], heads["softmax"][:, 2:], rtol=1e-5, atol=1e-6)
+    assert torch.equal(heads["mixed"][:, :2], heads["linear"][:, :2])
+    assert not torch.allclose(heads["linear"][:, 2:], heads["softmax"][:, 2:], atol=1e-3)
+
+
+def test_softmax_heads_grow_the_cache_by_their_own_columns_only():
+    model = tiny_linspec("llama", softmax_heads=((0, 1), (2, 0)))
+    sizes = []
+    with torch.no_grad():
+        cache = model.new_cache()
+        logits = model(random_ids(1, 10), **hf.cache_kwargs(cache)).logits
+        for _ in range(5):
+            logits = model(logits[:, -1:].argmax(-1), **hf.cache_kwargs(cache)).logits
+            sizes.append(cache.nbytes())
+    per_token = 2 * 2 * 16 * 4  # two heads' keys and values, 16 float32 numbers each
+    assert [b - a for a, b in itertools.pairwise(sizes)] == [per_token] * 4
 
 
 def test_unsupported_architecture_names_the_supported_ones():

@@ -22,13 +22,14 @@ from linspec.speculative.tree import children_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TARGETS = ("softmax", "linear", "hybrid")
+TARGETS = ("softmax", "linear", "hybrid", "heads")
+HYBRIDS = {"hybrid": {"softmax_layers": (1,)}, "heads": {"softmax_heads": ((0, 1), (2, 0))}}
 
 
 def make_target(kind: str, seed: int = 0, **overrides):
     if kind == "softmax":
         return tiny_base("llama", seed, **overrides)
-    settings = linspec.LinspecConfig(group_size=8, conv_taps=4, softmax_layers=(1,) if kind == "hybrid" else ())
+    settings = linspec.LinspecConfig(group_size=8, conv_taps=4, **HYBRIDS.get(kind, {}))
     model = linspec.convert(tiny_base("llama", seed, **overrides), settings)
     randomize_linspec_parameters(model, seed)  # γ and conv non-zero: the linear path matters
     return model.eval()
@@ -72,7 +73,7 @@ def test_greedy_output_equals_plain_greedy_generate(kind):
         assert torch.equal(out.sequences[:, : expected.shape[1]], expected), name
 
 
-@pytest.mark.parametrize("kind", ["linear", "hybrid"])
+@pytest.mark.parametrize("kind", ["linear", "hybrid", "heads"])
 @torch.no_grad()
 def test_each_batch_row_equals_its_unbatched_output(kind):
     """Rows that accept different numbers of tokens per round still produce exactly their unbatched output."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 
 from linspec.config import PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
+from linspec.head_ranking import AutoHeads
 from linspec.hybrid import AutoLayers
 
 
@@ -17,6 +19,17 @@ def parse_layers(text: str):
 
     try:
         return parse_softmax_layers(text)
+    except LinspecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_heads(text: str):
+    """``"4:1,7:0"`` -> ``((4, 1), (7, 0))``; ``"auto:12"`` -> ``AutoHeads(12)`` (chosen by measurement on --data)."""
+    from linspec.errors import LinspecError
+    from linspec.head_ranking import parse_softmax_heads
+
+    try:
+        return parse_softmax_heads(text)
     except LinspecError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -67,7 +80,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="layers to keep softmax, e.g. 0,5-7; auto:N keeps the N layers that measure best on --data "
         "(linspec eval layers' ranking of the raw all-linear conversion)",
     )
-    parser.add_argument("--data", help="held-out text for --softmax-layers auto:N (.txt/.jsonl/.parquet, builtin:NAME)")
+    parser.add_argument(
+        "--softmax-heads",
+        type=parse_heads,
+        default=(),
+        help="kv heads of linear layers to keep softmax, as layer:head pairs, e.g. 4:1,7:0; auto:N keeps the N that "
+        "the softmax model attends outside the local window with most, measured on --data (linspec eval heads)",
+    )
+    parser.add_argument("--data", help="held-out text for auto:N layers or heads (.txt/.jsonl/.parquet, builtin:NAME)")
     parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet --data (default: text)")
     parser.add_argument("--dtype", default="float32", help="written weights: float32 (default), bfloat16, float16")
     parser.add_argument("--device", default="cpu", help="where the model is loaded while converting (default cpu)")
@@ -99,9 +119,15 @@ def run(args: argparse.Namespace) -> int:
     }
     device, dtype = placement(args.device, args.dtype)
     auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
-    settings = LinspecConfig.from_preset(args.preset, softmax_layers=() if auto else args.softmax_layers, **overrides)
-    if auto:
-        settings = choose_layers(args, settings, auto)
+    auto_heads = args.softmax_heads if isinstance(args.softmax_heads, AutoHeads) else None
+    settings = LinspecConfig.from_preset(
+        args.preset,
+        softmax_layers=() if auto else args.softmax_layers,
+        softmax_heads=() if auto_heads else args.softmax_heads,
+        **overrides,
+    )
+    if auto or auto_heads:
+        settings = choose_by_measurement(args, settings, auto, auto_heads)
     out = convert_checkpoint(
         args.src,
         args.out,
@@ -116,22 +142,38 @@ def run(args: argparse.Namespace) -> int:
     window = f", window {settings.window_summary}" if settings.softmax_window else ""
     print(
         f"wrote {out} ({settings.feature_map}/{settings.local_kernel}{window}, G={settings.group_size}, "
-        f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'})"
+        f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'}"
+        f"{heads_summary(settings)})"
     )
     return 0
 
 
-def choose_layers(args: argparse.Namespace, settings: LinspecConfig, auto: AutoLayers) -> LinspecConfig:
-    """``--softmax-layers auto:N``: rank the raw all-linear conversion's layers on --data, keep the best N."""
+def format_heads(heads) -> str:
+    """``"4:1,7:0"``: softmax heads as ``--softmax-heads`` takes them."""
+    return ",".join(f"{layer}:{head}" for layer, head in heads)
+
+
+def heads_summary(settings: LinspecConfig) -> str:
+    """``", softmax heads: 4:1,7:0"`` for a summary line; empty without softmax heads."""
+    return f", softmax heads: {format_heads(settings.softmax_heads)}" if settings.softmax_heads else ""
+
+
+def choose_by_measurement(
+    args: argparse.Namespace, settings: LinspecConfig, auto: AutoLayers | None, auto_heads: AutoHeads | None
+) -> LinspecConfig:
+    """``auto:N`` layers (the raw all-linear conversion's layers ranked on --data) and/or ``auto:N`` heads (the
+    softmax model's heads ranked by attention outside the local span, on --data sequences twice that span)."""
     from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.evaluate import read_text_ids
+    from linspec.head_ranking import choose_softmax_heads, local_span
     from linspec.hybrid import resolve_softmax_layers, text_sequences
     from linspec.io import check_output_dir
     from linspec.sources import load_source
 
     if not args.data:
-        raise LinspecError(f"--softmax-layers {auto} needs --data (held-out text to measure the layers on)")
+        what = f"--softmax-layers {auto}" if auto else f"--softmax-heads {auto_heads}"
+        raise LinspecError(f"{what} needs --data (held-out text to measure on)")
     check_output_dir(args.out, args.force)
     device, dtype = placement(args.device, args.dtype)
     base, tokenizer = load_source(
@@ -143,7 +185,14 @@ def choose_layers(args: argparse.Namespace, settings: LinspecConfig, auto: AutoL
     )
     if tokenizer is None:
         raise LinspecError(f"{args.src} has no tokenizer, so --data cannot be tokenised for auto:N")
-    sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), seq_len=256, max_sequences=8)
-    chosen = resolve_softmax_layers(base, settings, auto, sequences)
-    print(f"{auto}: measured on {args.data}, keeping layers {list(chosen.softmax_layers)} softmax")
-    return chosen
+    ids = read_text_ids(tokenizer, args.data, args.text_field)
+    if auto:
+        sequences = text_sequences(ids, seq_len=256, max_sequences=8)
+        settings = resolve_softmax_layers(base, settings, auto, sequences)
+        print(f"{auto}: measured on {args.data}, keeping layers {list(settings.softmax_layers)} softmax")
+    if auto_heads:
+        sequences = text_sequences(ids, seq_len=2 * local_span(settings)[0], max_sequences=2)
+        heads = choose_softmax_heads(base.eval(), settings, sequences, auto_heads.count)
+        settings = replace(settings, softmax_heads=heads)
+        print(f"{auto_heads}: measured on {args.data}, keeping heads {format_heads(heads)} softmax")
+    return settings

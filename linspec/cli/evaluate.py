@@ -61,7 +61,62 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     layers.add_argument("--pool", type=int, help="--search greedy: only the N best single layers are candidates")
     add_placement_arguments(layers)
     layers.set_defaults(func=run_layers)
+    heads = tasks.add_parser(
+        "heads",
+        help="rank the kv heads of a softmax model by the attention a linear layer would lose (for softmax_heads)",
+        description="For a softmax model (what linspec convert takes): the share of each kv head's attention, on "
+        "--data sequences twice the local span, that falls outside the span a linear layer keeps exactly (the "
+        "softmax window and its sinks, or one group). The heads that lose the most are the candidates for "
+        "conversion.softmax_heads (linspec convert --softmax-heads auto:N picks the same ones).",
+        epilog="example: linspec eval heads smollm2-135m --data builtin:wiki-en-eval --preset window "
+        "--local-window 1024 --top 12",
+    )
+    add_model_and_data(heads, "softmax model directory, .gguf file, hub id or demo name")
+    heads.add_argument("--preset", default="window", help="conversion preset whose local span counts (default window)")
+    heads.add_argument("--local-window", type=int, help="softmax window of the conversion (window preset: 512)")
+    heads.add_argument("--max-sequences", type=int, default=2, help="sequences measured (default 2)")
+    heads.add_argument("--top", type=int, default=12, help="heads listed and kept (default 12)")
+    add_placement_arguments(heads)
+    heads.set_defaults(func=run_heads)
     add_quality_tasks(tasks, ppl)
+
+
+def run_heads(args: argparse.Namespace) -> int:
+    from linspec.bench.report import markdown_table
+    from linspec.config import LinspecConfig
+    from linspec.devices import placement
+    from linspec.errors import LinspecError
+    from linspec.evaluate import read_text_ids
+    from linspec.head_ranking import far_attention_mass, local_span
+    from linspec.hybrid import text_sequences
+    from linspec.sources import load_source
+
+    for name, limit in (("max_sequences", 1 << 10), ("top", 1 << 12)):
+        if not 1 <= getattr(args, name) <= limit:
+            raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
+    overrides = {} if args.local_window is None else {"local_window": args.local_window}
+    settings = LinspecConfig.from_preset(args.preset, **overrides)
+    check_data(args.data)
+    device, dtype = placement(args.device, args.dtype)
+    model, tokenizer = load_source(args.model, dtype=dtype, device=device)
+    if getattr(model.config, "linspec", None) is not None:
+        raise LinspecError(f"{args.model} is a linspec model; rank the heads of its softmax parent")
+    if tokenizer is None:
+        raise LinspecError(f"{args.model} has no tokenizer")
+    span = local_span(settings)[0]
+    sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), 2 * span, args.max_sequences)
+    mass = far_attention_mass(model.eval(), settings, sequences)
+    order = mass.flatten().argsort(descending=True)[: args.top].tolist()
+    kv_heads = mass.shape[1]
+    chosen = [(index // kv_heads, index % kv_heads) for index in order]
+    print(
+        f"attention outside the {span}-token local span, {len(sequences)} sequences of {2 * span} tokens "
+        f"(summed over the query heads of each kv head)"
+    )
+    rows = [[f"{layer}:{head}", round(float(mass[layer, head]), 3)] for layer, head in chosen]
+    print(markdown_table(["layer:kv head", "outside mass"], rows))
+    print(f"\n--softmax-heads {','.join(f'{layer}:{head}' for layer, head in sorted(chosen))}")
+    return 0
 
 
 def add_model_and_data(parser: argparse.ArgumentParser, model_help: str, data_required: bool = True) -> None:

@@ -31,6 +31,8 @@ def target_fingerprint(model) -> dict:
         "hidden_size": config.hidden_size,
         "num_layers": config.num_hidden_layers,
         "softmax_layers": None if linspec is None else list(linspec.get("softmax_layers", [])),
+        # only when present, so the fingerprints of drafters trained before softmax heads existed still match
+        **({"softmax_heads": linspec["softmax_heads"]} if linspec and linspec.get("softmax_heads") else {}),
         "weights": digest.hexdigest()[:16],
     }
 

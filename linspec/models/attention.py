@@ -88,6 +88,9 @@ class LinspecAttention(nn.Module):
         self.conv_weight = nn.Parameter(
             torch.zeros(self.num_heads, settings.conv_taps, dtype=weight.dtype, device=weight.device)
         )
+        self.softmax_heads = settings.heads_of(self.layer_idx)
+        if any(head >= self.num_kv_heads for head in self.softmax_heads):
+            raise ValueError(f"layer {self.layer_idx} has {self.num_kv_heads} kv heads; softmax_heads name others")
         self.decay_logit: nn.Parameter | None = None
         if settings.global_decay:
             logits = initial_decay_logits(self.num_kv_heads)
@@ -165,6 +168,56 @@ class LinspecAttention(nn.Module):
         fields = empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, window, dtype, device)
         return replace(state, **fields)
 
+    def _head_indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv heads, their query heads)`` of ``softmax_heads`` as index tensors on ``device``, made once: the
+        decode path needs them in every step."""
+        cached = getattr(self, "_head_index_cache", None)
+        if cached is None or cached[0].device != device:
+            repeats = self.num_heads // self.num_kv_heads
+            kv_index = torch.tensor(self.softmax_heads, device=device)
+            q_index = (kv_index[:, None] * repeats + torch.arange(repeats, device=device)).flatten()
+            cached = (kv_index, q_index)
+            self._head_index_cache = cached
+        return cached
+
+    def _with_softmax_heads(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``out`` with the query heads of ``softmax_heads`` replaced by full softmax attention (RoPE'd ``q``/``k``,
+        the module's own scale), exactly what a softmax layer computes for them.
+
+        Their keys and values live in the cache's KV layer for this layer (``LinspecCache.append_head_kv``), so
+        speculative verification, commit, row selection and repacking treat them as a softmax layer's columns;
+        ``attention_mask`` is the one the model (or ``ModelRunner``) builds for its softmax layers — padding, tree
+        ancestry and each row's own columns — and a missing mask means plain causal attention.
+        """
+        repeats = self.num_heads // self.num_kv_heads
+        kv_index, q_index = self._head_indices(q.device)
+        keys, values = k[:, kv_index], v[:, kv_index]
+        if cache is not None:
+            keys, values = cache.append_head_kv(self.layer_idx, keys, values)
+        length, columns = q.shape[2], keys.shape[2]
+        if attention_mask is None:
+            mask = torch.ones(length, columns, dtype=torch.bool, device=q.device).tril(columns - length)
+        else:
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(q.dtype)
+        attended = F.scaled_dot_product_attention(
+            q[:, q_index],
+            keys.repeat_interleave(repeats, dim=1),
+            values.repeat_interleave(repeats, dim=1),
+            attn_mask=mask,
+            scale=self.scaling,
+        )
+        out = out.clone()
+        out[:, q_index] = attended.to(out.dtype)
+        return out
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -220,5 +273,7 @@ class LinspecAttention(nn.Module):
                 out = out + window_out
             if cache is not None:
                 cache.set_linear_state(self.layer_idx, new_state)
+        if self.softmax_heads:
+            out = self._with_softmax_heads(out, raw_q, raw_k, v, cache, attention_mask)
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
         return self.o_proj(out), None

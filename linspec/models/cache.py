@@ -157,9 +157,13 @@ class LinspecCache(hf.Cache):
     sequence length; each linear state separately counts the *real* tokens of each row.
     """
 
-    def __init__(self, num_layers: int, softmax_layers: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, num_layers: int, softmax_layers: tuple[int, ...] = (), head_layers: tuple[int, ...] = ()
+    ) -> None:
+        """``head_layers``: linear layers with softmax heads; each also gets a KV layer for those heads' columns."""
         layers = [hf.DynamicLayer() if i in softmax_layers else LinearStateLayer() for i in range(num_layers)]
         super().__init__(layers=layers)
+        self.head_kv = {i: hf.DynamicLayer() for i in sorted(set(head_layers))}
         self._columns = 0
         self._tree: TreeCandidates | None = None
 
@@ -170,7 +174,9 @@ class LinspecCache(hf.Cache):
     @classmethod
     def for_model_config(cls, config) -> LinspecCache:
         text_config = config.get_text_config(decoder=True)
-        return cls(text_config.num_hidden_layers, tuple(text_config.linspec["softmax_layers"]))
+        settings = text_config.linspec_settings
+        heads = tuple(layer for layer, _ in settings.softmax_heads)
+        return cls(text_config.num_hidden_layers, settings.softmax_layers, heads)
 
     def linear_state(self, layer_idx: int) -> LinearAttentionState | None:
         return self.layers[layer_idx].state
@@ -178,9 +184,17 @@ class LinspecCache(hf.Cache):
     def set_linear_state(self, layer_idx: int, state: LinearAttentionState) -> None:
         self.layers[layer_idx].state = state
 
+    def append_head_kv(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the softmax heads' columns of linear layer ``layer_idx``; all its columns so far come back."""
+        return hf.append_kv(self.head_kv[layer_idx], keys, values)
+
     def kv_layers(self) -> list:
-        """The growing-KV layers of a hybrid (empty for a fully linear model)."""
-        return [layer for layer in self.layers if not isinstance(layer, LinearStateLayer)]
+        """The growing-KV layers: a hybrid's softmax layers, then the softmax heads' layers (empty for a fully
+        linear model). All hold the same columns, so commits, repacking and the masks treat them alike."""
+        softmax = [layer for layer in self.layers if not isinstance(layer, LinearStateLayer)]
+        return softmax + list(self.head_kv.values())
 
     def advance(self, num_columns: int) -> None:
         """Called once per model forward that committed ``num_columns`` new input columns in every layer."""
@@ -271,11 +285,8 @@ class LinspecCache(hf.Cache):
         for layer in self.layers:
             if isinstance(layer, LinearStateLayer):
                 layer.batch_select_indices(index)
-            else:
-                select_kv_rows(layer, index)
-
-    def _first_softmax_layer(self) -> int | None:
-        return next((i for i, layer in enumerate(self.layers) if not isinstance(layer, LinearStateLayer)), None)
+        for layer in self.kv_layers():
+            select_kv_rows(layer, index)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._columns
@@ -284,23 +295,42 @@ class LinspecCache(hf.Cache):
         return self._columns
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        softmax = self._first_softmax_layer()
-        if softmax is None:
+        layers = self.kv_layers()
+        if not layers:
             return self._columns + query_length, 0
-        return self.layers[softmax].get_mask_sizes(query_length)
+        return layers[0].get_mask_sizes(query_length)
 
     def reset(self) -> None:
         super().reset()
+        for layer in self.head_kv.values():
+            layer.reset()
         self._columns = 0
         self._tree = None
+
+    # generate()'s batch reshaping (beam search, several sequences per prompt) reaches ``self.layers`` only.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer in self.head_kv.values():
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer in self.head_kv.values():
+            layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer in self.head_kv.values():
+            layer.batch_select_indices(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
     def nbytes(self) -> int:
-        """Bytes held by the cache: constant in context length for linear layers."""
-        return sum(layer.nbytes() if isinstance(layer, LinearStateLayer) else kv_nbytes(layer) for layer in self.layers)
+        """Bytes held by the cache: constant in context length for linear layers, growing for softmax KV."""
+        linear = sum(layer.nbytes() for layer in self.layers if isinstance(layer, LinearStateLayer))
+        return linear + sum(kv_nbytes(layer) for layer in self.kv_layers())
 
 
 def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -31,6 +31,7 @@ __all__ = [
     "Cache",
     "DecoderParts",
     "DynamicLayer",
+    "append_kv",
     "apply_rotary_pos_emb",
     "attention_call_inputs",
     "cache_kwargs",
@@ -120,6 +121,11 @@ def kv_tensors(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
     if not getattr(layer, "is_initialized", False) or keys is None or keys.dim() != 4:
         return None
     return keys, layer.values
+
+
+def append_kv(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append columns ``[B, Hkv, T, D]`` to a KV layer; every column so far comes back (``DynamicLayer.update``)."""
+    return layer.update(keys, values)
 
 
 def set_kv_tensors(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:

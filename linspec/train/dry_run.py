@@ -16,6 +16,7 @@ from linspec.train.recipe import Recipe, validate
 from linspec.train.tiny import make_tiny_base
 
 TINY_LAYERS = 2
+TINY_KV_HEADS = 2  # make_tiny_base's num_key_value_heads
 
 
 def shrink(recipe: Recipe, base_dir: Path, output: Path) -> Recipe:
@@ -33,6 +34,11 @@ def shrink(recipe: Recipe, base_dir: Path, output: Path) -> Recipe:
         small.conversion.softmax_layers = [i for i in small.conversion.softmax_layers if i < TINY_LAYERS]
     elif small.conversion.auto_layers() is not None:  # auto:N on the tiny model: at most one of its layers
         small.conversion.softmax_layers = "auto:1"
+    if small.conversion.softmax_heads:  # heads the tiny model has (2 layers of 2 kv heads), else one of them
+        layers = small.conversion.softmax_layers
+        linear = [i for i in range(TINY_LAYERS) if isinstance(layers, list) and i not in layers]  # none if auto:N
+        kept = [pair for pair in small.conversion.softmax_heads if pair[0] in linear and pair[1] < TINY_KV_HEADS]
+        small.conversion.softmax_heads = kept or [[i, 0] for i in linear[:1]]
     small.data.train, small.data.eval, small.data.eval_fraction = ["builtin:sample"], None, 0.25
     small.data.seq_len, small.data.max_train_sequences, small.data.max_eval_sequences = 32, None, 4
     small.checkpoint.every, small.eval.every, small.threads = 1, 0, None

@@ -49,6 +49,7 @@ class Conversion:
     sink_tokens: int | None = None  # first tokens the softmax window always sees (window preset: 4)
     sink_positions: str | None = None  # adjacent: sinks scored as if right before the window (window preset); absolute
     softmax_layers: list[int] | str = field(default_factory=list)  # layers kept softmax (a hybrid); auto:N measures
+    softmax_heads: list[list[int]] = field(default_factory=list)  # [layer, kv head] pairs kept softmax (eval heads)
 
     def auto_layers(self):
         """``AutoLayers(N)`` for ``softmax_layers: auto:N`` (chosen by measurement when the run starts), else None."""

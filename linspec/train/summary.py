@@ -46,8 +46,9 @@ def record_benchmark(
 
     summary = read_summary(recipe.output)
     conversion = recipe.conversion.settings()
-    layers = conversion.softmax_layers
-    kind = f"hybrid ({len(layers)} softmax layers)" if layers else "all-linear"
+    layers, heads = conversion.softmax_layers, conversion.softmax_heads
+    parts = [f"{len(layers)} softmax layers"] * bool(layers) + [f"{len(heads)} softmax kv heads"] * bool(heads)
+    kind = f"hybrid ({', '.join(parts)})" if parts else "all-linear"
     command = " ".join(["linspec train", recipe_path, *overrides, "--record-bench", name])
     body = (
         f"### Recovering quality by training: `{recipe.base}`, {kind}\n\n"
@@ -55,7 +56,10 @@ def record_benchmark(
         f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
         f"quality preset `{recipe.conversion.preset}`, G={conversion.group_size}, P={conversion.conv_taps}, "
         "softmax layers: "
-        f"{list(conversion.softmax_layers) or 'none (all-linear)'}.\n\n" + format_table(recipe.output)
+        f"{list(conversion.softmax_layers) or 'none (all-linear)'}"
+        + (f", softmax kv heads (layer:head): {' '.join(f'{a}:{b}' for a, b in heads)}" if heads else "")
+        + ".\n\n"
+        + format_table(recipe.output)
     )
     if summary.get("run_seconds"):
         minutes = summary["run_seconds"] / 60
