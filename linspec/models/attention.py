@@ -203,15 +203,17 @@ class LinspecAttention(nn.Module):
         if cache is not None:
             keys, values = cache.append_head_kv(self.layer_idx, keys, values)
         length, columns = q.shape[2], keys.shape[2]
-        if attention_mask is None:
-            mask = torch.ones(length, columns, dtype=torch.bool, device=q.device).tril(columns - length)
-        else:
+        mask = None  # no mask and no past columns: SDPA's own causal kernel (training, full forwards)
+        if attention_mask is not None:
             mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(q.dtype)
+        elif columns != length:
+            mask = torch.ones(length, columns, dtype=torch.bool, device=q.device).tril(columns - length)
         attended = F.scaled_dot_product_attention(
             q[:, q_index],
             keys.repeat_interleave(repeats, dim=1),
             values.repeat_interleave(repeats, dim=1),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=self.scaling,
         )
         out = out.clone()
