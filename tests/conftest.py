@@ -42,3 +42,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe_dir(tmp_path_factory):
+    """A 3-layer tiny Llama with a real (byte-level BPE) tokenizer and 4096 positions, saved."""
+    from linspec.train.tiny import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base", num_layers=3)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """linspec's built-in sample text, eight times over, as a .txt file."""
+    from linspec.train.corpus import SAMPLE
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text((SAMPLE + "\n") * 8)
+    return path

@@ -23,23 +23,6 @@ def _one_thread(one_torch_thread):
     """Small forwards on a shared 2-core machine: one thread each."""
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 3-layer tiny Llama with a real (byte-level BPE) tokenizer and 4096 positions, saved."""
-    from linspec.train.tiny import make_tiny_base
-
-    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base", num_layers=3)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from linspec.train.corpus import SAMPLE
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text((SAMPLE + "\n") * 8)
-    return path
-
-
 @pytest.mark.parametrize(
     ("model", "chunk"),
     [
@@ -158,12 +141,12 @@ def test_agreement_counts_the_prefix_until_the_first_difference():
     assert result.exact_match == 0.5 and result.first_divergence == 2.0
 
 
-def test_passkey_prompts_fit_their_length_hide_the_key_and_are_seeded(tiny_dir):
+def test_passkey_prompts_fit_their_length_hide_the_key_and_are_seeded(tiny_bpe_dir):
     from transformers import AutoTokenizer
 
     from linspec.evaluate_passkey import DEPTH_BUCKETS, answer_key, make_trials
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bpe_dir)
     trials = make_trials(tokenizer, 512, 6, seed=1)
     assert trials == make_trials(tokenizer, 512, 6, seed=1) and trials != make_trials(tokenizer, 512, 6, seed=2)
     for trial in trials:
@@ -210,31 +193,31 @@ def test_auto_softmax_layers_keep_the_layers_rank_layers_ranks_best():
     assert len(settings.softmax_layers) == 2 and settings.group_size == 8
 
 
-def test_convert_softmax_layers_auto_measures_on_data(tiny_dir, text_file, tmp_path, capsys):
+def test_convert_softmax_layers_auto_measures_on_data(tiny_bpe_dir, text_file, tmp_path, capsys):
     from linspec.config import LinspecConfig
 
     code = main(
-        ["convert", str(tiny_dir), str(tmp_path / "out"), "--softmax-layers", "auto:1", "--data", str(text_file)]
+        ["convert", str(tiny_bpe_dir), str(tmp_path / "out"), "--softmax-layers", "auto:1", "--data", str(text_file)]
     )
     out = capsys.readouterr().out
     assert code == 0, out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     chosen = LinspecConfig.from_dict(config["linspec"]).softmax_layers
     assert len(chosen) == 1 and f"keeping layers {list(chosen)} softmax" in out
-    assert main(["convert", str(tiny_dir), str(tmp_path / "o2"), "--softmax-layers", "auto:1"]) == 2
+    assert main(["convert", str(tiny_bpe_dir), str(tmp_path / "o2"), "--softmax-layers", "auto:1"]) == 2
     assert "needs --data" in capsys.readouterr().err
 
 
-def test_eval_ppl_lengths_writes_and_records_a_curve_per_model(tiny_dir, text_file, tmp_path, capsys):
+def test_eval_ppl_lengths_writes_and_records_a_curve_per_model(tiny_bpe_dir, text_file, tmp_path, capsys):
     out = tmp_path / "run"  # --record-bench writes its section beside the results, never into the repo
     code = main(
-        ["eval", "ppl", str(tiny_dir), "--data", str(text_file), "--lengths", "32", "128", "--reference",
-         str(tiny_dir), "--max-windows", "2", "--out", str(out), "--record-bench", "ppl-test"]
+        ["eval", "ppl", str(tiny_bpe_dir), "--data", str(text_file), "--lengths", "32", "128", "--reference",
+         str(tiny_bpe_dir), "--max-windows", "2", "--out", str(out), "--record-bench", "ppl-test"]
     )  # fmt: skip
     assert code == 0
     assert "ppl @ 32 | ppl @ 128" in capsys.readouterr().out
     data = json.loads((out / "ppl-length.json").read_text())
-    assert data["command"].startswith(f"linspec eval ppl {tiny_dir} --data {text_file} --lengths 32 128")
+    assert data["command"].startswith(f"linspec eval ppl {tiny_bpe_dir} --data {text_file} --lengths 32 128")
     section = (out / "benchmarks.md").read_text()
     assert "<!-- bench:ppl-test:begin -->" in section and "![ppl-test](ppl-test.png)" in section
     model, reference = data["curves"].values()
@@ -243,16 +226,16 @@ def test_eval_ppl_lengths_writes_and_records_a_curve_per_model(tiny_dir, text_fi
     assert (out / "ppl-length.png").stat().st_size > 0
 
 
-def test_eval_passkey_and_agreement_write_their_results(tiny_dir, tmp_path, capsys):
-    code = main(["eval", "passkey", str(tiny_dir), "--lengths", "256", "--trials", "3", "--out", str(tmp_path)])
-    assert code == 0 and "| length | accuracy |" in capsys.readouterr().out.replace(str(tiny_dir) + " ", "")
-    results = json.loads((tmp_path / "passkey.json").read_text())["curves"][str(tiny_dir)]
+def test_eval_passkey_and_agreement_write_their_results(tiny_bpe_dir, tmp_path, capsys):
+    code = main(["eval", "passkey", str(tiny_bpe_dir), "--lengths", "256", "--trials", "3", "--out", str(tmp_path)])
+    assert code == 0 and "| length | accuracy |" in capsys.readouterr().out.replace(str(tiny_bpe_dir) + " ", "")
+    results = json.loads((tmp_path / "passkey.json").read_text())["curves"][str(tiny_bpe_dir)]
     assert len(results[0]["answers"]) == 3 and (tmp_path / "passkey.png").exists()
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Continue the text: the river was high\nWhat is water?\n")
     code = main(
-        ["eval", "agreement", str(tiny_dir), "--reference", str(tiny_dir), "--prompts", str(prompts),
+        ["eval", "agreement", str(tiny_bpe_dir), "--reference", str(tiny_bpe_dir), "--prompts", str(prompts),
          "--max-new-tokens", "6", "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0 and "Prefix agreement 1.000" in capsys.readouterr().out  # a model agrees with itself
@@ -274,13 +257,16 @@ def test_bad_counts_are_refused_by_the_parser(argv, fragment, capsys):
     assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
 
 
-def test_bad_input_is_one_line(tiny_dir, text_file, tmp_path, capsys):
+def test_bad_input_is_one_line(tiny_bpe_dir, text_file, tmp_path, capsys):
     cases = [
-        (["eval", "passkey", str(tiny_dir), "--lengths", "8192"], "exceeds the model's 4096 positions"),
+        (["eval", "passkey", str(tiny_bpe_dir), "--lengths", "8192"], "exceeds the model's 4096 positions"),
         (["eval", "passkey", str(tmp_path / "missing")], "no such file or directory"),
-        (["eval", "ppl", str(tiny_dir), "--data", str(text_file), "--lengths", "8192"], "exceeds"),
-        (["eval", "agreement", str(tiny_dir), "--reference", str(tiny_dir), "--prompts", "nope.txt"], "no such"),
-        (["eval", "harness", str(tiny_dir), "--tasks", "t", "--include-path", str(tmp_path / "none")], "no such"),
+        (["eval", "ppl", str(tiny_bpe_dir), "--data", str(text_file), "--lengths", "8192"], "exceeds"),
+        (
+            ["eval", "agreement", str(tiny_bpe_dir), "--reference", str(tiny_bpe_dir), "--prompts", "nope.txt"],
+            "no such",
+        ),
+        (["eval", "harness", str(tiny_bpe_dir), "--tasks", "t", "--include-path", str(tmp_path / "none")], "no such"),
     ]
     for argv, fragment in cases:
         assert main(argv) == 2, argv

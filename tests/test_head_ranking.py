@@ -99,30 +99,15 @@ def test_softmax_heads_out_of_the_model_are_refused():
         linspec.convert(tiny_base("llama"), linspec.LinspecConfig(softmax_heads=((3, 0),)))
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 3-layer tiny Llama with a real (byte-level BPE) tokenizer, saved."""
-    from linspec.train.tiny import make_tiny_base
-
-    return make_tiny_base(tmp_path_factory.mktemp("tiny") / "base", num_layers=3)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from linspec.train.corpus import SAMPLE
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text((SAMPLE + "\n") * 8)
-    return path
-
-
-def test_convert_and_eval_heads_choose_the_same_heads(tiny_dir, text_file, tmp_path, capsys):
+def test_convert_and_eval_heads_choose_the_same_heads(tiny_bpe_dir, text_file, tmp_path, capsys):
     window = ["--preset", "window", "--local-window", "64"]
-    assert main(["eval", "heads", str(tiny_dir), "--data", str(text_file), *window, "--top", "2"]) == 0
+    assert main(["eval", "heads", str(tiny_bpe_dir), "--data", str(text_file), *window, "--top", "2"]) == 0
     listed = capsys.readouterr().out.strip().splitlines()[-1]
     assert listed.startswith("--softmax-heads ")
     out = tmp_path / "out"
-    code = main(["convert", str(tiny_dir), str(out), *window, "--softmax-heads", "auto:2", "--data", str(text_file)])
+    code = main(
+        ["convert", str(tiny_bpe_dir), str(out), *window, "--softmax-heads", "auto:2", "--data", str(text_file)]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     heads = json.loads((out / "config.json").read_text())["linspec"]["softmax_heads"]
@@ -130,7 +115,7 @@ def test_convert_and_eval_heads_choose_the_same_heads(tiny_dir, text_file, tmp_p
     assert "softmax heads: " + listed.split()[1] in printed
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.new_cache().head_kv) == len({layer for layer, _ in heads})
-    assert main(["convert", str(tiny_dir), str(tmp_path / "o2"), "--softmax-heads", "auto:2"]) == 2
+    assert main(["convert", str(tiny_bpe_dir), str(tmp_path / "o2"), "--softmax-heads", "auto:2"]) == 2
     assert "needs --data" in capsys.readouterr().err
     assert main(["eval", "heads", str(out), "--data", str(text_file)]) == 2
     assert "rank the heads of its softmax parent" in capsys.readouterr().err
