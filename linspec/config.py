@@ -56,9 +56,10 @@ class LinspecConfig:
     ``softmax_layers`` keeps those decoder layers (0-based) as the model's own softmax attention: a hybrid.
     ``softmax_heads`` keeps single kv heads of linear layers, as ``(layer, kv head)`` pairs: each such head (and
     the query heads that read it) attends with the pretrained softmax over the whole context, like a softmax
-    layer, while the layer's other heads stay linear. Retrieval lives in a few heads spread over many layers
-    (Wu et al. 2024, retrieval heads; Xiao et al. 2024, DuoAttention), so a hybrid by heads reaches them for the
-    KV cache of a few layers, where a hybrid by layers must keep every head of each layer it touches.
+    layer, while the layer's other heads stay linear. The heads a linear layer cannot stand in for (those whose
+    attention lies far outside its local span) are a few, spread over many layers (DuoAttention, Xiao et al.
+    2024, splits heads the same way), so a hybrid by heads keeps them for the KV cache of a few layers, where a
+    hybrid by layers must keep every head of each layer it touches (``linspec.head_ranking`` measures which).
 
     The global term's memory S (``linspec.ops.memory``). The paper's S is an unnormalised sum over every complete
     group, so its size grows with the context: a model trained on short windows sees it swamp the layer past its

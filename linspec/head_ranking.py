@@ -6,8 +6,8 @@ span loses little; a head that spreads its attention over the whole context (an 
 for one token (a retrieval head) loses what the memory cannot hold. The ranking is that measurement: on long
 held-out text, the share of each head's attention (query positions past the local span, summed over the query
 heads that read one kv head) that falls outside the span and the attention sinks. It needs one forward of the
-softmax parent per sequence and no training; it is the criterion DuoAttention (Xiao et al. 2024) approximates
-with its gates, measured directly.
+softmax parent per sequence and no training (DuoAttention, Xiao et al. 2024, learns a similar split of heads with
+trained gates).
 """
 
 from __future__ import annotations

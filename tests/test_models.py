@@ -141,6 +141,8 @@ def test_every_kv_head_kept_softmax_equals_the_original(arch):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.generate(ids, **kwargs), greedy)
+    beams = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **beams), base.generate(ids, **beams))  # the heads' KV follows the beams
 
 
 def test_softmax_heads_replace_only_their_own_query_heads():
