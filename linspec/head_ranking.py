@@ -138,11 +138,17 @@ def choose_softmax_heads(
 ) -> tuple[tuple[int, int], ...]:
     """The ``count`` kv heads of linear layers with the most attention outside the local span (see the module)."""
     mass = far_attention_mass(base, settings, sequences, progress)
-    for layer in settings.softmax_layers:
-        mass[layer] = -1.0  # already softmax, every head
+    return tuple(sorted(largest_heads(mass, count, settings.softmax_layers)))
+
+
+def largest_heads(mass: torch.Tensor, count: int, softmax_layers: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """The ``count`` ``(layer, kv head)`` pairs of ``mass`` with the most attention outside the span, largest first,
+    leaving out ``softmax_layers`` (already softmax, every head)."""
+    mass = mass.clone()
+    for layer in softmax_layers:
+        mass[layer] = -1.0
     available = int((mass >= 0).sum())
     if not 1 <= count <= available:
         raise LinspecError(f"auto:{count} softmax heads: the linear layers have {available} kv heads")
-    order = mass.flatten().argsort(descending=True)[:count]
     heads = mass.shape[1]
-    return tuple(sorted((int(i) // heads, int(i) % heads) for i in order))
+    return [(int(i) // heads, int(i) % heads) for i in mass.flatten().argsort(descending=True)[:count]]

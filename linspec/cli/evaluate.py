@@ -87,7 +87,7 @@ def run_heads(args: argparse.Namespace) -> int:
     from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.evaluate import read_text_ids
-    from linspec.head_ranking import far_attention_mass, local_span
+    from linspec.head_ranking import far_attention_mass, largest_heads, local_span
     from linspec.hybrid import text_sequences
     from linspec.sources import load_source
 
@@ -106,9 +106,7 @@ def run_heads(args: argparse.Namespace) -> int:
     span = local_span(settings)[0]
     sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), 2 * span, args.max_sequences)
     mass = far_attention_mass(model.eval(), settings, sequences)
-    order = mass.flatten().argsort(descending=True)[: args.top].tolist()
-    kv_heads = mass.shape[1]
-    chosen = [(index // kv_heads, index % kv_heads) for index in order]
+    chosen = largest_heads(mass, min(args.top, mass.numel()))
     print(
         f"attention outside the {span}-token local span, {len(sequences)} sequences of {2 * span} tokens "
         f"(summed over the query heads of each kv head)"
