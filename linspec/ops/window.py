@@ -56,11 +56,14 @@ class SoftmaxWindow:
 
 
 def far_queries(q: torch.Tensor, sink_q: torch.Tensor | None, query_position: torch.Tensor, window: SoftmaxWindow):
-    """The queries that score out-of-window sinks: ``sink_q`` past position ``P``, ``q`` up to it (``None`` when the
-    sinks keep absolute positions). ``query_position`` is ``[T]`` or ``[B, T]``."""
+    """The queries that score out-of-window sinks: ``sink_q`` past position ``P``, ``q`` up to it; ``None`` when the
+    sinks keep absolute positions or no query is past ``P`` (then ``q`` scores them). ``query_position`` is ``[T]``
+    or ``[B, T]``."""
     if sink_q is None:
         return None
     past = query_position > window.last_true_position
+    if not bool(past.any()):
+        return None
     past = past.view(1, 1, -1, 1) if past.dim() == 1 else past[:, None, :, None]
     return torch.where(past, sink_q, q)
 
@@ -72,44 +75,55 @@ def attend(
     visible: torch.Tensor,
     scale: float,
     far_q: torch.Tensor | None = None,
-    far: torch.Tensor | None = None,
+    sink_columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, D]`` over ``keys``/``values [B, Hkv, K, D]`` where ``visible`` (``[B or 1,
     T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key.
 
-    With ``far_q``, the first ``F`` columns are scored with ``far_q`` wherever ``far`` (``[B or 1, T, F]``) says:
-    the out-of-window sinks, which callers place first."""
-    batch, num_heads, length, key_dim = q.shape
-    kv_heads = keys.shape[1]
-    repeats = num_heads // kv_heads
+    With ``far_q``, the columns that ``sink_columns`` (``[B or 1, K]``, bool) marks — the sinks, wherever they sit
+    — are scored with ``far_q`` instead of ``q`` (``far_queries`` gives ``q`` itself to the queries that keep true
+    distances). One fused attention (``scaled_dot_product_attention``, which never materialises the scores) does
+    it: queries ``[q ; far_q]`` against keys ``[k·(1 − sink) ; k·sink]`` select the right query per column exactly,
+    with no subtraction."""
+    mask = visible[:, None]  # (B or 1, 1, T, K): shared by the heads
+    if far_q is None:
+        return _fused_attention(q, keys, values, mask, scale)
+    sink = sink_columns[:, None, :, None].to(keys.dtype)
+    stacked_keys = torch.cat([keys * (1 - sink), keys * sink], dim=-1)
+    return _fused_attention(torch.cat([q, far_q], dim=-1), stacked_keys, values, mask, scale)
 
-    # The R query heads of a kv head are stacked into one (R·T)-row matmul: broadcasting the keys over R
-    # instead would copy them R times per call.
-    def scored(query: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R, T, columns)
-        stacked = query.reshape(batch, kv_heads, repeats * length, key_dim)
-        scores = stacked @ columns.transpose(-1, -2)
-        return scores.view(batch, kv_heads, repeats, length, columns.shape[2]) * scale
 
-    scores = scored(q, keys)
-    if far_q is not None:
-        count = far.shape[-1]
-        first = torch.where(far[:, None, None], scored(far_q, keys[:, :, :count]), scores[..., :count])
-        scores = torch.cat([first, scores[..., count:]], dim=-1)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, repeats * length, scores.shape[-1])
-    return (weights @ values).view(batch, num_heads, length, values.shape[-1])
+def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
+    """``scaled_dot_product_attention`` with grouped kv heads; query/key and value widths padded to one (the fused
+    CPU kernel takes only equal widths, and falls back to materialised scores otherwise)."""
+    width, value_dim = max(q.shape[-1], values.shape[-1]), values.shape[-1]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+
+    out = F.scaled_dot_product_attention(
+        padded(q), padded(keys), padded(values), attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+    return out[..., :value_dim]
 
 
 def window_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, sink_q: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The dense masked form over a whole sequence from position 0: the spec the other modes are tested against."""
-    t = torch.arange(q.shape[2], device=q.device)
-    s = t[None, :]
-    outside = t[:, None] - s >= window.size
-    visible = (s <= t[:, None]) & (~outside | (s < window.sinks))
-    far_q = far_queries(q, sink_q, t, window)
-    return attend(q, k, v, visible[None], window.scale, far_q, (visible & outside)[None])
+    """The dense masked form over a whole sequence from position 0, scores materialised from the definition
+    (token ``t`` scores an out-of-window sink with ``sink_q[t]`` once ``t > P``): the spec the other modes are
+    tested against."""
+    num_heads, length, kv_heads = q.shape[1], q.shape[2], k.shape[1]
+    t = torch.arange(length, device=q.device)
+    outside = t[:, None] - t[None, :] >= window.size
+    visible = (t[None, :] <= t[:, None]) & (~outside | (t[None, :] < window.sinks))
+    keys, values = (x.repeat_interleave(num_heads // kv_heads, dim=1) for x in (k, v))
+    scores = q @ keys.transpose(-1, -2)
+    if sink_q is not None:
+        far = visible & outside & (t[:, None] > window.last_true_position)
+        scores = torch.where(far, sink_q @ keys.transpose(-1, -2), scores)
+    scores = (scores * window.scale).masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values
 
 
 def window_attention(
@@ -127,10 +141,12 @@ def window_attention(
     kv_heads = k.shape[1]
     size = window.size
     blocks = -(-length // size)
-    if length * length <= blocks * size * 2 * size:
-        return window_reference(q, k, v, window, sink_q)
-    pad = blocks * size - length
     far_q = far_queries(q, sink_q, torch.arange(length, device=q.device), window)
+    if length * length <= blocks * size * 2 * size:
+        t = torch.arange(length, device=q.device)
+        visible = (t[None, :] <= t[:, None]) & ((t[:, None] - t[None, :] < size) | (t[None, :] < window.sinks))
+        return attend(q, k, v, visible[None], window.scale, far_q, (t < window.sinks)[None])
+    pad = blocks * size - length
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         far_q = None if far_q is None else F.pad(far_q, (0, 0, 0, pad))
@@ -159,9 +175,8 @@ def window_attention(
         return x.view(batch, num_heads, blocks, size, -1).transpose(1, 2).reshape(batch * blocks, num_heads, size, -1)
 
     far = None if far_q is None else by_block(far_q)
-    out = attend(
-        by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, sink_visible.repeat(batch, 1, 1)
-    )
+    sink_columns = (torch.arange(sinks + 2 * size, device=q.device) < sinks)[None]
+    out = attend(by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, sink_columns)
     out = out.view(batch, blocks, num_heads, size, -1).transpose(1, 2).reshape(batch, num_heads, blocks * size, -1)
     return out[:, :, :length]
 
@@ -237,7 +252,8 @@ def _extend_slice(q, k, v, sink_q, state: LinearAttentionState, token_mask: torc
     keys = torch.cat([fields["sink_keys"], state.window_keys, real_k], dim=2)
     values = torch.cat([fields["sink_values"], state.window_values, real_v], dim=2)
     far_q = far_queries(real_q, None if sink_q is None else real_first(sink_q, token_mask), query_position, window)
-    out_real = attend(real_q, keys, values, visible, window.scale, far_q, sink_visible)  # real tokens first
+    sink_columns = (torch.arange(keys.shape[2], device=q.device) < window.sinks)[None]
+    out_real = attend(real_q, keys, values, visible, window.scale, far_q, sink_columns)  # real tokens first
     out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
     return out * token_mask[:, None, :, None], fields, count
 
@@ -354,6 +370,8 @@ def window_verify(
     visible = torch.cat([sink_visible, node_visible, ring_visible], dim=-1)
     keys = torch.cat([state.sink_keys, k, state.window_keys], dim=2)
     values = torch.cat([state.sink_values, v, state.window_values], dim=2)
-    far = torch.cat([sink_visible, node_visible & outside], dim=-1)
+    sink_columns = torch.cat(
+        [torch.ones_like(query_position[:, :1]).expand(-1, window.sinks).bool(), query_position < window.sinks,
+         torch.zeros_like(ring_visible[:, 0])], dim=-1)  # fmt: skip
     far_q = far_queries(q, sink_q, query_position, window)
-    return attend(q, keys, values, visible, window.scale, far_q, far)
+    return attend(q, keys, values, visible, window.scale, far_q, sink_columns)
