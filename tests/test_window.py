@@ -62,6 +62,26 @@ def test_full_sequence_equals_reference(size, sinks, length, adjacent):
     torch.testing.assert_close(window_attention(q, k, v, window, sink_q), window_reference(q, k, v, window, sink_q))
 
 
+@pytest.mark.parametrize("query_block", [1, 2, 3])
+@pytest.mark.parametrize(("size", "sinks"), [(3, 2), (5, 1), (8, 3), (4, 9)])
+def test_query_blocks_smaller_than_the_window_equal_reference(monkeypatch, query_block, size, sinks):
+    """Blocks of fewer queries than the window (long sequences under large windows), the last one padded."""
+    import linspec.ops.window as window_module
+
+    monkeypatch.setattr(window_module, "QUERY_BLOCK", query_block)
+    window = SoftmaxWindow(size, sinks, 0.3)
+    q, k, v = inputs(29)
+    sink_q = sink_queries(q, True)
+    tensors = [x.clone().requires_grad_() for x in (q, k, v, sink_q)]
+    out = window_attention(*tensors[:3], window, tensors[3])
+    torch.testing.assert_close(out, window_reference(q, k, v, window, sink_q))
+    out.square().sum().backward()
+    reference = [x.clone().requires_grad_() for x in (q, k, v, sink_q)]
+    window_reference(*reference[:3], window, reference[3]).square().sum().backward()
+    for fast, slow in zip(tensors, reference, strict=True):
+        torch.testing.assert_close(fast.grad, slow.grad)
+
+
 @pytest.mark.parametrize(("size", "sinks"), [(3, 2), (5, 1), (4, 9), (2, 3)])
 def test_reference_scores_far_sinks_with_sink_queries_past_p(size, sinks):
     """The reference against a per-token loop written from the definition: token ``t`` sees sinks and window;

@@ -37,8 +37,11 @@ from linspec.ops.state import LinearAttentionState
 from linspec.ops.verify import TreeLayout
 
 WINDOW_FIELDS = ("window_keys", "window_values", "sink_keys", "sink_values")  # a window layer's own state fields
-# New tokens per slice in ``window_extend``: bounds its (slice × (n + W − 1 + slice)) score matrix on long prompts.
-EXTEND_SLICE = 512
+# New tokens per slice in ``window_extend`` on long prompts: each slice scores n + W − 1 + slice keys per query, so
+# smaller slices waste less on keys their first queries cannot see (256: 5% faster than 512 on a 2048-token prefill).
+EXTEND_SLICE = 256
+# Queries per block in ``window_attention`` past the window (see there).
+QUERY_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -80,17 +83,42 @@ def attend(
     """Softmax attention of ``q [B, H, T, D]`` over ``keys``/``values [B, Hkv, K, D]`` where ``visible`` (``[B or 1,
     T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key.
 
-    With ``far_q``, the columns that ``sink_columns`` (``[B or 1, K]``, bool) marks — the sinks, wherever they sit
-    — are scored with ``far_q`` instead of ``q`` (``far_queries`` gives ``q`` itself to the queries that keep true
-    distances). One fused attention (``scaled_dot_product_attention``, which never materialises the scores) does
-    it: queries ``[q ; far_q]`` against keys ``[k·(1 − sink) ; k·sink]`` select the right query per column exactly,
-    with no subtraction."""
-    mask = visible[:, None]  # (B or 1, 1, T, K): shared by the heads
-    if far_q is None:
-        return _fused_attention(q, keys, values, mask, scale)
-    sink = sink_columns[:, None, :, None].to(keys.dtype)
-    stacked_keys = torch.cat([keys * (1 - sink), keys * sink], dim=-1)
-    return _fused_attention(torch.cat([q, far_q], dim=-1), stacked_keys, values, mask, scale)
+    With ``far_q``, the sinks are scored with ``far_q`` instead of ``q`` (``far_queries`` gives ``q`` itself to the
+    queries that keep true distances); ``sink_columns`` (``[B or 1, S]``, bool) marks which of the first ``S``
+    columns hold them.
+
+    The scores are never materialised (``scaled_dot_product_attention``'s fused kernel). The sinks, a handful of
+    columns, are attended on their own, giving their output ``o_s`` and log-normaliser ``ℓ_s``; the fused
+    attention then runs over the other columns plus one *anchor* column whose logit is ``ℓ_s`` (an extra query
+    dimension holding ``ℓ_s`` meets a key that is 1 there) and whose value is 1 in an extra channel. Its output is
+    the other columns' share of the softmax, and in that channel the sinks' share ``w``: ``out + w · o_s`` is the
+    softmax over all columns, exactly, at one extra dimension instead of a second query."""
+    if far_q is None or sink_columns.shape[-1] == 0:
+        return _fused_attention(q, keys, values, visible[:, None], scale)
+    batch, num_heads, length, key_dim = q.shape
+    kv_heads, span, value_dim = keys.shape[1], sink_columns.shape[-1], values.shape[-1]
+    repeats = num_heads // kv_heads
+    sink_visible = visible[..., :span] & sink_columns[:, None, :]  # (B or 1, T, S)
+    seen = sink_visible.any(dim=-1)  # (B or 1, T): rows with a sink to read
+    stacked = far_q.reshape(batch, kv_heads, repeats * length, key_dim)  # the R query heads of a kv head as rows
+    scores = (stacked @ keys[:, :, :span].transpose(-1, -2)).view(batch, kv_heads, repeats, length, span) * scale
+    # rows without a visible sink score zeros instead of -inf (no NaN in the backward); their anchor is masked
+    scores = scores.masked_fill(~sink_visible[:, None, None] & seen[:, None, None, :, None], float("-inf"))
+    scores = scores.masked_fill(~seen[:, None, None, :, None], 0.0)
+    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True).view(batch, num_heads, length, 1)
+    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, repeats * length, span)
+    sink_out = (weights @ values[:, :, :span]).view(batch, num_heads, length, value_dim)
+
+    def with_anchor(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, K + 1, D + 1): a zero channel, then the anchor row
+        anchor = x.new_zeros(batch, kv_heads, 1, x.shape[-1] + 1)
+        anchor[..., -1] = 1
+        return torch.cat([F.pad(x, (0, 1)), anchor], dim=2)
+
+    others = torch.cat([visible[..., :span] & ~sink_columns[:, None, :], visible[..., span:]], dim=-1)
+    mask = torch.cat([others, seen[..., None]], dim=-1)[:, None]
+    query = torch.cat([q, log_norm / scale], dim=-1)
+    out = _fused_attention(query, with_anchor(keys), with_anchor(values), mask, scale)
+    return out[..., :value_dim] + out[..., value_dim:] * sink_out
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -105,6 +133,12 @@ def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         padded(q), padded(keys), padded(values), attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
     )
     return out[..., :value_dim]
+
+
+def leading_sinks(count: int, device: torch.device) -> torch.Tensor:
+    """``attend``'s ``sink_columns`` when the first ``count`` columns hold the sinks (every mode but tree
+    verification lays out its keys so)."""
+    return torch.ones(1, count, dtype=torch.bool, device=device)
 
 
 def window_reference(
@@ -129,55 +163,61 @@ def window_reference(
 def window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, sink_q: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """A whole sequence from position 0 (training, full forwards) in ``O(T · (2W + n))``.
+    """A whole sequence from position 0 (training, full forwards) in ``O(T · (W + S + n))``.
 
-    The sequence is cut into blocks of W queries; block ``b`` reads blocks ``b − 1`` and ``b`` (which hold every
-    key its window can reach) and, first, the sinks, for the queries that have left them behind. A sequence
-    whose ``T²`` scores cost no more than the blocks' ``⌈T/W⌉ · W · 2W`` (``T`` up to about ``1.4 W``: a
-    256-token training sequence under a 1024-token window would otherwise be padded to 1024 queries × 2048 keys)
-    takes the dense form instead.
+    A sequence no longer than the window is plain causal attention (the fused kernel's causal form skips the
+    upper triangle). A longer one is cut into blocks of ``S = min(W, QUERY_BLOCK)`` queries; block ``b`` reads the
+    ``W − 1`` keys before it, its own ``S`` and, first, the sinks, for the queries that have left them behind.
+    Smaller blocks waste less of each block's key range on keys its first queries cannot see (``T · (W + S)``
+    scored pairs instead of ``T · 2W``), at more, smaller products. A sequence whose ``T²`` scores cost no more
+    than that takes the dense masked form instead.
     """
     batch, num_heads, length, _ = q.shape
     kv_heads = k.shape[1]
     size = window.size
-    blocks = -(-length // size)
+    if length <= size:  # every key is inside every window: causal, and no query is past P (no far sinks)
+        enable_gqa = num_heads != kv_heads
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=window.scale, enable_gqa=enable_gqa)
     far_q = far_queries(q, sink_q, torch.arange(length, device=q.device), window)
-    if length * length <= blocks * size * 2 * size:
+    span = min(size, QUERY_BLOCK)
+    if length <= size + span:
         t = torch.arange(length, device=q.device)
         visible = (t[None, :] <= t[:, None]) & ((t[:, None] - t[None, :] < size) | (t[None, :] < window.sinks))
-        return attend(q, k, v, visible[None], window.scale, far_q, (t < window.sinks)[None])
-    pad = blocks * size - length
+        return attend(q, k, v, visible[None], window.scale, far_q, leading_sinks(min(window.sinks, length), q.device))
+    blocks = -(-length // span)
+    pad = blocks * span - length
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         far_q = None if far_q is None else F.pad(far_q, (0, 0, 0, pad))
+    reach = size - 1 + span  # keys per block: the W − 1 before it and its own
 
-    def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, NB, 2W, D): block b − 1 then block b
-        x = x.view(batch, kv_heads, blocks, size, x.shape[-1])
-        return torch.cat([F.pad(x[:, :, :-1], (0, 0, 0, 0, 1, 0)), x], dim=3)
+    def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, NB, W − 1 + S, D)
+        return F.pad(x, (0, 0, size - 1, 0)).unfold(2, reach, span).transpose(-1, -2)
 
     sinks = min(window.sinks, length)
 
-    def with_sinks(x: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    def with_sinks(x: torch.Tensor) -> torch.Tensor:
         head = x[:, :, None, :sinks].expand(batch, kv_heads, blocks, sinks, x.shape[-1])
-        keys = torch.cat([head, band], dim=3).transpose(1, 2)  # (B, NB, Hkv, n + 2W, D)
-        return keys.reshape(batch * blocks, kv_heads, sinks + 2 * size, x.shape[-1])
+        keys = torch.cat([head, banded(x)], dim=3).transpose(1, 2)  # (B, NB, Hkv, n + W − 1 + S, D)
+        return keys.reshape(batch * blocks, kv_heads, sinks + reach, x.shape[-1])
 
-    keys, values = with_sinks(k, banded(k)), with_sinks(v, banded(v))
+    keys, values = with_sinks(k), with_sinks(v)
     block = torch.arange(blocks, device=q.device).view(-1, 1, 1)
-    query = block * size + torch.arange(size, device=q.device).view(1, -1, 1)  # (NB, W, 1) positions
-    key = (block - 1) * size + torch.arange(2 * size, device=q.device).view(1, 1, -1)  # (NB, 1, 2W)
+    query = block * span + torch.arange(span, device=q.device).view(1, -1, 1)  # (NB, S, 1) positions
+    key = block * span - (size - 1) + torch.arange(reach, device=q.device).view(1, 1, -1)  # (NB, 1, W − 1 + S)
     band_visible = (key >= 0) & (key <= query) & (query - key < size)
     sink = torch.arange(sinks, device=q.device).view(1, 1, -1)
-    sink_visible = query - sink >= size  # (NB, W, n): a sink inside the window is read from the band
-    visible = torch.cat([sink_visible, band_visible], dim=-1)  # (NB, W, n + 2W)
+    sink_visible = query - sink >= size  # (NB, S, n): a sink inside the window is read from the band
+    visible = torch.cat([sink_visible, band_visible], dim=-1)  # (NB, S, n + W − 1 + S)
 
     def by_block(x: torch.Tensor) -> torch.Tensor:
-        return x.view(batch, num_heads, blocks, size, -1).transpose(1, 2).reshape(batch * blocks, num_heads, size, -1)
+        return x.view(batch, num_heads, blocks, span, -1).transpose(1, 2).reshape(batch * blocks, num_heads, span, -1)
 
     far = None if far_q is None else by_block(far_q)
-    sink_columns = (torch.arange(sinks + 2 * size, device=q.device) < sinks)[None]
-    out = attend(by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, sink_columns)
-    out = out.view(batch, blocks, num_heads, size, -1).transpose(1, 2).reshape(batch, num_heads, blocks * size, -1)
+    out = attend(
+        by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, leading_sinks(sinks, q.device)
+    )
+    out = out.view(batch, blocks, num_heads, span, -1).transpose(1, 2).reshape(batch, num_heads, blocks * span, -1)
     return out[:, :, :length]
 
 
@@ -252,8 +292,9 @@ def _extend_slice(q, k, v, sink_q, state: LinearAttentionState, token_mask: torc
     keys = torch.cat([fields["sink_keys"], state.window_keys, real_k], dim=2)
     values = torch.cat([fields["sink_values"], state.window_values, real_v], dim=2)
     far_q = far_queries(real_q, None if sink_q is None else real_first(sink_q, token_mask), query_position, window)
-    sink_columns = (torch.arange(keys.shape[2], device=q.device) < window.sinks)[None]
-    out_real = attend(real_q, keys, values, visible, window.scale, far_q, sink_columns)  # real tokens first
+    out_real = attend(
+        real_q, keys, values, visible, window.scale, far_q, leading_sinks(window.sinks, q.device)
+    )  # real tokens first
     out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
     return out * token_mask[:, None, :, None], fields, count
 
@@ -370,8 +411,9 @@ def window_verify(
     visible = torch.cat([sink_visible, node_visible, ring_visible], dim=-1)
     keys = torch.cat([state.sink_keys, k, state.window_keys], dim=2)
     values = torch.cat([state.sink_values, v, state.window_values], dim=2)
-    sink_columns = torch.cat(
-        [torch.ones_like(query_position[:, :1]).expand(-1, window.sinks).bool(), query_position < window.sinks,
-         torch.zeros_like(ring_visible[:, 0])], dim=-1)  # fmt: skip
+    # the sink slots, and the nodes at sink positions (descendants more than W deeper read them as sinks)
+    sinks = torch.cat(
+        [leading_sinks(window.sinks, q.device).expand(q.shape[0], -1), query_position < window.sinks], dim=-1
+    )
     far_q = far_queries(q, sink_q, query_position, window)
-    return attend(q, keys, values, visible, window.scale, far_q, sink_columns)
+    return attend(q, keys, values, visible, window.scale, far_q, sinks)
