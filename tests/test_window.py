@@ -251,3 +251,20 @@ def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
         for name in ("window_keys", "window_values", "sink_keys", "sink_values"):
             torch.testing.assert_close(getattr(next_state, name), getattr(expected_state, name), rtol=0, atol=0)
         state = advanced(next_state, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bfloat16_is_as_accurate_as_materialised_scores(seed):
+    """The fused form and its sink anchor in bfloat16 (GPU training and serving) against float64 math on the same
+    rounded inputs: no worse than materialising the scores in bfloat16, with sinks whose logits dominate."""
+    window = SoftmaxWindow(16, 4, 0.125)
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v, sink_q = (torch.randn(1, heads, 80, 64, generator=generator, dtype=torch.float64)
+                       for heads in (4, 2, 2, 4))  # fmt: skip
+    q, k, sink_q = 2 * q, 2 * k, 2 * sink_q
+    k[:, :, :4] *= 3
+    low = [x.bfloat16() for x in (q, k, v, sink_q)]
+    exact = window_reference(*[x.double() for x in low[:3]], window, low[3].double())
+    fused = (window_attention(*low[:3], window, low[3]).double() - exact).abs().max()
+    materialised = (window_reference(*low[:3], window, low[3]).double() - exact).abs().max()
+    assert fused <= 1.25 * materialised
