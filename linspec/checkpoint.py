@@ -13,7 +13,7 @@ from linspec.config import LinspecConfig
 from linspec.convert import convert, linspec_classes_for
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, check_output_dir
-from linspec.model_card import ModelCard, source_license
+from linspec.model_card import conversion_card
 
 
 def convert_checkpoint(
@@ -45,7 +45,16 @@ def convert_checkpoint(
         converted.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        ModelCard(base_model=str(src), settings=settings, license=source_license(str(src))).write(tmp)
+        conversion_card(
+            str(src),
+            str(out),
+            settings,
+            converted,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        ).write(tmp)
         (tmp / "linspec.json").write_text(
             json.dumps({"source": str(src), "linspec": settings.to_dict(), "dtype": str(dtype)}, indent=2) + "\n"
         )

@@ -56,11 +56,16 @@ def sliding_windows(ids: torch.Tensor, window: int, stride: int) -> Iterator[tup
 
 
 @torch.no_grad()
+def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L-1]``: the NLL of every next-token prediction of ``input_ids [B, L]`` in one forward."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+    return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+@torch.no_grad()
 def sequence_nll(model, input_ids: torch.Tensor, skip: int = 0) -> tuple[float, int]:
     """``(sum of NLL, count)`` over next-token predictions of ``input_ids [B, L]``, ignoring the first ``skip``."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
-    targets = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[:, max(skip - 1, 0) :]
+    nll = token_nll(model, input_ids)[:, max(skip - 1, 0) :]
     return float(nll.sum()), nll.numel()
 
 

@@ -18,10 +18,11 @@ import yaml
 
 from linspec.errors import LinspecError
 from linspec.io import atomic_directory, atomic_write_text
-from linspec.model_card import ModelCard, source_license
+from linspec.model_card import training_card
 from linspec.paths import child_path
 from linspec.train.data import TrainingSet, pack, split_documents
 from linspec.train.distributed import DTYPES, Env, is_sharded, setup_env, unshard
+from linspec.train.evaluation import CURVE_KEYS, record_curve, record_final_curves
 from linspec.train.loop import RunContext, TrainingDiverged, TrainingInterrupted, lr_factor
 from linspec.train.recipe import Recipe
 from linspec.train.rundir import RECIPE_FILE, prepare_run_dir
@@ -74,6 +75,8 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     done = {r["stage"] for r in log.records() if r.get("event") == "eval"}
     if recipe.eval.baselines and "original" not in done:
         ctx.evaluate(base.to(env.device), "original")
+    if recipe.eval.baselines and "original" not in {r["stage"] for r in log.records() if r.get("event") == "curve"}:
+        record_curve(ctx, base.to(env.device), "original")
     settings = recipe.conversion.settings()
     auto = recipe.conversion.auto_layers()
     if auto is not None:  # deterministic: every process measures the same layers on the same sequences
@@ -99,10 +102,11 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
 
     output = run_dir / "model"
     if env.main:
+        record_final_curves(ctx, model)
         summary = write_summary(run_dir, log, time.perf_counter() - started)
         with atomic_directory(output, force=True) as tmp:
             shutil.copytree(stage_dir, tmp, dirs_exist_ok=True)
-            trained_card(recipe, model.config.linspec_settings, summary).write(tmp)
+            training_card(recipe, model, summary).write(tmp)
     env.barrier()
     return output
 
@@ -157,50 +161,25 @@ def save_stage(model, tokenizer, stage_dir: Path, dtype: torch.dtype, env: Env, 
     return model
 
 
-def trained_card(recipe: Recipe, settings, summary: dict) -> ModelCard:
-    """The model card of a trained model: what it was made from, how, and the perplexity every phase measured."""
-    stages = []
-    for stage in recipe.stages:
-        lengths = "/".join(map(str, stage.seq_lens(recipe.data.seq_len)))
-        where = f", sequences of {lengths} tokens"
-        stages.append(f"{stage.name}: {stage.kind}, {stage.steps} steps{where}")
-    ppl = summary.get("ppl", {})
-    final = next((ppl[s.name] for s in reversed(recipe.stages) if s.name in ppl), None)
-    quality = {recipe.data.seq_len: (final, ppl.get("original"))} if final is not None else {}
-    parts = [", ".join(recipe.data.train)]
-    if recipe.data.chat is not None:
-        parts.append(f"chat answers of the original to {recipe.data.chat.num_prompts} prompts")
-    if recipe.data.recall is not None:
-        parts.append(f"{recipe.data.recall.ratio:.0%} recall sequences (facts restated at the end)")
-    data = "; ".join(parts)
-    return ModelCard(
-        base_model=recipe.base,
-        settings=settings,
-        license=source_license(recipe.base),
-        recipe="recipe.yaml in the run directory (linspec train)",
-        data=data,
-        training=stages,
-        quality=quality,
-        quality_data=recipe.data.eval,
-    )
-
-
 def write_summary(run_dir: Path, log: MetricsLog, run_seconds: float) -> dict:
     """``summary.json``: held-out perplexity of every phase (original, converted, each stage) and training time.
 
     A stage's time adds up its steps across sessions: ``elapsed_s`` restarts at each resume.
     """
     ppl: dict = {}
+    curve: dict = {}
     seconds: dict = {}
     previous: dict = {}
     for record in log.records():
         if record.get("event") == "eval":
             ppl[record["stage"]] = record["ppl"]  # a stage's final evaluation overwrites earlier ones
+        elif record.get("event") == "curve":
+            curve[record["stage"]] = {key: record[key] for key in CURVE_KEYS}
         elif record.get("event") == "step":
             stage, elapsed = record["stage"], record["elapsed_s"]
             last = previous.get(stage, 0.0)
             seconds[stage] = seconds.get(stage, 0.0) + (elapsed - last if elapsed >= last else elapsed)
             previous[stage] = elapsed
-    summary = {"ppl": ppl, "train_seconds": seconds, "run_seconds": run_seconds}
+    summary = {"ppl": ppl, "curve": curve, "train_seconds": seconds, "run_seconds": run_seconds}
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
