@@ -1,42 +1,184 @@
-"""Every saved linspec model carries a card saying what it is, how to load it, and what cannot load it."""
+"""Every saved linspec model carries a card: where it came from (a hub id, or the local file named plainly), the
+command that rebuilds it, its quality curve beside the window-only ablation and the original, its decode cache
+by context, and how to load it — with linspec, with plain transformers and with the evaluation harness."""
 
 from __future__ import annotations
 
+import json
+import math
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 from tiny_models import tiny_base
 
 import linspec
+from linspec.cache_size import measured_cache_growth, softmax_cache_growth
 from linspec.checkpoint import convert_checkpoint
-from linspec.model_card import ModelCard, source_license
+from linspec.cli import main
+from linspec.demo_model import DEMO_MODELS
+from linspec.evaluate import perplexity_of_sequences
+from linspec.model_card import DEMO_SOURCES, ModelCard, Quality, describe_source
+from linspec.reproduce import train_argv
+from linspec.train.distributed import Env
+from linspec.train.evaluation import curve_sequences, length_curve
+from linspec.train.recipe import load_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_a_converted_directory_has_a_card_with_base_settings_licence_and_loading(tmp_path):
-    source = tmp_path / "base"
-    tiny_base("llama").save_pretrained(source)
-    (source / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
-    out = convert_checkpoint(str(source), tmp_path / "out", linspec.LinspecConfig(group_size=8, softmax_layers=(1,)))
-    card = (out / "README.md").read_text()
-    assert f"base_model: {source}" in card and "license: mit" in card
-    assert "| group size | 8 |" in card and "| softmax layers kept | 1 |" in card
-    assert "import linspec" in card and "cannot load" in card
-    assert "None: a raw conversion" in card and "Not measured" in card
+def metadata(card: str) -> dict:
+    """The card's YAML front matter, parsed."""
+    assert card.startswith("---\n")
+    return yaml.safe_load(card[4 : card.index("\n---\n", 4)])
 
 
-def test_a_trained_card_lists_the_recipe_and_the_measured_curve():
+def command(card: str, verb: str) -> list[str]:
+    """The ``linspec VERB ...`` line of the card's Reproduce section, split as a shell would."""
+    lines = [line for line in card.splitlines() if line.startswith(f"linspec {verb} ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])[1:]
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def test_a_conversion_card_rebuilds_the_same_directory_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the card names the paths as they were given: relative ones, here
+    tiny_base("llama").save_pretrained("base")
+    Path("base/README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    window = {"local_window": 16, "sink_tokens": 2}
+    settings = linspec.LinspecConfig.from_preset(
+        "window", group_size=8, conv_taps=4, softmax_layers=(1,), softmax_heads=((2, 0),), **window
+    )
+    convert_checkpoint("base", "out", settings, dtype=torch.bfloat16)
+    card = Path("out/README.md").read_text()
+
+    meta = metadata(card)
+    assert "base_model" not in meta and meta["license"] == "mit"  # a local path is no hub id
+    assert "Converted from the local checkpoint `base`" in card
+    argv = command(card, "convert")
+    assert argv[:3] == ["convert", "base", "out"] and "--preset" in argv
+    argv[2] = "again"
+    assert main(argv) == 0
+    assert json.loads(Path("again/config.json").read_text()) == json.loads(Path("out/config.json").read_text())
+    first, second = tensors(Path("out")), tensors(Path("again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    assert "PATH" not in card
+    assert 'linspec.load("out")' in card and 'from_pretrained("out", trust_remote_code=True)' in card
+    assert "lm_eval --model hf --model_args pretrained=out,trust_remote_code=True" in card
+    assert "None: a raw conversion" in card and "Not measured." in card and "--reference base" in card
+
+
+def test_the_state_size_is_measured_on_the_real_cache_and_matches_the_softmax_kv_formula():
+    base = tiny_base("qwen3")  # its head_dim is not hidden/heads: the formula must read it
+    assert measured_cache_growth(base) == softmax_cache_growth(base.config, torch.float32)
+    linear = linspec.convert(tiny_base("llama"), linspec.LinspecConfig(group_size=8, conv_taps=4)).eval()
+    growth = measured_cache_growth(linear)
+    assert growth.per_token == 0 and growth.fixed > 0
+    hybrid = linspec.convert(tiny_base("llama"), linspec.LinspecConfig(group_size=8, softmax_layers=(0,))).eval()
+    layer = softmax_cache_growth(tiny_base("llama", num_hidden_layers=1).config, torch.float32)
+    assert measured_cache_growth(hybrid).per_token == layer.per_token  # one softmax layer's KV per token
     card = ModelCard(
-        base_model="smollm2-135m",
-        settings=linspec.LinspecConfig(),
-        license=source_license("smollm2-135m"),
-        recipe="recipes/smollm2-135m-demo.yaml",
-        training=["transfer: 32 steps", "distill: 360 steps"],
-        quality={2048: (14.2, 11.8), 256: (25.0, 19.0)},
-        quality_data="builtin:wiki-en-eval",
+        source=describe_source("smollm2-135m"),
+        settings=hybrid.config.linspec_settings,
+        location="out",
+        cache=measured_cache_growth(hybrid),
+        original_cache=softmax_cache_growth(hybrid.config, torch.float32),
+        max_positions=4096,
     ).render()
-    assert "license: apache-2.0" in card and "recipes/smollm2-135m-demo.yaml" in card
-    assert card.index("| 256 | 25.00 | 19.00 |") < card.index("| 2048 | 14.20 | 11.80 |")
-    assert "- distill: 360 steps" in card and "Not measured" not in card
+    assert "## State size" in card and "| 1,024 |" in card and "| 4,096 |" in card and "16,384" not in card
+    assert f"grows by {layer.per_token / 1024:.1f} KiB per token" in card
 
 
-def test_an_unknown_licence_is_said_to_be_the_base_models(tmp_path):
-    assert source_license(str(tmp_path)) is None
-    card = ModelCard(base_model="x", settings=linspec.LinspecConfig()).render()
-    assert "license: other" in card and "the base model’s licence applies" in card
+def test_base_models_are_hub_ids_and_local_sources_are_named_plainly(tmp_path):
+    assert set(DEMO_SOURCES) == set(DEMO_MODELS)  # every built-in source has its hub id
+    demo = describe_source("smollm2-135m")
+    assert (demo.repo_id, demo.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2.5-0.5B"}))
+    assert describe_source(str(named)).repo_id == "Qwen/Qwen2.5-0.5B"
+    (named / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path)}))
+    assert describe_source(str(named)).repo_id is None  # a path in _name_or_path is no hub id
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert describe_source(str(gguf)).repo_id is None and "the local file" in describe_source(str(gguf)).text
+    assert describe_source("meta-llama/Llama-2-7b-hf").repo_id == "meta-llama/Llama-2-7b-hf"
+    for source in ("smollm2-135m", str(named), str(gguf), "meta-llama/Llama-2-7b-hf"):
+        card = ModelCard(source=describe_source(source), settings=linspec.LinspecConfig(), location="x").render()
+        assert metadata(card).get("base_model") == describe_source(source).repo_id
+    unknown = ModelCard(source=describe_source(str(gguf)), settings=linspec.LinspecConfig(), location="x").render()
+    assert "license" not in metadata(unknown) and "the base model’s licence applies" in unknown
+
+
+def test_a_training_command_names_the_shipped_recipe_and_the_overrides_used():
+    recipe = load_recipe("smollm2-135m-demo", ["seed=3", "stages.1.lora.r=16"])
+    argv = train_argv(recipe)
+    assert argv[:2] == ["train", "smollm2-135m-demo"] and sorted(argv[2:]) == ["seed=3", "stages.1.lora.r=16"]
+    assert train_argv(load_recipe("smollm2-135m-hybrid")) == ["train", "smollm2-135m-hybrid"]
+
+
+def test_the_band_curve_scores_every_token_once():
+    """The curve's bands, weighted by their tokens, give exactly the perplexity of the whole sequences."""
+    model = linspec.convert(tiny_base("llama"), linspec.LinspecConfig.from_preset("window", local_window=8)).eval()
+    held_out = torch.randint(3, 97, (6, 16), generator=torch.Generator().manual_seed(0))
+    sequences = curve_sequences(held_out, 48)
+    assert torch.equal(sequences.reshape(-1), held_out.reshape(-1)[: sequences.numel()])  # the same text, regrouped
+    curve = length_curve(model, sequences, [8, 16, 48], Env(0, 1, torch.device("cpu")), "fp32")
+    assert curve.tokens == [7 * len(sequences), 8 * len(sequences), 32 * len(sequences)]
+    pooled = math.exp(sum(math.log(p) * n for p, n in zip(curve.ppl, curve.tokens, strict=True)) / sum(curve.tokens))
+    assert pooled == pytest.approx(perplexity_of_sequences(model, sequences).ppl, rel=1e-5)
+
+
+def test_a_trained_card_shows_the_window_only_column_and_names_what_was_not_measured(tmp_path):
+    from linspec.train.dry_run import TINY_LAYERS, shrink
+    from linspec.train.run import train
+    from linspec.train.tiny import make_tiny_base
+
+    base = make_tiny_base(tmp_path / "base", num_layers=TINY_LAYERS)
+    recipe = shrink(load_recipe("smollm2-135m-demo", ["eval.baselines=false"]), base, tmp_path / "run")
+    train(recipe)  # the demo recipe at toy scale: two stages with a curriculum, the window preset
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["curve"]) == {"model", "local-only"}  # no original: the run skipped its baselines
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "| context (tokens) | this model | window only | original |" in card
+    model, local = summary["curve"]["model"], summary["curve"]["local-only"]
+    assert f"| 1–{model['bounds'][0] - 1} | {model['ppl'][0]:.2f} | {local['ppl'][0]:.2f} | — |" in card
+    assert "Not measured: original (the run skipped its baselines" in card
+    argv = command(card, "train")
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert asdict(load_recipe(argv[1], argv[2:])) == resolved  # the command rebuilds the recipe the run used
+    assert metadata(card).get("base_model") is None and "PATH" not in card
+
+
+def test_an_explicit_card_lists_its_curve_and_phases():
+    card = ModelCard(
+        source=describe_source("smollm2-135m"),
+        settings=linspec.LinspecConfig.from_preset("window"),
+        location="runs/demo/model",
+        reproduce=["train", "smollm2-135m-demo"],
+        training=["transfer: attention_transfer, 26 steps"],
+        quality=Quality(
+            data="`builtin:wiki-en-eval`",
+            curve={
+                "model": {"bounds": [256, 2048], "ppl": [25.0, 14.2], "tokens": [510, 3584], "sequences": 2},
+                "original": {"bounds": [256, 2048], "ppl": [19.0, 11.8], "tokens": [510, 3584], "sequences": 2},
+            },
+            phases={"original": 19.5, "lora": 24.8},
+            phase_length=256,
+        ),
+    ).render()
+    assert metadata(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.index("| 1–255 | 25.00 | — | 19.00 |") < card.index("| 256–2047 | 14.20 | — | 11.80 |")
+    assert "Not measured: window only" in card and "original 19.50, after lora 24.80" in card
+    assert "linspec train smollm2-135m-demo\n" in card and "recipes/" not in card
