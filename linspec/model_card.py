@@ -450,11 +450,30 @@ def _phase_label(name: str) -> str:
     return {"original": "original", "converted": "raw conversion"}.get(name, f"after {name}")
 
 
-def drafter_card(kind: str, settings: dict, target: dict, training: dict) -> str:
-    """The ``README.md`` of a trained drafter directory: what it drafts for, how to use it, how it was trained."""
+def drafter_card(kind: str, settings: dict, target: dict, training: dict, location: str) -> str:
+    """The ``README.md`` of a trained drafter directory written to ``location``: what it drafts for, how to use it,
+    and how it was trained — the ``linspec train`` command of its recipe when ``training`` records one."""
+    from linspec.reproduce import drafter_train_argv
+
+    recipe = training.get("recipe") if isinstance(training.get("recipe"), dict) else None
+    target_name = recipe["target"] if recipe and isinstance(recipe.get("target"), str) else "TARGET"
     settings_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(settings.items()))
-    training_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(training.items())) or "| — | — |"
+    measured = {key: value for key, value in training.items() if key != "recipe"}
+    training_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(measured.items())) or "| — | — |"
     target_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(target.items()))
+    drafter, model = shlex.quote(location), shlex.quote(target_name)
+    placeholder = (
+        "" if recipe else "\n`TARGET` stands for the model this drafter was trained for (its fingerprint is below).\n"
+    )
+    reproduce = ""
+    if recipe:
+        argv = drafter_train_argv(recipe)
+        command = f"```bash\nlinspec {shlex.join(argv)}\n```\n\n" if argv else ""
+        dumped = yaml.safe_dump(recipe, sort_keys=False).rstrip()
+        reproduce = (
+            f"## Reproduce\n\n{command}<details><summary>resolved recipe</summary>\n\n```yaml\n{dumped}\n```\n\n"
+            "</details>\n\n"
+        )
     return f"""---
 library_name: linspec
 tags: [linspec, speculative-decoding, drafter, {kind}]
@@ -470,18 +489,18 @@ loads against the target it was trained for and no other (the fingerprint below 
 ## Use
 
 ```bash
-linspec generate TARGET --draft {kind} --drafter PATH --prompt "..." --stats
+linspec generate {model} --draft {kind} --drafter {drafter} --prompt "..." --stats
 ```
 
 ```python
 import linspec
 from linspec.drafting import load_drafter
 
-model, tokenizer = linspec.load("TARGET")
-drafter = load_drafter("PATH", model, tokenizer).drafter()
+model, tokenizer = linspec.load({json.dumps(target_name)})
+drafter = load_drafter({json.dumps(location)}, model, tokenizer).drafter()
 out = linspec.speculative_generate(model, drafter, input_ids, max_new_tokens=64)
 ```
-
+{placeholder}
 ## Settings
 
 | setting | value |
@@ -494,11 +513,12 @@ out = linspec.speculative_generate(model, drafter, input_ids, max_new_tokens=64)
 |---|---|
 {target_rows}
 
-## Training
+{reproduce}## Training
 
 | key | value |
 |---|---|
 {training_rows}
 
-{ENGINES_NOTE}
+Inference engines (vLLM, llama.cpp, TGI) have no linspec drafting and cannot load it; it runs in PyTorch through
+`linspec`.
 """

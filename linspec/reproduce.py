@@ -10,6 +10,8 @@ closest to. Each command is checked to rebuild exactly those settings before a c
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,18 +73,31 @@ def preset_flags(preset: str, settings: LinspecConfig) -> list[str] | None:
 
 
 def train_argv(recipe: Any) -> list[str] | None:
-    """``["train", NAME, "key=value", ...]``: the shipped recipe closest to ``recipe`` (the shortest overrides) and
-    the overrides that turn it into ``recipe`` exactly (checked by loading them), or None when no shipped recipe
-    can (a recipe of another kind, or one that the overrides cannot express)."""
-    from linspec.train.catalog import shipped_recipes
+    """``["train", NAME, "key=value", ...]`` for a training ``Recipe``: see :func:`recipe_argv`."""
     from linspec.train.recipe import load_recipe
 
-    wanted = dataclasses.asdict(recipe)
+    return recipe_argv(dataclasses.asdict(recipe), load_recipe)
+
+
+def drafter_train_argv(resolved: dict) -> list[str] | None:
+    """The same for a drafter recipe, given as the mapping a drafter directory records (``drafter.json``)."""
+    from linspec.drafting.recipe import load_drafter_recipe
+
+    return recipe_argv(resolved, load_drafter_recipe)
+
+
+def recipe_argv(resolved: dict, load: Callable[..., Any]) -> list[str] | None:
+    """``["train", NAME, "key=value", ...]``: the shipped recipe closest to ``resolved`` (the shortest overrides)
+    and the overrides that turn it into ``resolved`` exactly (checked by loading them with ``load``), or None when
+    no shipped recipe can (none of that kind, or a difference the overrides cannot express)."""
+    from linspec.train.catalog import shipped_recipes
+
+    wanted = _plain(resolved)
     best: tuple[str, list[str]] | None = None
     for name in shipped_recipes():
         try:
-            shipped = dataclasses.asdict(load_recipe(name))
-        except LinspecError:  # a drafter recipe, or one this installation cannot load
+            shipped = _plain(dataclasses.asdict(load(name)))
+        except LinspecError:  # a recipe of another kind, or one this installation cannot load
             continue
         overrides = recipe_overrides(shipped, wanted)
         if best is None or len(" ".join(overrides)) < len(" ".join(best[1])):  # the shortest command line
@@ -91,11 +106,16 @@ def train_argv(recipe: Any) -> list[str] | None:
         return None
     name, overrides = best
     try:
-        if dataclasses.asdict(load_recipe(name, overrides)) != wanted:
+        if _plain(dataclasses.asdict(load(name, overrides))) != wanted:
             return None
     except LinspecError:
         return None
     return ["train", name, *overrides]
+
+
+def _plain(data: Any) -> Any:
+    """``data`` as JSON would give it back (tuples as lists), so a recorded recipe compares with a loaded one."""
+    return json.loads(json.dumps(data))
 
 
 def recipe_overrides(shipped: Any, wanted: Any, prefix: str = "") -> list[str]:

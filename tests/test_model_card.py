@@ -182,3 +182,15 @@ def test_an_explicit_card_lists_its_curve_and_phases():
     assert card.index("| 1–255 | 25.00 | — | 19.00 |") < card.index("| 256–2047 | 14.20 | — | 11.80 |")
     assert "Not measured: window only" in card and "original 19.50, after lora 24.80" in card
     assert "linspec train smollm2-135m-demo\n" in card and "recipes/" not in card
+
+
+def test_a_drafter_card_names_its_recipe_command_target_and_directory():
+    from linspec.drafting.recipe import load_drafter_recipe
+    from linspec.model_card import drafter_card
+
+    recipe = asdict(load_drafter_recipe("medusa-smollm2-135m", ["train.steps=10"]))
+    training = {"recipe": json.loads(json.dumps(recipe)), "eval_accuracy_by_depth": [0.5, 0.25]}  # as recorded
+    card = drafter_card("medusa", {"depth": 2}, {"vocab_size": 97}, training, "runs/medusa/drafter")
+    assert "linspec train medusa-smollm2-135m train.steps=10\n" in card
+    assert "linspec generate smollm2-135m --draft medusa --drafter runs/medusa/drafter" in card
+    assert "| eval_accuracy_by_depth | [0.5, 0.25] |" in card and "| recipe |" not in card and "PATH" not in card

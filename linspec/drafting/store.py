@@ -52,7 +52,7 @@ def save_drafter(
     with atomic_directory(path, force=force, markers=(CONFIG,)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        card = drafter_card(module.kind, module.settings, config["target"], config["training"])
+        card = drafter_card(module.kind, module.settings, config["target"], config["training"], str(path))
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(path)
 
