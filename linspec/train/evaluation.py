@@ -13,8 +13,8 @@ from linspec.evaluate import sequence_nll, token_nll
 from linspec.train.distributed import DTYPES, Env
 from linspec.train.recipe import Recipe, Stage
 
-# Held-out tokens the curve scores per model: two 2048-token sequences for the demo recipe, about a minute for
-# the model, its window-only ablation and the original together on one CPU thread.
+# Held-out tokens the curve scores per model: two 2048-token sequences for the demo recipe, about 70 s for the
+# model, its window-only ablation and the original together on one CPU thread.
 CURVE_TOKENS = 4096
 
 
