@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from linspec.prompts import Prompt
 from linspec.repetition import Repetition
+from linspec.validation import MAX_NEW_TOKENS, check_count
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -59,6 +60,7 @@ def greedy_answers(
 
     from linspec.greedy import encode_prompt, greedy_generate, stop_ids
 
+    check_count(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
     stop = stop_ids(tokenizer, model)
     answers = []
     for prompt in tqdm(prompts, desc=f"answers {label}".strip(), disable=not progress):

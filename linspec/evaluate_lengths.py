@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from linspec.errors import LinspecError
+from linspec.validation import MAX_LENGTH, MAX_WINDOWS, check_count
 
 
 @dataclass
@@ -38,9 +39,9 @@ def check_lengths(model, lengths: Sequence[int], minimum: int = 2) -> list[int]:
     """Sorted unique lengths, each ``>= minimum`` and within the model's positions; else one clear error."""
     if not lengths:
         raise LinspecError("give at least one length")
-    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < minimum]
+    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or not minimum <= n <= MAX_LENGTH]
     if bad:
-        raise LinspecError(f"lengths must be integers >= {minimum}; got {bad}")
+        raise LinspecError(f"lengths must be integers in {minimum}..{MAX_LENGTH}; got {bad[:5]}")
     limit = max_positions(model)
     if limit is not None and max(lengths) > limit:
         raise LinspecError(f"length {max(lengths)} exceeds the model's {limit} positions (max_position_embeddings)")
@@ -64,8 +65,8 @@ def perplexity_by_length(
     from linspec.evaluate import next_token_scores
 
     lengths = check_lengths(model, lengths)
-    if max_windows < 1:
-        raise LinspecError(f"max_windows must be at least 1, got {max_windows}")
+    check_count(max_windows, "max_windows", 1, MAX_WINDOWS)
+    check_count(chunk, "chunk", 1, MAX_LENGTH)
     score = score_tokens if score_tokens is not None else max(lengths[0] // 2, 1)
     if not 1 <= score < lengths[0]:
         raise LinspecError(f"score_tokens must be in 1..{lengths[0] - 1} (below the shortest length); got {score}")

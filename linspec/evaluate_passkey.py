@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from linspec.errors import LinspecError
+from linspec.validation import MAX_TRIALS, check_count, check_seed
 
 INTRO = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -62,8 +63,8 @@ def make_trial(tokenizer, length: int, depth: float, key: str, chat: bool | None
 
 def make_trials(tokenizer, length: int, trials: int, seed: int = 0, chat: bool | None = None) -> list[Trial]:
     """``trials`` prompts of ``length`` tokens; depths spread over the buckets, keys random, both seeded."""
-    if trials < 1:
-        raise LinspecError(f"trials must be at least 1, got {trials}")
+    check_count(trials, "trials", 1, MAX_TRIALS)
+    check_seed(seed)
     made = []
     for index in range(trials):
         rng = random.Random(f"{seed}:{length}:{index}")
@@ -98,6 +99,8 @@ def passkey_accuracy(
     from linspec.greedy import greedy_generate, stop_ids
 
     lengths = check_lengths(model, lengths)
+    check_count(trials, "trials", 1, MAX_TRIALS)
+    check_seed(seed)
     stop = stop_ids(tokenizer, model)
     results = []
     bar = tqdm(total=len(lengths) * trials, desc="passkey", disable=not progress)

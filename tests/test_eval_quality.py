@@ -246,9 +246,9 @@ def test_eval_passkey_and_agreement_write_their_results(tiny_bpe_dir, tmp_path, 
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["eval", "passkey", "M", "--lengths", "0"], "must be at least 1"),
-        (["eval", "passkey", "M", "--trials", "0"], "must be at least 1"),
-        (["eval", "ppl", "M", "--data", "x", "--lengths", "-5"], "must be at least 1"),
+        (["eval", "passkey", "M", "--lengths", "0"], "must be an integer in 1.."),
+        (["eval", "passkey", "M", "--trials", "0"], "must be an integer in 1.."),
+        (["eval", "ppl", "M", "--data", "x", "--lengths", "-5"], "must be an integer in 1.."),
     ],
 )
 def test_bad_counts_are_refused_by_the_parser(argv, fragment, capsys):

@@ -6,6 +6,7 @@ import argparse
 
 from linspec.cli.evaluate_quality import add_quality_tasks
 from linspec.devices import add_placement_arguments
+from linspec.validation import MAX_LENGTH, MAX_TRIALS, count_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,9 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: linspec eval ppl runs/smollm2-135m-demo/model --data notes.txt --window 256 --ablations",
     )
     add_model_and_data(ppl, "model directory, .gguf file, hub id or demo name")
-    ppl.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    ppl.add_argument("--stride", type=int, help="tokens between window starts (default: --window, no overlap)")
-    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    ppl.add_argument("--window", type=count_arg(2, MAX_LENGTH), default=256, help="tokens per window (default 256)")
+    ppl.add_argument(
+        "--stride", type=count_arg(1, MAX_LENGTH), help="tokens between window starts (default: --window, no overlap)"
+    )
+    ppl.add_argument("--max-tokens", type=count_arg(2, 1 << 40), help="score only the first N tokens of the text")
     ppl.add_argument("--ablate", choices=["gamma", "conv", "both"], help="zero γ, the conv, or both")
     ppl.add_argument("--ablations", action="store_true", help="run full, no-gamma, no-conv and local-only")
     add_placement_arguments(ppl)
@@ -47,18 +50,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_and_data(layers, "linspec model directory", data_required=False)
     layers.add_argument("--by", choices=["ppl", "passkey"], default="ppl", help="what to rank by (default ppl)")
-    layers.add_argument("--passkey-length", type=int, default=1024, help="--by passkey: prompt tokens (1024)")
-    layers.add_argument("--trials", type=int, default=4, help="--by passkey: prompts per variant (default 4)")
-    layers.add_argument("--seq-len", type=int, default=256, help="tokens per scored sequence (default 256)")
-    layers.add_argument("--max-sequences", type=int, default=8, help="sequences scored per variant (default 8)")
-    layers.add_argument("--top", type=int, default=8, help="largest set of layers measured together (default 8)")
+    layers.add_argument(
+        "--passkey-length", type=count_arg(1, MAX_LENGTH), default=1024, help="--by passkey: prompt tokens (1024)"
+    )
+    layers.add_argument(
+        "--trials", type=count_arg(1, MAX_TRIALS), default=4, help="--by passkey: prompts per variant (default 4)"
+    )
+    layers.add_argument(
+        "--seq-len", type=count_arg(2, MAX_LENGTH), default=256, help="tokens per scored sequence (default 256)"
+    )
+    layers.add_argument(
+        "--max-sequences", type=count_arg(1, 1 << 16), default=8, help="sequences scored per variant (default 8)"
+    )
+    layers.add_argument(
+        "--top", type=count_arg(1, 4096), default=8, help="largest set of layers measured together (default 8)"
+    )
     layers.add_argument(
         "--search",
         choices=["single", "greedy"],
         default="single",
         help="sets of k layers: the best k alone (single, default) or forward selection (greedy)",
     )
-    layers.add_argument("--pool", type=int, help="--search greedy: only the N best single layers are candidates")
+    layers.add_argument(
+        "--pool", type=count_arg(1, 4096), help="--search greedy: only the N best single layers are candidates"
+    )
     add_placement_arguments(layers)
     layers.set_defaults(func=run_layers)
     heads = tasks.add_parser(
@@ -73,9 +88,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_and_data(heads, "softmax model directory, .gguf file, hub id or demo name")
     heads.add_argument("--preset", default="window", help="conversion preset whose local span counts (default window)")
-    heads.add_argument("--local-window", type=int, help="softmax window of the conversion (window preset: 512)")
-    heads.add_argument("--max-sequences", type=int, default=2, help="sequences measured (default 2)")
-    heads.add_argument("--top", type=int, default=12, help="heads listed and kept (default 12)")
+    heads.add_argument(
+        "--local-window", type=count_arg(1, MAX_LENGTH), help="softmax window of the conversion (window preset: 512)"
+    )
+    heads.add_argument("--max-sequences", type=count_arg(1, 1 << 10), default=2, help="sequences measured (default 2)")
+    heads.add_argument("--top", type=count_arg(1, 1 << 12), default=12, help="heads listed and kept (default 12)")
     add_placement_arguments(heads)
     heads.set_defaults(func=run_heads)
     add_quality_tasks(tasks, ppl)
@@ -91,9 +108,6 @@ def run_heads(args: argparse.Namespace) -> int:
     from linspec.hybrid import text_sequences
     from linspec.sources import load_source
 
-    for name, limit in (("max_sequences", 1 << 10), ("top", 1 << 12)):
-        if not 1 <= getattr(args, name) <= limit:
-            raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
     overrides = {} if args.local_window is None else {"local_window": args.local_window}
     settings = LinspecConfig.from_preset(args.preset, **overrides)
     check_data(args.data)
@@ -126,9 +140,6 @@ def add_model_and_data(parser: argparse.ArgumentParser, model_help: str, data_re
     parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet data (default: text)")
 
 
-MAX_WINDOW = 1 << 20
-
-
 def check_data(source: str) -> None:
     """Refuse missing, empty, binary or unknown data before the model is loaded."""
     from linspec.errors import LinspecError
@@ -148,12 +159,8 @@ def run_ppl(args: argparse.Namespace) -> int:
     from linspec.evaluate import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
     from linspec.sources import load_source
 
-    if not 2 <= args.window <= MAX_WINDOW:
-        raise LinspecError(f"--window must be in 2..{MAX_WINDOW}, got {args.window}")
-    if args.stride is not None and not 0 < args.stride <= args.window:
+    if args.stride is not None and args.stride > args.window:
         raise LinspecError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise LinspecError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.ablate and args.ablations:
         raise LinspecError("--ablate picks one variant and --ablations runs all four; pass one of them")
     device, dtype = placement(args.device, args.dtype)
@@ -185,13 +192,6 @@ def run_layers(args: argparse.Namespace) -> int:
     from linspec.evaluate import rank_layers, read_text_ids
     from linspec.sources import load_source
 
-    limits = (("seq_len", MAX_WINDOW), ("max_sequences", 1 << 16), ("top", 4096), ("passkey_length", MAX_WINDOW),
-              ("trials", 1 << 12))  # fmt: skip
-    if args.pool is not None:
-        limits += (("pool", 4096),)
-    for name, limit in limits:
-        if not 1 <= getattr(args, name) <= limit:
-            raise LinspecError(f"--{name.replace('_', '-')} must be in 1..{limit}, got {getattr(args, name)}")
     if args.by == "ppl" and not args.data:
         raise LinspecError("--by ppl needs --data (the text to score)")
     device, dtype = placement(args.device, args.dtype)

@@ -9,17 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linspec.devices import add_placement_arguments
+from linspec.validation import (
+    MAX_DOCUMENTS,
+    MAX_FEWSHOT,
+    MAX_LENGTH,
+    MAX_NEW_TOKENS,
+    MAX_PROMPTS,
+    MAX_TRIALS,
+    MAX_WINDOWS,
+    count_arg,
+    seed_arg,
+)
 
-
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1 (lengths, trials, counts), refused in one line otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+length = count_arg(1, MAX_LENGTH)  # tokens: lengths, windows, chunks
 
 
 def ppl_or_curve(plain: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -46,16 +48,18 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
     curve = ppl.add_argument_group("perplexity vs context length (with --lengths)")
     curve.add_argument(
         "--lengths",
-        type=positive,
+        type=length,
         nargs="+",
         metavar="L",
         help="context lengths to compare, e.g. 256 1024 2048 4096 8192: every length scores the same tokens "
         "(the last --score-tokens of each block of max(L) tokens) after L − score-tokens.. tokens of context",
     )
     curve.add_argument("--reference", help="the original model, measured on the same windows (one curve each)")
-    curve.add_argument("--max-windows", type=positive, default=4, help="blocks of max(L) tokens (default 4)")
-    curve.add_argument("--score-tokens", type=positive, help="tokens scored per window (default: half the shortest L)")
-    curve.add_argument("--chunk", type=positive, default=512, help="prefill chunk in tokens (default 512)")
+    curve.add_argument(
+        "--max-windows", type=count_arg(1, MAX_WINDOWS), default=4, help="blocks of max(L) tokens (default 4)"
+    )
+    curve.add_argument("--score-tokens", type=length, help="tokens scored per window (default: half the shortest L)")
+    curve.add_argument("--chunk", type=length, default=512, help="prefill chunk in tokens (default 512)")
     add_output_options(curve)
     ppl.epilog = (
         f"{ppl.epilog}; a curve against the original: linspec eval ppl out/smollm2-linear --data "
@@ -73,11 +77,11 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
     )
     passkey.add_argument("models", nargs="+", metavar="MODEL", help="model directories, .gguf files or demo names")
     passkey.add_argument(
-        "--lengths", type=positive, nargs="+", default=[256, 1024, 2048], help="prompt lengths (default 256 1024 2048)"
+        "--lengths", type=length, nargs="+", default=[256, 1024, 2048], help="prompt lengths (default 256 1024 2048)"
     )
-    passkey.add_argument("--trials", type=positive, default=12, help="prompts per length (default 12)")
-    passkey.add_argument("--seed", type=int, default=0, help="seed of keys and depths (default 0)")
-    passkey.add_argument("--chunk", type=positive, default=512, help="prefill chunk in tokens (default 512)")
+    passkey.add_argument("--trials", type=count_arg(1, MAX_TRIALS), default=12, help="prompts per length (default 12)")
+    passkey.add_argument("--seed", type=seed_arg(), default=0, help="seed of keys and depths (default 0)")
+    passkey.add_argument("--chunk", type=length, default=512, help="prefill chunk in tokens (default 512)")
     add_output_options(passkey)
     add_placement_arguments(passkey)
     passkey.set_defaults(func=run_passkey)
@@ -101,9 +105,11 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
         help="builtin:NAME or a corpus file to build prompts from, or a .txt (one prompt per line) / .jsonl "
         "('prompt' field) of prompts (default builtin:wiki-en-eval)",
     )
-    agreement.add_argument("--num-prompts", type=positive, default=16, help="prompts (default 16)")
-    agreement.add_argument("--max-new-tokens", type=positive, default=64, help="answer length (default 64)")
-    agreement.add_argument("--seed", type=int, default=0, help="seed of the prompt choice (default 0)")
+    agreement.add_argument("--num-prompts", type=count_arg(1, MAX_PROMPTS), default=16, help="prompts (default 16)")
+    agreement.add_argument(
+        "--max-new-tokens", type=count_arg(1, MAX_NEW_TOKENS), default=64, help="answer length (default 64)"
+    )
+    agreement.add_argument("--seed", type=seed_arg(), default=0, help="seed of the prompt choice (default 0)")
     agreement.add_argument("--text-field", default="text", help="text column of a jsonl/parquet corpus (default: text)")
     add_output_options(agreement)
     add_placement_arguments(agreement)
@@ -121,9 +127,11 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
     harness.add_argument("model", help="model directory, .gguf file, hub id or demo name")
     harness.add_argument("--tasks", nargs="+", required=True, help="task names (built-in or under --include-path)")
     harness.add_argument("--include-path", help="folder of task YAML files")
-    harness.add_argument("--limit", type=positive, help="documents per task (default: all)")
-    harness.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
-    harness.add_argument("--max-length", type=positive, help="longest scored window (default: model positions)")
+    harness.add_argument("--limit", type=count_arg(1, MAX_DOCUMENTS), help="documents per task (default: all)")
+    harness.add_argument(
+        "--num-fewshot", type=count_arg(0, MAX_FEWSHOT), help="few-shot examples (default: the task's)"
+    )
+    harness.add_argument("--max-length", type=length, help="longest scored window (default: model positions)")
     harness.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the chat template")
     add_output_options(harness)
     add_placement_arguments(harness)

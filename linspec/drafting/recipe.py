@@ -16,6 +16,7 @@ from linspec.train.recipe import (
     _check_source,
     _positive,
     build_recipe,
+    check_seeds,
     read_recipe_file,
 )
 
@@ -134,6 +135,7 @@ def validate(recipe: DrafterRecipe) -> DrafterRecipe:
     _positive(recipe.checkpoint.every, "checkpoint.every", allow_zero=True, limit=MAX_STEPS)
     _positive(recipe.checkpoint.keep, "checkpoint.keep", limit=1000)
     _positive(recipe.threads, "threads", limit=1024)
+    check_seeds(recipe)
     return recipe
 
 

@@ -23,6 +23,7 @@ import yaml
 from linspec.config import PRESETS, LinspecConfig
 from linspec.errors import LinspecError
 from linspec.paths import check_name
+from linspec.validation import check_number, check_seed
 
 TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
@@ -306,10 +307,23 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _positive(value: Any, key: str, allow_zero: bool = False, limit: float | None = None) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise LinspecError(f"recipe key {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    if value is not None and limit is not None and value > limit:
-        raise LinspecError(f"recipe key {key}: must be at most {limit}, got {value!r}")
+    check_number(value, f"recipe key {key}", allow_zero=allow_zero, limit=limit)
+
+
+def check_seeds(section: Any, prefix: str = "") -> None:
+    """Every ``seed`` key of a recipe (any section, any depth) in ``0..MAX_SEED``, checked before anything is
+    written: a seed past 64 bits otherwise fails only when it reaches torch, after the run directory exists."""
+    if dataclasses.is_dataclass(section):
+        for f in dataclasses.fields(section):
+            key = f"{prefix}{f.name}"
+            value = getattr(section, f.name)
+            if f.name == "seed":
+                check_seed(value, f"recipe key {key}")
+            else:
+                check_seeds(value, f"{key}.")
+    elif isinstance(section, list):
+        for i, item in enumerate(section):
+            check_seeds(item, f"{prefix.rstrip('.')}[{i}].")
 
 
 def _fraction(value: float, key: str, *, closed: bool) -> None:
@@ -357,6 +371,8 @@ def validate(recipe: Recipe) -> Recipe:
     if not data.text_field:
         raise LinspecError("recipe key data.text_field: empty")
     _positive(data.seq_len, "data.seq_len", limit=MAX_SEQ_LEN)
+    if data.seq_len < 2:  # one token has no next token to predict: every batch would be empty
+        raise LinspecError(f"recipe key data.seq_len: must be at least 2 tokens, got {data.seq_len}")
     _positive(data.max_train_sequences, "data.max_train_sequences")
     _positive(data.max_documents, "data.max_documents")
     _positive(data.max_eval_sequences, "data.max_eval_sequences")
@@ -401,6 +417,7 @@ def validate(recipe: Recipe) -> Recipe:
     _positive(recipe.eval.every, "eval.every", allow_zero=True)
     _positive(recipe.eval.max_sequences, "eval.max_sequences")
     _positive(recipe.threads, "threads", limit=MAX_THREADS)
+    check_seeds(recipe)
     return recipe
 
 
