@@ -42,9 +42,8 @@ def convert_checkpoint(
     )
     converted = convert(model, settings)
     with atomic_directory(out, force=force) as tmp:
-        converted.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        # The conversion's card first: save_pretrained writes a generic one only where there is none. The save
+        # writes the weights, config.json with auto_map and the remote code that loads them without linspec.
         conversion_card(
             str(src),
             str(out),
@@ -55,6 +54,9 @@ def convert_checkpoint(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         ).write(tmp)
+        converted.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / "linspec.json").write_text(
             json.dumps({"source": str(src), "linspec": settings.to_dict(), "dtype": str(dtype)}, indent=2) + "\n"
         )
