@@ -1,14 +1,17 @@
 """An lm-evaluation-harness model over any model linspec loads: ``lm_eval`` tasks for linspec models.
 
-Importing this module registers the model name ``linspec`` with the harness (it needs ``pip install lm-eval``;
-``linspec eval harness`` says so in one line when it is missing). The harness's own ``lm_eval`` command does not
-import linspec, so run it through this module, which registers first and then hands over to the harness CLI::
+Importing this module registers the model name ``linspec`` with the harness (it needs ``pip install
+'linspec[eval]'``; ``linspec eval harness`` says so in one line when it is missing). The harness's ``lm_eval``
+command has no plugin mechanism and does not import linspec, so linspec installs the harness CLI with the model
+registered as ``linspec-lm-eval`` (``linspec.harness_command`` says why)::
 
-    python -m linspec.evaluate_harness run --model linspec --model_args pretrained=DIR --tasks T --include_path D
+    linspec-lm-eval run --model linspec --model_args pretrained=DIR --tasks T --include_path D
+    python -m linspec.evaluate_harness run --model linspec ...      # the same
 
-(``--model hf`` works there too for linspec directories, since ``import linspec`` registers the classes with
-``AutoModelForCausalLM``). In Python: ``import linspec.evaluate_harness`` and then
-``lm_eval.simple_evaluate(model="linspec", model_args={"pretrained": DIR}, ...)``.
+A saved linspec model also runs in the plain ``lm_eval`` command through the remote code its directory carries:
+``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True``. In Python:
+``import linspec.evaluate_harness`` and then ``lm_eval.simple_evaluate(model="linspec", model_args={"pretrained":
+DIR}, ...)``.
 
 Scoring runs one request at a time, chunk-wise through the model's cache (``linspec.evaluate``), so long
 contexts stay within memory on a CPU; generation is greedy (``linspec.greedy``). ``batch_size`` is accepted and
@@ -201,9 +204,9 @@ def evaluate(
 
 def main() -> None:
     """``python -m linspec.evaluate_harness ...``: the harness CLI with ``--model linspec`` registered."""
-    from lm_eval.__main__ import cli_evaluate
+    from linspec.harness_command import main as harness_command
 
-    cli_evaluate()
+    harness_command()
 
 
 if __name__ == "__main__":
