@@ -1,4 +1,4 @@
-"""``linspec env``: versions, device and whether the installed set is the tested one — for bug reports."""
+"""``linspec env``: versions, device and whether the installed run-time set is the tested one — for bug reports."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import json
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "env",
-        help="print versions, the device, and whether the installed versions are the tested (locked) set",
+        help="print versions, the device, and whether the run-time dependencies are the tested (locked) set",
         description="Prints linspec's version, python, torch, transformers, peft, accelerate, datasets, triton, fla "
-        "and the other libraries linspec uses, the device, and whether the installed versions are exactly the "
-        "locked set the test suite passed with. Paste it into bug reports. Exit status 0 either way.",
+        "and the other libraries linspec uses, the device, and whether linspec's run-time dependencies (what a "
+        "plain install pulls in) are installed at exactly the locked versions the test suite passed with "
+        "(linspec/constraints-cpu.txt). The test, lint and evaluation tools of the dev and eval extras are "
+        "reported on their own line. Paste it into bug reports. Exit status 0 either way.",
         epilog="example: linspec env --json > env.json",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of aligned lines")
