@@ -1,6 +1,7 @@
 """``linspec`` command line: thin parsers that call one library function each and print the result.
 
-Every library error (``LinspecError``, ``OSError``, ``ValueError``) and every command-line mistake becomes one
+``linspec --help`` and ``--version`` import no command module (see ``linspec.cli.subcommands``): a command's parser,
+and whatever it imports, loads only when that command runs. Every library error (``LinspecError``, ``OSError``, ``ValueError``) and every command-line mistake becomes one
 line on stderr and exit code 2; nothing is half-written because every writer in the library is atomic.
 """
 
@@ -11,16 +12,19 @@ import importlib
 import sys
 import typing
 
-# (sub-command, module under linspec.cli): each module has ``add_parser(subparsers)`` setting ``func``.
+from linspec.cli.subcommands import LazySubcommands
+
+# (sub-command, module under linspec.cli, one-line help): each module has ``add_parser(subparsers)`` setting ``func``.
 COMMANDS = [
-    ("convert", "convert"),
-    ("generate", "generate"),
-    ("bench", "bench"),
-    ("train", "train"),
-    ("eval", "evaluate"),
-    ("demo", "demo"),
-    ("env", "env"),
-    ("recipes", "recipes"),
+    ("convert", "convert", "convert a softmax-attention checkpoint into a linspec model directory"),
+    ("generate", "generate", "generate text, optionally with exact speculative decoding"),
+    ("chat", "chat", "chat with a model in the terminal (chat template, streamed replies, optional drafter)"),
+    ("bench", "bench", "run a benchmark and record its results"),
+    ("train", "train", "fine-tune a converted model with a recipe (attention transfer, LoRA, distillation)"),
+    ("eval", "evaluate", "evaluate a model: perplexity, ablations of γ and the conv, which layers to keep softmax"),
+    ("demo", "demo", "fetch the demo model, convert it, generate, and compare decode speed"),
+    ("env", "env", "print versions, the device, and whether the installed versions are the tested (locked) set"),
+    ("recipes", "recipes", "list the shipped training recipes, or copy one out to edit"),
 ]
 
 
@@ -63,13 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt 'Hello'",
     )
     parser.add_argument("--version", action="version", version=f"linspec {_version()}")
+    parser.register("action", "parsers", LazySubcommands)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for _, module_name in COMMANDS:
-        importlib.import_module(f"linspec.cli.{module_name}").add_parser(subparsers)
+    for name, module_name, help_text in COMMANDS:
+        subparsers.add_lazy(name, help_text, _module_parser(module_name))
     return parser
 
 
+def _module_parser(module_name: str):
+    """The builder of one command's parser: ``linspec.cli.<module_name>.add_parser``, imported when called."""
+    return lambda subparsers: importlib.import_module(f"linspec.cli.{module_name}").add_parser(subparsers)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from linspec.cli.quiet import quiet_libraries
+
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

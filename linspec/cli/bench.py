@@ -1,9 +1,11 @@
-"""``linspec bench NAME``: benchmarks that write JSON + PNG under docs/ and a table into docs/benchmarks.md."""
+"""``linspec bench NAME``: benchmarks that write JSON, a PNG and a benchmarks.md section into a results folder."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from linspec.cli.subcommands import LazySubcommands
 
 # (name, module under linspec.bench, one-line help): each module has ``add_arguments(parser)`` and ``run(args)``.
 BENCHMARKS = [
@@ -17,14 +19,24 @@ BENCHMARKS = [
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="run a benchmark and record it under docs/",
-        description="Benchmarks compare ratios within one run; results go to docs/<name>.json, docs/<name>.png "
-        "and a table in docs/benchmarks.md.",
+        description="Benchmarks compare ratios within one run; results go to NAME.json, NAME.png and a section of "
+        "benchmarks.md in runs/bench/NAME-TIME (--out DIR elsewhere, --update-docs into a checkout's docs/, "
+        "--no-record nowhere).",
         epilog="example: linspec bench decode --contexts 128 1024 8192",
     )
+    parser.register("action", "parsers", LazySubcommands)
     names = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, module_name, help_text in BENCHMARKS:
+        names.add_lazy(name, help_text, _benchmark_parser(name, module_name, help_text))
+
+
+def _benchmark_parser(name: str, module_name: str, help_text: str):
+    """The builder of one benchmark's parser (its module, imported when the benchmark is chosen)."""
+
+    def build(names: argparse._SubParsersAction) -> None:
         module = importlib.import_module(f"linspec.bench.{module_name}")
-        sub = names.add_parser(name, help=help_text, description=help_text, epilog=getattr(module, "EXAMPLE", None))
+        sub = names.add_parser(name, description=help_text, epilog=getattr(module, "EXAMPLE", None))
         module.add_arguments(sub)
         sub.set_defaults(func=module.run)
+
+    return build

@@ -50,7 +50,6 @@ def parse_shard_size(text: str) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a softmax-attention checkpoint into a linspec model directory",
         description="Swap softmax attention for augmented grouped linear attention (paper preset by default), "
         f"reusing the pretrained q/k/v/o weights. Supported architectures: {', '.join(supported_architectures())}.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear --group-size 64 --conv-taps 32 "

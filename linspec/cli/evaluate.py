@@ -12,7 +12,6 @@ from linspec.validation import MAX_LENGTH, MAX_TRIALS, count_arg
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model: perplexity, ablations of γ and the conv, which layers to keep softmax",
         description="Evaluate a linspec model or any causal LM linspec can load.",
         epilog="example: linspec eval ppl runs/smollm2-135m-demo/model --data builtin:wiki-en-eval --ablations",
     )

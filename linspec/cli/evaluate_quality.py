@@ -302,7 +302,10 @@ def run_harness(args: argparse.Namespace) -> int:
         from linspec.evaluate_harness import evaluate
     except ImportError as error:
         raise LinspecError(f"lm-evaluation-harness is not installed ({error}); pip install 'lm-eval>=0.4.13'") from None
+    from linspec.cli.quiet import quiet_git_lookups
     from linspec.devices import placement
+
+    quiet_git_lookups()
 
     device, dtype = placement(args.device, args.dtype)
     options = {"max_length": args.max_length} if args.max_length else {}

@@ -12,7 +12,6 @@ from linspec.devices import add_placement_arguments
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
-        help="generate text, optionally with exact speculative decoding",
         description="Generate from a linspec model, a hybrid, or a Llama-family softmax model. With --draft, a "
         "drafter proposes tokens (a chain, or a tree with --tree-width > 1) and the model verifies them all in one "
         "forward; the output is exactly what plain decoding gives (greedy: identical tokens; sampling: the same "

@@ -8,7 +8,6 @@ import argparse
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "recipes",
-        help="list the shipped training recipes, or copy one out to edit",
         description="linspec ships its training recipes; `linspec train NAME` runs one by name, and "
         "`linspec recipes cp NAME DEST` copies it out so you can change it.",
         epilog="example: linspec recipes cp smollm2-135m-demo my-recipe.yaml && linspec train my-recipe.yaml",

@@ -19,7 +19,6 @@ def _keys_help() -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a converted model with a recipe (attention transfer, LoRA, distillation)",
         description="Run a training recipe: load the base checkpoint, convert it, run each stage, and write "
         "a linspec model directory to OUTPUT/model. Recipes are YAML files validated before any work starts; "
         "recipes/*.yaml are commented examples. Several processes: torchrun --nproc-per-node N -m linspec "
