@@ -14,6 +14,7 @@ import that is in progress to finish.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import sys
@@ -61,10 +62,9 @@ class _RegistrationHook(importlib.abc.MetaPathFinder):
             return  # the linspec import under way calls again when it finishes
         sys.meta_path.remove(self)  # first: the imports below come back here
         if _MODELING not in sys.modules:
-            try:
+            # linspec cannot load here (e.g. no torch): leave transformers usable for everything else
+            with contextlib.suppress(ImportError):
                 importlib.import_module(_MODELING)
-            except ImportError:  # linspec cannot load here (e.g. no torch): leave transformers usable for the rest
-                pass
 
 
 class _ThenRegister(importlib.abc.Loader):

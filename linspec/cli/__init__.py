@@ -1,8 +1,9 @@
 """``linspec`` command line: thin parsers that call one library function each and print the result.
 
-``linspec --help`` and ``--version`` import no command module (see ``linspec.cli.subcommands``): a command's parser,
-and whatever it imports, loads only when that command runs. Every library error (``LinspecError``, ``OSError``, ``ValueError``) and every command-line mistake becomes one
+Every library error (``LinspecError``, ``OSError``, ``ValueError``) and every command-line mistake becomes one
 line on stderr and exit code 2; nothing is half-written because every writer in the library is atomic.
+``linspec --help`` and ``--version`` import no command module (``linspec.cli.subcommands``): a command's parser,
+and whatever it imports, loads only when that command is chosen.
 """
 
 from __future__ import annotations
