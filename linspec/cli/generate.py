@@ -23,8 +23,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--draft lookup --tree-width 2 --max-new-tokens 64 --stats",
     )
     parser.add_argument("model", help="model directory, .gguf file, hub id or demo name (e.g. smollm2-135m)")
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    parser.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt; - reads it from stdin; repeat for a batch"
+    )
+    parser.add_argument(
+        "--prompt-file", action="append", dest="prompt", type=PromptFile, metavar="FILE",
+        help="a prompt read from a UTF-8 text file (its final newline dropped); repeatable, mixes with --prompt",
+    )  # fmt: skip
     parser.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
+    add_decoding_arguments(parser)
+    parser.add_argument("--stats", action="store_true", help="print acceptance statistics and speed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (texts and statistics)")
+    parser.set_defaults(func=run)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The drafter, the budget, sampling and placement: the flags ``generate`` and ``chat`` share."""
     parser.add_argument(
         "--draft", default="none", help="none (default), lookup, early-exit, model, medusa, eagle or redrafter"
     )
@@ -49,20 +63,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 0 = off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1)")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--stats", action="store_true", help="print acceptance statistics and speed")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (texts and statistics)")
     add_placement_arguments(parser)
-    parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+class PromptFile(str):
+    """A ``--prompt-file`` path among the ``--prompt`` texts (one list keeps their order)."""
+
+
+MAX_PROMPT_BYTES = 1 << 24  # 16 MiB of text is far past any model's context; more is a mistake, refused unread
+
+
+def read_prompts(prompts: list[str] | None) -> list[str]:
+    """The prompt texts: ``-`` is stdin (once), a ``PromptFile`` is that file's UTF-8 text without its final
+    newline, anything else is the text itself."""
+    import sys
+
+    from linspec.errors import LinspecError
+
+    if not prompts:
+        raise LinspecError("give a prompt: --prompt TEXT, --prompt - (stdin) or --prompt-file FILE")
+    if sum(p == "-" and not isinstance(p, PromptFile) for p in prompts) > 1:
+        raise LinspecError("--prompt - reads stdin, which holds one prompt; give it once")
+    texts = []
+    for prompt in prompts:
+        if isinstance(prompt, PromptFile):
+            try:
+                with open(prompt, "rb") as file:
+                    data = file.read(MAX_PROMPT_BYTES + 1)
+            except OSError as error:
+                raise LinspecError(f"--prompt-file {prompt}: {error.strerror or error}") from None
+            texts.append(_decoded(data, f"--prompt-file {prompt}"))
+        elif prompt == "-":
+            texts.append(_decoded(sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1), "--prompt - (stdin)"))
+        else:
+            texts.append(prompt)
+    return texts
+
+
+def _decoded(data: bytes, where: str) -> str:
+    from linspec.errors import LinspecError
+
+    if len(data) > MAX_PROMPT_BYTES:
+        raise LinspecError(f"{where} holds more than {MAX_PROMPT_BYTES >> 20} MiB; that is no prompt")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LinspecError(f"{where} is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def load_decoding(args: argparse.Namespace):
+    """``(model, tokenizer, drafter, sampling, generator)`` for the decoding flags, every flag checked first."""
     import torch
 
     from linspec.devices import placement
     from linspec.errors import LinspecError
     from linspec.sources import load_source
     from linspec.speculative.drafters import TRAINED_DRAFTERS, build_drafter
-    from linspec.speculative.generate import DEFAULT_MAX_TREE_NODES, generate_text
 
     sampling = check_arguments(args)  # everything checkable without the model, before loading it
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
@@ -73,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer to encode the prompt")
-    check_prompts_fit(model, tokenizer, args)
     draft_model = None
     if args.draft == "model":
         draft_model = load_source(args.draft_model, dtype=dtype, device=device)[0]
@@ -89,27 +145,63 @@ def run(args: argparse.Namespace) -> int:
         )
     drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, trained=trained, **options)
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
-    if args.draft == "none" and len(args.prompt) == 1 and not (args.json or args.stats):
-        stream_plain(model, tokenizer, args, sampling, generator)
-        return 0
-    texts, stats = generate_text(
-        model, tokenizer, args.prompt, drafter, args.max_new_tokens, chat=not args.no_chat,
+    return model, tokenizer, drafter, sampling, generator
+
+
+def decoding_options(args: argparse.Namespace, sampling, generator) -> dict:
+    """The keyword arguments of ``speculative_generate`` the decoding flags set."""
+    from linspec.speculative.generate import DEFAULT_MAX_TREE_NODES
+
+    return dict(
         do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
         generator=generator, max_tree_nodes=args.max_tree_nodes or DEFAULT_MAX_TREE_NODES,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from linspec.errors import LinspecError
+    from linspec.speculative.generate import generate_text
+
+    args.prompt = read_prompts(args.prompt)
+    for prompt in args.prompt:
+        if not prompt.strip():
+            raise LinspecError("--prompt is empty; give the text to continue")
+    model, tokenizer, drafter, sampling, generator = load_decoding(args)
+    check_prompts_fit(model, tokenizer, args)
+    # One prompt streams its text as rounds are accepted; a batch or --json prints once everything is done.
+    stream = len(args.prompt) == 1 and not args.json
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    texts, stats = generate_text(
+        model, tokenizer, args.prompt, drafter, args.max_new_tokens, chat=not args.no_chat, streamer=streamer,
+        **decoding_options(args, sampling, generator),
     )  # fmt: skip
     if args.json:
         print(json.dumps({"texts": texts, "stats": stats.as_dict()}))
         return 0
-    for text in texts:
-        print(text)
+    if not stream:
+        for text in texts:
+            print(text)
     if args.stats:
-        depths = ", ".join(f"{a:.2f}" for a in stats.acceptance_by_depth) or "-"
-        print(
-            f"[{stats.new_tokens} tokens in {stats.seconds:.2f} s = {stats.tokens_per_second:.1f} tokens/s; "
-            f"{stats.target_calls} target calls, {stats.tokens_per_call:.2f} tokens per call; "
-            f"acceptance by depth: {depths}]"
-        )
+        print(stats_line(stats))
     return 0
+
+
+def stats_line(stats) -> str:
+    """``[N tokens in S s = R tokens/s; C target calls, T tokens per call; acceptance by depth: ...]``: N is every
+    token printed, C the verification forwards (the prefill not counted) and T = N / C for one prompt (a batch:
+    tokens per prompt per call, over the prompt-rounds each call served)."""
+    depths = ", ".join(f"{a:.2f}" for a in stats.acceptance_by_depth) or "-"
+    calls = f"{stats.target_calls} target calls"
+    per_call = f"{stats.tokens_per_call:.2f} tokens per call"
+    if stats.row_rounds != stats.target_calls:
+        calls += f" ({stats.row_rounds} prompt-rounds)"
+        per_call = f"{stats.tokens_per_call:.2f} tokens per prompt per call"
+    return (
+        f"[{stats.new_tokens} tokens in {stats.seconds:.2f} s = {stats.tokens_per_second:.1f} tokens/s; "
+        f"{calls}, {per_call}; acceptance by depth: {depths}]"
+    )
 
 
 MAX_NEW_TOKENS = 1 << 20
@@ -141,9 +233,6 @@ def check_arguments(args: argparse.Namespace):
     from linspec.speculative.drafters import DRAFTERS
     from linspec.speculative.sampling import SamplingConfig
 
-    for prompt in args.prompt:
-        if not prompt.strip():
-            raise LinspecError("--prompt is empty; give the text to continue")
     if not 0 < args.max_new_tokens <= MAX_NEW_TOKENS:
         raise LinspecError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
     if args.draft not in DRAFTERS:
@@ -210,32 +299,3 @@ def check_same_vocabulary(model, draft_model, source: str) -> None:
         raise LinspecError(
             f"--draft-model {source} has {sizes[1]} tokens, the model {sizes[0]}: not the same tokenizer"
         )
-
-
-def stream_plain(model, tokenizer, args: argparse.Namespace, sampling, generator) -> None:
-    """Plain decoding of one prompt through HF ``generate()``, printing text as it is produced."""
-    import torch
-    from transformers import TextStreamer
-
-    from linspec.demo import chat_input_ids
-
-    ids = (
-        chat_input_ids(tokenizer, args.prompt[0])
-        if not args.no_chat
-        else tokenizer(args.prompt[0], return_tensors="pt")["input_ids"]
-    ).to(model.device)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    options = (
-        dict(temperature=sampling.temperature, top_k=sampling.top_k or None, top_p=sampling.top_p)
-        if args.do_sample
-        else {}
-    )
-    model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-        **options,
-    )

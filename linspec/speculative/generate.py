@@ -43,8 +43,9 @@ class SpeculativeStats:
 
     @property
     def tokens_per_call(self) -> float:
-        """Mean tokens a row gains per target call: accepted drafts + the target's own token."""
-        return (self.accepted + self.row_rounds) / max(self.row_rounds, 1)
+        """Tokens a prompt keeps per target call it takes part in: ``new_tokens / row_rounds`` (one prompt:
+        ``new_tokens / target_calls``). Drafts accepted past an EOS or the budget are not kept, so not counted."""
+        return self.new_tokens / max(self.row_rounds, 1)
 
     @property
     def acceptance_by_depth(self) -> list[float]:
@@ -142,12 +143,15 @@ def speculative_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     max_tree_nodes: int = DEFAULT_MAX_TREE_NODES,
+    streamer=None,
 ) -> SpeculativeOutput:
     """Generate with ``target`` (a linspec model, a hybrid, or a Llama-family HF softmax model) and ``drafter``.
 
     Greedy output equals the target's plain greedy decoding; sampled output follows the target's distribution
     under the same temperature / top-k / top-p. ``drafter=None`` decodes plainly through the same code.
-    Prompts in a batch are left-padded (``attention_mask``). Raises ``LinspecError`` on bad input.
+    Prompts in a batch are left-padded (``attention_mask``). ``streamer``: as for ``generate()`` (e.g.
+    ``transformers.TextStreamer``), one prompt only: ``put`` gets the prompt, then each round's kept tokens as
+    they are accepted, and ``end`` closes it. Raises ``LinspecError`` on bad input.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise LinspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -160,6 +164,8 @@ def speculative_generate(
         )
     input_ids, mask = _validated_prompt(input_ids, attention_mask)
     _check_fits_the_model(target, input_ids, mask, max_new_tokens)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise LinspecError(f"a streamer takes one prompt at a time, got a batch of {input_ids.shape[0]}")
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     vocab = target.get_output_embeddings().weight.shape[0]
@@ -186,6 +192,8 @@ def speculative_generate(
         target_hidden = target_runner.extend(input_ids[:, :-1], mask[:, :-1])
     drafter.start(target_runner, sequences, lengths)
     stats.prefill_seconds = time.perf_counter() - start
+    if streamer is not None:
+        streamer.put(input_ids[mask].cpu())
 
     active = torch.arange(batch, device=device)  # original row of each batch row still generating
     while active.numel():
@@ -221,6 +229,8 @@ def speculative_generate(
         sequences[active] = rows_seq
         lengths[active] = row_lengths + count
         stats.new_tokens += int(count.sum())
+        if streamer is not None and int(count[0]):
+            streamer.put(emitted[0, : int(count[0])].cpu())
 
         done = is_eos.any(1) | (lengths[active] - prompt_lengths[active] >= max_new_tokens)
         if bool(done.any()):
@@ -232,6 +242,8 @@ def speculative_generate(
                 target_hidden = None if target_hidden is None else target_hidden[keep]
 
     stats.seconds = time.perf_counter() - start
+    if streamer is not None:
+        streamer.end()
     new = torch.arange(max_new_tokens, device=device)
     new_index = (prompt_lengths[:, None] + new).clamp(max=capacity - 1)
     generated = torch.where(new < (lengths - prompt_lengths)[:, None], sequences.gather(1, new_index), pad)
