@@ -47,6 +47,9 @@ PRESETS = {
         "global_decay": True, "global_norm": "key",
     },
 }  # fmt: skip
+# What ``linspec convert`` and a recipe's ``conversion.preset`` use when none is named: the recommended window
+# (a raw conversion already writes the original's text within the window, and nothing collapses past it).
+DEFAULT_PRESET = "window"
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,10 @@ class LinspecConfig:
     feature map, without relying on training to find a small enough λ (decay alone with λ near 1 still lets S
     grow to 1/(1−λ) groups' worth, far past what a short training window showed); the decay turns the uniform
     mean, which would dilute recent context over a long prompt, into a per-head recency-weighted one.
-    ``paper`` stays the default and exact; ``decay``, ``mean`` and ``normalized`` (elu+1 with ``key``) are the
-    single options. Whatever the preset, train on sequences long enough for the global path to matter.
+    ``LinspecConfig()`` itself holds the ``paper`` values (exact, one flag away: ``--preset paper``), while the
+    command line and recipes default to ``DEFAULT_PRESET``; ``decay``, ``mean`` and ``normalized`` (elu+1 with
+    ``key``) are the single options. Whatever the preset, train on sequences long enough for the global path to
+    matter.
     """
 
     group_size: int = 64
