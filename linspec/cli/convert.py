@@ -6,7 +6,7 @@ import argparse
 import re
 from dataclasses import replace
 
-from linspec.config import PRESETS, LinspecConfig
+from linspec.config import DEFAULT_PRESET, PRESETS, LinspecConfig
 from linspec.convert import supported_architectures
 from linspec.head_ranking import AutoHeads
 from linspec.hybrid import AutoLayers
@@ -50,15 +50,19 @@ def parse_shard_size(text: str) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        description="Swap softmax attention for augmented grouped linear attention (paper preset by default), "
-        f"reusing the pretrained q/k/v/o weights. Supported architectures: {', '.join(supported_architectures())}.",
+        description=f"Swap softmax attention for augmented grouped linear attention ({DEFAULT_PRESET} preset by "
+        "default: the pretrained softmax over a sliding window, linear attention beyond it; --preset paper for the "
+        "paper's layer), reusing the pretrained q/k/v/o weights. Supported architectures: "
+        f"{', '.join(supported_architectures())}.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear --group-size 64 --conv-taps 32 "
         "--softmax-layers 0,15; a hybrid chosen by measurement: linspec convert smollm2-135m out/smollm2-hybrid "
         "--softmax-layers auto:2 --data builtin:wiki-en-eval",
     )
     parser.add_argument("src", help="HF model dir, hub id, .gguf file, or the demo name 'smollm2-135m'")
     parser.add_argument("out", help="output directory (must not exist unless --force)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="settings preset (default: paper)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help=f"settings preset (default: {DEFAULT_PRESET})"
+    )
     parser.add_argument("--group-size", type=int, help="tokens per group G (paper: 64)")
     parser.add_argument("--conv-taps", type=int, help="causal depthwise-conv taps P (paper: 32)")
     parser.add_argument("--feature-map", help="φ for q/k: l2norm (paper), elu1, relu")

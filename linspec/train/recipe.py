@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from linspec.config import PRESETS, LinspecConfig
+from linspec.config import DEFAULT_PRESET, PRESETS, LinspecConfig
 from linspec.errors import LinspecError
 from linspec.paths import check_name
 from linspec.validation import check_number, check_seed
@@ -41,7 +41,7 @@ MAX_NEW_TOKENS = 1 << 16
 class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
 
-    preset: str = "paper"  # window (recommended), stable, paper (exact), decay, mean, normalized, elu
+    preset: str = DEFAULT_PRESET  # window (recommended), stable, paper (exact), decay, mean, normalized, elu
     group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)
