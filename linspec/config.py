@@ -211,10 +211,20 @@ class LinspecConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LinspecConfig:
+        """The settings a ``config.json`` ("linspec") or a recipe holds, type-checked: a file edited by hand (a
+        list for the section, text for a size, a number for a list) is one ``LinspecError``, never a traceback."""
+        if not isinstance(data, dict):
+            raise LinspecError(f"the linspec settings must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
-            raise LinspecError(f"unknown linspec setting(s): {', '.join(sorted(unknown))}")
+            raise LinspecError(f"unknown linspec setting(s): {', '.join(unknown)[:200]}")
+        for name in ("feature_map", "local_kernel", "global_norm", "sink_positions"):
+            if name in data and not isinstance(data[name], str):
+                raise LinspecError(f"{name} must be a name (text), got {data[name]!r:.40}")
+        for name in ("softmax_layers", "softmax_heads"):
+            if not isinstance(data.get(name, []), (list, tuple)):
+                raise LinspecError(f"{name} must be a list, got {data[name]!r:.40}")
         return cls(**{**data, "softmax_layers": tuple(data.get("softmax_layers", ()))})  # heads: pairs in any form
 
     def check_layers(self, num_layers: int) -> None:

@@ -23,6 +23,11 @@ from linspec.errors import LinspecError
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
 _OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.(?:partial|old|tmp)$")
+# What :func:`check_output_dir` saw of each output it approved, taken by the :func:`atomic_directory` that writes
+# it: a command checks its output first, works for minutes, then writes. If another process wrote the output in
+# between (two ``convert --force`` runs into one directory), the later writer is refused instead of silently
+# replacing a result the other one reported as written.
+_SEEN: dict[str, tuple[int, int, int] | None] = {}
 
 
 def _temp_prefix(path: Path) -> str:
@@ -82,12 +87,52 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def refuse_links(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Refuse a run directory whose own entries ``names`` are symbolic links: linspec writes into them, appends
+    to them and (with ``--force``) deletes them, and none of that may reach a file outside the output."""
+    folder = Path(folder)
+    for name in names:
+        if (folder / name).is_symlink():
+            raise LinspecError(
+                f"{folder / name} is a symbolic link; a run directory's own files must be real files and folders"
+            )
+
+
+def remove_entries(folder: str | os.PathLike, names: Sequence[str]) -> None:
+    """Delete ``folder/NAME`` for each of ``names`` (files or whole trees), never following a symbolic link: all
+    are checked (:func:`refuse_links`) before the first is removed, so a refusal deletes nothing."""
+    folder = Path(folder)
+    refuse_links(folder, names)
+    for name in names:
+        target = folder / name
+        if target.is_dir():
+            shutil.rmtree(target)  # rmtree removes links inside the tree, never what they point to
+        elif target.exists():
+            target.unlink()
+
+
+def _state(path: Path) -> tuple[int, int, int] | None:
+    """Identity and last change of ``path`` itself (a link is not followed); None when it does not exist."""
+    try:
+        stat = path.lstat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
 def check_output_dir(path: str | os.PathLike, force: bool, markers: Sequence[str] = ("config.json",)) -> Path:
     """Refuse to replace an existing output unless ``force``; return the path.
 
     Even with ``force`` only an empty directory or one holding a marker file (``config.json``: a model
-    directory) is replaced, so a mistyped output such as a home directory is never deleted.
+    directory) is replaced, so a mistyped output such as a home directory is never deleted. What the output is
+    now is remembered: :func:`atomic_directory` refuses to write it if another process changes it meanwhile.
     """
+    path = _check_output(path, force, markers)
+    _SEEN[os.path.abspath(path)] = _state(path)
+    return path
+
+
+def _check_output(path: str | os.PathLike, force: bool, markers: Sequence[str]) -> Path:
     path = Path(path)
     if not str(path).strip():
         raise LinspecError("the output path is empty")
@@ -134,6 +179,36 @@ def output_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+RUN_LOCK = ".linspec.lock"
+_CLAIMED: dict[str, int] = {}  # run directories this process holds (path -> open, locked file descriptor)
+
+
+def claim_run_dir(folder: str | os.PathLike) -> None:
+    """Hold ``folder`` (a run directory that exists) for the rest of this process, or refuse at once if another
+    process holds it: two training runs into one directory would delete and overwrite each other's files.
+
+    The lock is ``flock`` on ``folder/.linspec.lock``, so the system releases it when the holder exits, however it
+    exits; the empty file left behind is harmless. Claiming again from the same process is a no-op.
+    """
+    key = os.path.realpath(folder)
+    if key in _CLAIMED:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return
+    lock = Path(folder) / RUN_LOCK
+    if lock.is_symlink():
+        raise LinspecError(f"{lock} is a symbolic link; a run directory's own files must be real files")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LinspecError(f"{folder} is in use by another linspec run; wait for it to finish") from None
+    _CLAIMED[key] = fd
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike, force: bool = False, markers: Sequence[str] = ("config.json",)
@@ -144,7 +219,8 @@ def atomic_directory(
     the new one is in place, so an interrupted run never leaves ``path`` half-written. Without ``force`` an
     output that appeared while writing (another process) is left alone and this write fails.
     """
-    path = check_output_dir(path, force, markers)
+    path = _check_output(path, force, markers)
+    seen = _SEEN.pop(os.path.abspath(path), _state(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(path):
         remove_stale_temporaries(path)
@@ -154,7 +230,12 @@ def atomic_directory(
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any directory the user makes
         try:
             yield tmp
-            check_output_dir(path, force, markers)  # again: it may have appeared (or changed) meanwhile
+            _check_output(path, force, markers)  # again: it may have appeared (or changed) meanwhile
+            if _state(path) != seen:
+                raise LinspecError(
+                    f"{path} was written by another process while this one worked; not replacing it "
+                    "(run again to replace it)"
+                )
             old = None
             if path.exists():
                 old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))

@@ -153,12 +153,19 @@ def verbatim_prompts(source: str) -> list[str] | None:
     path = Path(source).expanduser()
     if not source.startswith("builtin:") and not path.is_file():
         raise LinspecError(f"{source}: no such prompt file (expected builtin:NAME, .txt or .jsonl)")
-    if path.suffix == ".txt" and path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl" and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows and all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-            return [r["prompt"] for r in rows]
+    if path.suffix not in (".txt", ".jsonl") or not path.is_file():
+        return None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else None
+    except UnicodeDecodeError:
+        raise LinspecError(f"{source} is not UTF-8 text") from None
+    except ValueError as error:
+        raise LinspecError(f"{source} is not valid JSON lines ({str(error).splitlines()[0][:80]})") from None
+    if rows is None:
+        return lines
+    if rows and all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+        return [r["prompt"] for r in rows]
     return None
 
 

@@ -122,11 +122,36 @@ def load_model_dir(
     path = Path(path)
     check_model_dir(path, allow_pickle=allow_pickle)
     with _wrap_errors(f"cannot load the model in {path}"), progress_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    check_loaded_weights(model, info, path)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     return _ready(model, dtype), tokenizer
+
+
+_LOADING_PROBLEMS = (
+    ("missing_keys", "lacks"),
+    ("unexpected_keys", "holds tensors its config.json has no place for, e.g."),
+    ("mismatched_keys", "holds tensors of another shape than its config.json makes, e.g."),
+    ("error_msgs", "could not load"),
+)
+
+
+def check_loaded_weights(model: Any, info: dict[str, Any], source: str | Path) -> None:
+    """Refuse a model whose weights do not match its config — missing tensors (transformers would initialise them
+    at random), tensors no layer takes (a config with fewer layers than its weights), tensors of another shape —
+    or hold NaN or inf. Each of these loads with at most a warning and generates different text."""
+    for kind, what in _LOADING_PROBLEMS:
+        found = sorted(str(key) for key in (info.get(kind) or ()))
+        if found:
+            more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+            raise LinspecError(f"{source}: the weights do not match config.json: it {what} {found[0][:120]}{more}")
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise LinspecError(f"{source}: weight {name} holds non-finite values (NaN or inf)")
 
 
 def check_model_dir(path: Path, *, allow_pickle: bool = False) -> None:
@@ -140,6 +165,7 @@ def check_model_dir(path: Path, *, allow_pickle: bool = False) -> None:
     config = read_config_json(path / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise LinspecError(f"{path / 'config.json'} names no model_type, so it is not a model config")
+    check_config_sizes(config, path / "config.json")
     safetensors = _safetensors_files(path)
     if safetensors:
         for file in safetensors:
@@ -155,6 +181,26 @@ def check_model_dir(path: Path, *, allow_pickle: bool = False) -> None:
     if any(path.glob("*.gguf")):
         raise LinspecError(f"{path} holds no safetensors weights, only GGUF; pass the .gguf file itself")
     raise LinspecError(f"{path} holds no model weights (*.safetensors)")
+
+
+# Sizes a config.json states, with bounds far above any released model: zero heads divide by zero inside
+# transformers, and an absurd size allocates before any weight is read.
+_CONFIG_SIZES = {
+    "num_hidden_layers": 4096, "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 1 << 14,
+    "hidden_size": 1 << 18, "intermediate_size": 1 << 20, "vocab_size": 1 << 24, "max_position_embeddings": 1 << 24,
+}  # fmt: skip
+
+
+def check_config_sizes(config: dict[str, Any], where: str | Path) -> None:
+    """Every size ``config`` states (top level, or its ``text_config``) is an integer in its range."""
+    from linspec.validation import check_count
+
+    for section in (config, config.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for key, limit in _CONFIG_SIZES.items():
+            if section.get(key) is not None:
+                check_count(section[key], f"{where}: {key}", 1, limit)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -293,7 +339,10 @@ def load_hub(
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         what += " (HF_HUB_OFFLINE is set, so only its local cache is searched)"
     with _wrap_errors(what), progress_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            repo_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    check_loaded_weights(model, info, repo_id)
     try:
         with progress_bars(progress):
             tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
@@ -321,7 +370,8 @@ def _wrap_errors(what: str) -> Iterator[None]:
         yield
     except LinspecError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, struct.error, pickle.UnpicklingError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, ArithmeticError, struct.error,
+            pickle.UnpicklingError) as err:  # fmt: skip
         raise LinspecError(f"{what}: {_one_line(err)}") from err
     except Exception as err:  # e.g. safetensors' SafetensorError, huggingface_hub's errors
         if type(err).__module__.split(".")[0] in {"safetensors", "huggingface_hub", "tokenizers", "gguf"}:

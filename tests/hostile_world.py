@@ -131,7 +131,77 @@ def build_world(root: Path) -> World:
                "output": str(root / "runs" / "drafter"), "data": {"prompts": str(root / "text.txt")}}  # fmt: skip
     (root / "drafter.yaml").write_text(yaml.safe_dump(drafter))
     _medusa_for(base, root / "drafter-for-base")
+    _damaged_models(root, base, root / "linspec")
+    _damaged_drafters(base, root)
     return World(root, canary)
+
+
+def _damaged_models(root: Path, base: Path, converted: Path) -> None:
+    """Models whose config and weights disagree, or whose weights or linspec section were edited: each would
+    load with at most a warning (random or missing layers, NaN) if nothing checked them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(base / "model.safetensors"))
+    config = json.loads((base / "config.json").read_text())
+
+    def variant(name: str, weights: dict | None = None, source: Path = base, **settings) -> None:
+        shutil.copytree(source, root / name)
+        if weights is not None:
+            save_file(weights, str(root / name / "model.safetensors"))
+        if settings:
+            edited = {**json.loads((source / "config.json").read_text()), **settings}
+            (root / name / "config.json").write_text(json.dumps(edited))
+
+    variant("fewer-layers", num_hidden_layers=config["num_hidden_layers"] - 1)
+    variant("missing-layer", {k: v for k, v in tensors.items() if ".layers.1." not in k})
+    poisoned = dict(tensors)
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    poisoned[name] = poisoned[name].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+    variant("nan-weights", poisoned)
+    variant("zero-heads", num_attention_heads=0)
+    variant("heads-text", num_attention_heads="4")
+    linspec = json.loads((converted / "config.json").read_text())["linspec"]
+    for name, section in {
+        "linspec-section-list": [1, 2],
+        "linspec-group-text": {**linspec, "group_size": "8"},
+        "linspec-layers-number": {**linspec, "softmax_layers": 5},
+        "linspec-feature-map-list": {**linspec, "feature_map": ["l2norm"]},
+    }.items():
+        variant(name, source=converted, linspec=section)
+
+
+def _damaged_drafters(base: Path, root: Path) -> None:
+    """Saved drafters with one thing edited: ids outside the vocabulary, NaN, a wrong shape, bad settings."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from linspec.drafting import save_drafter
+    from linspec.drafting.store import build
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    good = root / "drafter-reduced"
+    save_drafter(build("medusa", model, {"depth": 2, "draft_vocab": 8}, torch.arange(8)), good, model)
+    tensors = load_file(str(good / "drafter.safetensors"))
+
+    def variant(name: str, edit_tensors=None, edit_config=None) -> None:
+        shutil.copytree(good, root / name)
+        if edit_tensors is not None:
+            save_file(edit_tensors(dict(tensors)), str(root / name / "drafter.safetensors"))
+        if edit_config is not None:
+            config = json.loads((good / "drafter.json").read_text())
+            edit_config(config)
+            (root / name / "drafter.json").write_text(json.dumps(config))
+
+    variant("drafter-ids-out-of-range", lambda t: {**t, "vocab.token_ids": torch.arange(8) + 10**6})
+    variant("drafter-ids-repeated", lambda t: {**t, "vocab.token_ids": torch.zeros(8, dtype=torch.long)})
+    variant("drafter-ids-float", lambda t: {**t, "vocab.token_ids": torch.arange(8.0)})
+    variant("drafter-nan", lambda t: {k: v.clone().fill_(float("nan")) if "blocks" in k else v for k, v in t.items()})
+    variant("drafter-shape", lambda t: {**t, "blocks.0.weight": t["blocks.0.weight"][:, :2].contiguous()})
+    variant("drafter-depth-text", edit_config=lambda c: c["settings"].update(depth="2"))
+    variant("drafter-depth-huge", edit_config=lambda c: c["settings"].update(depth=10**6))
+    variant("drafter-settings-list", edit_config=lambda c: c.update(settings=[1]))
 
 
 def _medusa_for(model_dir: Path, out: Path) -> None:

@@ -56,6 +56,48 @@ def _long_prompt(sandbox: Path) -> None:
     (sandbox / "long.txt").write_text("word " * 6000)
 
 
+def _outside(sandbox: Path) -> Path:
+    """A folder beside the run that a planted link points into; the suite checks it is left as it was."""
+    outside = sandbox / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "precious.txt").write_text("keep me")
+    return outside
+
+
+def _run_with_link(marker: str, link: str, *, to_file: bool = False) -> Callable[[Path], None]:
+    """A run directory ``run`` (``marker`` marks it as a run) whose entry ``link`` is a symbolic link out of it."""
+
+    def setup(sandbox: Path) -> None:
+        outside = _outside(sandbox)
+        (sandbox / "run").mkdir()
+        (sandbox / "run" / marker).write_text("{}\n")
+        (sandbox / "run" / link).symlink_to(outside / "precious.txt" if to_file else outside)
+
+    return setup
+
+
+def _run_file(name: str, text: str) -> Callable[[Path], None]:
+    def setup(sandbox: Path) -> None:
+        (sandbox / "run").mkdir()
+        (sandbox / "run" / name).write_text(text)
+
+    return setup
+
+
+def _link(name: str, target: str) -> Callable[[Path], None]:
+    def setup(sandbox: Path) -> None:
+        _outside(sandbox)
+        (sandbox / name).symlink_to(sandbox / target)
+
+    return setup
+
+
+def _dir(name: str) -> Callable[[Path], None]:
+    return lambda sandbox: (sandbox / name).mkdir(parents=True)
+
+
+HUGE = str(2**70)
+
 # fmt: off
 CONVERT = [
     Case("group-size-zero", "convert {base} out --group-size 0", "group_size must be a positive integer"),
@@ -328,9 +370,9 @@ EVAL = [
     Case("ppl-data-hub-empty", "eval ppl {linspec} --data hub:", "needs a dataset name"),
     Case("ppl-data-mixed-kinds", "eval ppl {linspec} --data {mixed-dir}", "of one kind"),
     Case("ppl-text-field-missing", "eval ppl {linspec} --data {docs.jsonl}", "no column 'text'"),
-    Case("ppl-window-one", "eval ppl {linspec} --data {text.txt} --window 1", "--window must be in"),
-    Case("ppl-window-absurd", "eval ppl {linspec} --data {text.txt} --window 1000000000", "--window must be in"),
-    Case("ppl-stride-zero", "eval ppl {linspec} --data {text.txt} --stride 0", "--stride must be in"),
+    Case("ppl-window-one", "eval ppl {linspec} --data {text.txt} --window 1", "--window: must be an"),
+    Case("ppl-window-absurd", "eval ppl {linspec} --data {text.txt} --window 1000000000", "--window: must be an"),
+    Case("ppl-stride-zero", "eval ppl {linspec} --data {text.txt} --stride 0", "--stride: must be an"),
     Case("ppl-stride-past-window", "eval ppl {linspec} --data {text.txt} --window 8 --stride 9", "--stride"),
     Case("ppl-max-tokens-one", "eval ppl {linspec} --data {text.txt} --max-tokens 1", "--max-tokens"),
     Case("ppl-ablate-unknown", "eval ppl {linspec} --data {text.txt} --ablate mlp", "invalid choice"),
@@ -340,12 +382,12 @@ EVAL = [
     Case("ppl-model-missing", "eval ppl {sandbox}/m --data {text.txt}", "no such file"),
     Case("ppl-ablations-softmax-model", "eval ppl {base} --data {text.txt} --ablations", "need a linspec model"),
     Case("ppl-task-missing", "eval", "required"),
-    Case("layers-seq-len-zero", "eval layers {linspec} --data {text.txt} --seq-len 0", "--seq-len must be in"),
-    Case("layers-top-zero", "eval layers {linspec} --data {text.txt} --top 0", "--top must be in"),
-    Case("layers-pool-zero", "eval layers {linspec} --data {text.txt} --search greedy --pool 0", "--pool must be in"),
+    Case("layers-seq-len-zero", "eval layers {linspec} --data {text.txt} --seq-len 0", "--seq-len: must be an"),
+    Case("layers-top-zero", "eval layers {linspec} --data {text.txt} --top 0", "--top: must be an"),
+    Case("layers-pool-zero", "eval layers {linspec} --data {text.txt} --search greedy --pool 0", "--pool: must be an"),
     Case("layers-ppl-without-data", "eval layers {linspec}", "--by ppl needs --data"),
-    Case("layers-passkey-trials-zero", "eval layers {linspec} --by passkey --trials 0", "--trials must be in"),
-    Case("layers-passkey-too-long", "eval layers {linspec} --by passkey --passkey-length 99999999", "must be in"),
+    Case("layers-passkey-trials-zero", "eval layers {linspec} --by passkey --trials 0", "--trials: must be an"),
+    Case("layers-passkey-too-long", "eval layers {linspec} --by passkey --passkey-length 99999999", "1..1048576"),
     Case("layers-sequences-absurd", "eval layers {linspec} --data {text.txt} --max-sequences 99999999", "1..65536"),
     Case("layers-softmax-model", "eval layers {base} --data {text.txt}", "no linear-attention layers"),
     Case("layers-too-little-text", "eval layers {linspec} --data {one-token.txt}", "fewer than --seq-len"),
@@ -418,8 +460,145 @@ PLACEMENT_AND_OUTPUT = [
     Case("train-update-docs-alone", "train {recipe.yaml} --update-docs", "needs --record-bench"),
 ]
 
+# Round two: drafters, softmax heads and windows, recall and chat data, the quality evaluations, recipes cp,
+# models whose weights disagree with their config, and run directories with planted links.
+DRAFTERS = [
+    Case("drafter-force-linked-checkpoints", "train {drafter.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("run.json", "checkpoints")),
+    Case("drafter-force-linked-metrics", "train {drafter.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("run.json", "metrics.jsonl", to_file=True)),
+    Case("drafter-force-linked-drafter", "train {drafter.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("run.json", "drafter")),
+    Case("drafter-resume-linked-checkpoints", "train {drafter.yaml} output={sandbox}/run --resume", "symbolic link",
+         _run_with_link("run.json", "checkpoints")),
+    Case("drafter-force-linked-run-file", "train {drafter.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("metrics.jsonl", "run.json", to_file=True)),
+    Case("drafter-resume-run-file-torn", "train {drafter.yaml} output={sandbox}/run --resume", "is damaged",
+         _run_file("run.json", '{"target": {"vocab')),
+    Case("drafter-resume-run-file-no-target", "train {drafter.yaml} output={sandbox}/run --resume", "is damaged",
+         _run_file("run.json", "{}")),
+    Case("drafter-resume-run-file-list", "train {drafter.yaml} output={sandbox}/run --resume", "is damaged",
+         _run_file("run.json", "[1, 2]")),
+    Case("drafter-seed-huge", "train {drafter.yaml} output={sandbox}/run seed=" + HUGE, "seed must be an integer in"),
+    Case("drafter-seed-negative", "train {drafter.yaml} output={sandbox}/run seed=-1", "seed must be an integer in"),
+    Case("drafter-data-seed-huge", "train {drafter.yaml} output={sandbox}/run data.seed=" + HUGE, "data.seed"),
+    Case("drafter-output-a-file", "train {drafter.yaml} output={a-file}", "not a directory"),
+    Case("drafter-ids-out-of-range", "generate {base} --prompt hi --draft medusa --drafter {drafter-ids-out-of-range}",
+         "draft vocabulary ids must be in"),
+    Case("drafter-ids-repeated", "generate {base} --prompt hi --draft medusa --drafter {drafter-ids-repeated}",
+         "more than once"),
+    Case("drafter-ids-float", "generate {base} --prompt hi --draft medusa --drafter {drafter-ids-float}",
+         "integer token ids"),
+    Case("drafter-weights-nan", "generate {base} --prompt hi --draft medusa --drafter {drafter-nan}", "non-finite"),
+    Case("drafter-weights-shape", "generate {base} --prompt hi --draft medusa --drafter {drafter-shape}",
+         "does not match its drafter.json"),
+    Case("drafter-depth-text", "generate {base} --prompt hi --draft medusa --drafter {drafter-depth-text}",
+         "depth must be an integer in 1..16"),
+    Case("drafter-depth-huge", "generate {base} --prompt hi --draft medusa --drafter {drafter-depth-huge}",
+         "depth must be an integer in 1..16"),
+    Case("drafter-settings-list", "generate {base} --prompt hi --draft medusa --drafter {drafter-settings-list}",
+         "lacks its settings"),
+    Case("drafter-bench-bad-ids", "bench speculative --model {base} --drafters {drafter-ids-out-of-range}",
+         "draft vocabulary ids"),
+]
+
+MODELS_THAT_DISAGREE = [
+    Case("model-fewer-layers", "generate {fewer-layers} --prompt hi", "has no place for"),
+    Case("model-missing-layer", "generate {missing-layer} --prompt hi", "lacks model.layers.1"),
+    Case("model-nan-weights", "generate {nan-weights} --prompt hi", "non-finite"),
+    Case("model-zero-heads", "generate {zero-heads} --prompt hi", "num_attention_heads must be an integer in 1.."),
+    Case("model-heads-text", "generate {heads-text} --prompt hi", "num_attention_heads must be an integer in 1.."),
+    Case("convert-fewer-layers", "convert {fewer-layers} out", "has no place for"),
+    Case("convert-missing-layer", "convert {missing-layer} out", "lacks"),
+    Case("convert-nan-weights", "convert {nan-weights} out", "non-finite"),
+    Case("convert-zero-heads", "convert {zero-heads} out", "num_attention_heads"),
+    Case("ppl-nan-weights", "eval ppl {nan-weights} --data {text.txt}", "non-finite"),
+    Case("passkey-fewer-layers", "eval passkey {fewer-layers} --lengths 64 --trials 1 --out {sandbox}/e",
+         "has no place for"),
+    Case("linspec-section-list", "generate {linspec-section-list} --prompt hi", "must be a mapping"),
+    Case("linspec-group-text", "generate {linspec-group-text} --prompt hi", "group_size must be a positive integer"),
+    Case("linspec-layers-number", "generate {linspec-layers-number} --prompt hi", "softmax_layers must be a list"),
+    Case("linspec-feature-map-list", "eval ppl {linspec-feature-map-list} --data {text.txt}",
+         "feature_map must be a name"),
+]
+
+RECIPES_ROUND_TWO = [
+    Case("seq-len-one", "train {recipe.yaml} output={sandbox}/run data.seq_len=1", "seq_len: must be at least 2"),
+    Case("seed-huge", "train {recipe.yaml} output={sandbox}/run seed=" + HUGE, "recipe key seed must be an integer"),
+    Case("seed-negative", "train {recipe.yaml} output={sandbox}/run seed=-5", "recipe key seed must be an integer"),
+    Case("data-seed-huge", "train {recipe.yaml} output={sandbox}/run data.seed=" + HUGE, "data.seed must be"),
+    Case("chat-seed-huge", "train {recipe.yaml} output={sandbox}/run data.chat.seed=" + HUGE, "data.chat.seed"),
+    Case("recall-seed-huge", "train {recipe.yaml} output={sandbox}/run data.recall.seed=" + HUGE, "recall.seed"),
+    Case("lora-seed-huge-check", "train {recipe.yaml} seed=" + HUGE + " --check", "seed must be an integer"),
+    Case("recall-facts-float", "train {recipe.yaml} data.recall.facts=1.5", "expected int"),
+    Case("chat-prompts-binary", "train {recipe.yaml} data.chat.prompts={binary.txt}", "not UTF-8"),
+    Case("softmax-heads-auto-zero", "train {recipe.yaml} conversion.softmax_heads=auto:0", "softmax_heads"),
+    Case("window-zero", "train {recipe.yaml} conversion.preset=window conversion.local_window=0", "local_window"),
+    Case("train-force-linked-checkpoints", "train {recipe.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("recipe.yaml", "checkpoints")),
+    Case("train-force-linked-stages", "train {recipe.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("recipe.yaml", "stages")),
+    Case("train-force-linked-summary", "train {recipe.yaml} output={sandbox}/run --force", "symbolic link",
+         _run_with_link("recipe.yaml", "summary.json", to_file=True)),
+    Case("train-resume-linked-metrics", "train {recipe.yaml} output={sandbox}/run --resume", "symbolic link",
+         _run_with_link("recipe.yaml", "metrics.jsonl", to_file=True)),
+    Case("convert-window-zero", "convert {base} out --preset window --local-window 0", "local_window"),
+    Case("convert-sinks-absurd", "convert {base} out --preset window --sink-tokens 100000000", "sink_tokens"),
+    Case("convert-heads-auto-zero", "convert {base} out --softmax-heads auto:0 --data {text.txt}", "auto:N"),
+]
+
+QUALITY_EVALS = [
+    Case("passkey-trials-absurd", "eval passkey {linspec} --trials 100000000", "--trials: must be an integer in 1.."),
+    Case("passkey-lengths-absurd", "eval passkey {linspec} --lengths 100000000", "must be an integer in 1..1048576"),
+    Case("passkey-length-past-model", "eval passkey {linspec} --lengths 100000 --out {sandbox}/e", "exceeds"),
+    Case("passkey-seed-huge", "eval passkey {linspec} --seed " + HUGE, "must be an integer in 0..4294967295"),
+    Case("passkey-seed-negative", "eval passkey {linspec} --seed -1", "must be an integer in 0.."),
+    Case("passkey-chunk-zero", "eval passkey {linspec} --chunk 0", "--chunk: must be an integer in 1.."),
+    Case("passkey-no-tokenizer", "eval passkey {small-positions} --lengths 64 --out {sandbox}/e", "no tokenizer"),
+    Case("agreement-prompts-absurd", "eval agreement {linspec} --reference {base} --num-prompts 100000000",
+         "--num-prompts: must be an integer in 1.."),
+    Case("agreement-tokens-absurd", "eval agreement {linspec} --reference {base} --max-new-tokens 100000000",
+         "--max-new-tokens: must be an integer in 1.."),
+    Case("agreement-seed-huge", "eval agreement {linspec} --reference {base} --seed " + HUGE, "0..4294967295"),
+    Case("agreement-prompts-missing", "eval agreement {linspec} --reference {base} --prompts {sandbox}/none.txt",
+         "no such prompt file"),
+    Case("agreement-prompts-binary", "eval agreement {linspec} --reference {base} --prompts {binary.txt}", "UTF-8"),
+    Case("harness-limit-absurd", "eval harness {linspec} --tasks x --limit 100000000000", "--limit: must be"),
+    Case("harness-fewshot-negative", "eval harness {linspec} --tasks x --num-fewshot -1", "in 0..1024"),
+    Case("harness-max-length-absurd", "eval harness {linspec} --tasks x --max-length 100000000000", "1..1048576"),
+    Case("harness-include-path-missing", "eval harness {linspec} --tasks x --include-path {sandbox}/none",
+         "no such directory"),
+    Case("curve-max-windows-absurd", "eval ppl {linspec} --data {text.txt} --lengths 8 --max-windows 100000000",
+         "--max-windows: must be an integer in 1.."),
+    Case("curve-score-tokens-absurd", "eval ppl {linspec} --data {text.txt} --lengths 8 --score-tokens 10000000000",
+         "--score-tokens"),
+    Case("layers-passkey-trials-absurd", "eval layers {linspec} --by passkey --trials 100000000", "1..4096"),
+    Case("heads-top-zero", "eval heads {base} --data {text.txt} --top 0", "--top: must be an integer in 1.."),
+    Case("heads-sequences-absurd", "eval heads {base} --data {text.txt} --max-sequences 100000000", "1..1024"),
+]
+
+RECIPES_CP = [
+    Case("recipes-cp-through-link", "recipes cp smollm2-135m-demo {sandbox}/mine.yaml --force", "symbolic link",
+         _link("mine.yaml", "outside/precious.txt")),
+    Case("recipes-cp-dangling-link", "recipes cp smollm2-135m-demo {sandbox}/mine.yaml", "symbolic link",
+         _link("mine.yaml", "nowhere.yaml")),
+    Case("recipes-cp-name-taken-by-dir", "recipes cp smollm2-135m-demo {sandbox} --force", "not a file",
+         _dir("smollm2-135m-demo.yaml")),
+]
+
+CHAT = [
+    Case("chat-system-empty", "chat {base} --system=", "--system is empty"),
+    Case("chat-model-missing", "chat {sandbox}/none", "no such file or directory"),
+    Case("chat-no-tokenizer", "chat {small-positions}", "no tokenizer"),
+    Case("chat-fewer-layers", "chat {fewer-layers}", "has no place for"),
+    Case("chat-command-tokens-zero", "chat {base} --max-new-tokens 0", "--max-new-tokens"),
+    Case("chat-drafter-bad-ids", "chat {base} --draft medusa --drafter {drafter-ids-out-of-range}", "vocabulary ids"),
+    Case("chat-drafter-without-draft", "chat {base} --drafter {drafter-for-base}", "only applies to --draft"),
+]
+
 # fmt: on
-CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES, *PLACEMENT_AND_OUTPUT]
+CLI_CASES = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES, *PLACEMENT_AND_OUTPUT,
+             *DRAFTERS, *MODELS_THAT_DISAGREE, *RECIPES_ROUND_TWO, *QUALITY_EVALS, *RECIPES_CP, *CHAT]  # fmt: skip
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -473,7 +652,7 @@ def test_cli_refuses_bad_input_cleanly(case: Case, world, tmp_path, monkeypatch,
 
 
 def test_catalogue_is_large_and_ids_are_unique():
-    assert len(CLI_CASES) >= 100
+    assert len(CLI_CASES) >= 390
     assert len({c.id for c in CLI_CASES}) == len(CLI_CASES)
 
 
@@ -481,7 +660,7 @@ def test_every_sub_command_has_bad_input_rows():
     from linspec.cli import COMMANDS
 
     covered = {c.argv.split(" ")[0] for c in CLI_CASES if c.argv}
-    assert {command for command, _ in COMMANDS} <= covered
+    assert {command for command, *_ in COMMANDS} <= covered
 
 
 def test_a_refused_parser_error_is_one_line_in_a_real_process(tmp_path):

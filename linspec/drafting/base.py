@@ -17,15 +17,29 @@ from torch import nn
 
 from linspec.drafting.vocab import IGNORE, DraftVocabulary
 from linspec.errors import LinspecError
+from linspec.validation import check_count
 
 MAX_DEPTH = 16  # draft depth a drafter is trained for (heads, recurrent steps)
 
 
 def check_int(settings: dict, name: str, low: int, high: int) -> int:
-    value = settings.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise LinspecError(f"drafter setting {name} must be an integer in {low}..{high}, got {value!r}")
-    return value
+    return check_count(settings.get(name), f"drafter setting {name}", low, high)
+
+
+def check_token_ids(token_ids: torch.Tensor, vocab_size: int) -> None:
+    """A draft vocabulary's ids: one row of distinct integer ids of the target's vocabulary. Anything else (an
+    edited ``drafter.safetensors``) would index outside the target's head."""
+    if token_ids.dim() != 1 or token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
+        raise LinspecError(f"the draft vocabulary must be a row of integer token ids, got {token_ids.dtype} "
+                           f"of shape {list(token_ids.shape)}")  # fmt: skip
+    if token_ids.dtype == torch.bool or token_ids.numel() == 0:
+        raise LinspecError("the draft vocabulary must be a non-empty row of integer token ids")
+    low, high = int(token_ids.min()), int(token_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise LinspecError(f"draft vocabulary ids must be in 0..{vocab_size - 1} (the target's vocabulary), "
+                           f"got {low}..{high}")  # fmt: skip
+    if token_ids.unique().numel() != token_ids.numel():
+        raise LinspecError("the draft vocabulary lists a token id more than once")
 
 
 class TrainedDrafter(nn.Module):
@@ -48,6 +62,7 @@ class TrainedDrafter(nn.Module):
             check_int(self.settings, "draft_vocab", 1, head.shape[0])
             if token_ids is None or token_ids.numel() != draft_vocab:
                 raise LinspecError(f"a draft vocabulary of {draft_vocab} tokens needs that many token ids")
+            check_token_ids(token_ids, head.shape[0])
         self.vocab = DraftVocabulary(head, token_ids if draft_vocab is not None else None)
 
     @property

@@ -106,8 +106,17 @@ def load_drafter(path: str | os.PathLike, target, tokenizer=None) -> TrainedDraf
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LinspecError(f"drafter {path}: {WEIGHTS}: {str(error).splitlines()[0]}") from None
-    module = build(config["kind"], target, config["settings"], tensors.get("vocab.token_ids"))
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    broken = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise LinspecError(f"drafter {path}: {WEIGHTS} holds non-finite values (NaN or inf) in {broken[0]}")
+    try:
+        module = build(config["kind"], target, config["settings"], tensors.get("vocab.token_ids"))
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+    except LinspecError as error:
+        raise LinspecError(f"drafter {path}: {error}") from None
+    except RuntimeError as error:  # a tensor of another shape than its settings make
+        problem = str(error).strip().splitlines()[-1].strip()[:160]
+        raise LinspecError(f"drafter {path}: {WEIGHTS} does not match its {CONFIG} ({problem})") from None
     if missing or unexpected:
         raise LinspecError(f"drafter {path}: {WEIGHTS} does not match its {CONFIG} ({(missing or unexpected)[0]})")
     head = target.get_output_embeddings().weight

@@ -24,9 +24,12 @@ from linspec.drafting.recipe import DrafterRecipe
 from linspec.drafting.store import build, save_drafter
 from linspec.drafting.vocab import most_frequent_tokens
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory, atomic_write_text
+from linspec.io import RUN_LOCK, atomic_directory, atomic_write_text, claim_run_dir, refuse_links, remove_entries
+from linspec.train.recipe import MAX_STEPS
+from linspec.validation import check_count
 
 RUN_FILE = "run.json"  # marks a drafter run directory (what --force may replace) and names its target
+RUN_ENTRIES = (RUN_FILE, "checkpoints", "drafter", "metrics.jsonl")  # what a run writes: never symbolic links
 CHECKPOINT_FORMAT = {"format": "linspec-drafter-checkpoint", "version": 1}
 
 
@@ -37,26 +40,40 @@ class DrafterTrainingInterrupted(Exception):
 def _prepare_output(recipe: DrafterRecipe, resume: bool, force: bool, fingerprint: dict) -> Path:
     output = Path(recipe.output)
     marker = output / RUN_FILE
+    if output.exists() and not output.is_dir():
+        raise LinspecError(f"recipe key output: {output} exists and is not a directory")
+    refuse_links(output, RUN_ENTRIES)
     if resume:
         if not marker.is_file():
             raise LinspecError(f"{output} holds no drafter run to resume ({RUN_FILE} missing)")
-        problem = mismatch(json.loads(marker.read_text())["target"], fingerprint)
+        problem = mismatch(_run_target(marker), fingerprint)
         if problem:
             raise LinspecError(
                 f"recipe key target: {recipe.target} is not the target of the run in {output}: {problem}"
             )
+        claim_run_dir(output)
         return output
     if output.exists():
         if not force:
             raise LinspecError(f"{output} already exists; pass --resume to continue it or --force to start over")
-        if any(output.iterdir()) and not marker.is_file():
+        if any(p.name != RUN_LOCK for p in output.iterdir()) and not marker.is_file():
             raise LinspecError(f"{output} is not empty and holds no {RUN_FILE}; not replacing it even with --force")
-        for name in ("checkpoints", "drafter", "metrics.jsonl"):
-            path = output / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(output)  # before anything is removed: a run in progress there keeps its files
+    remove_entries(output, RUN_ENTRIES[1:])
     atomic_write_text(marker, json.dumps({"target": fingerprint, "recipe": asdict(recipe)}, indent=2) + "\n")
     return output
+
+
+def _run_target(marker: Path) -> dict:
+    """The target fingerprint a drafter run was started for, from its ``run.json``; a damaged file is one error."""
+    try:
+        target = json.loads(marker.read_text(encoding="utf-8"))["target"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LinspecError(f"{marker} is damaged ({type(error).__name__}); start over with --force") from None
+    if not isinstance(target, dict):
+        raise LinspecError(f"{marker} is damaged (its target is not a mapping); start over with --force")
+    return target
 
 
 def learning_rate(recipe: DrafterRecipe, step: int) -> float:
@@ -88,29 +105,39 @@ def _save_checkpoint(output: Path, step: int, module, optimizer, keep: int) -> N
 
 def _checkpoints(output: Path) -> list[Path]:
     folder = output / "checkpoints"
-    found = [p for p in folder.glob("step-*") if (p / "state.json").is_file()] if folder.is_dir() else []
+    found = [p for p in folder.glob("step-*") if not p.is_symlink() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
 def _load_checkpoint(path: Path, module, optimizer) -> int:
+    """Restore ``module`` and ``optimizer`` from a checkpoint; return its step. A damaged or edited checkpoint
+    (wrong format, tensors of another shape, missing entries, a step outside the run) is one ``LinspecError``."""
     from safetensors.torch import load_file
 
     from linspec.sources import check_safetensors
 
-    meta = json.loads((path / "state.json").read_text())
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LinspecError(f"checkpoint {path}: state.json is not valid JSON ({type(error).__name__})") from None
     if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in CHECKPOINT_FORMAT.items()):
         raise LinspecError(f"checkpoint {path} is not a drafter checkpoint")
     check_safetensors(path / "state.safetensors")
-    tensors = load_file(str(path / "state.safetensors"))
-    module.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
-    for index, param in enumerate(module.trainable_parameters()):
-        if f"optimizer.{index}.exp_avg" in tensors:
-            optimizer.state[param] = {
-                "step": torch.tensor(float(meta["adam_steps"][index])),
-                "exp_avg": tensors[f"optimizer.{index}.exp_avg"],
-                "exp_avg_sq": tensors[f"optimizer.{index}.exp_avg_sq"],
-            }
-    return int(meta["step"])
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+        module.load_state_dict({k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")})
+        for index, param in enumerate(module.trainable_parameters()):
+            if f"optimizer.{index}.exp_avg" in tensors:
+                moments = [tensors[f"optimizer.{index}.{name}"] for name in ("exp_avg", "exp_avg_sq")]
+                if any(m.shape != param.shape for m in moments):
+                    raise ValueError(f"optimizer state {index} has another shape than its weight")
+                steps = check_count(meta["adam_steps"][index], "adam_steps", 0, MAX_STEPS)
+                optimizer.state[param] = {"step": torch.tensor(float(steps)), "exp_avg": moments[0],
+                                          "exp_avg_sq": moments[1]}  # fmt: skip
+        return check_count(meta["step"], "step", 0, MAX_STEPS)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        problem = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise LinspecError(f"checkpoint {path} is damaged ({problem}); start over with --force") from None
 
 
 @torch.no_grad()

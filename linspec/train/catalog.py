@@ -6,11 +6,11 @@ source checkout; ``linspec recipes cp NAME DEST`` copies one out to edit.
 
 from __future__ import annotations
 
-import shutil
 from importlib import resources
 from pathlib import Path
 
 from linspec.errors import LinspecError
+from linspec.io import atomic_write_bytes
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -64,11 +64,13 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
     target = Path(dest)
     if target.is_dir():
         target = target / f"{name}.yaml"
+    if target.is_symlink():  # writing "through" it would change a file elsewhere; replacing it would surprise
+        raise LinspecError(f"{target} is a symbolic link; copy to a plain file name instead")
     if target.exists() and not force:
         raise LinspecError(f"{target} exists; pass --force to overwrite it")
+    if target.exists() and not target.is_file():
+        raise LinspecError(f"{target} exists and is not a file")
     if not target.parent.is_dir():
         raise LinspecError(f"{target.parent} is not a directory")
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(recipes[name], tmp)
-    tmp.replace(target)
+    atomic_write_bytes(target, recipes[name].read_bytes())  # a fresh temporary beside it, renamed over it
     return target

@@ -14,12 +14,12 @@ Layout of ``recipe.output``::
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import yaml
 
 from linspec.errors import LinspecError
+from linspec.io import RUN_LOCK, claim_run_dir, refuse_links, remove_entries
 from linspec.train.distributed import Env
 from linspec.train.recipe import Recipe
 
@@ -35,8 +35,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: 
     (with ``force``) a run to discard. A directory that holds other files is never written into or emptied."""
     if run_dir.exists() and not run_dir.is_dir():
         raise LinspecError(f"recipe key output: {run_dir} exists and is not a directory")
+    refuse_links(run_dir, RUN_FILES)  # a planted link would have the run write, or --force delete, outside it
     has_run = (run_dir / RECIPE_FILE).exists() or (run_dir / "metrics.jsonl").exists()
-    if run_dir.is_dir() and not has_run and any(p.name not in RUN_FILES for p in run_dir.iterdir()):
+    if run_dir.is_dir() and not has_run and any(p.name not in (*RUN_FILES, RUN_LOCK) for p in run_dir.iterdir()):
         raise LinspecError(
             f"recipe key output: {run_dir} holds files that are not a linspec run; choose an empty or new directory"
         )
@@ -44,13 +45,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: 
         raise LinspecError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
     if resume and has_run:
         check_same_recipe(run_dir / RECIPE_FILE, recipe)
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run_dir)  # before anything is removed: a run in progress there keeps its files
     if force and not resume and env.main:
-        for name in RUN_FILES:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        remove_entries(run_dir, RUN_FILES)
     env.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
 
