@@ -1,5 +1,6 @@
 """The lm-evaluation-harness adapter: its three request types against direct computations, a local YAML task
-end to end (no hub), and the harness CLI entry point with ``--model linspec``."""
+end to end (no hub), the harness CLI entry point with ``--model linspec``, and the harness's own ``lm_eval``
+command loading a linspec directory through its remote code (``--model hf``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,15 +132,34 @@ def test_eval_harness_runs_a_local_task(tiny_dir, task_dir, tmp_path, capsys):
     assert "unknown harness task(s) nope" in capsys.readouterr().err
 
 
-def test_the_harness_cli_knows_model_linspec(tiny_dir, task_dir, tmp_path):
-    command = [
-        sys.executable, "-m", "linspec.evaluate_harness", "run", "--model", "linspec",
-        "--model_args", f"pretrained={tiny_dir}", "--tasks", "tiny_mc", "--include_path", str(task_dir),
-        "--output_path", str(tmp_path),
-    ]  # fmt: skip
+def run_harness(command: list[str], task_dir, tmp_path) -> float:
+    """Run a harness command line on the local task; the accuracy its results table shows."""
+    command = [*command, "--tasks", "tiny_mc", "--include_path", str(task_dir), "--output_path", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiny_mc" in result.stdout and "acc" in result.stdout
     accuracy = float(next(line for line in result.stdout.splitlines() if "tiny_mc" in line).split("|")[7])
+    assert 0 <= accuracy <= 1
+    return accuracy
+
+
+@pytest.mark.parametrize("module", ["linspec.evaluate_harness", "linspec.harness_command"])
+def test_the_harness_cli_knows_model_linspec(module, tiny_dir, task_dir, tmp_path):
+    """``python -m linspec.evaluate_harness`` and what the ``linspec-lm-eval`` command runs."""
+    run_harness([sys.executable, "-m", module, "run", "--model", "linspec", "--model_args", f"pretrained={tiny_dir}"],
+                task_dir, tmp_path)  # fmt: skip
+
+
+def test_linspec_lm_eval_is_an_installed_command_running_the_harness_cli():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["linspec-lm-eval"] == "linspec.harness_command:main"
+
+
+def test_plain_lm_eval_runs_a_linspec_directory_through_its_remote_code(tiny_dir, task_dir, tmp_path):
+    """The harness's own command, which never imports linspec: ``--model hf`` with ``trust_remote_code=True``."""
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    arguments = f"pretrained={tiny_dir},trust_remote_code=True,dtype=float32"
+    accuracy = run_harness([str(lm_eval), "run", "--model", "hf", "--model_args", arguments], task_dir, tmp_path)
     assert not math.isnan(accuracy)
