@@ -193,6 +193,141 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
 }
 
 
+def _drafter_parts(world):
+    from transformers import AutoModelForCausalLM
+
+    from linspec.drafting.store import build
+
+    target = AutoModelForCausalLM.from_pretrained(world["base"])
+    module = build("medusa", target, {"depth": 2})
+    return target, module, torch.optim.AdamW(module.trainable_parameters())
+
+
+def _tampered_drafter_checkpoint(world, edit: Callable[[dict], None]):
+    """A real drafter checkpoint, saved and then edited (``edit`` gets its state.json as a dict)."""
+    import tempfile
+
+    from linspec.drafting.train import _load_checkpoint, _save_checkpoint
+
+    _, module, optimizer = _drafter_parts(world)
+    for parameter in module.trainable_parameters():  # one step, so the checkpoint holds Adam moments too
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    run = Path(tempfile.mkdtemp(dir=world.root / "scratch"))
+    _save_checkpoint(run, 3, module, optimizer, keep=1)
+    folder = run / "checkpoints" / "step-0000003"
+    meta = json.loads((folder / "state.json").read_text())
+    edit(meta)
+    (folder / "state.json").write_text(json.dumps(meta))
+    return _load_checkpoint(folder, module, optimizer)
+
+
+def _links_then_remove(world):
+    from linspec.io import remove_entries
+
+    run = Path(world["scratch"]) / "linked-run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "stages").symlink_to(world["victim"])
+    remove_entries(run, ["checkpoints", "stages"])  # refused before removing checkpoints
+
+
+ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
+    "from-dict-list": (lambda w: LinspecConfig.from_dict([1, 2]), "must be a mapping"),
+    "from-dict-layers-number": (lambda w: LinspecConfig.from_dict({"softmax_layers": 5}), "must be a list"),
+    "from-dict-heads-text": (lambda w: LinspecConfig.from_dict({"softmax_heads": "0:1"}), "must be a list"),
+    "from-dict-group-text": (lambda w: LinspecConfig.from_dict({"group_size": "8"}), "positive integer"),
+    "from-dict-feature-map-list": (lambda w: LinspecConfig.from_dict({"feature_map": ["relu"]}), "must be a name"),
+    "from-dict-decay-text": (lambda w: LinspecConfig.from_dict({"global_decay": "yes"}), "true or false"),
+    "from-dict-window-float": (
+        lambda w: LinspecConfig.from_dict({"local_kernel": "softmax", "local_window": 2.5}),
+        "local_window must be an integer",
+    ),
+    "load-fewer-layers": (lambda w: load(w["fewer-layers"], device="cpu"), "has no place for"),
+    "load-missing-layer": (lambda w: load(w["missing-layer"], device="cpu"), "lacks model.layers.1"),
+    "load-nan-weights": (lambda w: load(w["nan-weights"], device="cpu"), "non-finite"),
+    "load-zero-heads": (lambda w: load(w["zero-heads"], device="cpu"), "num_attention_heads must be"),
+    "load-linspec-layers-number": (lambda w: load(w["linspec-layers-number"], device="cpu"), "must be a list"),
+    "drafter-bad-ids": (
+        lambda w: __import__("linspec.drafting").drafting.store.load_drafter(
+            w["drafter-ids-out-of-range"], _drafter_parts(w)[0]
+        ),
+        "draft vocabulary ids must be in",
+    ),
+    "drafter-build-ids-negative": (
+        lambda w: __import__("linspec.drafting").drafting.store.build(
+            "medusa", _drafter_parts(w)[0], {"depth": 1, "draft_vocab": 2}, torch.tensor([-1, 0])
+        ),
+        "draft vocabulary ids must be in",
+    ),
+    "drafter-checkpoint-step-text": (
+        lambda w: _tampered_drafter_checkpoint(w, lambda m: m.update(step="3")),
+        "is damaged",
+    ),
+    "drafter-checkpoint-step-huge": (
+        lambda w: _tampered_drafter_checkpoint(w, lambda m: m.update(step=2**70)),
+        "is damaged",
+    ),
+    "drafter-checkpoint-no-adam-steps": (
+        lambda w: _tampered_drafter_checkpoint(w, lambda m: m.pop("adam_steps")),
+        "is damaged",
+    ),
+    "drafter-checkpoint-foreign": (
+        lambda w: _tampered_drafter_checkpoint(w, lambda m: m.update(format="torch")),
+        "not a drafter checkpoint",
+    ),
+    "remove-entries-through-link": (_links_then_remove, "symbolic link"),
+    "passkey-trials-absurd": (
+        lambda w: __import__("linspec.evaluate_passkey").evaluate_passkey.make_trials(None, 64, 10**8),
+        "trials must be an integer in 1..4096",
+    ),
+    "passkey-seed-huge": (
+        lambda w: __import__("linspec.evaluate_passkey").evaluate_passkey.make_trials(None, 64, 2, seed=2**70),
+        "seed must be an integer in 0..4294967295",
+    ),
+    "curve-windows-absurd": (
+        lambda w: __import__("linspec.evaluate_lengths").evaluate_lengths.perplexity_by_length(
+            tiny_base("llama"), torch.arange(64), [8], max_windows=10**8
+        ),
+        "max_windows must be an integer in 1..4096",
+    ),
+    "curve-length-absurd": (
+        lambda w: __import__("linspec.evaluate_lengths").evaluate_lengths.check_lengths(torch.nn.Linear(1, 1), [10**9]),
+        "lengths must be integers in 2..1048576",
+    ),
+    "agreement-tokens-absurd": (
+        lambda w: __import__("linspec.evaluate_agreement").evaluate_agreement.greedy_answers(None, None, [], 10**8),
+        "max_new_tokens must be an integer in 1..16384",
+    ),
+    "recipe-seed-huge": (lambda w: load_recipe(w["recipe.yaml"], [f"seed={2**70}"]), "recipe key seed must be"),
+    "recipe-seq-len-one": (lambda w: load_recipe(w["recipe.yaml"], ["data.seq_len=1"]), "at least 2 tokens"),
+    "drafter-recipe-seed-huge": (
+        lambda w: __import__("linspec.drafting.recipe").drafting.recipe.load_drafter_recipe(
+            w["drafter.yaml"], [f"seed={2**70}"]
+        ),
+        "recipe key seed must be",
+    ),
+    "copy-recipe-through-link": (
+        lambda w: __import__("linspec.train.catalog").train.catalog.copy_recipe(
+            "smollm2-135m-demo", w["scratch"] + "/linked.yaml", force=True
+        ),
+        "symbolic link",
+    ),
+    "count-bool": (lambda w: __import__("linspec.validation").validation.check_count(True, "n"), "n must be"),
+    "count-float": (lambda w: __import__("linspec.validation").validation.check_count(2.0, "n", 1, 4), "in 1..4"),
+}
+API_CASES.update(ROUND_TWO)
+
+
+@pytest.fixture(scope="module")
+def scratch(world):
+    """Where API rows build what they then break; ``linked.yaml`` points at the precious file."""
+    folder = world.root / "scratch"
+    folder.mkdir()
+    (folder / "linked.yaml").symlink_to(Path(world["victim"]) / "precious.txt")
+    return folder
+
+
+@pytest.mark.usefixtures("scratch")
 @pytest.mark.parametrize("name", list(API_CASES))
 def test_api_refuses_bad_input_with_one_line(name, world, monkeypatch):
     monkeypatch.chdir(world.root)

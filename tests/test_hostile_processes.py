@@ -208,3 +208,62 @@ def test_ctrl_c_in_a_real_process_exits_130_and_resumes(tmp_path, tiny):
     checkpoints = list((tmp_path / "run" / "checkpoints" / "attention_transfer").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "meta.json").is_file()
     assert hidden(tmp_path / "run" / "checkpoints" / "attention_transfer") == []
+
+
+CLAIM_RUN = textwrap.dedent(
+    """
+    import sys, time
+    from linspec.io import claim_run_dir
+    claim_run_dir(sys.argv[1])
+    print("ready", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_an_output_written_by_another_process_after_the_check_is_not_replaced(tiny, tmp_path):
+    """Two ``convert --force`` into one directory: the one that checked first but writes last is refused."""
+    from linspec.io import check_output_dir
+
+    out = tmp_path / "out"
+    check_output_dir(out, force=True)  # this run checks, then spends minutes loading and converting
+    other = subprocess.run(
+        [sys.executable, "-m", "linspec", "convert", str(tiny), str(out), "--group-size", "8", "--force"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    theirs = (out / "config.json").read_bytes()
+    with pytest.raises(LinspecError, match="written by another process"), atomic_directory(out, force=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").read_bytes() == theirs and hidden(tmp_path) == []
+
+
+def test_a_run_directory_in_use_is_neither_emptied_nor_written(tiny, tmp_path, capsys):
+    path = recipe_path(tmp_path, tiny)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("the other run's recipe\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "keep.txt").write_text("theirs")
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM_RUN, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        code = main(["train", str(path), "--force"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and "in use by another linspec run" in err[-1], err
+        assert (run / "checkpoints" / "keep.txt").read_text() == "theirs"
+        assert (run / "recipe.yaml").read_text() == "the other run's recipe\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", str(path), "--force"]) == 0  # the holder is gone: the lock went with it
+    assert (run / "model" / "config.json").is_file() and not (run / "checkpoints" / "keep.txt").exists()
+
+
+def test_recipes_cp_never_writes_through_a_planted_temporary(tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / ".mine.yaml.partial").symlink_to(precious)  # the name the old copy wrote through
+    assert main(["recipes", "cp", "smollm2-135m-demo", str(tmp_path / "mine.yaml")]) == 0
+    assert precious.read_text() == "keep me" and "base:" in (tmp_path / "mine.yaml").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".partial")) and not p.is_symlink()]
