@@ -114,7 +114,7 @@ def run_demo(
     if trained is None:
         console.print(
             "[dim]The raw conversion is the original's attention within its last 512 tokens and nothing beyond "
-            "until trained; `linspec train recipes/smollm2-135m-demo.yaml` trains the long-range path, then "
+            "until trained; `linspec train smollm2-135m-demo` trains the long-range path, then "
             "`linspec demo --trained runs/smollm2-135m-demo/model` shows it.[/dim]\n"
         )
 

@@ -137,10 +137,22 @@ def test_real_process_exit_code_and_stderr(tmp_path):
 def test_every_help_ends_with_an_example(capsys):
     from linspec.cli import COMMANDS
 
-    for command, _ in COMMANDS:
+    for command, *_ in COMMANDS:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example:" in capsys.readouterr().out, command
+
+
+def test_convert_defaults_to_the_window_preset_and_paper_is_one_flag_away(tiny_dir, tmp_path, capsys):
+    from linspec.config import PRESETS
+
+    for flags, preset in (([], "window"), (["--preset", "paper"], "paper")):
+        out = tmp_path / preset
+        code, stdout, _ = run_cli("convert", str(tiny_dir), str(out), *flags, capsys=capsys)
+        assert code == 0, stdout
+        settings = AutoModelForCausalLM.from_pretrained(out).config.linspec
+        assert {key: settings[key] for key in PRESETS[preset]} == PRESETS[preset]
+    assert settings["local_kernel"] == "relu2" and "window" not in stdout  # the paper's in-group κ, no window
 
 
 def test_bench_speculative_refuses_a_converted_target_that_is_not_linspec(tiny_dir, capsys):

@@ -274,5 +274,5 @@ def test_every_shipped_drafter_recipe_loads_and_starts_with_its_command():
     assert {p.stem.split("-")[0] for p in DRAFTER_RECIPES} == set(KINDS)
     for path in DRAFTER_RECIPES:
         recipe = load_drafter_recipe(path)
-        assert path.read_text().splitlines()[0] == f"# linspec train recipes/{path.name}"
+        assert path.read_text().splitlines()[0] == f"# linspec train {path.stem}"
         assert recipe.drafter.kind == path.stem.split("-")[0]

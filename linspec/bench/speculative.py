@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", nargs="+", choices=[p[0] for p in PROMPTS], help="subset of the prompts")
     parser.add_argument(
         "--drafters", nargs="+", default=[], metavar="DIR",
-        help="trained drafter directories (linspec train recipes/<kind>-*.yaml); each runs on the target it was "
+        help="trained drafter directories (linspec train <kind>-smollm2-135m); each runs on the target it was "
         "trained for",
     )  # fmt: skip
     parser.add_argument("--targets", nargs="+", choices=["original", "converted"], default=["original", "converted"])

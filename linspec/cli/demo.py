@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from linspec.demo import DEMO_PROMPT
 from linspec.devices import add_placement_arguments
 
 MAX_NEW_TOKENS = 4096
@@ -27,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="a linspec model trained from --model (linspec train) to show instead of the raw conversion",
     )
-    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--prompt", help="what both models answer (default: why the sky is blue, in two sentences)")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 4096], help="contexts for the timing")
     add_placement_arguments(parser)
@@ -35,8 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linspec.demo import run_demo
+    from linspec.demo import DEMO_PROMPT, run_demo
     from linspec.errors import LinspecError
+
+    if args.prompt is None:
+        args.prompt = DEMO_PROMPT
 
     if not 0 < args.max_new_tokens <= MAX_NEW_TOKENS:
         raise LinspecError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")

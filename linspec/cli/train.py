@@ -21,9 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train",
         description="Run a training recipe: load the base checkpoint, convert it, run each stage, and write "
         "a linspec model directory to OUTPUT/model. Recipes are YAML files validated before any work starts; "
-        "recipes/*.yaml are commented examples. Several processes: torchrun --nproc-per-node N -m linspec "
+        "the shipped ones (linspec recipes ls) run by name and are commented examples (linspec recipes cp NAME "
+        "FILE copies one to edit). Several processes: torchrun --nproc-per-node N -m linspec "
         "train RECIPE (DDP; distributed=fsdp shards the model).",
-        epilog=_keys_help() + "\n\nexample: linspec train recipes/smollm2-135m-demo.yaml stages.1.lora.r=16 "
+        epilog=_keys_help() + "\n\nexample: linspec train smollm2-135m-demo stages.1.lora.r=16 "
         "output=runs/quick && linspec eval ppl runs/quick/model --data notes.txt --ablations",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
