@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,42 @@ def test_bench_speculative_refuses_a_converted_target_that_is_not_linspec(tiny_d
         "bench", "speculative", "--model", str(tiny_dir), "--converted", str(tiny_dir), capsys=capsys
     )
     assert_one_line_error(code, err, "--converted", "not a linspec model")
+
+
+def run_process(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m linspec ARGV`` in its own process, outside any git repository, stderr captured (not a tty)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "linspec", *argv], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
+
+
+NOISE = ("Generating train split", "FutureWarning", "fatal: not a git repository", "Traceback", "UserWarning")
+
+
+def test_a_long_benchmark_shows_progress_on_stderr_and_results_on_stdout(tmp_path):
+    tiny_base("llama").save_pretrained(tmp_path / "tiny")
+    done = run_process("bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "16", "40", "--steps", "2",
+                       "--no-record", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "decode benchmark" in done.stderr and "4/4" in done.stderr  # every (model, context) run counted
+    assert "decode benchmark" not in done.stdout and "| 40 " in done.stdout
+    assert not [word for word in NOISE if word in done.stderr], done.stderr[-2000:]
+
+
+def test_library_noise_stays_out_of_an_evaluation(tiny_bpe_dir, tmp_path):
+    """Reading a local text file through datasets (a fresh cache: its "Generating train split" bar would show)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n\n" * 40)
+    converted = tmp_path / "converted"
+    assert run_process("convert", str(tiny_bpe_dir), str(converted), "--group-size", "8", cwd=tmp_path).returncode == 0
+    env_cache = tmp_path / "hf"
+    env_cache.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "linspec", "eval", "ppl", str(converted), "--data", str(text), "--window", "32"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(env_cache)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "perplexity" in done.stdout
+    assert not [word for word in NOISE if word in done.stderr], done.stderr[-2000:]

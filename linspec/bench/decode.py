@@ -18,14 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.console import Console
-from rich.progress import Progress
 
 from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
 from linspec.config import PRESETS
 from linspec.devices import add_placement_arguments, placement
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
+from linspec.progress import progress_bar, show_item
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
 MAX_STEPS = 10_000
@@ -103,10 +102,9 @@ def measure(
     """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
     pairs = [(context, which) for context in contexts for which in ("original", "converted")]
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("decode benchmark", total=len(pairs))
+    with progress_bar(len(pairs), "decode benchmark", unit="run") as bar:
         for context, which in pairs:
-            progress.update(task, description=f"{which} @ {context} tokens")
+            show_item(bar, f"{which} @ {context} tokens")
             command = [
                 sys.executable,
                 "-m",
@@ -123,7 +121,7 @@ def measure(
             if done.returncode != 0:
                 raise RuntimeError(f"decode worker failed ({which} @ {context}): {done.stderr.strip()[-300:]}")
             results.append(DecodeResult(**json.loads(done.stdout.strip().splitlines()[-1])))
-            progress.advance(task)
+            bar.update()
     return results
 
 

@@ -199,14 +199,18 @@ def run(args: argparse.Namespace) -> int:
     ceilings = measure_ceilings()
     fla = fla_linear_attention()
     table = ops(fla)
+    from itertools import product
+
+    from linspec.progress import progress_bar, show_item
+
+    cases = list(product(args.modes, args.head_dims, args.batch_heads, sorted(args.lengths), table.items()))
     results = []
-    for mode in args.modes:
-        for head_dim in args.head_dims:
-            for batch, heads in args.batch_heads:
-                for length in sorted(args.lengths):
-                    for name, fn in table.items():
-                        results.append(measure_one(name, fn, mode, batch, heads, length, head_dim, ceilings))
-                        torch.cuda.empty_cache()
+    with progress_bar(len(cases), "kernel benchmark", unit="case") as bar:
+        for mode, head_dim, (batch, heads), length, (name, fn) in cases:
+            show_item(bar, f"{name} {mode} T={length} d={head_dim}")
+            results.append(measure_one(name, fn, mode, batch, heads, length, head_dim, ceilings))
+            torch.cuda.empty_cache()
+            bar.update()
     rows = [
         [r.op, r.mode, f"{r.batch}×{r.heads}", r.length, r.head_dim, r.ms, r.tb_per_s, f"{r.copy_fraction:.0%}",
          r.tflop_per_s, f"{r.matmul_fraction:.0%}"]

@@ -125,7 +125,15 @@ def run(args: argparse.Namespace) -> int:
     out_dir = output_dir(args, "prefill")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results = [measure(shape, length, args.repeats) for shape in args.shapes for length in sorted(args.lengths)]
+    from linspec.progress import progress_bar, show_item
+
+    cases = [(shape, length) for shape in args.shapes for length in sorted(args.lengths)]
+    results = []
+    with progress_bar(len(cases), "prefill benchmark", unit="case") as bar:
+        for shape, length in cases:
+            show_item(bar, f"{shape} @ {length} tokens")
+            results.append(measure(shape, length, args.repeats))
+            bar.update()
     rows = [[r.shape, r.length, r.chunked_tokens_per_s, r.sdpa_tokens_per_s, f"{r.speedup:.2f}×"] for r in results]
     table = markdown_table(["heads", "tokens", "chunked tokens/s", "SDPA tokens/s", "chunked ÷ SDPA"], rows)
     from_2k = [r for r in results if r.length >= 2048]

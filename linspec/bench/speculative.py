@@ -23,6 +23,7 @@ from rich.console import Console
 from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
 from linspec.devices import add_placement_arguments, placement
 from linspec.errors import LinspecError
+from linspec.progress import progress_bar, show_item
 
 EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2 --sample-repeats 4"
 
@@ -214,8 +215,10 @@ def run(args: argparse.Namespace) -> int:
     trained = _trained_drafters(args.drafters, models, tokenizer)
     prompts = [p for p in PROMPTS if not args.prompts or p[0] in args.prompts]
     runs: list[Run] = []
+    bar = progress_bar(len(args.targets) * len(prompts), "speculative benchmark", unit="prompt")
     for target_name in args.targets:
         for index, (prompt_name, _, prompt) in enumerate(prompts):
+            show_item(bar, f"{target_name}: {prompt_name}")
             edge = index in (0, len(prompts) - 1)
             mine = {kind: module.max_depth for (name, kind), module in trained.items() if name == target_name}
             block = [
@@ -229,12 +232,14 @@ def run(args: argparse.Namespace) -> int:
                     runs_wanted = args.repeats if setting.mode == "greedy" else args.sample_repeats
                     if not result.error and repeat < runs_wanted:
                         _measure(models, target_name, tokenizer, prompt, setting, repeat, args, result, trained)
+            bar.update()
             for setting, result in zip(block, results, strict=True):
                 runs.append(result)
-                console.print(
+                bar.write(
                     f"{target_name:9s} {prompt_name:9s} {setting.mode:6s} {setting.name:38s} "
                     + (f"error: {result.error}" if result.error else f"{result.tokens_per_s:6.2f} tok/s")
                 )
+    bar.close()
     _add_speedups(runs)
     section, figure = _report(runs, args, prompts)
     options = {k: v for k, v in vars(args).items() if k not in ("func", "out", "update_docs", "no_record")}
