@@ -159,6 +159,10 @@ CONVERT = [
 ]
 
 GENERATE = [
+    Case("chat-model-missing", "chat {sandbox}/none", "no such file or directory"),
+    Case("chat-max-new-zero", "chat {linspec} --max-new-tokens 0", "--max-new-tokens must be in"),
+    Case("chat-draft-unknown", "chat {linspec} --draft telepathy", "telepathy"),
+    Case("chat-temperature-negative", "chat {linspec} --do-sample --temperature -1", "temperature"),
     Case("prompt-empty", "generate {linspec} --prompt=", "--prompt is empty"),
     Case("prompt-blank", "generate {linspec} --prompt=\u2003", "--prompt is empty"),
     Case("prompt-missing", "generate {linspec}", "--prompt"),

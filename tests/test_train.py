@@ -34,7 +34,7 @@ def recipe_file(tmp_path, tiny_base, **changes):
     data = {
         "base": str(tiny_base),
         "output": str(tmp_path / "run"),
-        "conversion": {"group_size": 8, "conv_taps": 4},
+        "conversion": {"preset": "paper", "group_size": 8, "conv_taps": 4},
         "data": {"train": ["builtin:sample"], "eval": None, "eval_fraction": 0.25, "seq_len": 32},
         "checkpoint": {"every": 2, "keep": 2},
         "stages": [
