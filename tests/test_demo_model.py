@@ -32,7 +32,9 @@ def test_converted_demo_model_loads_generates_and_reloads_identically(converted_
     assert type(model).__name__ == "LinspecLlamaForCausalLM" and len(model.linspec_modules()) == 30
     assert tokenizer.chat_template, "the chat template must travel with the converted model"
     ids = chat_input_ids(tokenizer, PROMPTS[0])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), min_new_tokens=12, max_new_tokens=12, do_sample=False
+    )
     assert out.shape == (1, ids.shape[1] + 12)
     again = AutoModelForCausalLM.from_pretrained(converted_dir).eval()
     with torch.no_grad():

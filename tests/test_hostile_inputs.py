@@ -123,9 +123,11 @@ CONVERT = [
     Case("heads-auto-without-data", "convert {base} out --softmax-heads auto:2", "needs --data"),
     Case("preset-unknown", "convert {base} out --preset fast", "invalid choice"),
     Case("feature-map-unknown", "convert {base} out --feature-map softmax", "feature_map must be one of"),
-    Case("local-kernel-unknown", "convert {base} out --local-kernel cubic", "local_kernel must be one of"),
+    Case("local-kernel-unknown", "convert {base} out --preset paper --local-kernel cubic",
+         "local_kernel must be one of"),
     Case("sink-positions-unknown", "convert {base} out --preset window --sink-positions x", "sink_positions must be"),
-    Case("sink-positions-without-window", "convert {base} out --sink-positions adjacent", "belong to local_kernel"),
+    Case("sink-positions-without-window", "convert {base} out --preset paper --sink-positions adjacent",
+         "belong to local_kernel"),
     Case("dtype-unknown", "convert {base} out --dtype float8", "dtype must be auto or one of"),
     Case("shard-size-garbage", "convert {base} out --max-shard-size lots", "expected a size"),
     Case("shard-size-bits", "convert {base} out --max-shard-size 2Gb0", "expected a size"),
@@ -159,10 +161,8 @@ CONVERT = [
 ]
 
 GENERATE = [
-    Case("chat-model-missing", "chat {sandbox}/none", "no such file or directory"),
-    Case("chat-max-new-zero", "chat {linspec} --max-new-tokens 0", "--max-new-tokens must be in"),
     Case("chat-draft-unknown", "chat {linspec} --draft telepathy", "telepathy"),
-    Case("chat-temperature-negative", "chat {linspec} --do-sample --temperature -1", "temperature"),
+    Case("chat-command-temperature-negative", "chat {linspec} --do-sample --temperature -1", "temperature"),
     Case("prompt-empty", "generate {linspec} --prompt=", "--prompt is empty"),
     Case("prompt-blank", "generate {linspec} --prompt=\u2003", "--prompt is empty"),
     Case("prompt-missing", "generate {linspec}", "--prompt"),
