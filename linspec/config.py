@@ -6,7 +6,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from linspec.errors import LinspecError
-from linspec.ops.memory import GLOBAL_NORMS
+
+# How the global memory's readout is normalised (``linspec.ops.memory``); here so that settings load without torch.
+GLOBAL_NORMS = ("none", "mean", "key")
+# The base ``model_type`` values ``linspec convert`` accepts (``linspec.models.modeling.ARCHITECTURES`` holds their
+# classes; a test keeps the two equal). Named here so that ``linspec convert --help`` needs no transformers import.
+BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 FEATURE_MAPS = ("l2norm", "elu1", "relu")
 # The local term: κ(q̂·k̂) inside the group (relu2: the paper; identity), or the pretrained softmax over a sliding

@@ -9,18 +9,21 @@ chosen there by default. linspec's linear attention runs its running sums in flo
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from linspec.errors import LinspecError
 
+if TYPE_CHECKING:  # torch loads only when a device or dtype is resolved, not when a parser is built
+    import torch
+
+# user-facing dtype name -> the torch attribute
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 DEVICE_HELP = "auto (default: cuda when present, else cpu), cpu, cuda, cuda:N, mps"
 DTYPE_HELP = "auto (default: bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16"
@@ -28,6 +31,8 @@ DTYPE_HELP = "auto (default: bfloat16 on CUDA, float32 elsewhere), float32, bflo
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """A device that exists on this machine, or one clear error."""
+    import torch
+
     if isinstance(name, torch.device):
         name = str(name)
     name = "auto" if name is None else str(name).strip().lower()
@@ -51,8 +56,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The weights' dtype: a name from ``DTYPES``, a ``torch.dtype``, or ``auto`` (see the module docstring)."""
+    import torch
+
     if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
+        if name not in {getattr(torch, attribute) for attribute in DTYPES.values()}:
             raise LinspecError(f"dtype must be one of float32, bfloat16, float16; got {name}")
         return name
     name = "auto" if name is None else str(name).strip().lower()
@@ -62,7 +69,7 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
         return torch.float32
     if name not in DTYPES:
         raise LinspecError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def placement(device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"):

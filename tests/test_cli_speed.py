@@ -31,7 +31,8 @@ def run_probe(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["--version"], ["recipes", "--help"], ["bench", "--help"], ["env", "--help"], ["nope"]],
+    [["--help"], ["--version"], ["nope"]] + [[name, "--help"] for name in ("convert", "generate", "chat", "train",
+                                                                        "eval", "demo", "bench", "env", "recipes")],
     ids=lambda argv: " ".join(argv),
 )  # fmt: skip
 def test_help_and_version_import_no_heavy_library(argv):
@@ -92,3 +93,11 @@ def test_without_import_linspec_nothing_is_registered(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False"
+
+
+def test_convert_help_names_exactly_the_architectures_it_converts():
+    """``convert --help`` lists ``BASE_MODEL_TYPES`` (no transformers import); the classes live in ``ARCHITECTURES``."""
+    from linspec.config import BASE_MODEL_TYPES
+    from linspec.models.modeling import ARCHITECTURES
+
+    assert sorted(BASE_MODEL_TYPES) == sorted(ARCHITECTURES)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from linspec.config import DEFAULT_PRESET, PRESETS, LinspecConfig
-from linspec.convert import supported_architectures
-from linspec.head_ranking import AutoHeads
-from linspec.hybrid import AutoLayers
+from linspec.config import BASE_MODEL_TYPES, DEFAULT_PRESET, PRESETS, LinspecConfig
+
+if TYPE_CHECKING:
+    from linspec.head_ranking import AutoHeads
+    from linspec.hybrid import AutoLayers
 
 
 def parse_layers(text: str):
@@ -53,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=f"Swap softmax attention for augmented grouped linear attention ({DEFAULT_PRESET} preset by "
         "default: the pretrained softmax over a sliding window, linear attention beyond it; --preset paper for the "
         "paper's layer), reusing the pretrained q/k/v/o weights. Supported architectures: "
-        f"{', '.join(supported_architectures())}.",
+        f"{', '.join(sorted(BASE_MODEL_TYPES))}.",
         epilog="example: linspec convert smollm2-135m out/smollm2-linear --group-size 64 --conv-taps 32 "
         "--softmax-layers 0,15; a hybrid chosen by measurement: linspec convert smollm2-135m out/smollm2-hybrid "
         "--softmax-layers auto:2 --data builtin:wiki-en-eval",
@@ -120,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if getattr(args, name) is not None
     }
+    from linspec.head_ranking import AutoHeads
+    from linspec.hybrid import AutoLayers
+
     device, dtype = placement(args.device, args.dtype)
     auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
     auto_heads = args.softmax_heads if isinstance(args.softmax_heads, AutoHeads) else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-GLOBAL_NORMS = ("none", "mean", "key")
+from linspec.config import GLOBAL_NORMS
 
 
 @dataclass(frozen=True)
