@@ -3,7 +3,7 @@
 The public names below load on first use (PEP 562), so ``import linspec`` — and with it the ``linspec`` command,
 which answers ``--help`` before torch could even load — costs nothing. ``import linspec`` still registers the
 linspec model classes with ``AutoConfig`` and ``AutoModelForCausalLM`` (as soon as transformers is imported,
-see ``linspec.auto_registration``), so a converted directory loads with
+see ``linspec.models.registration``), so a converted directory loads with
 ``AutoModelForCausalLM.from_pretrained(path)`` and no remote code.
 """
 
@@ -13,16 +13,16 @@ import importlib
 import sys
 from types import ModuleType
 
-from linspec.auto_registration import register_when_transformers_loads
+from linspec.models.registration import register_when_transformers_loads
 
 # public name -> the module that defines it
 _EXPORTS = {
     "LinspecCache": "linspec.models.cache",
     "LinspecConfig": "linspec.config",
     "LinspecError": "linspec.errors",
-    "convert": "linspec.convert",
-    "load": "linspec.checkpoint",
-    "supported_architectures": "linspec.convert",
+    "convert": "linspec.conversion.convert",
+    "load": "linspec.conversion.checkpoint",
+    "supported_architectures": "linspec.conversion.convert",
     "Drafter": "linspec.speculative",
     "EarlyExitDrafter": "linspec.speculative",
     "HeadDrafter": "linspec.speculative",
@@ -49,9 +49,8 @@ def __dir__() -> list[str]:
 
 
 class _Package(ModuleType):
-    """Keeps public names meaning the function: importing the submodule ``linspec.convert`` would otherwise bind
-    the module over ``linspec.convert``, the function (an eager ``from linspec.convert import convert`` used to
-    rebind it afterwards)."""
+    """Keeps public names meaning the function: a submodule named like a public name would otherwise bind the module
+    over the function when it is imported."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in _EXPORTS and isinstance(value, ModuleType):

@@ -67,7 +67,8 @@ class LinspecConfig:
     layer, while the layer's other heads stay linear. The heads a linear layer cannot stand in for (those whose
     attention lies far outside its local span) are a few, spread over many layers (DuoAttention, Xiao et al.
     2024, splits heads the same way), so a hybrid by heads keeps them for the KV cache of a few layers, where a
-    hybrid by layers must keep every head of each layer it touches (``linspec.head_ranking`` measures which).
+    hybrid by layers must keep every head of each layer it touches (``linspec.conversion.softmax_heads`` measures
+    which).
 
     The global term's memory S (``linspec.ops.memory``). The paper's S is an unnormalised sum over every complete
     group, so its size grows with the context: a model trained on short windows sees it swamp the layer past its

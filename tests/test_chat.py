@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from linspec.checkpoint import convert_checkpoint
 from linspec.config import LinspecConfig
-from linspec.sources import load_source
+from linspec.conversion.checkpoint import convert_checkpoint
+from linspec.sources.loading import load_source
 from linspec.speculative.generate import speculative_generate
 
 MAX_NEW = 6

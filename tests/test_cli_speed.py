@@ -76,7 +76,7 @@ def test_import_linspec_registers_the_auto_classes_when_transformers_loads(tmp_p
         "linspec first": "import linspec, sys; assert 'torch' not in sys.modules; "
         f"from transformers import AutoModelForCausalLM; {load}",
         "transformers first": f"from transformers import AutoModelForCausalLM; import linspec; {load}",
-        "through a linspec module": "import linspec; from linspec.sources import load_source; "
+        "through a linspec module": "import linspec; from linspec.sources.loading import load_source; "
         f"from transformers import AutoModelForCausalLM; {load}",
     }
     for name, code in orders.items():

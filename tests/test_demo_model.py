@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linspec
+from linspec.bench.demo import chat_input_ids
 from linspec.cli import main
-from linspec.demo import chat_input_ids
 from linspec.models import hf
-from linspec.sources import load_source
+from linspec.sources.loading import load_source
 
 pytestmark = pytest.mark.slow
 

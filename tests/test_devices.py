@@ -8,8 +8,8 @@ from tiny_models import tiny_linspec
 
 import linspec
 from linspec.cli import main
-from linspec.devices import placement, resolve_device, resolve_dtype
 from linspec.errors import LinspecError
+from linspec.utils.devices import placement, resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import transformers
 
 from linspec.cli import main
-from linspec.environment import (
+from linspec.utils.environment import (
     LOCK_FILE,
     installed_version,
     lock_differences,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiny_models import randomize_linspec_parameters, tiny_base, tiny_linspec
 
 import linspec
-from linspec.evaluate import ablated, perplexity_of_ids, perplexity_of_sequences, sliding_windows
+from linspec.evaluation.perplexity import ablated, perplexity_of_ids, perplexity_of_sequences, sliding_windows
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_ablations_change_the_result_and_restore_the_parameters():
 def run_eval_cli(tmp_path, model, capsys, task: str, *options: str) -> str:
     """Save ``model`` with the tiny tokenizer and a text file, run ``linspec eval TASK`` on them; its stdout."""
     from linspec.cli import evaluate as evaluate_cli
-    from linspec.train.corpus import SAMPLE
+    from linspec.data.corpus import SAMPLE
     from linspec.train.tiny import tiny_tokenizer
 
     model.save_pretrained(tmp_path / "model")
@@ -84,7 +84,7 @@ def test_eval_cli_prints_one_row_per_ablation(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_restoring_a_layer_to_softmax_equals_the_hybrid_conversion(arch):
-    from linspec.evaluate import softmax_restored
+    from linspec.evaluation.perplexity import softmax_restored
 
     ids = torch.randint(0, 97, (2, 24))
     linear = tiny_linspec(arch)  # γ and conv random: the restored layer must drop them
@@ -106,7 +106,7 @@ def test_restoring_a_layer_to_softmax_equals_the_hybrid_conversion(arch):
 
 
 def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_path, capsys):
-    from linspec.evaluate import perplexity_of_sequences, rank_layers, softmax_restored
+    from linspec.evaluation.perplexity import perplexity_of_sequences, rank_layers, softmax_restored
     from linspec.train.tiny import tiny_tokenizer
 
     model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
@@ -129,8 +129,8 @@ def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_pat
 
 def test_eval_layers_by_passkey_ranks_by_the_keys_loss(tmp_path, capsys):
     """``--by passkey`` ranks layers by the teacher-forced loss of the key; the scorer is that loss, computed."""
-    from linspec.evaluate import rank_layers, softmax_restored
-    from linspec.evaluate_passkey import key_nll_scorer, make_trials
+    from linspec.evaluation.passkey import key_nll_scorer, make_trials
+    from linspec.evaluation.perplexity import rank_layers, softmax_restored
     from linspec.train.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -162,7 +162,7 @@ def test_greedy_search_adds_the_layer_that_helps_most_together(tmp_path, capsys)
     """Layers 0 and 1 each help a lot alone but do the same job; layer 2 helps less alone but adds to either.
     Taking the best two alone gives {0, 1}; forward selection finds {0, 2}. The scores are a table over the set
     of layers actually restored to softmax while the scorer runs."""
-    from linspec.evaluate import rank_layers
+    from linspec.evaluation.perplexity import rank_layers
 
     model = linspec.convert(tiny_base("llama"), linspec.LinspecConfig(group_size=8))
     table = {(): 10.0, (0,): 5.0, (1,): 5.5, (2,): 7.0, (0, 1): 4.9, (0, 2): 2.0, (1, 2): 2.5}

@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance
 
 from linspec.cli import main
-from linspec.evaluate_harness import LinspecLM
+from linspec.evaluation.harness import LinspecLM
 
 ROWS = [
     {"question": "The river was high after the spring", "choices": [" rain", " compiler", " budget"], "answer": 0},
@@ -90,7 +90,7 @@ def test_loglikelihood_equals_a_direct_forward(lm):
 
 
 def test_loglikelihood_rolling_scores_every_token_in_windows_of_max_length(lm):
-    from linspec.train.corpus import SAMPLE
+    from linspec.data.corpus import SAMPLE
 
     text = SAMPLE[:600]
     (total,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)], disable_tqdm=True)
@@ -106,7 +106,7 @@ def test_loglikelihood_rolling_scores_every_token_in_windows_of_max_length(lm):
 
 
 def test_generate_until_is_greedy_and_stops_at_the_marker(lm):
-    from linspec.greedy import greedy_generate
+    from linspec.evaluation.greedy import greedy_generate
 
     prompt = "The committee met on Tuesday"
     (free,) = lm.generate_until([request("generate_until", prompt, {"max_gen_toks": 12})], disable_tqdm=True)
@@ -144,9 +144,9 @@ def run_harness(command: list[str], task_dir, tmp_path) -> float:
     return accuracy
 
 
-@pytest.mark.parametrize("module", ["linspec.evaluate_harness", "linspec.harness_command"])
+@pytest.mark.parametrize("module", ["linspec.evaluation.harness", "linspec.evaluation.harness_command"])
 def test_the_harness_cli_knows_model_linspec(module, tiny_dir, task_dir, tmp_path):
-    """``python -m linspec.evaluate_harness`` and what the ``linspec-lm-eval`` command runs."""
+    """``python -m linspec.evaluation.harness`` and what the ``linspec-lm-eval`` command runs."""
     run_harness([sys.executable, "-m", module, "run", "--model", "linspec", "--model_args", f"pretrained={tiny_dir}"],
                 task_dir, tmp_path)  # fmt: skip
 
@@ -154,7 +154,7 @@ def test_the_harness_cli_knows_model_linspec(module, tiny_dir, task_dir, tmp_pat
 def test_linspec_lm_eval_is_an_installed_command_running_the_harness_cli():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["linspec-lm-eval"] == "linspec.harness_command:main"
+    assert pyproject["project"]["scripts"]["linspec-lm-eval"] == "linspec.evaluation.harness_command:main"
 
 
 def test_plain_lm_eval_runs_a_linspec_directory_through_its_remote_code(tiny_dir, task_dir, tmp_path):

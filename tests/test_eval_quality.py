@@ -14,8 +14,8 @@ from tiny_models import randomize_linspec_parameters, tiny_base, tiny_linspec
 import linspec
 from linspec.cli import main
 from linspec.errors import LinspecError
-from linspec.evaluate import next_token_scores, rank_layers
-from linspec.greedy import greedy_generate
+from linspec.evaluation.greedy import greedy_generate
+from linspec.evaluation.perplexity import next_token_scores, rank_layers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +56,7 @@ def test_greedy_generate_equals_plain_generate(arch):
 
 
 def test_perplexity_by_length_scores_the_same_tokens_with_more_context():
-    from linspec.evaluate_lengths import perplexity_by_length
+    from linspec.evaluation.lengths import perplexity_by_length
 
     model = tiny_linspec("llama").eval()
     ids = torch.randint(3, model.config.vocab_size, (300,))
@@ -75,14 +75,14 @@ def test_perplexity_by_length_scores_the_same_tokens_with_more_context():
     ("lengths", "fragment"), [([0, 16], "2.."), ([16, 512], "exceeds the model's 256 positions"), ([200], "text has")]
 )
 def test_perplexity_by_length_refuses_bad_lengths(lengths, fragment):
-    from linspec.evaluate_lengths import perplexity_by_length
+    from linspec.evaluation.lengths import perplexity_by_length
 
     with pytest.raises(LinspecError, match=fragment):
         perplexity_by_length(tiny_linspec("llama"), torch.arange(150), lengths, progress=False)
 
 
 def test_repetition_measures():
-    from linspec.repetition import Repetition, distinct_n, has_loop, longest_repeated_ngram
+    from linspec.evaluation.repetition import Repetition, distinct_n, has_loop, longest_repeated_ngram
 
     assert distinct_n([1, 2, 3, 1, 2], 2) == pytest.approx(3 / 4) and distinct_n([1], 2) == 1.0
     assert longest_repeated_ngram([1, 2, 3, 9, 1, 2, 3]) == 3
@@ -96,7 +96,7 @@ def test_repetition_measures():
 
 
 def test_prompts_are_reproducible_and_cycle_through_the_templates(tmp_path):
-    from linspec.prompts import TEMPLATES, build_prompts, load_prompts
+    from linspec.data.prompts import TEMPLATES, build_prompts, load_prompts
 
     documents = [" ".join(f"word{d}_{i}" for i in range(60)) + ".\nshort line" for d in range(12)]
     prompts = build_prompts(documents, 10, seed=3)
@@ -114,7 +114,7 @@ def test_prompts_are_reproducible_and_cycle_through_the_templates(tmp_path):
 
 
 def test_open_ended_prompt_kinds_ask_about_each_paragraphs_subject():
-    from linspec.prompts import KINDS, OPEN_TEMPLATES, build_prompts, subject
+    from linspec.data.prompts import KINDS, OPEN_TEMPLATES, build_prompts, subject
 
     assert subject("The keeper of the Port of Mobile, Alabama, kept a log.") == "Port of Mobile"
     assert subject("Some frogs inflate. They are green.") == "Some frogs inflate"  # no name: the first words
@@ -134,7 +134,7 @@ def test_open_ended_prompt_kinds_ask_about_each_paragraphs_subject():
 
 
 def test_agreement_counts_the_prefix_until_the_first_difference():
-    from linspec.evaluate_agreement import Agreement
+    from linspec.evaluation.agreement import Agreement
 
     result = Agreement.of([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 9], [5, 6]])
     assert result.prefix_agreement == pytest.approx((2 / 4 + 1) / 2)
@@ -144,7 +144,7 @@ def test_agreement_counts_the_prefix_until_the_first_difference():
 def test_passkey_prompts_fit_their_length_hide_the_key_and_are_seeded(tiny_bpe_dir):
     from transformers import AutoTokenizer
 
-    from linspec.evaluate_passkey import DEPTH_BUCKETS, answer_key, make_trials
+    from linspec.evaluation.passkey import DEPTH_BUCKETS, answer_key, make_trials
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_bpe_dir)
     trials = make_trials(tokenizer, 512, 6, seed=1)
@@ -163,8 +163,8 @@ def test_passkey_prompts_fit_their_length_hide_the_key_and_are_seeded(tiny_bpe_d
 
 
 def test_the_demo_model_finds_the_passkey(demo_model_path):
-    from linspec.evaluate_passkey import passkey_accuracy
-    from linspec.sources import load_model_dir
+    from linspec.evaluation.passkey import passkey_accuracy
+    from linspec.sources.loading import load_model_dir
 
     model, tokenizer = load_model_dir(demo_model_path, progress=False)
     (result,) = passkey_accuracy(model, tokenizer, [256], trials=2, progress=False)
@@ -172,8 +172,8 @@ def test_the_demo_model_finds_the_passkey(demo_model_path):
 
 
 def test_auto_softmax_layers_keep_the_layers_rank_layers_ranks_best():
-    from linspec.evaluate import choose_softmax_layers
-    from linspec.hybrid import AutoLayers, parse_softmax_layers, resolve_softmax_layers
+    from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers, resolve_softmax_layers
+    from linspec.evaluation.perplexity import choose_softmax_layers
 
     assert parse_softmax_layers("auto:2") == AutoLayers(2) and parse_softmax_layers("0,3-4") == (0, 3, 4)
     for bad in ("auto:0", "auto:x", "auto", "1-x"):

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
+from linspec.bench.demo import chat_input_ids
 from linspec.cli import main
-from linspec.demo import chat_input_ids
-from linspec.sources import load_source
+from linspec.sources.loading import load_source
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import linspec
 from linspec.cli import main
+from linspec.conversion.softmax_heads import AutoHeads, choose_softmax_heads, far_attention_mass, parse_softmax_heads
 from linspec.errors import LinspecError
-from linspec.head_ranking import AutoHeads, choose_softmax_heads, far_attention_mass, parse_softmax_heads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,14 +13,14 @@ from hostile_world import build_world, evil_pickle
 from tiny_models import tiny_base, tiny_linspec
 
 import linspec
-from linspec.checkpoint import load
 from linspec.config import LinspecConfig
+from linspec.conversion.checkpoint import load
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory
-from linspec.paths import check_name, child_path
-from linspec.sources import load_source, read_config_json
+from linspec.sources.loading import load_source, read_config_json
 from linspec.train.recipe import apply_override, load_recipe
 from linspec.train.state import MetricsLog, load_checkpoint, save_checkpoint
+from linspec.utils.io import atomic_directory
+from linspec.utils.paths import check_name, child_path
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     ),
     "atomic-into-file": (lambda w: atomic_directory(w["a-file"], force=True).__enter__(), "not a directory"),
     "ppl-window-one": (
-        lambda w: list(__import__("linspec.evaluate").evaluate.sliding_windows(torch.arange(4), 1, 1)),
+        lambda w: list(__import__("linspec.evaluation.perplexity").evaluate.sliding_windows(torch.arange(4), 1, 1)),
         "need window >= 2",
     ),
 }
@@ -223,7 +223,7 @@ def _tampered_drafter_checkpoint(world, edit: Callable[[dict], None]):
 
 
 def _links_then_remove(world):
-    from linspec.io import remove_entries
+    from linspec.utils.io import remove_entries
 
     run = Path(world["scratch"]) / "linked-run"
     (run / "checkpoints").mkdir(parents=True)
@@ -277,25 +277,27 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
     ),
     "remove-entries-through-link": (_links_then_remove, "symbolic link"),
     "passkey-trials-absurd": (
-        lambda w: __import__("linspec.evaluate_passkey").evaluate_passkey.make_trials(None, 64, 10**8),
+        lambda w: __import__("linspec.evaluation.passkey").evaluate_passkey.make_trials(None, 64, 10**8),
         "trials must be an integer in 1..4096",
     ),
     "passkey-seed-huge": (
-        lambda w: __import__("linspec.evaluate_passkey").evaluate_passkey.make_trials(None, 64, 2, seed=2**70),
+        lambda w: __import__("linspec.evaluation.passkey").evaluate_passkey.make_trials(None, 64, 2, seed=2**70),
         "seed must be an integer in 0..4294967295",
     ),
     "curve-windows-absurd": (
-        lambda w: __import__("linspec.evaluate_lengths").evaluate_lengths.perplexity_by_length(
+        lambda w: __import__("linspec.evaluation.lengths").evaluate_lengths.perplexity_by_length(
             tiny_base("llama"), torch.arange(64), [8], max_windows=10**8
         ),
         "max_windows must be an integer in 1..4096",
     ),
     "curve-length-absurd": (
-        lambda w: __import__("linspec.evaluate_lengths").evaluate_lengths.check_lengths(torch.nn.Linear(1, 1), [10**9]),
+        lambda w: __import__("linspec.evaluation.lengths").evaluate_lengths.check_lengths(
+            torch.nn.Linear(1, 1), [10**9]
+        ),
         "lengths must be integers in 2..1048576",
     ),
     "agreement-tokens-absurd": (
-        lambda w: __import__("linspec.evaluate_agreement").evaluate_agreement.greedy_answers(None, None, [], 10**8),
+        lambda w: __import__("linspec.evaluation.agreement").evaluate_agreement.greedy_answers(None, None, [], 10**8),
         "max_new_tokens must be an integer in 1..16384",
     ),
     "recipe-seed-huge": (lambda w: load_recipe(w["recipe.yaml"], [f"seed={2**70}"]), "recipe key seed must be"),
@@ -312,8 +314,8 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
         ),
         "symbolic link",
     ),
-    "count-bool": (lambda w: __import__("linspec.validation").validation.check_count(True, "n"), "n must be"),
-    "count-float": (lambda w: __import__("linspec.validation").validation.check_count(2.0, "n", 1, 4), "in 1..4"),
+    "count-bool": (lambda w: __import__("linspec.utils.validation").validation.check_count(True, "n"), "n must be"),
+    "count-float": (lambda w: __import__("linspec.utils.validation").validation.check_count(2.0, "n", 1, 4), "in 1..4"),
 }
 API_CASES.update(ROUND_TWO)
 

@@ -17,15 +17,15 @@ from hostile_world import evil_pickle
 
 from linspec.cli import main
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory
 from linspec.train.recipe import load_recipe
 from linspec.train.run import TrainingInterrupted, train
 from linspec.train.tiny import make_tiny_base
+from linspec.utils.io import atomic_directory
 
 HOLD_OUTPUT = textwrap.dedent(
     """
     import sys, time
-    from linspec.io import atomic_directory
+    from linspec.utils.io import atomic_directory
     with atomic_directory(sys.argv[1]) as tmp:
         (tmp / "config.json").write_text("{}")
         print("ready", flush=True)
@@ -82,14 +82,14 @@ def test_sigkill_leaves_no_output_and_the_next_writer_cleans_up(writer, tmp_path
 
 
 def test_a_live_writers_temporaries_are_never_removed(writer, tmp_path):
-    from linspec.io import remove_stale_temporaries
+    from linspec.utils.io import remove_stale_temporaries
 
     before = hidden(tmp_path)
     assert remove_stale_temporaries(tmp_path / "out") == [] and hidden(tmp_path) == before
 
 
 def test_killed_between_the_two_renames_the_previous_output_comes_back(tmp_path):
-    from linspec.io import _HOST
+    from linspec.utils.io import _HOST
 
     aside = tmp_path / f".out.{_HOST}-{2**22 + 12345}.abc123.old" / "previous"
     aside.mkdir(parents=True)
@@ -213,7 +213,7 @@ def test_ctrl_c_in_a_real_process_exits_130_and_resumes(tmp_path, tiny):
 CLAIM_RUN = textwrap.dedent(
     """
     import sys, time
-    from linspec.io import claim_run_dir
+    from linspec.utils.io import claim_run_dir
     claim_run_dir(sys.argv[1])
     print("ready", flush=True)
     time.sleep(120)
@@ -223,7 +223,7 @@ CLAIM_RUN = textwrap.dedent(
 
 def test_an_output_written_by_another_process_after_the_check_is_not_replaced(tiny, tmp_path):
     """Two ``convert --force`` into one directory: the one that checked first but writes last is refused."""
-    from linspec.io import check_output_dir
+    from linspec.utils.io import check_output_dir
 
     out = tmp_path / "out"
     check_output_dir(out, force=True)  # this run checks, then spends minutes loading and converting

@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NESTED_FOLDERS = ("kernels", "recipes")  # top-level source folders that install as linspec.<folder>
 
 # Build outputs and environments at the top of a checkout: a stale build/lib would ship into the wheel whatever it
 # holds (setuptools packs the whole folder), hiding a package the configuration leaves out.
@@ -78,20 +77,15 @@ def run_installed(site, tmp_path_factory):
 
 def source_packages() -> set[str]:
     """Every package of the source tree, as the folder it installs to: linspec/ and its subfolders holding an
-    __init__.py, and the nested folders (kernels/, recipes/) under linspec/."""
-    found = {str(init.parent.relative_to(ROOT).as_posix()) for init in (ROOT / "linspec").rglob("__init__.py")}
-    for folder in NESTED_FOLDERS:
-        found |= {
-            "linspec/" + init.parent.relative_to(ROOT).as_posix() for init in (ROOT / folder).rglob("__init__.py")
-        }
-    return found
+    __init__.py (the Triton kernels and the recipes included)."""
+    return {str(init.parent.relative_to(ROOT).as_posix()) for init in (ROOT / "linspec").rglob("__init__.py")}
 
 
 def test_the_wheel_ships_every_package_and_no_stray_top_level_package(wheel):
     names = [PurePosixPath(name) for name in zipfile.ZipFile(wheel).namelist()]
     shipped = {str(name.parent) for name in names if name.name == "__init__.py"}
     expected = source_packages()
-    assert {"linspec/train/stages", "linspec/kernels", "linspec/recipes"} <= expected  # the walk finds them
+    assert {"linspec/train/stages", "linspec/ops/triton", "linspec/recipes"} <= expected  # the walk finds them
     assert shipped == expected, f"missing from the wheel: {expected - shipped}; not in the source: {shipped - expected}"
     top_level = {name.parts[0] for name in names}
     assert top_level == {"linspec", wheel.name.split("-py")[0] + ".dist-info"}, top_level
@@ -99,16 +93,16 @@ def test_the_wheel_ships_every_package_and_no_stray_top_level_package(wheel):
 
 def test_the_wheel_ships_recipes_and_runs_outside_a_checkout(wheel, site, run_installed):
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    shipped = {p.name for p in (ROOT / "linspec" / "recipes").glob("*.yaml")}
     assert {f"linspec/recipes/{name}" for name in shipped} <= names
-    assert {"linspec/constraints-cpu.txt", "linspec/kernels/__init__.py"} <= names
+    assert {"linspec/constraints-cpu.txt", "linspec/ops/triton/__init__.py"} <= names
 
     def linspec(*args: str) -> str:
         done = run_installed(*args)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    where = run_installed("--where", "linspec", "linspec.train.stages", "linspec.kernels", "linspec.recipes")
+    where = run_installed("--where", "linspec", "linspec.train.stages", "linspec.ops.triton", "linspec.recipes")
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(site)) for line in where.stdout.splitlines()), where.stdout
     assert sorted(line.split()[0] for line in linspec("recipes", "ls").splitlines()) == sorted(

@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 from tiny_models import tiny_base
 
 import linspec
-from linspec.cache_size import measured_cache_growth, softmax_cache_growth
-from linspec.checkpoint import convert_checkpoint
 from linspec.cli import main
-from linspec.demo_model import DEMO_MODELS
-from linspec.evaluate import perplexity_of_sequences
-from linspec.model_card import DEMO_SOURCES, ModelCard, Quality, describe_source
-from linspec.reproduce import train_argv
+from linspec.conversion.checkpoint import convert_checkpoint
+from linspec.evaluation.perplexity import perplexity_of_sequences
+from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
+from linspec.models.card import DEMO_SOURCES, ModelCard, Quality, describe_source
+from linspec.sources.demo_models import DEMO_MODELS
 from linspec.train.distributed import Env
 from linspec.train.evaluation import curve_sequences, length_curve
 from linspec.train.recipe import load_recipe
+from linspec.train.reproduce import train_argv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -186,7 +186,7 @@ def test_an_explicit_card_lists_its_curve_and_phases():
 
 def test_a_drafter_card_names_its_recipe_command_target_and_directory():
     from linspec.drafting.recipe import load_drafter_recipe
-    from linspec.model_card import drafter_card
+    from linspec.models.card import drafter_card
 
     recipe = asdict(load_drafter_recipe("medusa-smollm2-135m", ["train.steps=10"]))
     training = {"recipe": json.loads(json.dumps(recipe)), "eval_accuracy_by_depth": [0.5, 0.25]}  # as recorded

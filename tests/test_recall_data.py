@@ -10,8 +10,8 @@ import datasets
 import pytest
 import torch
 
-from linspec.train.data import TrainingSet, load_documents, pack
-from linspec.train.recall_data import RESTATE_HEADER, recall_sequence
+from linspec.data.documents import TrainingSet, load_documents, pack
+from linspec.data.recall import RESTATE_HEADER, recall_sequence
 from linspec.train.recipe import Chat, Data, Recall
 from linspec.train.tiny import tiny_tokenizer
 

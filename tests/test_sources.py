@@ -1,4 +1,4 @@
-"""linspec.sources: every way of naming a checkpoint, and every way a user can get it wrong.
+"""linspec.sources.loading: every way of naming a checkpoint, and every way a user can get it wrong.
 
 Fast tests build tiny random Llamas (HF directories, sharded, pickled, and a GGUF file written with the ``gguf``
 package) in ``tmp_path``. The ``slow`` tests use the real demo model: it is cached in ``$LINSPEC_CACHE`` when
@@ -18,9 +18,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from linspec.demo_model import DEMO_MODELS, _write_marker, is_complete
 from linspec.errors import LinspecError
-from linspec.sources import check_safetensors, demo_model_dir, load_source
+from linspec.sources.demo_models import DEMO_MODELS, _write_marker, is_complete
+from linspec.sources.loading import check_safetensors, demo_model_dir, load_source
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7]])
@@ -333,7 +333,7 @@ def test_second_demo_load_is_fast_and_offline(demo_model_path, monkeypatch):
 
 
 def test_leftovers_of_killed_builds_are_removed(tmp_path):
-    from linspec.demo_model import _remove_leftovers
+    from linspec.sources.demo_models import _remove_leftovers
 
     target = tmp_path / "smollm2-135m"
     for name in (".smollm2-135m.abc.partial", ".smollm2-135m.def.old", ".other.xyz.partial"):
@@ -354,7 +354,7 @@ def test_two_processes_build_the_demo_model_once_into_an_empty_cache(tmp_path, d
     from safetensors.torch import load_file
 
     env = {**os.environ, "LINSPEC_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    code = "from linspec.demo_model import demo_model_dir; print(demo_model_dir('smollm2-135m'))"
+    code = "from linspec.sources.demo_models import demo_model_dir; print(demo_model_dir('smollm2-135m'))"
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, **pipes) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]

@@ -9,7 +9,7 @@ import torch
 
 import linspec
 from linspec.cli import main
-from linspec.sources import load_source
+from linspec.sources.loading import load_source
 from linspec.speculative import EarlyExitDrafter, ModelDrafter, PromptLookupDrafter, speculative_generate
 from linspec.speculative.generate import encode_prompts
 

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 import linspec
+from linspec.data.documents import build_splits, global_batch, load_documents, pack
 from linspec.errors import LinspecError
-from linspec.train.data import build_splits, global_batch, load_documents, pack
 from linspec.train.recipe import load_recipe
 from linspec.train.run import TrainingDiverged, TrainingInterrupted, lr_factor, train
 from linspec.train.state import load_checkpoint
@@ -299,8 +299,8 @@ def test_resume_across_a_curriculum_boundary_repeats_the_losses_exactly(tmp_path
 def test_chat_data_is_the_original_models_answers_cached_and_mixed_at_its_ratio(tmp_path, tiny_base, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from linspec.data.documents import TrainingSet
     from linspec.train import chat_data
-    from linspec.train.data import TrainingSet
     from linspec.train.recipe import Chat, Data
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)

@@ -21,10 +21,10 @@ import torch
 
 from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
 from linspec.config import PRESETS
-from linspec.devices import add_placement_arguments, placement
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
-from linspec.progress import progress_bar, show_item
+from linspec.utils.devices import add_placement_arguments, placement
+from linspec.utils.progress import progress_bar, show_item
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
 MAX_STEPS = 10_000
@@ -80,7 +80,7 @@ def measure_one(
 ) -> DecodeResult:
     """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
     import linspec
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
 
     target, weights = placement(device, dtype)
     model, _ = load_source(source, progress=False, dtype=weights)
@@ -176,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
 
     if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
         raise LinspecError(f"--steps and --contexts must be positive (and --steps at most {MAX_STEPS})")

@@ -2,7 +2,7 @@
 
 Three ops on the same bf16 ``[B, H, T, D]`` inputs (H = Hkv; GQA does not change the per-head work):
 
-* ``linspec``: ``linspec.kernels.chunked_attention`` — the paper preset, G = 64, P = 32 taps.
+* ``linspec``: ``linspec.ops.triton.chunked_attention`` — the paper preset, G = 64, P = 32 taps.
 * ``fla``: flash-linear-attention's ``chunk_linear_attn`` (chunk 64, no normaliser) — plain causal linear
   attention, the closest operation fla ships: the same KV-state recurrence and in-chunk products, no relu², no
   conv. Skipped with a note when fla is not installed.
@@ -104,7 +104,7 @@ def fla_linear_attention() -> Callable | None:
 def ops(fla: Callable | None) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from linspec.kernels import chunked_attention
+    from linspec.ops.triton import chunked_attention
 
     def linspec_op(q, k, v, conv_weight, gamma):
         return chunked_attention(q, k, v, conv_weight, gamma, GROUP_SIZE)
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     table = ops(fla)
     from itertools import product
 
-    from linspec.progress import progress_bar, show_item
+    from linspec.utils.progress import progress_bar, show_item
 
     cases = list(product(args.modes, args.head_dims, args.batch_heads, sorted(args.lengths), table.items()))
     results = []

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = output_dir(args, "prefill")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from linspec.progress import progress_bar, show_item
+    from linspec.utils.progress import progress_bar, show_item
 
     cases = [(shape, length) for shape in args.shapes for length in sorted(args.lengths)]
     results = []

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from linspec.errors import LinspecError
-from linspec.io import atomic_write_bytes, atomic_write_text
+from linspec.utils.io import atomic_write_bytes, atomic_write_text
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def record(name: str, data: dict[str, Any], section_markdown: str, figure=None, docs_dir: Path | None = None) -> Path:
     """Write ``<name>.json`` (+ ``<name>.png``) into ``docs_dir`` (None: a fresh run folder) and replace this
     benchmark's section in that folder's ``benchmarks.md``."""
-    from linspec.paths import check_name
+    from linspec.utils.paths import check_name
 
     check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
     docs_dir = Path(docs_dir) if docs_dir is not None else default_out_dir(name)

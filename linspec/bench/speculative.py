@@ -21,9 +21,9 @@ import torch
 from rich.console import Console
 
 from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
-from linspec.devices import add_placement_arguments, placement
 from linspec.errors import LinspecError
-from linspec.progress import progress_bar, show_item
+from linspec.utils.devices import add_placement_arguments, placement
+from linspec.utils.progress import progress_bar, show_item
 
 EXAMPLE = "example: linspec bench speculative --max-new-tokens 64 --repeats 2 --sample-repeats 4"
 
@@ -187,7 +187,7 @@ def settings_summary(model_dir: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import linspec
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
 
     checks = {"max_new_tokens": (1, 4096), "repeats": (1, 100), "sample_repeats": (0, 100), "threads": (1, 1024),
               "exit_layer": (1, 4096)}  # fmt: skip

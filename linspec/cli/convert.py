@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 from linspec.config import BASE_MODEL_TYPES, DEFAULT_PRESET, PRESETS, LinspecConfig
 
 if TYPE_CHECKING:
-    from linspec.head_ranking import AutoHeads
-    from linspec.hybrid import AutoLayers
+    from linspec.conversion.softmax_heads import AutoHeads
+    from linspec.conversion.softmax_layers import AutoLayers
 
 
 def parse_layers(text: str):
     """``"0,5-7"`` -> ``(0, 5, 6, 7)``; ``"auto:4"`` -> ``AutoLayers(4)`` (chosen by measurement on --data)."""
+    from linspec.conversion.softmax_layers import parse_softmax_layers
     from linspec.errors import LinspecError
-    from linspec.hybrid import parse_softmax_layers
 
     try:
         return parse_softmax_layers(text)
@@ -27,8 +27,8 @@ def parse_layers(text: str):
 
 def parse_heads(text: str):
     """``"4:1,7:0"`` -> ``((4, 1), (7, 0))``; ``"auto:12"`` -> ``AutoHeads(12)`` (chosen by measurement on --data)."""
+    from linspec.conversion.softmax_heads import parse_softmax_heads
     from linspec.errors import LinspecError
-    from linspec.head_ranking import parse_softmax_heads
 
     try:
         return parse_softmax_heads(text)
@@ -106,8 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linspec.checkpoint import convert_checkpoint
-    from linspec.devices import placement
+    from linspec.conversion.checkpoint import convert_checkpoint
+    from linspec.utils.devices import placement
 
     overrides = {
         name: getattr(args, name)
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if getattr(args, name) is not None
     }
-    from linspec.head_ranking import AutoHeads
-    from linspec.hybrid import AutoLayers
+    from linspec.conversion.softmax_heads import AutoHeads
+    from linspec.conversion.softmax_layers import AutoLayers
 
     device, dtype = placement(args.device, args.dtype)
     auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
@@ -171,13 +171,13 @@ def choose_by_measurement(
 ) -> LinspecConfig:
     """``auto:N`` layers (the raw all-linear conversion's layers ranked on --data) and/or ``auto:N`` heads (the
     softmax model's heads ranked by attention outside the local span, on --data sequences twice that span)."""
-    from linspec.devices import placement
+    from linspec.conversion.softmax_heads import choose_softmax_heads, local_span
+    from linspec.conversion.softmax_layers import resolve_softmax_layers, text_sequences
     from linspec.errors import LinspecError
-    from linspec.evaluate import read_text_ids
-    from linspec.head_ranking import choose_softmax_heads, local_span
-    from linspec.hybrid import resolve_softmax_layers, text_sequences
-    from linspec.io import check_output_dir
-    from linspec.sources import load_source
+    from linspec.evaluation.perplexity import read_text_ids
+    from linspec.sources.loading import load_source
+    from linspec.utils.devices import placement
+    from linspec.utils.io import check_output_dir
 
     if not args.data:
         what = f"--softmax-layers {auto}" if auto else f"--softmax-heads {auto_heads}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from linspec.devices import add_placement_arguments
+from linspec.utils.devices import add_placement_arguments
 
 MAX_NEW_TOKENS = 4096
 MAX_CONTEXT = 1 << 17
@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linspec.demo import DEMO_PROMPT, run_demo
+    from linspec.bench.demo import DEMO_PROMPT, run_demo
     from linspec.errors import LinspecError
 
     if args.prompt is None:

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linspec.environment import environment_report
+    from linspec.utils.environment import environment_report
 
     report = environment_report()
     if args.json:

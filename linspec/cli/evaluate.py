@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from linspec.cli.evaluate_quality import add_quality_tasks
-from linspec.devices import add_placement_arguments
-from linspec.validation import MAX_LENGTH, MAX_TRIALS, count_arg
+from linspec.utils.devices import add_placement_arguments
+from linspec.utils.validation import MAX_LENGTH, MAX_TRIALS, count_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -100,12 +100,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_heads(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
     from linspec.config import LinspecConfig
-    from linspec.devices import placement
+    from linspec.conversion.softmax_heads import far_attention_mass, largest_heads, local_span
+    from linspec.conversion.softmax_layers import text_sequences
     from linspec.errors import LinspecError
-    from linspec.evaluate import read_text_ids
-    from linspec.head_ranking import far_attention_mass, largest_heads, local_span
-    from linspec.hybrid import text_sequences
-    from linspec.sources import load_source
+    from linspec.evaluation.perplexity import read_text_ids
+    from linspec.sources.loading import load_source
+    from linspec.utils.devices import placement
 
     overrides = {} if args.local_window is None else {"local_window": args.local_window}
     settings = LinspecConfig.from_preset(args.preset, **overrides)
@@ -141,8 +141,8 @@ def add_model_and_data(parser: argparse.ArgumentParser, model_help: str, data_re
 
 def check_data(source: str) -> None:
     """Refuse missing, empty, binary or unknown data before the model is loaded."""
+    from linspec.data.documents import local_files
     from linspec.errors import LinspecError
-    from linspec.train.data import local_files
 
     if source.startswith("hub:"):
         if not source[4:]:
@@ -153,10 +153,10 @@ def check_data(source: str) -> None:
 
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
-    from linspec.devices import placement
     from linspec.errors import LinspecError
-    from linspec.evaluate import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
-    from linspec.sources import load_source
+    from linspec.evaluation.perplexity import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
+    from linspec.sources.loading import load_source
+    from linspec.utils.devices import placement
 
     if args.stride is not None and args.stride > args.window:
         raise LinspecError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
@@ -186,10 +186,10 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def run_layers(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
-    from linspec.devices import placement
     from linspec.errors import LinspecError
-    from linspec.evaluate import rank_layers, read_text_ids
-    from linspec.sources import load_source
+    from linspec.evaluation.perplexity import rank_layers, read_text_ids
+    from linspec.sources.loading import load_source
+    from linspec.utils.devices import placement
 
     if args.by == "ppl" and not args.data:
         raise LinspecError("--by ppl needs --data (the text to score)")
@@ -202,8 +202,8 @@ def run_layers(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
     if args.by == "passkey":
-        from linspec.evaluate_lengths import check_lengths
-        from linspec.evaluate_passkey import key_nll_scorer
+        from linspec.evaluation.lengths import check_lengths
+        from linspec.evaluation.passkey import key_nll_scorer
 
         check_lengths(model, [args.passkey_length])
         score = key_nll_scorer(tokenizer, args.passkey_length, args.trials)

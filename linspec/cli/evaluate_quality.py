@@ -8,8 +8,8 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from linspec.devices import add_placement_arguments
-from linspec.validation import (
+from linspec.utils.devices import add_placement_arguments
+from linspec.utils.validation import (
     MAX_DOCUMENTS,
     MAX_FEWSHOT,
     MAX_LENGTH,
@@ -118,9 +118,9 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
     harness = tasks.add_parser(
         "harness",
         help="lm-evaluation-harness tasks on a linspec model (needs: pip install lm-eval)",
-        description="Runs lm-evaluation-harness tasks through linspec's harness model (linspec.evaluate_harness: "
+        description="Runs lm-evaluation-harness tasks through linspec's harness model (linspec.evaluation.harness: "
         "scoring chunk-wise through the cache, greedy generation). --include-path adds a folder of task YAML "
-        "files, so local tasks run offline. The harness CLI itself: python -m linspec.evaluate_harness run "
+        "files, so local tasks run offline. The harness CLI itself: python -m linspec.evaluation.harness run "
         "--model linspec --model_args pretrained=DIR ...",
         epilog="example: linspec eval harness out/smollm2-linear --tasks my_task --include-path tasks/ --limit 50",
     )
@@ -139,9 +139,9 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
 
 
 def _load(name: str, args: argparse.Namespace):
-    from linspec.devices import placement
     from linspec.errors import LinspecError
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
+    from linspec.utils.devices import placement
 
     device, dtype = placement(args.device, args.dtype)
     model, tokenizer = load_source(name, dtype=dtype, device=device)
@@ -153,7 +153,7 @@ def _load(name: str, args: argparse.Namespace):
 def _finish(args: argparse.Namespace, name: str, data: dict, section: str, figure=None) -> None:
     """Write ``OUT/name.json`` (+ png), print the table, and record it when --record-bench asks."""
     from linspec.bench.report import project_docs_dir
-    from linspec.evaluate_output import default_out_dir, record_bench, write_results
+    from linspec.utils.results import default_out_dir, record_bench, write_results
 
     print(section)
     out = Path(args.out) if args.out else default_out_dir()
@@ -194,8 +194,8 @@ def run_ppl_curve(args: argparse.Namespace) -> int:
 
     from linspec.bench.report import markdown_table
     from linspec.errors import LinspecError
-    from linspec.evaluate import read_text_ids
-    from linspec.evaluate_lengths import perplexity_by_length, plot_length_curves
+    from linspec.evaluation.lengths import perplexity_by_length, plot_length_curves
+    from linspec.evaluation.perplexity import read_text_ids
 
     if args.ablate or args.ablations:
         raise LinspecError("--lengths compares context lengths; run --ablate/--ablations without it")
@@ -231,7 +231,7 @@ def run_passkey(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from linspec.bench.report import markdown_table
-    from linspec.evaluate_passkey import DEPTH_BUCKETS, passkey_accuracy, plot_passkey
+    from linspec.evaluation.passkey import DEPTH_BUCKETS, passkey_accuracy, plot_passkey
 
     curves = {}
     for name in args.models:
@@ -255,8 +255,8 @@ def run_passkey(args: argparse.Namespace) -> int:
 
 def run_agreement(args: argparse.Namespace) -> int:
     from linspec.bench.report import markdown_table
-    from linspec.evaluate_agreement import Agreement, greedy_answers
-    from linspec.prompts import load_prompts
+    from linspec.data.prompts import load_prompts
+    from linspec.evaluation.agreement import Agreement, greedy_answers
 
     prompts = load_prompts(args.prompts, args.num_prompts, args.seed, args.text_field)
     answers, texts = {}, {}
@@ -299,11 +299,11 @@ def run_harness(args: argparse.Namespace) -> int:
     if args.include_path and not Path(args.include_path).is_dir():
         raise LinspecError(f"--include-path {args.include_path}: no such directory")
     try:
-        from linspec.evaluate_harness import evaluate
+        from linspec.evaluation.harness import evaluate
     except ImportError as error:
         raise LinspecError(f"lm-evaluation-harness is not installed ({error}); pip install 'lm-eval>=0.4.13'") from None
     from linspec.cli.quiet import quiet_git_lookups
-    from linspec.devices import placement
+    from linspec.utils.devices import placement
 
     quiet_git_lookups()
 

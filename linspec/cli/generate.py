@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from linspec.devices import add_placement_arguments
+from linspec.utils.devices import add_placement_arguments
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -116,10 +116,10 @@ def load_decoding(args: argparse.Namespace):
     """``(model, tokenizer, drafter, sampling, generator)`` for the decoding flags, every flag checked first."""
     import torch
 
-    from linspec.devices import placement
     from linspec.errors import LinspecError
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
     from linspec.speculative.drafters import TRAINED_DRAFTERS, build_drafter
+    from linspec.utils.devices import placement
 
     sampling = check_arguments(args)  # everything checkable without the model, before loading it
     options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)

@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     from linspec.bench.report import project_docs_dir
     from linspec.errors import LinspecError
-    from linspec.paths import check_name
     from linspec.train.recipe import load_recipe
+    from linspec.utils.paths import check_name
 
     if args.resume and args.force:
         raise LinspecError("--resume continues a run and --force discards it; pass one of them")

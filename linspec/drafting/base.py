@@ -17,7 +17,7 @@ from torch import nn
 
 from linspec.drafting.vocab import IGNORE, DraftVocabulary
 from linspec.errors import LinspecError
-from linspec.validation import check_count
+from linspec.utils.validation import check_count
 
 MAX_DEPTH = 16  # draft depth a drafter is trained for (heads, recurrent steps)
 

@@ -2,7 +2,7 @@
 
 Two kinds of text, both labelled by the target itself:
 
-- **continuations**: prompts built from the shipped corpora (``linspec.prompts``), wrapped in the chat template,
+- **continuations**: prompts built from the shipped corpora (``linspec.data.prompts``), wrapped in the chat template,
   continued greedily by the target; one more forward per text records its final hidden states (after the last
   norm — what ``DraftRequest.target_hidden`` carries). This is exactly the distribution acceptance rewards, but
   generating costs one target step per token.
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from linspec.drafting.recipe import DistillData
 from linspec.errors import LinspecError
-from linspec.io import atomic_write_bytes
+from linspec.utils.io import atomic_write_bytes
 
 PAD = -1
 FORMAT = 2  # bump when the cached tensors or the way they are made change
@@ -49,13 +49,13 @@ def self_distillation_data(target, tokenizer, settings: DistillData, folder: Pat
     """``{train,eval}_{tokens,hidden,labels}``, from the cache when present."""
     from safetensors.torch import load_file, save
 
-    from linspec.sources import check_safetensors
+    from linspec.sources.loading import check_safetensors
 
     file = cache_file(folder, fingerprint, settings)
     if file.is_file():
         check_safetensors(file)
         return load_file(str(file))
-    from linspec.prompts import load_prompts
+    from linspec.data.prompts import load_prompts
 
     count = settings.num_prompts + settings.eval_prompts
     prompts = [p.text for p in load_prompts(settings.prompts, count, settings.seed, kinds=settings.prompt_kinds)]
@@ -138,7 +138,7 @@ def continuations(target, tokenizer, prompts: list[str], max_new_tokens: int, ba
 def text_windows(tokenizer, source: str, num_tokens: int, length: int, seed: int) -> torch.Tensor:
     """``[ceil(num_tokens / length), length]`` windows of ``source`` (documents joined with EOS), drawn in a
     seeded order from the whole corpus so they are not all from its first articles."""
-    from linspec.train.data import load_documents, pack
+    from linspec.data.documents import load_documents, pack
 
     windows = pack(load_documents(source), tokenizer, length)
     wanted = -(-num_tokens // length)

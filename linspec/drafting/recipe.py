@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from linspec.data.prompts import check_kinds, verbatim_prompts
 from linspec.drafting.base import MAX_DEPTH
 from linspec.errors import LinspecError
-from linspec.prompts import check_kinds, verbatim_prompts
 from linspec.train.recipe import (
     MAX_STEPS,
     _check_source,
@@ -38,7 +38,9 @@ class DistillData:
     and its final hidden states on them; cached in linspec's cache, keyed by target and these settings."""
 
     prompts: str = "builtin:wiki-en"  # builtin:NAME, a corpus file, or prompts verbatim (.txt lines, .jsonl "prompt")
-    prompt_kinds: list[str] | None = None  # kinds built from a corpus, in turn (linspec.prompts.KINDS; null: TEMPLATES)
+    prompt_kinds: list[str] | None = (
+        None  # kinds built from a corpus, in turn (linspec.data.prompts.KINDS; null: TEMPLATES)
+    )
     num_prompts: int = 96  # training prompts
     eval_prompts: int = 8  # held-out prompts for the per-depth accuracy
     max_new_tokens: int = 96  # continuation length per prompt

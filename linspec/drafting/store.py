@@ -18,8 +18,8 @@ from linspec.drafting.fingerprint import mismatch, target_fingerprint, tokenizer
 from linspec.drafting.heads import MedusaHeads
 from linspec.drafting.redrafter import RecurrentDrafterModule
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory
-from linspec.model_card import drafter_card
+from linspec.models.card import drafter_card
+from linspec.utils.io import atomic_directory
 
 KINDS: dict[str, type[TrainedDrafter]] = {m.kind: m for m in (MedusaHeads, EagleDrafterModule, RecurrentDrafterModule)}
 FORMAT = {"format": "linspec-drafter", "version": 1}
@@ -96,7 +96,7 @@ def load_drafter(path: str | os.PathLike, target, tokenizer=None) -> TrainedDraf
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from linspec.sources import check_safetensors
+    from linspec.sources.loading import check_safetensors
 
     config = read_config(path)
     check_target(config, path, target, tokenizer)

@@ -24,9 +24,9 @@ from linspec.drafting.recipe import DrafterRecipe
 from linspec.drafting.store import build, save_drafter
 from linspec.drafting.vocab import most_frequent_tokens
 from linspec.errors import LinspecError
-from linspec.io import RUN_LOCK, atomic_directory, atomic_write_text, claim_run_dir, refuse_links, remove_entries
 from linspec.train.recipe import MAX_STEPS
-from linspec.validation import check_count
+from linspec.utils.io import RUN_LOCK, atomic_directory, atomic_write_text, claim_run_dir, refuse_links, remove_entries
+from linspec.utils.validation import check_count
 
 RUN_FILE = "run.json"  # marks a drafter run directory (what --force may replace) and names its target
 RUN_ENTRIES = (RUN_FILE, "checkpoints", "drafter", "metrics.jsonl")  # what a run writes: never symbolic links
@@ -114,7 +114,7 @@ def _load_checkpoint(path: Path, module, optimizer) -> int:
     (wrong format, tensors of another shape, missing entries, a step outside the run) is one ``LinspecError``."""
     from safetensors.torch import load_file
 
-    from linspec.sources import check_safetensors
+    from linspec.sources.loading import check_safetensors
 
     try:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -154,7 +154,7 @@ def evaluate(module, data: dict, batch: int = 256) -> list[float]:
 
 def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = False) -> Path:
     """Run ``recipe``; returns the drafter directory (OUTPUT/drafter)."""
-    from linspec.sources import load_source
+    from linspec.sources.loading import load_source
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -164,7 +164,7 @@ def train_drafter(recipe: DrafterRecipe, resume: bool = False, force: bool = Fal
     target.requires_grad_(False)
     fingerprint = target_fingerprint(target)
     output = _prepare_output(recipe, resume, force, fingerprint)
-    from linspec.demo_model import cache_root
+    from linspec.sources.demo_models import cache_root
 
     data = self_distillation_data(target, tokenizer, recipe.data, cache_root() / "drafting", fingerprint)
     spec = recipe.drafter

@@ -23,7 +23,7 @@ CARD = "README.md"
 # A Hub repository id, ``org/name`` (what a card's ``base_model:`` must be to link to its parent).
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 # save_pretrained(push_to_hub=True)'s options that describe the upload, not the files (transformers' names).
-# A temporary directory of ``linspec.io.atomic_directory`` (``.NAME.HOST-PID.RANDOM.partial``): a card written
+# A temporary directory of ``linspec.utils.io.atomic_directory`` (``.NAME.HOST-PID.RANDOM.partial``): a card written
 # into one names the output it becomes, not itself.
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+-\d+\.[^.]+\.partial")
 _HUB_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "token", "revision")
@@ -37,8 +37,8 @@ def base_model_origin(name_or_path: Any) -> str | None:
 def model_card(model, location: str):
     """The card of ``model`` as saved to ``location`` (a directory or a repo id): its settings, its parent when the
     config records one, and its decode-cache size measured on the model itself."""
-    from linspec.cache_size import measured_cache_growth, softmax_cache_growth
-    from linspec.model_card import ModelCard, Source, source_license
+    from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
+    from linspec.models.card import ModelCard, Source, source_license
 
     origin = base_model_origin(getattr(model.config, "base_model_name_or_path", None))
     if origin is None:

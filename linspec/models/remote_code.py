@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from linspec.io import atomic_write_text
+from linspec.utils.io import atomic_write_text
 
 CONFIG_MODULE = "configuration_linspec"
 MODEL_MODULE = "modeling_linspec"

@@ -1,4 +1,4 @@
-"""Which implementation runs the ops: PyTorch everywhere, Triton (``linspec.kernels``) for CUDA tensors.
+"""Which implementation runs the ops: PyTorch everywhere, Triton (``linspec.ops.triton``) for CUDA tensors.
 
 The choice is made per call from the tensors, so one model can move between devices without reconfiguration.
 ``auto`` (the default) sends CUDA tensors to Triton when it is importable and everything else to PyTorch;

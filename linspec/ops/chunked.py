@@ -30,7 +30,7 @@ def grouped_terms(
     ``first_group`` (``[B]``, default 0): complete groups before the sequence, which a "mean" memory counts.
     """
     if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.kernels import grouped_terms as triton_grouped_terms
+        from linspec.ops.triton import grouped_terms as triton_grouped_terms
 
         return triton_grouped_terms(q, k, v, group_size, local_kernel, initial_kv)
     batch, num_heads, length, key_dim = q.shape
@@ -112,7 +112,7 @@ def chunked_attention(
     group offset. About twice as fast on CPU as summing the three terms, and fewer ops for threads to sync on.
     """
     if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.kernels import chunked_attention as triton_chunked_attention
+        from linspec.ops.triton import chunked_attention as triton_chunked_attention
 
         return triton_chunked_attention(q, k, v, conv_weight, global_scale, group_size, local_kernel)
     batch, num_heads, length, key_dim = q.shape

@@ -18,7 +18,7 @@ def causal_depthwise_conv(
     one per query head sharing it, so no repeated copy of V is materialised.
     """
     if use_triton(v):
-        from linspec.kernels import causal_depthwise_conv as triton_conv
+        from linspec.ops.triton import causal_depthwise_conv as triton_conv
 
         return triton_conv(v, conv_weight, history)
     batch, kv_heads, length, head_dim = v.shape

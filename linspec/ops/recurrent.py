@@ -28,7 +28,7 @@ def recurrent_step(
     running group sum into S while the others keep theirs.
     """
     if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.kernels import recurrent_step as triton_recurrent_step
+        from linspec.ops.triton import recurrent_step as triton_recurrent_step
 
         return triton_recurrent_step(q, k, v, conv_weight, global_scale, state, local_kernel)
     batch, num_heads, _, key_dim = q.shape

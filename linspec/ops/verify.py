@@ -143,7 +143,7 @@ def verify_attention(
     ``parents``: the tree's parent indices ``[B, N]``, or its ``TreeLayout`` when several layers verify it.
     """
     if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.kernels import verify_attention as triton_verify_attention
+        from linspec.ops.triton import verify_attention as triton_verify_attention
 
         raw_parents = parents.parents if isinstance(parents, TreeLayout) else parents
         return triton_verify_attention(q, k, v, conv_weight, global_scale, state, raw_parents, local_kernel)

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from linspec.errors import LinspecError
-from linspec.io import atomic_write_bytes
+from linspec.utils.io import atomic_write_bytes
 
 
 def shipped_recipes() -> dict[str, Path]:

@@ -131,7 +131,7 @@ def unshard(model):
     """
     from torch.distributed.fsdp import FSDPModule
 
-    from linspec.convert import _set_tensor
+    from linspec.conversion.convert import _set_tensor
 
     weights = {name: gathered(tensor) for name, tensor in model.state_dict().items()}
     peft_config = getattr(model, "peft_config", None)

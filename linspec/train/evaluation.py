@@ -1,5 +1,5 @@
-"""Held-out perplexity during training: ``linspec.evaluate``'s scoring, split over the processes of a run; and the
-final quality curve a trained model's card shows (perplexity by context length, beside its baselines)."""
+"""Held-out perplexity during training: ``linspec.evaluation.perplexity``'s scoring, split over the processes of a
+run; and the final quality curve a trained model's card shows (perplexity by context length, beside its baselines)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from linspec.evaluate import sequence_nll, token_nll
+from linspec.evaluation.perplexity import sequence_nll, token_nll
 from linspec.train.distributed import DTYPES, Env
 from linspec.train.recipe import Recipe, Stage
 
@@ -70,7 +70,7 @@ def curve_plan(recipe: Recipe, settings, held_out: int) -> list[int]:
 
 
 def curve_sequences(eval_seqs: torch.Tensor, length: int) -> torch.Tensor:
-    """The held-out tokens (packed back to back, as ``linspec.train.data.pack`` cut them) regrouped into sequences
+    """The held-out tokens (packed back to back, as ``linspec.data.documents.pack`` cut them) regrouped into sequences
     of ``length``: the same text the run evaluates on, with longer contexts; at most ``CURVE_TOKENS`` tokens."""
     flat = eval_seqs.reshape(-1)
     count = max(1, min(len(flat) // length, math.ceil(CURVE_TOKENS / length)))
@@ -119,7 +119,7 @@ def record_curve(ctx, model, label: str) -> None:
 def record_final_curves(ctx, model) -> None:
     """The trained model's curve, and the same model with its global memory and convolution ablated (``local-only``
     in ``linspec eval ppl --ablations``): the window alone, what the long-range path is measured against."""
-    from linspec.evaluate import ABLATIONS, ablated
+    from linspec.evaluation.perplexity import ABLATIONS, ablated
 
     record_curve(ctx, model, "model")
     if model.linspec_modules():

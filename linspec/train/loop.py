@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from linspec.data.documents import TrainingSet
 from linspec.errors import LinspecError
-from linspec.train.data import TrainingSet
 from linspec.train.distributed import DTYPES, Env
 from linspec.train.evaluation import evaluate
 from linspec.train.recipe import Phase, Recipe, Stage

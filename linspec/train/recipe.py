@@ -22,8 +22,8 @@ import yaml
 
 from linspec.config import DEFAULT_PRESET, PRESETS, LinspecConfig
 from linspec.errors import LinspecError
-from linspec.paths import check_name
-from linspec.validation import check_number, check_seed
+from linspec.utils.paths import check_name
+from linspec.utils.validation import check_number, check_seed
 
 TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
@@ -54,14 +54,14 @@ class Conversion:
 
     def auto_layers(self):
         """``AutoLayers(N)`` for ``softmax_layers: auto:N`` (chosen by measurement when the run starts), else None."""
-        from linspec.hybrid import AutoLayers, parse_softmax_layers
+        from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers
 
         layers = parse_softmax_layers(self.softmax_layers)
         return layers if isinstance(layers, AutoLayers) else None
 
     def settings(self) -> LinspecConfig:
         """The layer settings; with ``auto:N`` the softmax layers are left empty until ``train`` measures them."""
-        from linspec.hybrid import AutoLayers, parse_softmax_layers
+        from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers
 
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
         layers = parse_softmax_layers(self.softmax_layers)
@@ -434,7 +434,7 @@ def _check_chat(chat: Chat, data: Data) -> None:
 
 
 def _check_recall(recall: Recall, data: Data) -> None:
-    from linspec.train.recall_data import MAX_FACTS
+    from linspec.data.recall import MAX_FACTS
 
     _positive(recall.facts, "data.recall.facts", limit=MAX_FACTS)
     if not 0 < recall.ratio < 1:
@@ -484,7 +484,7 @@ def _check_optimizer(opt: Optimizer, key: str) -> None:
 
 def _check_source(source: str, key: str) -> None:
     if source.startswith("builtin:"):
-        from linspec.train.corpus import BUILTIN
+        from linspec.data.corpus import BUILTIN
 
         if source[len("builtin:") :] not in BUILTIN:
             raise LinspecError(f"recipe key {key}: unknown builtin {source!r}; known: {', '.join(BUILTIN)}")
@@ -494,7 +494,7 @@ def _check_source(source: str, key: str) -> None:
     elif not Path(source).expanduser().exists():
         raise LinspecError(f"recipe key {key}: file not found: {source}")
     else:
-        from linspec.train.data import local_files
+        from linspec.data.documents import local_files
 
         try:
             local_files(source)

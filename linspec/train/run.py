@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from linspec.data.documents import TrainingSet, pack, split_documents
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory, atomic_write_text
-from linspec.model_card import training_card
-from linspec.paths import child_path
-from linspec.train.data import TrainingSet, pack, split_documents
+from linspec.models.card import training_card
 from linspec.train.distributed import DTYPES, Env, is_sharded, setup_env, unshard
 from linspec.train.evaluation import CURVE_KEYS, record_curve, record_final_curves
 from linspec.train.loop import RunContext, TrainingDiverged, TrainingInterrupted, lr_factor
@@ -28,6 +26,8 @@ from linspec.train.recipe import Recipe
 from linspec.train.rundir import RECIPE_FILE, prepare_run_dir
 from linspec.train.stages import STAGE_KINDS
 from linspec.train.state import MetricsLog
+from linspec.utils.io import atomic_directory, atomic_write_text
+from linspec.utils.paths import child_path
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "lr_factor", "train"]
 
@@ -46,8 +46,8 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     log.repair()
     weights_dtype = DTYPES[recipe.precision] if recipe.distributed != "fsdp" else torch.float32
 
-    from linspec.convert import convert
-    from linspec.sources import load_source
+    from linspec.conversion.convert import convert
+    from linspec.sources.loading import load_source
 
     base, tokenizer = load_source(recipe.base, dtype=weights_dtype, progress=env.main)
     if tokenizer is None:
@@ -80,7 +80,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     settings = recipe.conversion.settings()
     auto = recipe.conversion.auto_layers()
     if auto is not None:  # deterministic: every process measures the same layers on the same sequences
-        from linspec.hybrid import resolve_softmax_layers
+        from linspec.conversion.softmax_layers import resolve_softmax_layers
 
         settings = resolve_softmax_layers(base.to(env.device), settings, auto, eval_seqs[:8], progress=env.main)
         ctx.say(f"conversion.softmax_layers {auto}: keeping layers {list(settings.softmax_layers)} softmax")
@@ -119,7 +119,7 @@ def build_data(recipe: Recipe, base, tokenizer, env: Env) -> tuple[TrainingSet, 
     documents, eval_documents = split_documents(recipe.data)
     chat_documents = None
     if recipe.data.chat is not None:
-        from linspec.train.chat_data import conversations
+        from linspec.data.chat import conversations
 
         texts = conversations(recipe.data.chat, recipe.base, base.to(env.device), tokenizer, progress=env.main)
         chat_documents = datasets.Dataset.from_dict({"text": texts})

@@ -19,9 +19,9 @@ from pathlib import Path
 import yaml
 
 from linspec.errors import LinspecError
-from linspec.io import RUN_LOCK, claim_run_dir, refuse_links, remove_entries
 from linspec.train.distributed import Env
 from linspec.train.recipe import Recipe
+from linspec.utils.io import RUN_LOCK, claim_run_dir, refuse_links, remove_entries
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILES = ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE)

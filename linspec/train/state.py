@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from linspec.errors import LinspecError
-from linspec.io import atomic_directory, atomic_write_bytes
-from linspec.paths import child_path
 from linspec.train.state_codec import decode, encode
+from linspec.utils.io import atomic_directory, atomic_write_bytes
+from linspec.utils.paths import child_path
 
 CHECKPOINT_FORMAT = {"format": "linspec-checkpoint", "version": 1}
 _STEP_DIR = re.compile(r"step-(\d{1,12})")
@@ -84,7 +84,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from linspec.sources import check_safetensors
+    from linspec.sources.loading import check_safetensors
 
     if (path / "state.pt").exists() and not (path / "state.json").exists():
         raise LinspecError("it is a pickle (state.pt), which linspec never loads; start over with --force")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from linspec.train.corpus import SAMPLE
+from linspec.data.corpus import SAMPLE
 
 # A minimal chat template, so chat data (docs/training.md) can be tested on the tiny model.
 CHAT_TEMPLATE = (

@@ -1,6 +1,6 @@
 """Kernel tests run Triton's interpreter on CPU tensors; the flag must be set before the kernels are defined.
 
-``@triton.jit`` reads ``TRITON_INTERPRET`` when ``linspec.kernels`` is imported, which happens lazily (the first
+``@triton.jit`` reads ``TRITON_INTERPRET`` when ``linspec.ops.triton`` is imported, which happens lazily (the first
 time a test asks for the Triton backend), so setting it here at conftest import is early enough even when the
 root conftest or another test module has already imported ``triton`` or ``linspec``.
 """
@@ -32,6 +32,6 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture(autouse=True)
 def interpreted_kernels():
     """Fail loudly if the kernels were built for a GPU (the flag came too late) rather than the interpreter."""
-    import linspec.kernels
+    import linspec.ops.triton
 
-    assert linspec.kernels.interpreting(), "linspec.kernels was imported before TRITON_INTERPRET=1 was set"
+    assert linspec.ops.triton.interpreting(), "linspec.ops.triton was imported before TRITON_INTERPRET=1 was set"

@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import linspec.kernels
-from linspec.kernels import utils as kernel_utils
+import linspec.ops.triton
 from linspec.ops import (
     causal_depthwise_conv,
     chunked_attention,
@@ -27,6 +26,7 @@ from linspec.ops import (
 )
 from linspec.ops.backend import backend
 from linspec.ops.chunked import grouped_terms
+from linspec.ops.triton import utils as kernel_utils
 
 TOL = 3e-5  # relative to the largest expected magnitude; float32 sums over a few hundred terms
 
@@ -196,7 +196,7 @@ def test_tree_ancestors_by_doubling_match_the_sequential_walk():
     parents = torch.stack([torch.randint(-1, max(i, 1), (3,), generator=gen) for i in range(23)], dim=1)
     parents[:, 0] = -1
     expected_ancestors, expected_depth = tree_ancestors(parents)
-    ancestors, depth = linspec.kernels.tree_ancestors(parents)
+    ancestors, depth = linspec.ops.triton.tree_ancestors(parents)
     assert torch.equal(ancestors, expected_ancestors)
     assert torch.equal(depth, expected_depth)
 
@@ -244,7 +244,7 @@ def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
     with backend("triton"):
         assert use_triton(q) and use_triton(q, memory=GlobalMemory()) and not use_triton(q, memory=memory)
         for name in ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention"):
-            monkeypatch.setattr(linspec.kernels, name, None, raising=False)  # entering a kernel would fail
+            monkeypatch.setattr(linspec.ops.triton, name, None, raising=False)  # entering a kernel would fail
         results = every_mode()
     for got, want, mode in zip(results, expected, ["chunked", "extend", "recurrent", "verify"], strict=True):
         assert_close(got, want, mode)

@@ -1,0 +1,279 @@
+"""Perplexity (sliding window) and component ablations: how much γ (the global path) and the conv contribute.
+
+Windows of up to ``window`` tokens advance by ``stride`` scored tokens; a window scores only tokens no earlier
+window scored, each with up to ``window − 1`` tokens of context (stride == window: consecutive windows share
+one token, so no token goes unscored). The reported
+perplexity is exp(total NLL / scored tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from linspec.errors import LinspecError
+
+ABLATIONS = {
+    "full": (),
+    "no-gamma": ("gamma",),
+    "no-conv": ("conv",),
+    "local-only": ("gamma", "conv"),
+}
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def sliding_windows(ids: torch.Tensor, window: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(window ids, skip)`` over a 1-D id tensor: the window's positions ``skip..`` are scored, each predicted
+    from the tokens before it in the window. Every token but the first is scored exactly once; a window scores at
+    most ``min(stride, window − 1)`` new tokens, so each has at least one token of context."""
+    if window < 2 or not 0 < stride <= window:
+        raise LinspecError(f"need window >= 2 and 0 < stride <= window; got window {window}, stride {stride}")
+    step = min(stride, window - 1)
+    scored_until = 1  # the first token has nothing to be predicted from
+    while scored_until < len(ids):
+        end = min(scored_until + step, len(ids)) if scored_until > 1 else min(window, len(ids))
+        begin = max(0, end - window)
+        yield ids[begin:end], scored_until - begin
+        scored_until = end
+
+
+@torch.no_grad()
+def token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L-1]``: the NLL of every next-token prediction of ``input_ids [B, L]`` in one forward."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+    return F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+@torch.no_grad()
+def sequence_nll(model, input_ids: torch.Tensor, skip: int = 0) -> tuple[float, int]:
+    """``(sum of NLL, count)`` over next-token predictions of ``input_ids [B, L]``, ignoring the first ``skip``."""
+    nll = token_nll(model, input_ids)[:, max(skip - 1, 0) :]
+    return float(nll.sum()), nll.numel()
+
+
+def prefill_chunks(model, ids: torch.Tensor, cache, chunk: int = 512) -> Iterator[torch.Tensor]:
+    """Feed a 1-D id tensor through ``cache`` ``chunk`` tokens at a time, yielding each chunk's logits ``[c, V]``.
+
+    Memory stays bounded by the chunk, not the text: a linspec cache is constant in context length and a softmax
+    model's KV cache grows linearly, while the attention scores and logits never exceed one chunk's rows."""
+    from linspec.models import hf
+
+    if chunk < 1:
+        raise LinspecError(f"chunk must be at least 1 token, got {chunk}")
+    device = next(model.parameters()).device
+    for piece in ids.split(chunk):
+        out = model(input_ids=piece[None].to(device), use_cache=True, **hf.cache_kwargs(cache))
+        yield out.logits[0].float()  # (c, V)
+
+
+@torch.no_grad()
+def next_token_scores(model, ids: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(ids[t] | ids[:t]), ids[t] is the argmax)`` for t = 1..L−1 of a 1-D id tensor, scored chunk-wise
+    through the model's own cache (see :func:`prefill_chunks`), so an 8k-token window fits on a CPU.
+
+    Equal to one full forward (a test checks it): the cache is the model's decoding path, exact by DESIGN §3."""
+    from linspec.models.cache import new_cache_for
+
+    cache = new_cache_for(model)
+    logprobs, hits = [], []
+    previous = None  # the last row of the previous chunk predicts this chunk's first token
+    for start, logits in zip(range(0, len(ids), chunk), prefill_chunks(model, ids, cache, chunk), strict=True):
+        rows = logits if previous is None else torch.cat([previous, logits])  # predictions of ids[start(+1)..]
+        targets = ids[max(start, 1) : start + len(logits)].to(rows.device)
+        rows = rows[: len(targets)]
+        logprobs.append(torch.log_softmax(rows, -1).gather(-1, targets[:, None])[:, 0])
+        hits.append(rows.argmax(-1) == targets)
+        previous = logits[-1:]
+    return torch.cat(logprobs).cpu(), torch.cat(hits).cpu()
+
+
+def perplexity_of_sequences(model, sequences: torch.Tensor, batch_size: int = 4, progress: bool = False) -> Perplexity:
+    """Perplexity over packed, independent sequences ``[N, L]`` (each scored from its second token)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    total, count, start = 0.0, 0, time.perf_counter()
+    for batch in tqdm(sequences.split(batch_size), desc="perplexity", disable=not progress, leave=False):
+        nll, n = sequence_nll(model, batch.to(device))
+        total, count = total + nll, count + n
+    return _result(total, count, time.perf_counter() - start)
+
+
+def perplexity_of_ids(model, ids: torch.Tensor, window: int = 256, stride: int | None = None, progress: bool = True):
+    """Sliding-window perplexity of one long 1-D id tensor."""
+    from tqdm.auto import tqdm
+
+    stride = stride or window
+    device = next(model.parameters()).device
+    total, count, start = 0.0, 0, time.perf_counter()
+    windows = list(sliding_windows(ids, window, stride))
+    bar = tqdm(windows, desc="perplexity", unit="win", disable=not progress)
+    for chunk, skip in bar:
+        nll, n = sequence_nll(model, chunk[None].to(device), skip)
+        total, count = total + nll, count + n
+        bar.set_postfix(
+            ppl=f"{math.exp(total / max(count, 1)):.2f}", tok_s=f"{count / (time.perf_counter() - start):.0f}"
+        )
+    return _result(total, count, time.perf_counter() - start)
+
+
+def _result(total: float, count: int, seconds: float) -> Perplexity:
+    if count == 0:
+        raise LinspecError("no tokens to score: the text is shorter than two tokens")
+    return Perplexity(ppl=math.exp(total / count), nll=total / count, tokens=count, seconds=seconds)
+
+
+@contextlib.contextmanager
+def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
+    """Temporarily zero γ (``gamma``) and/or the conv (``conv``) in every linear layer; restored on exit."""
+    modules = model.linspec_modules() if hasattr(model, "linspec_modules") else []
+    if components and not modules:
+        raise LinspecError("ablations need a linspec model (this one has no linear attention layers)")
+    saved = [(m.global_scale.detach().clone(), m.conv_weight.detach().clone()) for m in modules]
+    try:
+        with torch.no_grad():
+            for module in modules:
+                if "gamma" in components:
+                    module.global_scale.zero_()
+                if "conv" in components:
+                    module.conv_weight.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for module, (gamma, conv) in zip(modules, saved, strict=True):
+                module.global_scale.copy_(gamma)
+                module.conv_weight.copy_(conv)
+
+
+@contextlib.contextmanager
+def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]:
+    """Temporarily run the listed decoder layers (0-based) as softmax attention with their current q/k/v/o.
+
+    That is what keeping them softmax in a hybrid conversion would give, measured without converting again:
+    the basis of ``rank_layers``. Only for full-sequence scoring (``use_cache=False``)."""
+    from linspec.train.transfer import softmax_output_of_call
+
+    wanted = set(layers)
+    modules = [m for m in getattr(model, "linspec_modules", list)() if m.layer_idx in wanted]
+    missing = wanted - {m.layer_idx for m in modules}
+    if missing:
+        raise LinspecError(f"layers {sorted(missing)} are not linear-attention layers of this model")
+
+    def hook(module, args, kwargs, output):
+        return (softmax_output_of_call(module, args, kwargs).to(output[0].dtype), *output[1:])
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class LayerRanking:
+    baseline: float  # score (perplexity, or passkey NLL) with every layer linear
+    single: dict[int, float]  # layer -> score with only that layer restored to softmax
+    cumulative: list[tuple[list[int], float]]  # the chosen sets of 1..top layers and their score
+
+
+SEARCHES = ("single", "greedy")
+
+
+@torch.no_grad()
+def rank_layers(
+    model,
+    sequences: torch.Tensor | None,
+    top: int = 8,
+    progress: bool = True,
+    score: Callable[[Any], float] | None = None,
+    search: str = "single",
+    pool: int | None = None,
+) -> LayerRanking:
+    """Which layers to keep softmax: restore each linear layer alone and score what that leaves (lower is better;
+    default: the perplexity of ``sequences``), then build sets of 1..``top`` layers.
+
+    ``search="single"`` takes the best ``k`` single layers together. ``"greedy"`` (forward selection) adds, at
+    each step, the layer that scores best *together with* the ones already chosen, among the ``pool`` best single
+    layers (default: all): layers that each help alone often do the same job (two retrieval heads reading the
+    same key), and the second one then adds little — forward selection finds the layer that helps next.
+    Per-layer transfer losses are only a proxy (a layer with a large relative error can matter little
+    downstream); this measures the thing a hybrid is chosen for — fluency by perplexity, or retrieval with a
+    passkey scorer (``linspec.evaluation.passkey.key_nll_scorer``)."""
+    from tqdm.auto import tqdm
+
+    if search not in SEARCHES:
+        raise LinspecError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
+    if score is None:
+
+        def score(m) -> float:
+            return perplexity_of_sequences(m, sequences).ppl
+
+    def restored_score(layers: list[int]) -> float:
+        with softmax_restored(model, layers):
+            return score(model)
+
+    model.eval()
+    layers = [m.layer_idx for m in model.linspec_modules()]
+    baseline = score(model)
+    single = {layer: restored_score([layer]) for layer in tqdm(layers, desc="one layer softmax", disable=not progress)}
+    order = sorted(layers, key=single.__getitem__)
+    steps = min(top, len(order))
+    cumulative = []
+    if search == "single":
+        for k in tqdm(range(1, steps + 1), desc="best k together", disable=not progress):
+            chosen = sorted(order[:k])
+            cumulative.append((chosen, single[order[0]] if k == 1 else restored_score(chosen)))
+        return LayerRanking(baseline, single, cumulative)
+    candidates = order[: max(pool or len(order), steps)]
+    chosen = [order[0]]
+    cumulative.append((chosen, single[order[0]]))
+    for _ in tqdm(range(2, steps + 1), desc="forward selection", disable=not progress):
+        scores = {layer: restored_score(sorted([*chosen, layer])) for layer in candidates if layer not in chosen}
+        best = min(scores, key=scores.__getitem__)
+        chosen = sorted([*chosen, best])
+        cumulative.append((chosen, scores[best]))
+    return LayerRanking(baseline, single, cumulative)
+
+
+def choose_softmax_layers(model, sequences: torch.Tensor, n: int, progress: bool = False) -> tuple[int, ...]:
+    """The ``n`` layers to keep softmax (``softmax_layers: auto:N``): the best ``n`` of :func:`rank_layers`.
+
+    ``model`` is an all-linear linspec model (a raw conversion or, better, one after attention transfer);
+    ``sequences [N, L]`` is held-out text. Layers are ranked alone and the best ``n`` kept together, which is
+    what ``linspec eval layers`` prints as its ``n``-th candidate."""
+    layers = [m.layer_idx for m in getattr(model, "linspec_modules", list)()]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(layers):
+        raise LinspecError(f"auto:N needs 1 <= N <= {len(layers)} (the model's linear layers); got {n!r}")
+    ranking = rank_layers(model, sequences, top=n, progress=progress)
+    return tuple(ranking.cumulative[-1][0])
+
+
+def read_text_ids(tokenizer, path: str, text_field: str = "text") -> torch.Tensor:
+    """Token ids of a .txt file, or of the documents of a .jsonl/.parquet file joined with EOS."""
+    from linspec.data.documents import load_documents
+
+    documents = load_documents(path, text_field)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for row in tokenizer(list(documents["text"]), add_special_tokens=False)["input_ids"]:
+        ids.extend([*row, eos] if eos is not None else row)
+    return torch.tensor(ids, dtype=torch.long)
