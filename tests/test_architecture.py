@@ -150,21 +150,70 @@ def test_the_cycle_finder_finds_cycles():
 # transformers' public API is everything its top level exports; a module path below it is an internal.
 PUBLIC_TRANSFORMERS = {"transformers", "transformers.utils.logging"}
 HF_MODULE = "linspec.models.hf"
+INTERNAL_SUBMODULES = {"models", "modeling_utils", "cache_utils", "integrations", "generation", "pytorch_utils"}
+# Attribute names that belong to transformers' internals, not its API: reaching one outside the hf module ties that
+# module to how this transformers release builds its models. ``get_input_embeddings``/``get_output_embeddings`` and
+# ``config`` are the public way in and stay allowed everywhere.
+INTERNAL_ATTRIBUTES = {
+    # the decoder a causal LM wraps: public as a method, but what it holds is each architecture's own layout
+    "get_decoder",
+    # the decoder's modules, named by each modeling file (Llama, Mistral, Qwen2, Qwen3 agree today, others do not)
+    "layers",
+    "embed_tokens",
+    "rotary_emb",
+    # a decoder layer's attention module
+    "self_attn",
+    # the config's attention implementation: private, set by ``from_pretrained``
+    "_attn_implementation",
+    # ``generate``'s private hook that builds the cache; overriding it is how a model decodes with its own cache
+    "_prepare_cache_for_generation",
+}
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_only_the_hf_module_touches_transformers_internals(module):
-    if module == HF_MODULE:
-        return
+def internal_contacts(source: str) -> list[str]:
+    """The transformers internals ``source`` touches: imports of modules below ``transformers``, its internal
+    submodules as attributes, attributes named in ``INTERNAL_ATTRIBUTES`` and methods defined under such a name.
+
+    An object's own attribute (``self.layers``) is not counted: a subclass of a transformers class that the hf module
+    exports (a ``Cache``) keeps its state there, and linspec's own classes may choose such names.
+    """
     internal = []
-    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+    for node in ast.walk(ast.parse(source)):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:
             names = [node.module or ""]
         internal += [n for n in names if n.startswith("transformers.") and n not in PUBLIC_TRANSFORMERS]
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "transformers":
-            if node.attr in {"models", "modeling_utils", "cache_utils", "integrations", "generation", "pytorch_utils"}:
+        if isinstance(node, ast.Attribute):
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            if owner == "transformers" and node.attr in INTERNAL_SUBMODULES:
                 internal.append(f"transformers.{node.attr}")
+            if owner != "self" and node.attr in INTERNAL_ATTRIBUTES:
+                internal.append(f".{node.attr} (line {node.lineno})")
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in INTERNAL_ATTRIBUTES:
+            internal.append(f"def {node.name} (line {node.lineno})")
+    return internal
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_hf_module_touches_transformers_internals(module):
+    if module == HF_MODULE:
+        return
+    internal = internal_contacts(MODULES[module].read_text())
     assert not internal, f"{module} reaches into {sorted(set(internal))}: go through {HF_MODULE}"
+
+
+def test_the_internals_check_finds_each_kind_of_contact():
+    """Each kind of contact the test above refuses, on code written the way linspec once had it."""
+    assert internal_contacts("from transformers.cache_utils import DynamicLayer")
+    assert internal_contacts("import transformers\ntransformers.models.llama")
+    assert internal_contacts("layers = model.model.layers")
+    assert internal_contacts("norm = model.get_decoder().norm")
+    assert internal_contacts("layer.self_attn = wrap(layer.self_attn, model.model.rotary_emb)")
+    assert internal_contacts("hidden = parts.embed_tokens(tokens)")
+    assert internal_contacts("config._attn_implementation = base._attn_implementation")
+    assert internal_contacts("class M:\n    def _prepare_cache_for_generation(self, *args): ...")
+    assert internal_contacts("super()._prepare_cache_for_generation(config, kwargs)")
+    assert not internal_contacts("from transformers import AutoModelForCausalLM\nmodel.get_output_embeddings()")
+    assert not internal_contacts("self.layers[index].state = state")  # a Cache subclass's own state

@@ -18,10 +18,11 @@ from tiny_models import tiny_base
 
 import linspec
 from linspec.cli import main
+from linspec.conversion.card import describe_source
 from linspec.conversion.checkpoint import convert_checkpoint
 from linspec.evaluation.perplexity import perplexity_of_sequences
 from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
-from linspec.models.card import DEMO_SOURCES, ModelCard, Quality, describe_source
+from linspec.models.card import ModelCard, Quality
 from linspec.sources.demo_models import DEMO_MODELS
 from linspec.train.distributed import Env
 from linspec.train.evaluation import curve_sequences, length_curve
@@ -101,7 +102,9 @@ def test_the_state_size_is_measured_on_the_real_cache_and_matches_the_softmax_kv
 
 
 def test_base_models_are_hub_ids_and_local_sources_are_named_plainly(tmp_path):
-    assert set(DEMO_SOURCES) == set(DEMO_MODELS)  # every built-in source has its hub id
+    for name, spec in DEMO_MODELS.items():  # every built-in source names the hub repository it is a copy of
+        demo = describe_source(name)
+        assert (demo.repo_id, demo.license) == (spec.hub_id, spec.license) and demo.repo_id in demo.text
     demo = describe_source("smollm2-135m")
     assert (demo.repo_id, demo.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     named = tmp_path / "named"
@@ -186,7 +189,7 @@ def test_an_explicit_card_lists_its_curve_and_phases():
 
 def test_a_drafter_card_names_its_recipe_command_target_and_directory():
     from linspec.drafting.recipe import load_drafter_recipe
-    from linspec.models.card import drafter_card
+    from linspec.train.cards import drafter_card
 
     recipe = asdict(load_drafter_recipe("medusa-smollm2-135m", ["train.steps=10"]))
     training = {"recipe": json.loads(json.dumps(recipe)), "eval_accuracy_by_depth": [0.5, 0.25]}  # as recorded

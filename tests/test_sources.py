@@ -19,8 +19,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linspec.errors import LinspecError
-from linspec.sources.demo_models import DEMO_MODELS, _write_marker, is_complete
-from linspec.sources.loading import check_safetensors, demo_model_dir, load_source
+from linspec.sources.demo_models import DEMO_MODELS, _write_marker, demo_model_dir, is_complete
+from linspec.sources.loading import check_safetensors, load_source
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7]])

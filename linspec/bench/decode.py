@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.bench.report import add_output_arguments, output_dir
 from linspec.config import PRESETS
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
 from linspec.utils.devices import add_placement_arguments, placement
 from linspec.utils.progress import progress_bar, show_item
+from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
 MAX_STEPS = 10_000
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if out_dir is not None:
         payload = {"model": args.model, "steps": args.steps, "device": str(device), "dtype": str(dtype)}
-        path = record(
+        path = record_bench(
             "decode", {**payload, "results": [asdict(r) for r in results], **summary}, text, plot(results), out_dir
         )
         print(f"wrote {path}")

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.bench.report import add_output_arguments, output_dir
+from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench kernels --lengths 2048 8192 32768 --batch-heads 1x16 8x32 --head-dims 64 128"
 DEFAULT_LENGTHS = [2048, 4096, 8192, 16384, 32768]
@@ -238,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if out_dir is not None:
         payload = {"device": device, "ceilings": ceilings, "fla_installed": fla is not None}
-        path = record("kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir)
+        path = record_bench(
+            "kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir
+        )
         print(f"wrote {path}")
     return 0
 

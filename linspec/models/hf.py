@@ -3,9 +3,11 @@
 transformers renames its internals in minor releases: 5.24 renamed the cache keyword from ``past_key_values`` to
 ``cache`` in model forwards, decoder layers, attention modules, ``generate``'s model kwargs and model outputs,
 deprecating the old name. linspec rides on those internals in a few places — the cache ``generate`` creates,
-the keyword a cache travels under, the decoder's modules (embedding, rotary embedding, layers, final norm) that
-speculative sessions drive layer by layer, the RoPE helper, the softmax KV tensors of a ``DynamicLayer`` — and
-every one of them goes through this module, so the next rename is a change here and nowhere else.
+the keyword a cache travels under, ``generate``'s private cache hook, the decoder's modules (embedding, rotary
+embedding, layers and their attention modules, final norm) that conversion, ranking, sharding and speculative
+sessions reach, the config's attention implementation, the RoPE helper, the softmax KV tensors of a
+``DynamicLayer`` — and every one of them goes through this module, so the next rename is a change here and nowhere
+else (``tests/test_architecture.py`` fails on such a contact anywhere else).
 ``tests/test_hf_surface.py`` pins each contact for every supported architecture; ``.ci/run`` runs it on the locked
 set, and ``.ci/compat`` on the oldest admitted transformers minor and on the newest versions the ranges admit.
 """
@@ -31,10 +33,16 @@ __all__ = [
     "Cache",
     "DecoderParts",
     "DynamicLayer",
+    "OwnGenerationCache",
     "append_kv",
     "apply_rotary_pos_emb",
     "attention_call_inputs",
+    "attention_of",
     "cache_kwargs",
+    "cache_layers",
+    "copy_attention_implementation",
+    "decoder_layers",
+    "final_norm",
     "generation_cache",
     "kv_layers",
     "kv_tensors",
@@ -44,7 +52,9 @@ __all__ = [
     "pop_cache",
     "progress_bars",
     "read_gguf_header",
+    "rotary_embedding",
     "rotate_half",
+    "set_attention",
     "set_generation_cache",
     "set_kv_tensors",
     "sliding_windows",
@@ -100,6 +110,26 @@ def set_generation_cache(model_kwargs: dict[str, Any], cache: Cache) -> None:
     model_kwargs[CACHE_KEYWORD] = cache
 
 
+class OwnGenerationCache:
+    """Mixin for a causal-LM class whose ``generate`` decodes with a cache of its own making, ``self.new_cache()``.
+
+    ``generate`` builds its cache in the private hook ``_prepare_cache_for_generation``; overriding it is the only
+    way to hand it a cache class of our own without the caller passing one every time. A cache the caller passes
+    (under either keyword) is kept, and any other cache implementation is refused rather than silently replaced.
+    """
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
+        if generation_cache(model_kwargs) is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by linspec "
+                    "models; they use their own constant-size LinspecCache"
+                )
+            set_generation_cache(model_kwargs, self.new_cache())
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
 def new_kv_cache(config) -> Cache:
     """The ordinary growing-KV cache of a softmax model (what its own ``generate`` would build)."""
     return DynamicCache(config=config)
@@ -108,6 +138,11 @@ def new_kv_cache(config) -> Cache:
 def new_full_kv_cache(num_layers: int) -> Cache:
     """A growing-KV cache with a full (never evicting) layer per decoder layer, whatever the config says."""
     return Cache(layers=[DynamicLayer() for _ in range(num_layers)])
+
+
+def cache_layers(cache: Cache) -> list:
+    """Every layer of a transformers cache, whatever its kind (full, sliding-window, linspec's linear state)."""
+    return list(cache.layers)
 
 
 def kv_layers(cache: Cache) -> list[DynamicLayer]:
@@ -140,6 +175,41 @@ def attention_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tupl
     return hidden, kwargs["position_embeddings"]
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers`` of every supported architecture)."""
+    return model.get_decoder().layers
+
+
+def rotary_embedding(model) -> torch.nn.Module:
+    """The decoder's rotary-embedding module, shared by every layer: ``(hidden, positions) -> (cos, sin)``."""
+    return model.get_decoder().rotary_emb
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The decoder's final norm, whose output is the hidden state the head reads."""
+    return model.get_decoder().norm
+
+
+def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
+    """The attention module of one decoder layer."""
+    return layer.self_attn
+
+
+def set_attention(layer: torch.nn.Module, attention: torch.nn.Module) -> None:
+    """Put ``attention`` in place of a decoder layer's attention module."""
+    layer.self_attn = attention
+
+
+def copy_attention_implementation(source_config, target_config) -> None:
+    """Give ``target_config`` the attention implementation (``sdpa``, ``eager``, ...) ``source_config`` runs with.
+
+    transformers keeps the choice in the private ``_attn_implementation``, set when a model loads; a config built
+    from another's dict would fall back to the default and the converted model's softmax layers would compute
+    differently from their parent's.
+    """
+    target_config._attn_implementation = source_config._attn_implementation
+
+
 class DecoderParts:
     """The modules of a Llama-family decoder that speculative sessions drive directly.
 
@@ -156,23 +226,33 @@ class DecoderParts:
                 f"{type(model).__name__} is not a Llama-family decoder (no {', '.join(missing)}); speculative "
                 "generation supports linspec models and Llama, Mistral, Qwen2, Qwen3-style softmax models"
             )
-        self.embed_tokens = decoder.embed_tokens
-        self.layers = decoder.layers
-        self.norm = decoder.norm
-        self.rotary_emb = decoder.rotary_emb
+        self._embed_tokens = decoder.embed_tokens
+        self._layers = decoder.layers
+        self._norm = decoder.norm
+        self._rotary_emb = decoder.rotary_emb
         self.head = model.get_output_embeddings()
+        # Until ``linspec.models.runner`` calls ``embed``/``final_norm``: remove both then.
+        self.embed_tokens, self.norm = self._embed_tokens, self._norm
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self._layers)
 
     @property
     def hidden_size(self) -> int:
-        return self.norm.weight.shape[0]
+        return self._norm.weight.shape[0]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T, hidden]``: the input embeddings of ``tokens [B, T]``."""
+        return self._embed_tokens(tokens)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm of ``hidden`` (what the head reads)."""
+        return self._norm(hidden)
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` for ``positions [B, T]`` (each row's own positions)."""
-        return self.rotary_emb(hidden, positions)
+        return self._rotary_emb(hidden, positions)
 
     def run_layer(
         self,
@@ -185,7 +265,7 @@ class DecoderParts:
         cache: Cache,
         extra: dict[str, Any],
     ) -> torch.Tensor:
-        out = self.layers[index](
+        out = self._layers[index](
             hidden,
             attention_mask=attention_mask,
             position_embeddings=rotary,

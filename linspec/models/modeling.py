@@ -82,18 +82,19 @@ class LinspecConfigMixin(_WritesOwnRemoteCode):
         return super().save_pretrained(save_directory, **kwargs)
 
 
-class LinspecCausalLMMixin(_WritesOwnRemoteCode):
-    """Behaviour shared by every linspec causal LM: the attention swap, the recurrent cache, the padding mask,
-    and saves that carry their remote code and card."""
+class LinspecCausalLMMixin(_WritesOwnRemoteCode, hf.OwnGenerationCache):
+    """Behaviour shared by every linspec causal LM: the attention swap, the recurrent cache (``generate`` decodes
+    with ``new_cache()``), the padding mask, and saves that carry their remote code and card."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
         settings = config.linspec_settings
-        layers = self.model.layers
+        layers = hf.decoder_layers(self)
         settings.check_layers(len(layers))
+        rotary = hf.rotary_embedding(self)
         for index, layer in enumerate(layers):
             if index not in settings.softmax_layers:
-                layer.self_attn = LinspecAttention(layer.self_attn, settings, self.model.rotary_emb)
+                hf.set_attention(layer, LinspecAttention(hf.attention_of(layer), settings, rotary))
 
     def _init_weights(self, module) -> None:
         if isinstance(module, LinspecAttention):
@@ -123,18 +124,6 @@ class LinspecCausalLMMixin(_WritesOwnRemoteCode):
 
     def new_cache(self) -> LinspecCache:
         return LinspecCache.for_model_config(self.config)
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any):
-        """``generate``'s cache hook: a linspec model decodes with its own constant-size ``LinspecCache``."""
-        if hf.generation_cache(model_kwargs) is None and generation_config.use_cache is not False:
-            if generation_config.cache_implementation not in (None, "dynamic"):
-                raise ValueError(
-                    f"cache_implementation={generation_config.cache_implementation!r} is not supported by linspec "
-                    "models; they use their own constant-size LinspecCache"
-                )
-            hf.set_generation_cache(model_kwargs, self.new_cache())
-            return None
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(
         self,

@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
+from linspec.models.card import REPO_ID, ModelCard, Source, source_license
+
 CARD = "README.md"
-# A Hub repository id, ``org/name`` (what a card's ``base_model:`` must be to link to its parent).
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 # save_pretrained(push_to_hub=True)'s options that describe the upload, not the files (transformers' names).
 # A temporary directory of ``linspec.utils.io.atomic_directory`` (``.NAME.HOST-PID.RANDOM.partial``): a card written
 # into one names the output it becomes, not itself.
@@ -37,13 +38,10 @@ def base_model_origin(name_or_path: Any) -> str | None:
 def model_card(model, location: str):
     """The card of ``model`` as saved to ``location`` (a directory or a repo id): its settings, its parent when the
     config records one, and its decode-cache size measured on the model itself."""
-    from linspec.models.cache_size import measured_cache_growth, softmax_cache_growth
-    from linspec.models.card import ModelCard, Source, source_license
-
     origin = base_model_origin(getattr(model.config, "base_model_name_or_path", None))
     if origin is None:
         source = Source(given="", repo_id=None, text="a base model this save did not record", license=None)
-    elif _REPO_ID.fullmatch(origin) and not Path(origin).expanduser().exists():
+    elif REPO_ID.fullmatch(origin) and not Path(origin).expanduser().exists():
         source = Source(given=origin, repo_id=origin, text=f"`{origin}`", license=source_license(origin))
     else:
         source = Source(origin, None, f"the local checkpoint `{origin}`", source_license(origin))

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from rich.console import Console
 
 from linspec.errors import LinspecError
 from linspec.utils.io import atomic_directory, atomic_write_text
+from linspec.utils.paths import cache_root
 
 MARKER = "linspec_demo.json"
 """Written last into a built demo directory; a directory without a matching one is rebuilt."""
@@ -34,7 +34,8 @@ MARKER_FORMAT = 1
 
 @dataclass(frozen=True)
 class DemoModel:
-    """Where a demo model comes from: a file inside a pinned PyPI wheel, with its checksum."""
+    """Where a demo model comes from: a file inside a pinned PyPI wheel, with its checksum, and the Hub repository it
+    is a copy of with that repository's licence (what a card names as its base; the wheels carry no card)."""
 
     name: str
     package: str
@@ -43,6 +44,8 @@ class DemoModel:
     sha256: str  # of that .gguf file
     size_mb: int  # of the wheel, for the message shown before downloading
     description: str
+    hub_id: str
+    license: str
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
@@ -54,18 +57,10 @@ DEMO_MODELS: dict[str, DemoModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size_mb=93,
         description="SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF dequantised to float32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     )
 }
-
-
-def cache_root() -> Path:
-    """Root of linspec's cache: ``$LINSPEC_CACHE`` if set, else the platform's user cache directory."""
-    env = os.environ.get("LINSPEC_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("linspec"))
 
 
 def demo_model_dir(name: str = "smollm2-135m", *, progress: bool = True) -> Path:
@@ -170,7 +165,8 @@ def _remove_leftovers(target: Path) -> None:
 
 def _build(spec: DemoModel, target: Path, reporter: _Reporter) -> None:
     """Download, unpack, dequantise and save ``spec`` into ``target``, all in a temp dir renamed at the end."""
-    from linspec.sources.loading import load_gguf, progress_bars
+    from linspec.sources.gguf import load_gguf  # torch and transformers, needed only to build
+    from linspec.sources.load_steps import progress_bars
 
     reporter.say(
         f"preparing demo model {spec.name}: {spec.description}; downloading {spec.package}=={spec.version} "

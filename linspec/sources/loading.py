@@ -7,32 +7,23 @@ nobody has to read a traceback from deep inside safetensors or transformers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from linspec.errors import LinspecError
-from linspec.sources.demo_models import DEMO_MODELS, cache_root, demo_model_dir
+from linspec.sources.demo_models import DEMO_MODELS, demo_model_dir
+from linspec.sources.gguf import load_gguf
+from linspec.sources.load_steps import load_tokenizer, one_line, progress_bars, ready, wrap_errors
 from linspec.utils.devices import resolve_device
 
-__all__ = [
-    "DEMO_MODELS",
-    "cache_root",
-    "check_model_dir",
-    "check_safetensors",
-    "demo_model_dir",
-    "load_gguf",
-    "load_source",
-]
+__all__ = ["check_model_dir", "check_safetensors", "load_model_dir", "load_source", "read_config_json"]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -102,7 +93,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise LinspecError(f"{path} is not valid JSON ({_one_line(error)})") from None
+        raise LinspecError(f"{path} is not valid JSON ({one_line(error)})") from None
     if not isinstance(data, dict):
         raise LinspecError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a model config")
     return data
@@ -121,15 +112,15 @@ def load_model_dir(
 
     path = Path(path)
     check_model_dir(path, allow_pickle=allow_pickle)
-    with _wrap_errors(f"cannot load the model in {path}"), progress_bars(progress):
+    with wrap_errors(f"cannot load the model in {path}"), progress_bars(progress):
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )
     check_loaded_weights(model, info, path)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return _ready(model, dtype), tokenizer
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return ready(model, dtype), tokenizer
 
 
 _LOADING_PROBLEMS = (
@@ -213,7 +204,7 @@ def _safetensors_files(path: Path) -> list[Path]:
         try:
             files.update(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError) as err:
-            raise LinspecError(f"{index} is not a valid safetensors index ({_one_line(err)})") from err
+            raise LinspecError(f"{index} is not a valid safetensors index ({one_line(err)})") from err
     return [path / name for name in sorted(files)]
 
 
@@ -232,7 +223,7 @@ def check_safetensors(file: Path) -> None:
         try:
             header = json.loads(handle.read(header_len))
         except (ValueError, UnicodeDecodeError) as err:
-            raise LinspecError(f"{file} has a corrupt safetensors header ({_one_line(err)})") from err
+            raise LinspecError(f"{file} has a corrupt safetensors header ({one_line(err)})") from err
     if not isinstance(header, dict):
         raise LinspecError(f"{file} has a corrupt safetensors header")
     data_size = size - 8 - header_len
@@ -257,78 +248,6 @@ def _check_tensor_entry(file: Path, name: str, info: Any, data_size: int) -> Non
         raise LinspecError(f"{file} has a corrupt safetensors header: tensor {name!r} has inconsistent offsets")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress: bool = True) -> tuple[Any, Any]:
-    """Dequantise a GGUF file into a plain float model (no quantizer attached) and its tokenizer.
-
-    ``GgufConfig(dequantize=True)`` makes transformers unpack every weight even where it could keep GGUF
-    blocks (it does so when the ``kernels`` package is installed), and makes it drop the quantization flags
-    that would otherwise make ``save_pretrained`` and ``Trainer`` refuse the model.
-    """
-    from transformers import AutoModelForCausalLM, GgufConfig
-
-    path = Path(path)
-    metadata = _check_gguf(path)
-    with _wrap_errors(f"cannot load GGUF file {path}"), progress_bars(progress):
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
-    drop_quantization(model, path)
-    tokenizer = None
-    if metadata is None or "tokenizer.ggml.model" in metadata:
-        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name)
-        _complete_gguf_tokenizer(tokenizer, model, metadata or {})
-    return _ready(model, dtype), tokenizer
-
-
-def drop_quantization(model: Any, source: Path) -> None:
-    """Remove what marks a model loaded from GGUF as quantized, after checking its weights really are floats."""
-    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
-    if packed:
-        raise LinspecError(f"{source}: weights stayed quantized after loading (e.g. {packed[0]})")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-
-
-def _check_gguf(path: Path) -> dict[str, Any] | None:
-    """Check the magic bytes and that every tensor lies inside the file; return the metadata when readable.
-
-    The header reader is transformers' own (fast: it skips the vocabulary); if a later transformers moves it,
-    only the truncation check is lost, and transformers' load errors are still turned into one line.
-    """
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise LinspecError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    from linspec.models import hf
-
-    try:
-        header = hf.read_gguf_header(path)
-    except Exception as err:  # any parse failure of a damaged header: report it as the file's problem
-        raise LinspecError(f"{path} is a damaged GGUF file ({_one_line(err)})") from err
-    if header is None:
-        return None
-    data_start, tensors, metadata = header
-    size = path.stat().st_size
-    for name, offset, nbytes in tensors:
-        if data_start + offset + nbytes > size:
-            raise LinspecError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
-    return metadata
-
-
-def _complete_gguf_tokenizer(tokenizer: Any, model: Any, metadata: dict[str, Any]) -> None:
-    """Keep the GGUF's chat template and a real context length, so both survive ``save_pretrained``."""
-    template = metadata.get("tokenizer.chat_template")
-    if not getattr(tokenizer, "chat_template", None) and isinstance(template, str):
-        tokenizer.chat_template = template
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and getattr(tokenizer, "model_max_length", 0) > 10**9:
-        tokenizer.model_max_length = max_positions
-
-
 def load_hub(
     repo_id: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False, progress: bool = True
 ) -> tuple[Any, Any]:
@@ -338,7 +257,7 @@ def load_hub(
     what = f"cannot load {repo_id!r} from the Hugging Face Hub"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
         what += " (HF_HUB_OFFLINE is set, so only its local cache is searched)"
-    with _wrap_errors(what), progress_bars(progress):
+    with wrap_errors(what), progress_bars(progress):
         model, info = AutoModelForCausalLM.from_pretrained(
             repo_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )
@@ -348,45 +267,4 @@ def load_hub(
             tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     except OSError:  # the repository has no tokenizer
         tokenizer = None
-    return _ready(model, dtype), tokenizer
-
-
-def _load_tokenizer(path: Path, **kwargs: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    with _wrap_errors(f"cannot load the tokenizer in {path / kwargs.get('gguf_file', '')}"):
-        return AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def _ready(model: Any, dtype: torch.dtype) -> Any:
-    """Eval mode, CPU, ``dtype``: what every caller of :func:`load_source` expects."""
-    return model.to(device="cpu", dtype=dtype).eval()
-
-
-@contextlib.contextmanager
-def _wrap_errors(what: str) -> Iterator[None]:
-    """Turn low-level load errors into a one-line LinspecError starting with ``what`` (the cause stays chained)."""
-    try:
-        yield
-    except LinspecError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, ArithmeticError, struct.error,
-            pickle.UnpicklingError) as err:  # fmt: skip
-        raise LinspecError(f"{what}: {_one_line(err)}") from err
-    except Exception as err:  # e.g. safetensors' SafetensorError, huggingface_hub's errors
-        if type(err).__module__.split(".")[0] in {"safetensors", "huggingface_hub", "tokenizers", "gguf"}:
-            raise LinspecError(f"{what}: {_one_line(err)}") from err
-        raise
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def progress_bars(enabled: bool):
-    """Hide transformers' (and huggingface_hub's) tqdm bars during a load when ``enabled`` is false."""
-    from linspec.models import hf
-
-    return hf.progress_bars(enabled)
+    return ready(model, dtype), tokenizer

@@ -82,10 +82,12 @@ def wrap(model, recipe: Recipe, env: Env, stage: Stage):
     if recipe.distributed == "fsdp" and stage.kind != "attention_transfer":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from linspec.models import hf
+
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[recipe.precision], reduce_dtype=torch.float32)
         # FSDP2 cannot shard 0-d tensors (γ): they stay replicated and their gradients are averaged by hand.
         scalars = {p for p in model.parameters() if p.dim() == 0}
-        for layer in model.get_decoder().layers:
+        for layer in hf.decoder_layers(model):
             fully_shard(layer, mp_policy=policy, ignored_params=scalars)
         fully_shard(model, mp_policy=policy, ignored_params=scalars)
         model.linspec_replicated = [p for p in scalars if p.requires_grad]

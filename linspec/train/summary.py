@@ -1,4 +1,5 @@
-"""The before/after perplexity table of a run (original, raw conversion, after each stage)."""
+"""The before/after perplexity table of a run (original, raw conversion, after each stage), printed after training
+and recorded with ``--record-bench`` through ``linspec.utils.results``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from linspec.bench.report import markdown_table
 from linspec.train.recipe import Recipe
+from linspec.utils.results import markdown_table, record_bench
 
 LABELS = {"original": "original (softmax)", "converted": "raw conversion (γ=0, conv=0)"}
 
@@ -42,8 +43,6 @@ def record_benchmark(
 ) -> Path:
     """Write the table between ``<!-- bench:NAME:begin/end -->`` in docs/benchmarks.md (+ docs/NAME.json).
     ``overrides`` go into the recorded command: without them a variant's table would claim the plain recipe."""
-    from linspec.bench.report import record
-
     summary = read_summary(recipe.output)
     conversion = recipe.conversion.settings()
     layers, heads = conversion.softmax_layers, conversion.softmax_heads
@@ -66,6 +65,6 @@ def record_benchmark(
         body += f"\n\nWall time of the whole run (loading, data, evaluations, training): {minutes:.1f} min."
     if notes:
         body += "\n\n" + notes.strip()
-    return record(
-        name, {"summary": summary, "recipe": recipe_path, "overrides": list(overrides)}, body, docs_dir=docs_dir
+    return record_bench(
+        name, {"summary": summary, "recipe": recipe_path, "overrides": list(overrides)}, body, where=docs_dir
     )

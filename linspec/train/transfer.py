@@ -1,10 +1,10 @@
 """Attention transfer (stage 1): every linear layer learns to reproduce its frozen softmax parent's output.
 
 Forward hooks on each ``LinspecAttention`` compute, from the same input, the output the original softmax
-attention would have produced (the module keeps the pretrained q/k/v/o, so nothing is copied), record the
-layer's loss, and pass the *softmax* output on. So every layer sees exactly the hidden states of the original
-model, layers train independently ("layer by layer") in one forward pass, and the residual stream carries no
-gradient: backward only runs through each layer's own linear path.
+attention would have produced (``linspec.models.softmax_parent``: the module keeps the pretrained q/k/v/o, so
+nothing is copied), record the layer's loss, and pass the *softmax* output on. So every layer sees exactly the
+hidden states of the original model, layers train independently ("layer by layer") in one forward pass, and the
+residual stream carries no gradient: backward only runs through each layer's own linear path.
 """
 
 from __future__ import annotations
@@ -12,37 +12,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
-from linspec.models import hf
 from linspec.models.attention import LinspecAttention
-
-
-def _frozen(projection: torch.nn.Module) -> torch.nn.Module:
-    """The pretrained projection: the ``base_layer`` under a peft LoRA wrapper, else the module itself."""
-    return getattr(projection, "base_layer", projection)
-
-
-def softmax_attention(
-    module: LinspecAttention, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """``[B, T, hidden]``: the original causal softmax attention with the module's pretrained weights."""
-    batch, length, _ = hidden_states.shape
-    shape = (batch, length, -1, module.head_dim)
-    q = _frozen(module.q_proj)(hidden_states).view(shape)
-    k = _frozen(module.k_proj)(hidden_states).view(shape)
-    v = _frozen(module.v_proj)(hidden_states).view(shape).transpose(1, 2)  # (B, Hkv, T, D)
-    if module.q_norm is not None:
-        q, k = module.q_norm(q), module.k_norm(k)
-    cos, sin = position_embeddings
-    q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=module.num_heads != module.num_kv_heads)
-    return _frozen(module.o_proj)(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-def softmax_output_of_call(module: LinspecAttention, args: tuple, kwargs: dict) -> torch.Tensor:
-    """``softmax_attention`` for the inputs of one call of ``module``, as a forward hook (with kwargs) sees them."""
-    return softmax_attention(module, *hf.attention_call_inputs(args, kwargs))
+from linspec.models.softmax_parent import softmax_output_of_call
 
 
 class AttentionTransfer:

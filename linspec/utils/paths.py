@@ -1,4 +1,8 @@
-"""Names that become paths: one validator, used for every name a recipe, an override or a flag turns into a path.
+"""Paths linspec chooses: the cache root, and one validator for every name a recipe, an override or a flag turns
+into a path.
+
+Everything linspec caches (demo models, corpora, chat answers, drafting data) lives under :func:`cache_root`, so
+``LINSPEC_CACHE`` moves all of it at once.
 
 A stage name, a benchmark name or a checkpoint label is joined onto a directory linspec owns
 (``OUTPUT/stages/<name>``, ``docs/<name>.json``). ``Path("run") / "/etc"`` is ``/etc`` and ``"../x"`` climbs out,
@@ -16,6 +20,16 @@ from linspec.errors import LinspecError
 
 MAX_NAME_LENGTH = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def cache_root() -> Path:
+    """Root of linspec's cache: ``$LINSPEC_CACHE`` if set, else the platform's user cache directory."""
+    env = os.environ.get("LINSPEC_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("linspec"))
 
 
 def check_name(name: object, what: str) -> str:

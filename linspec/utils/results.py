@@ -1,28 +1,69 @@
-"""Where evaluation results go: a run directory (JSON + PNG) and, with ``--record-bench``, a benchmark section.
+"""The one writer of results: ``NAME.json`` (with the machine it ran on) and ``NAME.png`` into a folder, each file
+written atomically, and for a benchmark its section of that folder's ``benchmarks.md``.
 
-Results never go into the project's docs/ unless ``--update-docs`` asks for it (in a source checkout); by default
-each run gets its own ``runs/eval-<timestamp>`` directory, so repeated runs never overwrite one another.
+Evaluations, benchmarks and training runs all record through here, so every result file has the same shape and a
+reader never finds one half written. The folder is the caller's choice: by default a fresh ``runs/...`` folder per
+run, so repeated runs never overwrite one another; the project's docs/ only when the user asks for it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from linspec.utils.io import atomic_write_bytes, atomic_write_text
+from linspec.utils.paths import check_name
+
+BENCHMARKS = "benchmarks.md"
 
 
 def default_out_dir() -> Path:
+    """A fresh folder for one evaluation run: ``runs/eval-<time>``."""
     return Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
 
 
-def write_results(out_dir: str | Path, name: str, data: dict[str, Any], figure=None) -> Path:
-    """``OUT/<name>.json`` (with the machine summary) and ``OUT/<name>.png`` when there is a figure."""
-    from linspec.bench.report import machine_summary
+def bench_out_dir(name: str) -> Path:
+    """A fresh folder for one run of benchmark ``name``: ``runs/bench/<name>-<time>``."""
+    return Path("runs") / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
+
+def machine_summary() -> dict[str, Any]:
+    """Where the numbers came from, stored beside them."""
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "machine": platform.machine(),
+    }
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; floats to three significant digits (thousands and more as whole numbers)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, name: str, data: dict[str, Any], figure=None) -> Path:
+    """``OUT/<name>.json`` (the machine summary, then ``data``) and ``OUT/<name>.png`` when there is a figure; the
+    JSON's path. ``name`` must be a plain file name (``linspec.utils.paths.check_name``)."""
+    check_name(name, "result name")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.json", json.dumps({"machine": machine_summary(), **data}, indent=2) + "\n")
@@ -34,10 +75,25 @@ def write_results(out_dir: str | Path, name: str, data: dict[str, Any], figure=N
 
 
 def record_bench(
-    name: str, data: dict[str, Any], section_markdown: str, figure=None, where: Path | None = None
+    name: str, data: dict[str, Any], section_markdown: str, figure=None, where: str | Path | None = None
 ) -> Path:
-    """The same results as ``NAME.json`` (+ png) and a section of ``where/benchmarks.md``
-    (``linspec.bench.report.record``; ``where`` is the project's docs/ only when the user asked for it)."""
-    from linspec.bench.report import record
+    """Benchmark ``name``'s results as ``<name>.json`` (+ png) in ``where`` (None: a fresh ``runs/bench`` folder),
+    and its section of ``where/benchmarks.md`` replaced (the other benchmarks' sections stay); the JSON's path."""
+    check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
+    folder = Path(where) if where is not None else bench_out_dir(name)
+    path = write_results(folder, name, {"benchmark": name, **data}, figure)
+    _replace_section(folder / BENCHMARKS, name, section_markdown, has_plot=figure is not None)
+    return path
 
-    return record(name, data, section_markdown, figure, where)
+
+def _replace_section(path: Path, name: str, body: str, has_plot: bool) -> None:
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table below is written by `linspec bench`.\n"
+    plot = f"\n\n![{name}]({name}.png)" if has_plot else ""
+    section = f"{begin}\n{body.strip()}{plot}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    atomic_write_text(path, text)
