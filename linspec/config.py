@@ -185,6 +185,14 @@ class LinspecConfig:
         return self.local_kernel == "softmax"
 
     @property
+    def in_group_kernel(self) -> str:
+        """κ the grouped linear attention applies inside each group (``linspec.ops``): ``local_kernel`` itself, or
+        ``"none"`` when ``local_kernel`` is ``"softmax"``. The softmax window is then the layer's local term in the
+        in-group term's place, and the grouped ops compute only the global memory and the conv. ``local_kernel``
+        keeps the name the user chose (saved configs say ``"softmax"``); this is where it is read for the ops."""
+        return "none" if self.softmax_window else self.local_kernel
+
+    @property
     def window_summary(self) -> str:
         """``"512 tokens + 4 adjacent sinks"`` for a softmax window (what a summary line or a model card shows);
         empty without one."""

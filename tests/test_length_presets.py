@@ -11,7 +11,7 @@ import linspec
 from linspec.config import PRESETS, LinspecConfig
 from linspec.errors import LinspecError
 from linspec.models import hf
-from linspec.models.attention import initial_decay_logits
+from linspec.models.terms.grouped import initial_decay_logits
 from linspec.speculative import ModelDrafter, PromptLookupDrafter, speculative_generate
 
 STABLE_PRESETS = ["stable", "decay", "mean", "normalized", "window"]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields
 
 import pytest
 import torch
 
-from linspec.ops import empty_state
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import (
     SoftmaxWindow,
+    WindowState,
     empty_window,
     window_append,
     window_attention,
@@ -32,14 +32,21 @@ def inputs(length: int, batch: int = 2, seed: int = 0):
     return rand(HEADS), rand(KV_HEADS), rand(KV_HEADS)
 
 
-def fresh_state(batch: int, window: SoftmaxWindow):
-    state = empty_state(batch, KV_HEADS, DIM, DIM, 4, 3, torch.float64)
-    return replace(state, **empty_window(batch, KV_HEADS, DIM, DIM, window, torch.float64))
+FIELDS = [f.name for f in fields(WindowState)]
 
 
-def advanced(state, count: int | torch.Tensor):
-    """The window functions leave ``position`` to the grouped ops; tests advance it themselves."""
-    return replace(state, position=state.position + count)
+def fresh_state(batch: int, window: SoftmaxWindow) -> WindowState:
+    return empty_window(batch, KV_HEADS, DIM, DIM, window, torch.float64)
+
+
+def start(batch: int) -> torch.Tensor:
+    """Each row's position before any token. The window functions read positions and never advance them (the
+    layer does): tests advance them themselves."""
+    return torch.zeros(batch, dtype=torch.long)
+
+
+def rows_of(state: WindowState, rows: slice) -> WindowState:
+    return WindowState(**{name: getattr(state, name)[rows] for name in FIELDS})
 
 
 def sink_queries(q: torch.Tensor, adjacent: bool) -> torch.Tensor | None:
@@ -122,7 +129,7 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent):
     q, k, v = inputs(length)
     sink_q = sink_queries(q, adjacent)
     expected = window_reference(q, k, v, window, sink_q)
-    state = fresh_state(2, window)
+    state, position = fresh_state(2, window), start(2)
     cuts = [[0, 1, 5, 6, 13, 19], [0, 4, 5, 11, 12, 19]]  # each row's real tokens per call
     outputs = [[], []]
     for piece in range(5):
@@ -137,15 +144,15 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent):
                 x[row, :, columns] = src[row, :, lo:hi]
             mask[row, columns] = True
         qq, kk, vv = pieces[:3]
-        out, state = window_extend(qq, kk, vv, state, window, mask, pieces[3] if sink_q is not None else None)
+        out, state = window_extend(qq, kk, vv, state, position, window, mask, pieces[3] if sink_q is not None else None)
         assert torch.all(out[~mask[:, None, :].expand(2, HEADS, width)] == 0)
         for row in range(2):
             outputs[row].append(out[row][:, mask[row]])
-        state = advanced(state, mask.sum(1))
+        position = position + mask.sum(1)
     for row in range(2):
         torch.testing.assert_close(torch.cat(outputs[row], dim=1), expected[row])
-    one_go = advanced(window_extend(q, k, v, fresh_state(2, window), window)[1], length)
-    for name in ("window_keys", "window_values", "sink_keys", "sink_values"):
+    one_go = window_extend(q, k, v, fresh_state(2, window), start(2), window)[1]
+    for name in FIELDS:
         torch.testing.assert_close(getattr(state, name), getattr(one_go, name))
 
 
@@ -155,23 +162,23 @@ def test_long_extends_run_in_slices_and_agree(monkeypatch):
     window = SoftmaxWindow(5, 2, 0.4)
     q, k, v = inputs(21)
     sink_q = sink_queries(q, True)
-    whole, whole_state = window_extend(q, k, v, fresh_state(2, window), window, sink_q=sink_q)
+    whole, whole_state = window_extend(q, k, v, fresh_state(2, window), start(2), window, sink_q=sink_q)
     monkeypatch.setattr(window_module, "EXTEND_SLICE", 4)
-    sliced, sliced_state = window_extend(q, k, v, fresh_state(2, window), window, sink_q=sink_q)
+    sliced, sliced_state = window_extend(q, k, v, fresh_state(2, window), start(2), window, sink_q=sink_q)
     torch.testing.assert_close(sliced, whole)
     torch.testing.assert_close(whole, window_reference(q, k, v, window, sink_q))
-    torch.testing.assert_close(sliced_state.window_keys, whole_state.window_keys)
-    assert torch.equal(sliced_state.position, whole_state.position)  # position stays for the grouped ops
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(sliced_state, name), getattr(whole_state, name))
 
 
-def decode_path(q, k, v, state, window, nodes: list[int], sink_q=None):
-    """Outputs of the path's nodes decoded one token at a time."""
+def decode_path(q, k, v, state, position, window, nodes: list[int], sink_q=None):
+    """Outputs of the path's nodes decoded one token at a time, and the window after them."""
     outs = []
     for node in nodes:
         one = slice(node, node + 1)
         sink_one = None if sink_q is None else sink_q[:, :, one]
-        out, state = window_extend(q[:, :, one], k[:, :, one], v[:, :, one], state, window, sink_q=sink_one)
-        state = advanced(state, 1)
+        out, state = window_extend(q[:, :, one], k[:, :, one], v[:, :, one], state, position, window, sink_q=sink_one)
+        position = position + 1
         outs.append(out)
     return torch.cat(outs, dim=2), state
 
@@ -185,16 +192,17 @@ TREE = [-1, 0, 1, 0, 3, 4, 2, 6, 7, 1]  # two branches from the root, one from n
 def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent):
     window = SoftmaxWindow(size, sinks, 0.7)
     prefix = inputs(committed, batch=1, seed=1)
-    state = advanced(window_extend(*prefix, fresh_state(1, window), window)[1], committed)
+    state = window_extend(*prefix, fresh_state(1, window), start(1), window)[1]
+    position = start(1) + committed
     q, k, v = inputs(len(TREE), batch=1, seed=2)
     sink_q = sink_queries(q, adjacent)
     parents = torch.tensor([TREE])
-    out = window_verify(q, k, v, state, TreeLayout.of(parents), window, sink_q)
+    out = window_verify(q, k, v, state, position, TreeLayout.of(parents), window, sink_q)
     for leaf in range(len(TREE)):
         path = [leaf]
         while TREE[path[0]] >= 0:
             path.insert(0, TREE[path[0]])
-        sequential, _ = decode_path(q, k, v, state, window, path, sink_q)
+        sequential, _ = decode_path(q, k, v, state, position, window, path, sink_q)
         torch.testing.assert_close(out[:, :, leaf], sequential[:, :, -1])
 
 
@@ -202,15 +210,16 @@ def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent):
 def test_append_of_an_accepted_path_equals_decoding_it(committed):
     window = SoftmaxWindow(4, 3, 0.7)
     prefix = inputs(committed, batch=2, seed=1)
-    state = advanced(window_extend(*prefix, fresh_state(2, window), window)[1], committed)
+    state = window_extend(*prefix, fresh_state(2, window), start(2), window)[1]
+    position = start(2) + committed
     q, k, v = inputs(len(TREE), batch=2, seed=2)
     path = [0, 3, 4, 5]
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
-    appended = window_append(state, k[:, :, path], v[:, :, path], mask)
+    appended = window_append(state, position, k[:, :, path], v[:, :, path], mask)
     for row, kept in enumerate([path, path[:2]]):
-        _, decoded = decode_path(q[row : row + 1], k[row : row + 1], v[row : row + 1],
-                                 state.map(lambda t, row=row: t[row : row + 1]), window, kept)  # fmt: skip
-        for name in ("window_keys", "window_values", "sink_keys", "sink_values"):
+        one = slice(row, row + 1)
+        _, decoded = decode_path(q[one], k[one], v[one], rows_of(state, one), position[one], window, kept)
+        for name in FIELDS:
             torch.testing.assert_close(getattr(appended, name)[row], getattr(decoded, name)[0])
 
 
@@ -237,20 +246,20 @@ def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
     window = SoftmaxWindow(size, sinks, 0.3)
     q, k, v = inputs(30, batch=2)
     sink_q = sink_queries(q, adjacent)
-    state = fresh_state(2, window)
-    _, state = window_extend(q[:1, :, :5].expand(2, -1, -1, -1), k[:, :, :5], v[:, :, :5], state, window,
-                             torch.tensor([[True] * 5, [False, True, False, True, False]]))  # fmt: skip
-    state = advanced(state, torch.tensor([5, 2]))
+    first = torch.tensor([[True] * 5, [False, True, False, True, False]])
+    prefix = (q[:1, :, :5].expand(2, -1, -1, -1), k[:, :, :5], v[:, :, :5])
+    _, state = window_extend(*prefix, fresh_state(2, window), start(2), window, first)
+    position = torch.tensor([5, 2])
     for t in range(5, 30):
         step = slice(t, t + 1)
         args = (q[:, :, step], k[:, :, step], v[:, :, step])
         sink = None if sink_q is None else sink_q[:, :, step]
-        expected, expected_state = window_extend(*args, state, window, sink_q=sink)
-        out, next_state = window_step(*args, state, window, sink)
+        expected, expected_state = window_extend(*args, state, position, window, sink_q=sink)
+        out, next_state = window_step(*args, state, position, window, sink)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-        for name in ("window_keys", "window_values", "sink_keys", "sink_values"):
+        for name in FIELDS:
             torch.testing.assert_close(getattr(next_state, name), getattr(expected_state, name), rtol=0, atol=0)
-        state = advanced(next_state, 1)
+        state, position = next_state, position + 1
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -1,65 +1,24 @@
 """``LinspecAttention``: augmented grouped linear attention as a drop-in for a model's softmax attention.
 
 It adopts the pretrained module's own q/k/v/o projections (and Qwen3's q/k norms) — the same objects, so
-state-dict names do not change — and adds two parameters: ``global_scale`` (γ) and ``conv_weight``
-(``[num_attention_heads, conv_taps]``, ``conv_weight[h, j]`` multiplies ``v`` at ``t − j``). Both start at zero,
-so a fresh conversion is local grouped attention only; training opens the global path and the conv. With
-``global_decay`` it also has ``decay_logit`` (``[num_key_value_heads]``, λ = sigmoid(logit) per kv head: the
-state, and so S, is stored per kv head). With ``local_kernel: softmax`` the in-group term is replaced by the
-pretrained softmax over a sliding window with attention sinks (``linspec.ops.window``), computed from the RoPE'd
-queries and keys before φ, with the module's own logit scale.
+state-dict names do not change — and sums the terms its settings ask for (``linspec.models.terms``): the grouped
+linear attention (the in-group κ, the global memory and the conv; its parameters ``global_scale``,
+``conv_weight`` and with ``global_decay`` ``decay_logit`` live on this module under those names), with
+``local_kernel: softmax`` the softmax window in the in-group κ's place, and the softmax heads of
+``softmax_heads``. Each forward projects once, decides the mode once and runs that mode in every term.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linspec.config import LinspecConfig
 from linspec.models import hf
-from linspec.models.context import ExecutionContext
-from linspec.ops import (
-    LinearAttentionState,
-    chunked_attention,
-    empty_state,
-    extend_attention,
-    recurrent_step,
-    verify_attention,
-)
-from linspec.ops.memory import GlobalMemory
-from linspec.ops.window import (
-    SoftmaxWindow,
-    empty_window,
-    window_attention,
-    window_extend,
-    window_step,
-    window_verify,
-)
-
-
-def initial_decay_logits(num_kv_heads: int) -> torch.Tensor:
-    """``logit(λ_h)`` with horizons ``1/(1−λ_h) = 2^e`` groups, ``e`` spread evenly over (2, 8), RetNet-style.
-
-    Short horizons (4 groups: a 256-token training window at G = 64) bound S from the start in some heads, long
-    ones (256 groups: 16k tokens) keep distant context in others; training moves each head from there. One kv
-    head gets the middle, 32 groups. ``logit(1 − 2^−e) = log(2^e − 1)``.
-    """
-    exponents = 2.0 + 6.0 * (torch.arange(num_kv_heads, dtype=torch.float64) + 0.5) / num_kv_heads
-    return torch.log(torch.exp2(exponents) - 1.0)
-
-
-def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
-    """φ applied to RoPE'd queries and keys (the paper preset: L2 normalisation, no 1/√d)."""
-    if name == "l2norm":
-        return F.normalize(x, dim=-1, eps=1e-6)
-    if name == "elu1":
-        return F.elu(x) + 1.0
-    if name == "relu":
-        return F.relu(x)
-    raise ValueError(f"unknown feature map {name!r}")
+from linspec.models.context import ExecutionContext, Mode
+from linspec.models.terms import layer_terms
+from linspec.models.terms.base import LayerState, TermInputs
+from linspec.ops.window import SoftmaxWindow
 
 
 class LinspecAttention(nn.Module):
@@ -83,33 +42,12 @@ class LinspecAttention(nn.Module):
         self.scaling = float(getattr(softmax_attention, "scaling", self.head_dim**-0.5))
         self.q_norm = getattr(softmax_attention, "q_norm", None)
         self.k_norm = getattr(softmax_attention, "k_norm", None)
-        weight = self.q_proj.weight
-        self.global_scale = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
-        self.conv_weight = nn.Parameter(
-            torch.zeros(self.num_heads, settings.conv_taps, dtype=weight.dtype, device=weight.device)
-        )
-        self.softmax_heads = settings.heads_of(self.layer_idx)
-        if any(head >= self.num_kv_heads for head in self.softmax_heads):
-            raise ValueError(f"layer {self.layer_idx} has {self.num_kv_heads} kv heads; softmax_heads name others")
-        self.decay_logit: nn.Parameter | None = None
-        if settings.global_decay:
-            logits = initial_decay_logits(self.num_kv_heads)
-            self.decay_logit = nn.Parameter(logits.to(dtype=weight.dtype, device=weight.device))
+        self.terms = layer_terms(self)
 
     def reset_linspec_parameters(self) -> None:
-        """γ = 0, conv = 0 and the initial decays: the state right after conversion."""
-        with torch.no_grad():
-            self.global_scale.zero_()
-            self.conv_weight.zero_()
-            if self.decay_logit is not None:
-                self.decay_logit.copy_(initial_decay_logits(self.num_kv_heads))
-
-    def global_memory(self, dtype: torch.dtype) -> GlobalMemory | None:
-        """How the ops keep S for this layer's settings (None: the paper's plain sum). ``log λ`` in ``dtype``."""
-        if not self.settings.global_decay and self.settings.global_norm == "none":
-            return None
-        log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit.to(dtype))
-        return GlobalMemory(log_decay=log_decay, norm=self.settings.global_norm)
+        """Every term's parameters as right after conversion (γ = 0, conv = 0, the initial decays)."""
+        for term in self.terms:
+            term.reset_parameters()
 
     def softmax_window(self) -> SoftmaxWindow | None:
         """The local softmax window's settings, or None for the in-group κ term."""
@@ -156,69 +94,11 @@ class LinspecAttention(nn.Module):
             self._rotation_cache = cached
         return cached[1]
 
-    def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LinearAttentionState:
-        """This layer's state before any token (with the window fields when it has a softmax window)."""
-        state = empty_state(
-            batch, self.num_kv_heads, self.head_dim, self.head_dim,
-            self.settings.group_size, self.settings.conv_taps, dtype, device,
-        )  # fmt: skip
-        window = self.softmax_window()
-        if window is None:
-            return state
-        fields = empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, window, dtype, device)
-        return replace(state, **fields)
-
-    def _head_indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kv heads, their query heads)`` of ``softmax_heads`` as index tensors on ``device``, made once: the
-        decode path needs them in every step."""
-        cached = getattr(self, "_head_index_cache", None)
-        if cached is None or cached[0].device != device:
-            repeats = self.num_heads // self.num_kv_heads
-            kv_index = torch.tensor(self.softmax_heads, device=device)
-            q_index = (kv_index[:, None] * repeats + torch.arange(repeats, device=device)).flatten()
-            cached = (kv_index, q_index)
-            self._head_index_cache = cached
-        return cached
-
-    def _with_softmax_heads(
-        self,
-        out: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache,
-        attention_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``out`` with the query heads of ``softmax_heads`` replaced by full softmax attention (RoPE'd ``q``/``k``,
-        the module's own scale), exactly what a softmax layer computes for them.
-
-        Their keys and values live in the cache's KV layer for this layer (``LinspecCache.append_head_kv``), so
-        speculative verification, commit, row selection and repacking treat them as a softmax layer's columns;
-        ``attention_mask`` is the one the model (or ``ModelRunner``) builds for its softmax layers — padding, tree
-        ancestry and each row's own columns — and a missing mask means plain causal attention.
-        """
-        repeats = self.num_heads // self.num_kv_heads
-        kv_index, q_index = self._head_indices(q.device)
-        keys, values = k[:, kv_index], v[:, kv_index]
-        if cache is not None:
-            keys, values = cache.append_head_kv(self.layer_idx, keys, values)
-        length, columns = q.shape[2], keys.shape[2]
-        mask = None  # no mask and no past columns: SDPA's own causal kernel (training, full forwards)
-        if attention_mask is not None:
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.to(q.dtype)
-        elif columns != length:
-            mask = torch.ones(length, columns, dtype=torch.bool, device=q.device).tril(columns - length)
-        attended = F.scaled_dot_product_attention(
-            q[:, q_index],
-            keys.repeat_interleave(repeats, dim=1),
-            values.repeat_interleave(repeats, dim=1),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scaling,
-        )
-        out = out.clone()
-        out[:, q_index] = attended.to(out.dtype)
-        return out
+    def empty_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> LayerState:
+        """This layer's state before any token: position 0 and each term's empty slice."""
+        slices = {term.name: term.empty(batch, dtype, device) for term in self.terms}
+        position = torch.zeros(batch, dtype=torch.long, device=device)
+        return LayerState(position, {name: part for name, part in slices.items() if part is not None})
 
     def forward(
         self,
@@ -228,54 +108,54 @@ class LinspecAttention(nn.Module):
         linspec_context: ExecutionContext | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """The mode follows from the cache and ``linspec_context`` (see ``linspec.models.context``):
-
-        no cache and no padding → chunked; a tree in the context → verify (the state is read, not changed, and
-        the candidates' ``(k̂, v)`` are kept for the commit); one real token → recurrent; otherwise → extend.
-        """
+        """The mode follows from the cache and ``linspec_context`` (``ExecutionContext.mode``); every term runs in
+        it and the output is their sum."""
         cache = hf.pop_cache(kwargs)
         context = linspec_context or ExecutionContext()
         batch, length, _ = hidden_states.shape
-        raw_q, raw_k, v, sink_q = self.project(hidden_states, position_embeddings)
-        q, k = feature_map(raw_q, self.settings.feature_map), feature_map(raw_k, self.settings.feature_map)
-        weight = self.conv_weight.to(q.dtype)
-        gamma = self.global_scale.to(q.dtype)
-        window = self.softmax_window()
-        local_kernel = "none" if window is not None else self.settings.local_kernel
-        memory = self.global_memory(q.dtype)
-
-        if cache is None and context.tree is None and context.all_real:
-            out = chunked_attention(q, k, v, weight, gamma, self.settings.group_size, local_kernel, memory)
-            if window is not None:
-                out = out + window_attention(raw_q, raw_k, v, window, sink_q)
+        mode = context.mode(length, cached=cache is not None)
+        q, k, v, sink_q = self.project(hidden_states, position_embeddings)
+        layout = None if context.tree is None else context.tree.layout
+        x = TermInputs(q, k, v, sink_q, context.token_mask, layout, attention_mask, cache)
+        if mode is Mode.CHUNKED:
+            outputs = [term.chunked(x) for term in self.terms]
         else:
-            state = None if cache is None else cache.linear_state(self.layer_idx)
-            if state is None:
-                state = self.empty_state(batch, q.dtype, q.device)
-            window_out = None
-            if context.tree is not None:
-                out = verify_attention(q, k, v, weight, gamma, state, context.tree.layout, local_kernel, memory)
-                if window is not None:
-                    window_out = window_verify(raw_q, raw_k, v, state, context.tree.layout, window, sink_q)
-                context.tree.keep(self.layer_idx, k, v, memory, raw_k if window is not None else None)
-                new_state = state
-            else:
-                decoding = length == 1 and context.all_real
-                if window is not None and decoding:
-                    window_out, state = window_step(raw_q, raw_k, v, state, window, sink_q)
-                elif window is not None:
-                    window_out, state = window_extend(raw_q, raw_k, v, state, window, context.token_mask, sink_q)
-                if decoding:
-                    out, new_state = recurrent_step(q, k, v, weight, gamma, state, local_kernel, memory)
-                else:
-                    out, new_state = extend_attention(
-                        q, k, v, weight, gamma, state, context.token_mask, local_kernel, memory
-                    )
-            if window_out is not None:
-                out = out + window_out
-            if cache is not None:
-                cache.set_linear_state(self.layer_idx, new_state)
-        if self.softmax_heads:
-            out = self._with_softmax_heads(out, raw_q, raw_k, v, cache, attention_mask)
+            outputs = self._on_state(mode, x, context, cache)
+        out = self._sum(outputs, q.device)
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
         return self.o_proj(out), None
+
+    def _on_state(self, mode: Mode, x: TermInputs, context: ExecutionContext, cache) -> list[torch.Tensor]:
+        """Every term's output on the cache's state (an empty one without a cache, or before the first token).
+        Extend and step store the terms' new slices with ``position`` advanced once, here, after all of them;
+        verify keeps what each term's commit needs in the tree and changes nothing."""
+        state = None if cache is None else cache.linear_state(self.layer_idx)
+        if state is None:
+            state = self.empty_state(x.q.shape[0], x.q.dtype, x.q.device)
+        if mode is Mode.VERIFY:
+            results = [(term, *term.verify(x, state)) for term in self.terms]
+            context.tree.keep(self.layer_idx, {term: kept for term, _, kept in results if kept is not None})
+        else:
+            results = [(term, *(term.step if mode is Mode.STEP else term.extend)(x, state)) for term in self.terms]
+            real = x.q.shape[2] if x.token_mask is None else x.token_mask.bool().sum(dim=1)  # new real tokens per row
+            state = state.advanced({term.name: part for term, _, part in results if part is not None}, real)
+        if cache is not None:
+            cache.set_linear_state(self.layer_idx, state)
+        return [out for _, out, _ in results]
+
+    def _sum(self, outputs: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The terms' outputs summed in their order; a term that answers for some query heads alone replaces the
+        sum on those heads."""
+        total = None
+        alone = []
+        for term, out in zip(self.terms, outputs, strict=True):
+            heads = term.query_heads(device)
+            if heads is not None:
+                alone.append((heads, out))
+            else:
+                total = out if total is None else total + out
+        if alone:
+            total = total.clone()
+            for heads, out in alone:
+                total[:, heads] = out.to(total.dtype)
+        return total

@@ -9,17 +9,13 @@ The KV-column helpers below serve both this cache's softmax layers and a plain s
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from linspec.errors import LinspecError
 from linspec.models import hf
 from linspec.models.context import TreeCandidates
-from linspec.ops import LinearAttentionState, append_tokens
-from linspec.ops.memory import GlobalMemory
+from linspec.models.terms.base import LayerState
 from linspec.ops.verify import TreeLayout
-from linspec.ops.window import WINDOW_FIELDS, window_append
 
 
 def truncate_kv_columns(layer, columns: int) -> None:
@@ -87,7 +83,9 @@ def kv_nbytes(layer) -> int:
 
 def cache_nbytes(cache) -> int:
     """Bytes held by any cache: a ``LinspecCache`` (constant in context length) or a model's own KV cache."""
-    return cache.nbytes() if isinstance(cache, LinspecCache) else sum(kv_nbytes(layer) for layer in cache.layers)
+    return (
+        cache.nbytes() if isinstance(cache, LinspecCache) else sum(kv_nbytes(layer) for layer in hf.cache_layers(cache))
+    )
 
 
 def new_cache_for(model):
@@ -97,7 +95,7 @@ def new_cache_for(model):
 
 
 class LinearStateLayer:
-    """One linear layer's slot in the cache: a ``LinearAttentionState`` (or None before the first token)."""
+    """One linear layer's slot in the cache: its ``LayerState`` (or None before the first token)."""
 
     is_compileable = False
     is_sliding = False
@@ -105,7 +103,7 @@ class LinearStateLayer:
     is_croppable = False
 
     def __init__(self) -> None:
-        self.state: LinearAttentionState | None = None
+        self.state: LayerState | None = None
 
     def __repr__(self) -> str:
         return f"LinearStateLayer(position={None if self.state is None else self.state.position.tolist()})"
@@ -178,10 +176,10 @@ class LinspecCache(hf.Cache):
         heads = tuple(layer for layer, _ in settings.softmax_heads)
         return cls(text_config.num_hidden_layers, settings.softmax_layers, heads)
 
-    def linear_state(self, layer_idx: int) -> LinearAttentionState | None:
+    def linear_state(self, layer_idx: int) -> LayerState | None:
         return self.layers[layer_idx].state
 
-    def set_linear_state(self, layer_idx: int, state: LinearAttentionState) -> None:
+    def set_linear_state(self, layer_idx: int, state: LayerState) -> None:
         self.layers[layer_idx].state = state
 
     def append_head_kv(
@@ -233,44 +231,23 @@ class LinspecCache(hf.Cache):
         self._columns += accepted.shape[1]
 
     def _append_linear(self, candidates: TreeCandidates, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        """Append the accepted candidates' kept ``(k̂, v)`` to every linear state (and their raw keys to a window).
-
-        Every linear layer appends the same path at the same positions, so layers whose states have the same
-        shapes are stacked along the batch axis and appended in one ``append_tokens`` call: per layer it is a
-        few dozen small tensor ops, whose fixed cost would otherwise be paid once per layer every round. Layers
-        with decayed memories fold with their own λ, stacked as per-row decays. A softmax window (hundreds of
-        keys per layer) is not stacked: appending shifts it, one copy per layer, and stacking would add another.
-        """
-        batch = accepted.shape[0]
+        """Commit the accepted path in every linear layer: each kind of term commits all of its layers in one call
+        (``Term.commit_layers``, which may batch them), then each layer's position advances once."""
         entries = candidates.entries()
-        stacks: dict[tuple, list[int]] = {}
+        by_kind: dict[type, list[tuple[int, object, object]]] = {}
         for layer_idx, kept in entries.items():
-            state = self.layers[layer_idx].state
-            memory = kept.memory
-            kind = None if memory is None else (memory.norm, memory.eps, memory.log_decay is not None)
-            shapes = (kept.keys.shape, kept.values.shape, *(t.shape for t in state.tensors().values()), kind)
-            stacks.setdefault(shapes, []).append(layer_idx)
-        for layer_ids in stacks.values():
-            states = [self.layers[i].state for i in layer_ids]
-            shared = {name: _stacked([getattr(s, name) for s in states]) for name in _grouped_fields(states[0])}
-            path = accepted.repeat(len(layer_ids), 1)
-
-            def along_path(name: str, layer_ids=layer_ids, path=path) -> torch.Tensor:
-                x = _stacked([getattr(entries[i], name) for i in layer_ids])
-                return x.gather(2, path[:, None, :, None].expand(x.shape[0], x.shape[1], path.shape[1], x.shape[3]))
-
-            values = along_path("values")
-            raw_keys = along_path("raw_keys") if entries[layer_ids[0]].raw_keys is not None else None
-            memory = _stacked_memory(entries, layer_ids, batch)
-            mask = accepted_mask.repeat(len(layer_ids), 1)
-            new = append_tokens(LinearAttentionState(**shared), along_path("keys"), values, mask, memory)
-            for j, (layer_idx, old) in enumerate(zip(layer_ids, states, strict=True)):
-                rows = slice(j * batch, (j + 1) * batch)
-                state = new.map(lambda t, rows=rows: t[rows])
-                if raw_keys is not None:  # each window appended on its own: stacking would copy every window once more
-                    windowed = window_append(old, raw_keys[rows], values[rows], accepted_mask)
-                    state = replace(state, **{name: getattr(windowed, name) for name in WINDOW_FIELDS})
-                self.layers[layer_idx].state = state
+            for term, entry in kept.items():
+                by_kind.setdefault(type(term), []).append((layer_idx, term, entry))
+        slices: dict[int, dict[str, object]] = {layer_idx: {} for layer_idx in entries}
+        for kind, items in by_kind.items():
+            batch = [(term, self.layers[layer_idx].state, entry) for layer_idx, term, entry in items]
+            for (layer_idx, term, _), part in zip(
+                items, kind.commit_layers(batch, accepted, accepted_mask), strict=True
+            ):
+                slices[layer_idx][term.name] = part
+        count = accepted_mask.sum(dim=1)
+        for layer_idx, parts in slices.items():
+            self.layers[layer_idx].state = self.layers[layer_idx].state.advanced(parts, count)
 
     def compact_columns(self, order: torch.Tensor) -> None:
         """Keep KV columns ``order [B, W]`` of each row (dead columns squeezed out); ``W`` columns remain."""
@@ -331,25 +308,3 @@ class LinspecCache(hf.Cache):
         """Bytes held by the cache: constant in context length for linear layers, growing for softmax KV."""
         linear = sum(layer.nbytes() for layer in self.layers if isinstance(layer, LinearStateLayer))
         return linear + sum(kv_nbytes(layer) for layer in self.kv_layers())
-
-
-def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``parts`` joined along the batch axis; a layer on its own is used as it is, without the copy ``torch.cat``
-    makes of a single tensor."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _grouped_fields(state: LinearAttentionState) -> list[str]:
-    """The state's fields that ``append_tokens`` advances (all but a softmax window's)."""
-    return [name for name in state.tensors() if name not in WINDOW_FIELDS]
-
-
-def _stacked_memory(entries: dict, layer_ids: list[int], batch: int) -> GlobalMemory | None:
-    """The memory of layers ``layer_ids`` stacked along the batch axis (each ``batch`` rows): one per-row decay
-    ``(L·B, Hkv)`` when the layers decay, each row with its layer's λ; otherwise the first layer's (all equal)."""
-    first = entries[layer_ids[0]].memory
-    if first is None or first.log_decay is None:
-        return first
-    decays = [entries[i].memory.log_decay for i in layer_ids]
-    log_decay = torch.stack(decays).repeat_interleave(batch, dim=0)  # (L·B, Hkv)
-    return GlobalMemory(log_decay=log_decay, norm=first.norm, eps=first.eps)

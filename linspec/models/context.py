@@ -1,58 +1,50 @@
 """What a forward pass through linspec layers *is*: the execution context every ``LinspecAttention`` reads.
 
-A linear layer runs in one of four modes — chunked (no cache: training, full forwards), recurrent (one token on a
-state), extend (several tokens on a state, padding allowed) and verify (a tree of candidates read against the
-state, which does not change). The first three follow from the inputs; verify and the padding mask cannot, so
-they are stated explicitly in an ``ExecutionContext`` passed down as the ``linspec_context`` keyword, never
-parked on the cache for a layer to discover.
+A linear layer runs in one of four modes (``Mode``) — chunked (no cache: training, full forwards), step (one token
+on a state: decode), extend (several tokens on a state, padding allowed) and verify (a tree of candidates read
+against the state, which does not change). The first three follow from the inputs; verify and the padding mask
+cannot, so they are stated explicitly in an ``ExecutionContext`` passed down as the ``linspec_context`` keyword,
+never parked on the cache for a layer to discover. The layer decides the mode once per forward and runs that
+mode's method of each of its terms (``linspec.models.terms``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import torch
 
-from linspec.ops.memory import GlobalMemory
 from linspec.ops.verify import TreeLayout
 
 
-@dataclass(frozen=True)
-class KeptCandidates:
-    """One layer's candidate entries from a verification pass, as the commit needs them."""
+class Mode(Enum):
+    """How a layer treats the new columns of one forward; decided once per forward (``ExecutionContext.mode``)."""
 
-    keys: torch.Tensor  # k̂ (B, Hkv, N, Dk)
-    values: torch.Tensor  # v (B, Hkv, N, Dv)
-    memory: GlobalMemory | None  # how the layer folds S
-    raw_keys: torch.Tensor | None  # keys before φ, for a softmax-window layer; else None
+    CHUNKED = "chunked"  # a whole sequence from position 0, every column real, nothing kept: training, full forwards
+    EXTEND = "extend"  # several columns on a state, padding allowed: prefill, continuation
+    STEP = "step"  # one real token per row on a state: decode
+    VERIFY = "verify"  # a tree of candidates read against a state that does not change: speculative verification
 
 
 @dataclass
 class TreeCandidates:
     """One verification pass over a tree of candidates.
 
-    Linear layers evaluate the tree against their committed state without changing it and leave each
-    candidate's ``(k̂, v)`` here (``keep``); the cache's commit appends the accepted path's entries from here, so
-    nothing is recomputed and nothing needs rolling back.
+    Linear layers evaluate the tree against their committed state without changing it and leave here, per layer
+    and term, what the commit needs (``keep``: a term's candidate ``(k̂, v)`` say); the cache's commit appends
+    the accepted path's entries from here, so nothing is recomputed and nothing needs rolling back.
     """
 
     layout: TreeLayout
-    _entries: dict[int, KeptCandidates] = field(default_factory=dict)
+    _entries: dict[int, dict[Any, Any]] = field(default_factory=dict)
 
-    def keep(
-        self,
-        layer_idx: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        memory: GlobalMemory | None = None,
-        raw_keys: torch.Tensor | None = None,
-    ) -> None:
-        """Store layer ``layer_idx``'s candidate ``k̂ [B, Hkv, N, Dk]`` and ``v [B, Hkv, N, Dv]``, how that layer
-        folds its global memory (its decay and normaliser), which the commit applies, and for a softmax-window
-        layer the keys before φ, which its window keeps."""
-        self._entries[layer_idx] = KeptCandidates(keys, values, memory, raw_keys)
+    def keep(self, layer_idx: int, kept: dict[Any, Any]) -> None:
+        """Store layer ``layer_idx``'s candidates: each of its terms (the key) with what its ``commit`` takes."""
+        self._entries[layer_idx] = kept
 
-    def entries(self) -> dict[int, KeptCandidates]:
+    def entries(self) -> dict[int, dict[Any, Any]]:
         return self._entries
 
 
@@ -70,3 +62,15 @@ class ExecutionContext:
     @property
     def all_real(self) -> bool:
         return self.token_mask is None
+
+    def mode(self, length: int, cached: bool) -> Mode:
+        """The mode of a forward over ``length`` new columns, with a cache (``cached``) or without one: a tree →
+        verify; no cache and no padding → chunked; one real token → step; otherwise → extend (a forward with
+        padding and no cache runs on an empty state and keeps nothing)."""
+        if self.tree is not None:
+            return Mode.VERIFY
+        if not cached and self.all_real:
+            return Mode.CHUNKED
+        if length == 1 and self.all_real:
+            return Mode.STEP
+        return Mode.EXTEND

@@ -158,7 +158,7 @@ class ModelRunner:
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=self.device)
         allowed_new = (causal & token_mask[:, None, :]) | eye  # a padding column sees itself only; it is dead
-        hidden = self.parts.embed_tokens(tokens)
+        hidden = self.parts.embed(tokens)
         all_real = bool(token_mask.all())
         # One real token after real columns, no window in reach: no mask at all (SDPA's fastest path).
         in_window = all(w is None or int(self.length.max()) < w for w in self.windows)
@@ -175,7 +175,7 @@ class ModelRunner:
         if self.is_linspec:
             self.cache.advance(length)
         self.length = self.length + token_mask.sum(1)
-        return self.parts.norm(hidden[:, -1])
+        return self.parts.final_norm(hidden[:, -1])
 
     def begin_tree(self, tokens: torch.Tensor, parents: torch.Tensor) -> TreePass:
         """Open a verification pass over a tree of candidates (``parents [B, N]``, -1 = follows the committed
@@ -188,7 +188,7 @@ class ModelRunner:
         layout = TreeLayout.of(parents)  # built once, shared by the masks and every linear layer
         positions = self.length[:, None] + layout.depth
         candidates = self.cache.begin_tree(layout) if self.is_linspec else None
-        hidden = self.parts.embed_tokens(tokens)
+        hidden = self.parts.embed(tokens)
         context = RunContext(
             positions=positions,
             rotary=self.parts.rotary(hidden, positions),
@@ -199,7 +199,7 @@ class ModelRunner:
         return self._open
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.norm(hidden)
+        return self.parts.final_norm(hidden)
 
     def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """Logits, upcast to float32 when the model runs in 16-bit (sampling needs the precision)."""

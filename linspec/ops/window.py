@@ -21,8 +21,9 @@ the cache for the same reason): past ``P`` every token then sees its sinks and w
 does, so the window term is translation-invariant and the curve cannot drift. Queries at ``t ≤ P`` see their
 sinks at the true distance either way.
 
-The state's window fields (``LinearAttentionState.window_keys`` etc.) hold *raw* keys. Every function here
-leaves ``position`` alone: the grouped ops, called after it on the same state, advance it.
+A window's decode state (``WindowState``) holds *raw* keys. Every stateful function here takes each row's
+``position`` (real tokens before the new ones) from its caller and never advances it: a layer counts its tokens
+once for all of its terms.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from linspec.ops.extend import gather_tokens, newest, real_first
-from linspec.ops.state import LinearAttentionState
 from linspec.ops.verify import TreeLayout
 
-WINDOW_FIELDS = ("window_keys", "window_values", "sink_keys", "sink_values")  # a window layer's own state fields
 # New tokens per slice in ``window_extend`` on long prompts: each slice scores n + W − 1 + slice keys per query, so
 # smaller slices waste less on keys their first queries cannot see (256: 5% faster than 512 on a 2048-token prefill).
 EXTEND_SLICE = 256
@@ -56,6 +55,17 @@ class SoftmaxWindow:
     def last_true_position(self) -> int:
         """``P``: the last query position whose out-of-window sinks keep their true distance (see the module doc)."""
         return self.size + self.sinks - 1
+
+
+@dataclass
+class WindowState:
+    """A window's part of a layer's decode state, constant in context length: the raw keys and values of the last
+    W − 1 tokens, oldest first, and of the first n tokens (the sinks); zeros where no token has been yet."""
+
+    keys: torch.Tensor  # (B, Hkv, W-1, Dk)
+    values: torch.Tensor  # (B, Hkv, W-1, Dv)
+    sink_keys: torch.Tensor  # (B, Hkv, n, Dk)
+    sink_values: torch.Tensor  # (B, Hkv, n, Dv)
 
 
 def far_queries(q: torch.Tensor, sink_q: torch.Tensor | None, query_position: torch.Tensor, window: SoftmaxWindow):
@@ -223,38 +233,37 @@ def window_attention(
 
 def empty_window(
     batch: int, kv_heads: int, key_dim: int, value_dim: int, window: SoftmaxWindow, dtype: torch.dtype, device=None
-) -> dict[str, torch.Tensor]:
-    """The window fields of a state before any token: zero keys and values (positions before the start)."""
+) -> WindowState:
+    """A window's state before any token: zero keys and values (positions before the start)."""
 
     def zeros(length: int, dim: int) -> torch.Tensor:
         return torch.zeros(batch, kv_heads, length, dim, dtype=dtype, device=device)
 
-    return {
-        "window_keys": zeros(window.size - 1, key_dim),
-        "window_values": zeros(window.size - 1, value_dim),
-        "sink_keys": zeros(window.sinks, key_dim),
-        "sink_values": zeros(window.sinks, value_dim),
-    }
+    return WindowState(
+        keys=zeros(window.size - 1, key_dim),
+        values=zeros(window.size - 1, value_dim),
+        sink_keys=zeros(window.sinks, key_dim),
+        sink_values=zeros(window.sinks, value_dim),
+    )
 
 
-def _advanced(state: LinearAttentionState, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor):
-    """The window fields after appending each row's first ``count`` entries of ``real_k``/``real_v``."""
+def _advanced(
+    state: WindowState, position: torch.Tensor, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor
+) -> WindowState:
+    """The window after appending each row's first ``count`` entries of ``real_k``/``real_v`` at ``position``."""
     batch, kv_heads, length, _ = real_k.shape
     sinks = state.sink_keys.shape[2]
-    fields = {
-        "window_keys": newest(state.window_keys, real_k, count),
-        "window_values": newest(state.window_values, real_v, count),
-    }
-    if not bool((state.position < sinks).any()):  # every sink slot is filled already (the common case)
-        return {**fields, "sink_keys": state.sink_keys, "sink_values": state.sink_values}
-    source = torch.arange(sinks, device=count.device)[None, :] - state.position[:, None]  # (B, n): new-token rank
+    ring = {"keys": newest(state.keys, real_k, count), "values": newest(state.values, real_v, count)}
+    if not bool((position < sinks).any()):  # every sink slot is filled already (the common case)
+        return replace(state, **ring)
+    source = torch.arange(sinks, device=count.device)[None, :] - position[:, None]  # (B, n): new-token rank
     taken = ((source >= 0) & (source < count[:, None]))[:, None, :, None]
     index = source.clamp(0, max(length - 1, 0))[:, None, :, None]
 
     def sink(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return torch.where(taken, new.gather(2, index.expand(batch, kv_heads, sinks, new.shape[-1])), old)
 
-    return {**fields, "sink_keys": sink(state.sink_keys, real_k), "sink_values": sink(state.sink_values, real_v)}
+    return WindowState(**ring, sink_keys=sink(state.sink_keys, real_k), sink_values=sink(state.sink_values, real_v))
 
 
 def _sinks_and_ring_visible(
@@ -276,74 +285,79 @@ def _sinks_and_ring_visible(
     return sink_visible, ring_visible
 
 
-def _extend_slice(q, k, v, sink_q, state: LinearAttentionState, token_mask: torch.Tensor, window: SoftmaxWindow):
+def _extend_slice(
+    q, k, v, sink_q, state: WindowState, position: torch.Tensor, token_mask: torch.Tensor, window: SoftmaxWindow
+):
     """One slice: the sinks are read from the state *after* it (a sink among the new tokens is a slot already)."""
     length = q.shape[2]
     count = token_mask.sum(dim=1)
     real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
-    fields = _advanced(state, real_k, real_v, count)
+    after = _advanced(state, position, real_k, real_v, count)
     rank = torch.arange(length, device=q.device)
-    query_position = state.position[:, None] + rank  # (B, T): real token j sits at position + j
+    query_position = position[:, None] + rank  # (B, T): real token j sits at position + j
     new_visible = (rank[None, :] <= rank[:, None]) & (rank[:, None] - rank[None, :] < window.size)
     sink_visible, ring_visible = _sinks_and_ring_visible(
-        state.position + count, state.position, query_position, window.size, window.sinks
+        position + count, position, query_position, window.size, window.sinks
     )
     visible = torch.cat([sink_visible, ring_visible, new_visible.expand(q.shape[0], -1, -1)], dim=-1)
-    keys = torch.cat([fields["sink_keys"], state.window_keys, real_k], dim=2)
-    values = torch.cat([fields["sink_values"], state.window_values, real_v], dim=2)
+    keys = torch.cat([after.sink_keys, state.keys, real_k], dim=2)
+    values = torch.cat([after.sink_values, state.values, real_v], dim=2)
     far_q = far_queries(real_q, None if sink_q is None else real_first(sink_q, token_mask), query_position, window)
     out_real = attend(
         real_q, keys, values, visible, window.scale, far_q, leading_sinks(window.sinks, q.device)
     )  # real tokens first
     out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
-    return out * token_mask[:, None, :, None], fields, count
+    return out * token_mask[:, None, :, None], after, count
 
 
 def window_extend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    state: LinearAttentionState,
+    state: WindowState,
+    position: torch.Tensor,
     window: SoftmaxWindow,
     token_mask: torch.Tensor | None = None,
     sink_q: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, LinearAttentionState]:
-    """Outputs for ``T`` new tokens on a state (padding allowed, zeros out) and the state with its window fields
-    advanced (``position`` unchanged). Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order."""
+) -> tuple[torch.Tensor, WindowState]:
+    """Outputs for ``T`` new tokens on a window whose rows sit at ``position [B]`` (padding allowed, zeros out),
+    and the window after them. Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order."""
     batch, _, length, _ = q.shape
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     token_mask = token_mask.bool()
     if length == 0:
         return q.new_zeros(batch, q.shape[1], 0, v.shape[-1]), state
-    position = state.position
     outs = []
     for start in range(0, length, EXTEND_SLICE):
         part = slice(start, start + EXTEND_SLICE)
         q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
         sink_part = None if sink_q is None else sink_q[:, :, part]
-        out, fields, count = _extend_slice(q_part, k_part, v_part, sink_part, state, token_mask[:, part], window)
+        out, state, count = _extend_slice(
+            q_part, k_part, v_part, sink_part, state, position, token_mask[:, part], window
+        )
         outs.append(out)
-        state = replace(state, position=state.position + count, **fields)
-    return torch.cat(outs, dim=2), replace(state, position=position)
+        position = position + count
+    return torch.cat(outs, dim=2), state
 
 
 def window_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    state: LinearAttentionState,
+    state: WindowState,
+    position: torch.Tensor,
     window: SoftmaxWindow,
     sink_q: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, LinearAttentionState]:
+) -> tuple[torch.Tensor, WindowState]:
     """``window_extend`` for one real token per row (decode), as a handful of ops instead of the general form's
     packing and masks: scores against the sink slots, the ring and the token itself, one softmax, and the ring
     shifted by one slot. Masks are built only while some row is within ``P`` of the start (host checks; every
-    row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole ring)."""
+    row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole ring). ``position [B]``: the new
+    token's position in each row."""
     batch, num_heads, _, key_dim = q.shape
     kv_heads = k.shape[1]
     query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)  # (B, Hkv, R, D)
-    position = state.position  # (B,) the new token's position
     far = query
     if sink_q is not None:
         past = position > window.last_true_position
@@ -353,7 +367,7 @@ def window_step(
         torch.cat(
             [
                 far @ state.sink_keys.transpose(-1, -2),
-                query @ state.window_keys.transpose(-1, -2),
+                query @ state.keys.transpose(-1, -2),
                 query @ k.transpose(-1, -2),
             ],
             dim=-1,
@@ -370,30 +384,35 @@ def window_step(
     weights = torch.softmax(scores, dim=-1)
     out = (
         weights[..., :sinks] @ state.sink_values
-        + weights[..., sinks : sinks + ring] @ state.window_values
+        + weights[..., sinks : sinks + ring] @ state.values
         + weights[..., -1:] * v
     )  # (B, Hkv, R, Dv)
-    fields = _advanced(state, k, v, torch.ones_like(position))  # the ring shifted by one slot
-    return out.reshape(batch, num_heads, 1, v.shape[-1]), replace(state, **fields)
+    after = _advanced(state, position, k, v, torch.ones_like(position))  # the ring shifted by one slot
+    return out.reshape(batch, num_heads, 1, v.shape[-1]), after
 
 
 def window_append(
-    state: LinearAttentionState, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None = None
-) -> LinearAttentionState:
-    """The state with already-computed raw keys and values appended to its window (the commit of accepted drafts);
-    ``position`` unchanged."""
+    state: WindowState,
+    position: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+) -> WindowState:
+    """The window with already-computed raw keys and values appended at ``position [B]`` (the commit of accepted
+    drafts)."""
     if token_mask is None:
         token_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     token_mask = token_mask.bool()
     count = token_mask.sum(dim=1)
-    return replace(state, **_advanced(state, real_first(k, token_mask), real_first(v, token_mask), count))
+    return _advanced(state, position, real_first(k, token_mask), real_first(v, token_mask), count)
 
 
 def window_verify(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    state: LinearAttentionState,
+    state: WindowState,
+    position: torch.Tensor,
     layout: TreeLayout,
     window: SoftmaxWindow,
     sink_q: torch.Tensor | None = None,
@@ -401,16 +420,16 @@ def window_verify(
     """Every node of a candidate tree at once: node ``a`` (true position ``position + depth(a)``) sees the state's
     sinks and ring as a token at that position would, and its own ancestors — never a sibling."""
     depth = layout.depth  # (B, N)
-    query_position = state.position[:, None] + depth
+    query_position = position[:, None] + depth
     outside = depth[:, :, None] - depth[:, None, :] >= window.size
     node_visible = layout.ancestors & (~outside | (query_position[:, None, :] < window.sinks))
     sink_visible, ring_visible = _sinks_and_ring_visible(
-        state.position.clamp(max=window.sinks), state.position, query_position, window.size, window.sinks
+        position.clamp(max=window.sinks), position, query_position, window.size, window.sinks
     )
     # sinks, then nodes (a node can be an out-of-window sink of its descendants on short prompts), then the ring
     visible = torch.cat([sink_visible, node_visible, ring_visible], dim=-1)
-    keys = torch.cat([state.sink_keys, k, state.window_keys], dim=2)
-    values = torch.cat([state.sink_values, v, state.window_values], dim=2)
+    keys = torch.cat([state.sink_keys, k, state.keys], dim=2)
+    values = torch.cat([state.sink_values, v, state.values], dim=2)
     # the sink slots, and the nodes at sink positions (descendants more than W deeper read them as sinks)
     sinks = torch.cat(
         [leading_sinks(window.sinks, q.device).expand(q.shape[0], -1), query_position < window.sinks], dim=-1
