@@ -378,3 +378,40 @@ def test_decay_logit_gradcheck_through_chunked_and_recurrent():
     logit = torch.tensor([1.2], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(chunked, (logit,))
     assert torch.autograd.gradcheck(recurrent, (logit,))
+
+
+# --- the layout of the package: reference and PyTorch forms, the kernels, one dispatch between them -------------------
+PYTORCH_FORMS = ["linspec.ops.reference", "linspec.ops.chunked", "linspec.ops.conv", "linspec.ops.recurrent",
+                 "linspec.ops.verify"]  # fmt: skip
+# What the kernels may import from the rest of ops: the pieces every mode shares, never a form or the dispatch.
+KERNEL_LEAVES = {"linspec.ops.state", "linspec.ops.memory", "linspec.ops.kernel_fn"}
+
+
+def test_the_pytorch_forms_and_the_kernels_never_import_the_dispatch_or_each_other():
+    """Every edge between PyTorch and Triton goes through ``linspec.ops.backend``, so neither side can call the
+    other behind the dispatch's back (the import graph is ``tests/test_architecture.py``'s, which also counts
+    imports inside functions)."""
+    from test_architecture import GRAPH
+
+    for module in PYTORCH_FORMS:
+        reached = {t for t in GRAPH[module] if t == "linspec.ops.backend" or t.startswith("linspec.ops.triton")}
+        assert not reached, f"{module} imports {sorted(reached)}"
+    kernels = [m for m in GRAPH if m.startswith("linspec.ops.triton.")]
+    assert "linspec.ops.triton.chunked" in kernels
+    for module in kernels:
+        outside = {t for t in GRAPH[module] if not t.startswith("linspec.ops.triton")} - KERNEL_LEAVES
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_no_ops_module_imports_by_name_at_run_time():
+    """``importlib.import_module`` and ``__import__`` add edges the import graph cannot read."""
+    import ast
+    from pathlib import Path
+
+    import linspec.ops
+
+    for path in Path(linspec.ops.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", None))
+                assert name not in ("import_module", "__import__"), f"{path}:{node.lineno}"

@@ -2,7 +2,7 @@
 
 Three ops on the same bf16 ``[B, H, T, D]`` inputs (H = Hkv; GQA does not change the per-head work):
 
-* ``linspec``: ``linspec.ops.triton.chunked_attention`` — the paper preset, G = 64, P = 32 taps.
+* ``linspec``: ``linspec.ops.triton.chunked.chunked_attention`` — the paper preset, G = 64, P = 32 taps.
 * ``fla``: flash-linear-attention's ``chunk_linear_attn`` (chunk 64, no normaliser) — plain causal linear
   attention, the closest operation fla ships: the same KV-state recurrence and in-chunk products, no relu², no
   conv. Skipped with a note when fla is not installed.
@@ -11,6 +11,8 @@ Three ops on the same bf16 ``[B, H, T, D]`` inputs (H = Hkv; GQA does not change
 Median time from ``triton.testing.do_bench``; achieved TB/s and TFLOP/s come from the analytic byte and FLOP
 counts below (what the op must move and compute, recomputation not counted; backward counted as 2× forward
 FLOPs) and are set against this card's *measured* ceilings: a large device-to-device copy and a large bf16 matmul.
+The report ends with where each op of the default preset runs on this card (``linspec.ops.plan``), since the
+kernels measured here serve only the presets whose settings they implement.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def fla_linear_attention() -> Callable | None:
 def ops(fla: Callable | None) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from linspec.ops.triton import chunked_attention
+    from linspec.ops.triton.chunked import chunked_attention
 
     def linspec_op(q, k, v, conv_weight, gamma):
         return chunked_attention(q, k, v, conv_weight, gamma, GROUP_SIZE)
@@ -160,6 +162,15 @@ def measure_one(op: str, fn: Callable, mode: str, batch: int, heads: int, length
         bytes_per_s / ceilings["copy_bytes_per_s"],
         flop_per_s / ceilings["matmul_flop_per_s"],
     )
+
+
+def default_preset_routes() -> str:
+    """Markdown lines: which side runs each op of the default preset on CUDA, and why."""
+    from linspec.config import DEFAULT_PRESET, LinspecConfig
+    from linspec.ops import plan
+
+    routes = plan(LinspecConfig.from_preset(DEFAULT_PRESET), "cuda")
+    return "\n".join([f"- the `{DEFAULT_PRESET}` preset on this card:", *(f"  - {route}" for route in routes)])
 
 
 def parse_batch_heads(text: str) -> tuple[int, int]:
@@ -234,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         f"{ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s."
         f"{'' if fla else ' flash-linear-attention is not installed: no fla rows.'}\n\n"
         f"{markdown_table(headers, rows)}\n\n"
-        f"- linspec vs SDPA flash, median speed-up over all cases: **{statistics.median(speedups):.2f}×**"
+        f"- linspec vs SDPA flash, median speed-up over all cases: **{statistics.median(speedups):.2f}×**\n"
+        f"{default_preset_routes()}"
     )
     print(text)
     if out_dir is not None:

@@ -1,11 +1,10 @@
-"""Chunked form (training, prefill): quadratic inside each group, an exclusive KV cumsum across groups."""
+"""Chunked form in PyTorch (training, prefill): quadratic inside each group, an exclusive KV cumsum across groups."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
 from linspec.ops.memory import GlobalMemory, augmented, is_plain, normalise, scan_groups
 
@@ -29,10 +28,6 @@ def grouped_terms(
     groups; ``key_sum_through`` (``[B, Hkv, NG, Dk]``) is the same for z when ``memory`` keeps it, else None.
     ``first_group`` (``[B]``, default 0): complete groups before the sequence, which a "mean" memory counts.
     """
-    if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.ops.triton import grouped_terms as triton_grouped_terms
-
-        return triton_grouped_terms(q, k, v, group_size, local_kernel, initial_kv)
     batch, num_heads, length, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads
@@ -111,10 +106,6 @@ def chunked_attention(
     the small per-group S instead of the output, and taps reaching into earlier groups are one small matmul per
     group offset. About twice as fast on CPU as summing the three terms, and fewer ops for threads to sync on.
     """
-    if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.ops.triton import chunked_attention as triton_chunked_attention
-
-        return triton_chunked_attention(q, k, v, conv_weight, global_scale, group_size, local_kernel)
     batch, num_heads, length, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads

@@ -1,11 +1,9 @@
-"""Masked (causal) depthwise convolution over V with one filter per query head."""
+"""Masked (causal) depthwise convolution over V with one filter per query head, in PyTorch."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from linspec.ops.backend import use_triton
 
 
 def causal_depthwise_conv(
@@ -17,10 +15,6 @@ def causal_depthwise_conv(
     can reach ``out[t]``. One grouped ``conv1d`` does all heads: each (kv head, channel) input feeds R outputs,
     one per query head sharing it, so no repeated copy of V is materialised.
     """
-    if use_triton(v):
-        from linspec.ops.triton import causal_depthwise_conv as triton_conv
-
-        return triton_conv(v, conv_weight, history)
     batch, kv_heads, length, head_dim = v.shape
     num_heads, taps = conv_weight.shape
     repeats = num_heads // kv_heads

@@ -13,8 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from linspec.ops.chunked import grouped_terms
-from linspec.ops.conv import causal_depthwise_conv
+from linspec.ops.backend import causal_depthwise_conv, grouped_terms
 from linspec.ops.memory import GlobalMemory, scan_groups
 from linspec.ops.state import LinearAttentionState
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 
 LOCAL_KERNELS = ("relu2", "identity", "none")
-# Kernels the Triton ops implement; "none" (no in-group term: a softmax window replaces it) runs on PyTorch.
-TRITON_LOCAL_KERNELS = ("relu2", "identity")
 
 
 def local_similarity(scores: torch.Tensor, local_kernel: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""One-token decode on the recurrent state: constant work and memory per token, whatever the context length."""
+"""One-token decode on the recurrent state in PyTorch: constant work and memory per token, whatever the context
+length."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import replace
 
 import torch
 
-from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
 from linspec.ops.memory import GlobalMemory, augmented, fold, is_plain, normalise
 from linspec.ops.state import LinearAttentionState
@@ -27,10 +27,6 @@ def recurrent_step(
     Branch-free over rows: each row sits at its own position, and a row whose group completes folds its
     running group sum into S while the others keep theirs.
     """
-    if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.ops.triton import recurrent_step as triton_recurrent_step
-
-        return triton_recurrent_step(q, k, v, conv_weight, global_scale, state, local_kernel)
     batch, num_heads, _, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     repeats = num_heads // kv_heads

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from linspec.ops.backend import use_triton
 from linspec.ops.kernel_fn import local_similarity
 from linspec.ops.memory import GlobalMemory, augmented, decay_power, is_plain, normalise
 from linspec.ops.state import LinearAttentionState
@@ -142,11 +141,6 @@ def verify_attention(
 
     ``parents``: the tree's parent indices ``[B, N]``, or its ``TreeLayout`` when several layers verify it.
     """
-    if use_triton(q, memory=memory, local_kernel=local_kernel):
-        from linspec.ops.triton import verify_attention as triton_verify_attention
-
-        raw_parents = parents.parents if isinstance(parents, TreeLayout) else parents
-        return triton_verify_attention(q, k, v, conv_weight, global_scale, state, raw_parents, local_kernel)
     tree = parents if isinstance(parents, TreeLayout) else TreeLayout.of(parents)
     batch, num_heads, num_nodes, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]

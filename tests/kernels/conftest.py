@@ -1,8 +1,8 @@
 """Kernel tests run Triton's interpreter on CPU tensors; the flag must be set before the kernels are defined.
 
-``@triton.jit`` reads ``TRITON_INTERPRET`` when ``linspec.ops.triton`` is imported, which happens lazily (the first
-time a test asks for the Triton backend), so setting it here at conftest import is early enough even when the
-root conftest or another test module has already imported ``triton`` or ``linspec``.
+``@triton.jit`` reads ``TRITON_INTERPRET`` when the kernel modules (``linspec.ops.triton.*``) are imported, which
+happens lazily (the first time a call is dispatched to them), so setting it here at conftest import is early enough
+even when the root conftest or another test module has already imported ``triton`` or ``linspec``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,16 @@ def poisoned_outputs(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def fresh_fallback_warnings(monkeypatch):
+    """The dispatch warns once per fallback reason and process; each test sees its own first warnings."""
+    from linspec.ops import backend
+
+    monkeypatch.setattr(backend, "_announced", set())
+
+
+@pytest.fixture(autouse=True)
 def interpreted_kernels():
     """Fail loudly if the kernels were built for a GPU (the flag came too late) rather than the interpreter."""
-    import linspec.ops.triton
+    from linspec.ops.triton.utils import interpreting
 
-    assert linspec.ops.triton.interpreting(), "linspec.ops.triton was imported before TRITON_INTERPRET=1 was set"
+    assert interpreting(), "the kernel modules were imported before TRITON_INTERPRET=1 was set"

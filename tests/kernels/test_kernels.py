@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import linspec.ops.triton
+import linspec.ops.triton.chunked
+import linspec.ops.triton.conv
+import linspec.ops.triton.recurrent
+import linspec.ops.triton.verify
 from linspec.ops import (
     causal_depthwise_conv,
     chunked_attention,
@@ -24,9 +27,10 @@ from linspec.ops import (
     tree_ancestors,
     verify_attention,
 )
-from linspec.ops.backend import backend
-from linspec.ops.chunked import grouped_terms
+from linspec.ops.backend import KernelFallbackWarning, backend, grouped_terms, route
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.triton import utils as kernel_utils
+from linspec.ops.triton.capabilities import OPS
 
 TOL = 3e-5  # relative to the largest expected magnitude; float32 sums over a few hundred terms
 
@@ -116,7 +120,7 @@ def test_grouped_terms_with_initial_state():
 def test_grouped_terms_keeps_autograd_by_handing_graphs_to_pytorch():
     q, k, v, _, _ = make_inputs(1, 2, 2, 20, 16, 3, seed=6)
     q.requires_grad_()
-    with backend("triton"):
+    with backend("triton"), pytest.warns(KernelFallbackWarning, match="grouped_terms kernel is forward-only"):
         local, *_ = grouped_terms(q, k, v, 16)
     assert local.grad_fn is not None
 
@@ -196,7 +200,7 @@ def test_tree_ancestors_by_doubling_match_the_sequential_walk():
     parents = torch.stack([torch.randint(-1, max(i, 1), (3,), generator=gen) for i in range(23)], dim=1)
     parents[:, 0] = -1
     expected_ancestors, expected_depth = tree_ancestors(parents)
-    ancestors, depth = linspec.ops.triton.tree_ancestors(parents)
+    ancestors, depth = linspec.ops.triton.verify.tree_ancestors(parents)
     assert torch.equal(ancestors, expected_ancestors)
     assert torch.equal(depth, expected_depth)
 
@@ -219,9 +223,6 @@ def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
     """The attention kernels carry the paper's memory only: any other memory runs their modes on PyTorch even
     under a forced Triton backend — the kernels are never entered — and gives PyTorch's result (the conv, which
     does not touch the memory, still runs on its kernel inside extend)."""
-    from linspec.ops.backend import use_triton
-    from linspec.ops.memory import GlobalMemory
-
     memory = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm=norm)
     q, k, v, w, gamma = make_inputs(1, 4, 2, 21, 16, 3, seed=12)
     q, k = q.abs(), k.abs()  # non-negative features: "key" divides by q̂ᵀz
@@ -242,9 +243,64 @@ def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
     with backend("torch"):
         expected = every_mode()
     with backend("triton"):
-        assert use_triton(q) and use_triton(q, memory=GlobalMemory()) and not use_triton(q, memory=memory)
-        for name in ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention"):
-            monkeypatch.setattr(linspec.ops.triton, name, None, raising=False)  # entering a kernel would fail
-        results = every_mode()
+        for op in ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention"):
+            assert route(op, q.device).triton and route(op, q.device, memory=GlobalMemory()).triton
+            assert not route(op, q.device, memory=memory).triton
+        kernels = {
+            linspec.ops.triton.chunked: ("chunked_attention", "grouped_terms"),
+            linspec.ops.triton.recurrent: ("recurrent_step",),
+            linspec.ops.triton.verify: ("verify_attention",),
+        }
+        for module, names in kernels.items():
+            for name in names:
+                monkeypatch.setattr(module, name, None)  # entering a kernel would fail
+        with pytest.warns(KernelFallbackWarning, match="global_decay.* not implemented in the Triton kernels"):
+            results = every_mode()
     for got, want, mode in zip(results, expected, ["chunked", "extend", "recurrent", "verify"], strict=True):
         assert_close(got, want, mode)
+
+
+ENTRY_POINTS = [  # (kernel module, entry point): one per op the dispatch can send to Triton
+    (linspec.ops.triton.chunked, "chunked_attention"),
+    (linspec.ops.triton.chunked, "grouped_terms"),
+    (linspec.ops.triton.conv, "causal_depthwise_conv"),
+    (linspec.ops.triton.recurrent, "recurrent_step"),
+    (linspec.ops.triton.verify, "verify_attention"),
+]
+
+
+def test_a_triton_route_enters_its_kernel_in_every_mode(monkeypatch):
+    """The outputs above match PyTorch's whichever side ran, so this checks the side: every entry point is
+    wrapped to record that it was called (and still runs), and each mode must reach its kernels."""
+    entered = []
+
+    def recording(kernel, name):
+        def run(*args, **kwargs):
+            entered.append(name)
+            return kernel(*args, **kwargs)
+
+        return run
+
+    for module, name in ENTRY_POINTS:
+        monkeypatch.setattr(module, name, recording(getattr(module, name), name))
+    q, k, v, w, gamma = make_inputs(1, 2, 1, 12, 16, 3, seed=13)
+    state = fresh_state(k, v, 4, 3)
+    with backend("triton"):
+        chunked_attention(q, k, v, w, gamma, 4)
+        _, state = extend_attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], w, gamma, state)
+        recurrent_step(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], w, gamma, state)
+        verify_attention(q[:, :, 6:9], k[:, :, 6:9], v[:, :, 6:9], w, gamma, state, torch.tensor([[-1, 0, 0]]))
+    assert sorted(set(entered)) == sorted(OPS)
+
+
+def test_the_kernels_refuse_a_call_they_do_not_implement():
+    """Called directly (not through the dispatch), a kernel raises instead of computing another layer."""
+    q, k, v, w, gamma = make_inputs(1, 2, 2, 8, 16, 3, seed=14)
+    decayed = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]))
+    with pytest.raises(ValueError, match="global_decay is not implemented"):
+        linspec.ops.triton.chunked.chunked_attention(q, k, v, w, gamma, 4, "relu2", decayed)
+    with pytest.raises(ValueError, match="local_kernel 'softmax'"):
+        linspec.ops.triton.chunked.grouped_terms(q, k, v, 4, "none")
+    token = (q[:, :, :1].requires_grad_(), k[:, :, :1], v[:, :, :1], w, gamma, fresh_state(k, v, 4, 3))
+    with pytest.raises(ValueError, match="recurrent_step kernel is forward-only"):
+        linspec.ops.triton.recurrent.recurrent_step(*token)

@@ -1,28 +1,9 @@
-"""Triton kernels for the chunked, recurrent and verify modes.
+"""Triton kernels for CUDA tensors: the chunked form with its backward, the causal conv, the recurrent step, verify.
 
-Each entry point has the signature and return of its PyTorch twin in ``linspec.ops``; ``linspec.ops.backend``
-routes CUDA tensors here. Entry points load on first use (PEP 562), so importing the package costs nothing on a
-machine without Triton.
+Each entry point (``chunked.chunked_attention``, ``chunked.grouped_terms``, ``conv.causal_depthwise_conv``,
+``recurrent.recurrent_step``, ``verify.verify_attention``) has the signature and return of its PyTorch twin in
+``linspec.ops`` and refuses, in one ``ValueError``, a call it does not implement (``capabilities``: what the
+kernels carry, readable without triton). ``linspec.ops.backend`` decides per call which side runs. The kernel
+modules import triton, and only leaf modules of ``linspec.ops`` (state, memory); this package itself imports
+nothing, so naming it costs nothing on a machine without triton.
 """
-
-from __future__ import annotations
-
-import importlib
-
-_ENTRY_POINTS = {
-    "causal_depthwise_conv": "conv",
-    "chunked_attention": "chunked",
-    "grouped_terms": "chunked",
-    "interpreting": "utils",
-    "recurrent_step": "recurrent",
-    "tree_ancestors": "verify",
-    "verify_attention": "verify",
-}
-
-__all__ = sorted(_ENTRY_POINTS)
-
-
-def __getattr__(name: str):
-    if name not in _ENTRY_POINTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_ENTRY_POINTS[name]}"), name)

@@ -21,8 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from linspec.ops.memory import GlobalMemory
+
+from .capabilities import check_supported
 from .conv import conv_weight_grad
-from .utils import block, check_inputs, check_local_kernel, dot_precision, needs_autograd, total
+from .utils import block, check_inputs, dot_precision, total
 
 
 @triton.jit
@@ -558,14 +561,19 @@ def chunked_attention(
     global_scale: torch.Tensor,
     group_size: int,
     local_kernel: str = "relu2",
+    memory: GlobalMemory | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``linspec.ops.chunked.chunked_attention``, differentiable in q, k, v, conv weight and γ."""
-    relu2 = check_local_kernel(local_kernel)
+    """Triton twin of ``linspec.ops.chunked.chunked_attention``, differentiable in q, k, v, conv weight and γ.
+
+    The paper's memory only (``memory`` None or plain): anything else raises, see ``capabilities.missing``.
+    """
+    check_supported("chunked_attention", memory, local_kernel)
     global_scale = torch.as_tensor(global_scale, device=q.device)
     check_inputs(q, k, v, conv_weight, global_scale)
     if q.shape[2] == 0:
         return q.new_empty(*q.shape[:3], v.shape[-1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    relu2 = local_kernel == "relu2"
     return ChunkedAttentionFunction.apply(q, k, v, conv_weight.contiguous(), global_scale, group_size, relu2)
 
 
@@ -576,20 +584,18 @@ def grouped_terms(
     group_size: int,
     local_kernel: str = "relu2",
     initial_kv: torch.Tensor | None = None,
+    memory: GlobalMemory | None = None,
+    initial_key_sum: torch.Tensor | None = None,
+    first_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
     """Triton twin of ``linspec.ops.chunked.grouped_terms`` for the paper's memory: ``(local, global, kv_through,
-    None)``.
+    None)``. ``initial_key_sum`` and ``first_group`` serve normalised memories only, so the plain memory ignores
+    them, as PyTorch does.
 
     Forward only: it serves prefill and commits on a recurrent state (``extend_attention``), which run without
-    gradients. A call that must record a graph is handed to the PyTorch version, so results never lose autograd.
+    gradients; a call that must record a graph raises (the dispatch sends those to PyTorch).
     """
-    relu2 = check_local_kernel(local_kernel)
-    if needs_autograd(q, k, v, initial_kv):
-        from linspec.ops import chunked
-        from linspec.ops.backend import backend
-
-        with backend("torch"):
-            return chunked.grouped_terms(q, k, v, group_size, local_kernel, initial_kv)
+    check_supported("grouped_terms", memory, local_kernel, q, k, v, initial_kv)
     check_inputs(q, k, v)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     initial_kv = None if initial_kv is None else initial_kv.contiguous()
@@ -597,5 +603,5 @@ def grouped_terms(
     if q.shape[2] == 0:
         local = q.new_empty(*q.shape[:3], v.shape[-1])
         return local, local.clone(), states[:, :, 1:].to(v.dtype), None
-    local, global_term = chunk_output(q, k, v, states, None, None, group_size, relu2)
+    local, global_term = chunk_output(q, k, v, states, None, None, group_size, local_kernel == "relu2")
     return local, global_term, states[:, :, 1:].to(v.dtype), None

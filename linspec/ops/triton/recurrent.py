@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.state import LinearAttentionState
 
-from .utils import block, check_inputs, check_local_kernel, full_block, needs_autograd, total
+from .capabilities import check_supported
+from .utils import block, check_inputs, full_block, total
 
 
 @triton.jit
@@ -117,16 +119,14 @@ def recurrent_step(
     global_scale: torch.Tensor,
     state: LinearAttentionState,
     local_kernel: str = "relu2",
+    memory: GlobalMemory | None = None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
-    """Triton twin of ``linspec.ops.recurrent.recurrent_step`` (forward only; graphs go to PyTorch)."""
-    relu2 = check_local_kernel(local_kernel)
+    """Triton twin of ``linspec.ops.recurrent.recurrent_step`` for the paper's memory (forward only: a call that
+    records a graph raises; the dispatch sends those to PyTorch)."""
     global_scale = torch.as_tensor(global_scale, device=q.device)
-    if needs_autograd(q, k, v, conv_weight, global_scale, *state.tensors().values()):
-        from linspec.ops import recurrent
-        from linspec.ops.backend import backend
-
-        with backend("torch"):
-            return recurrent.recurrent_step(q, k, v, conv_weight, global_scale, state, local_kernel)
+    graph_inputs = (q, k, v, conv_weight, global_scale, *state.tensors().values())
+    check_supported("recurrent_step", memory, local_kernel, *graph_inputs)
+    relu2 = local_kernel == "relu2"
     check_inputs(q, k, v, conv_weight, global_scale, state.kv)
     batch, num_heads, _, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]

@@ -1,4 +1,4 @@
-"""Launch helpers shared by the kernels: block sizes, dot precision, device checks, the autograd fallback."""
+"""Launch helpers shared by the kernels: block sizes, dot precision, device checks."""
 
 from __future__ import annotations
 
@@ -48,22 +48,8 @@ def check_inputs(*tensors: torch.Tensor) -> None:
     if not tensors[0].is_cuda and not interpreting():
         raise RuntimeError(
             "CPU tensors reach the Triton kernels only through the interpreter: set TRITON_INTERPRET=1 before "
-            "linspec.ops.triton is imported, or use LINSPEC_BACKEND=torch"
+            "the kernel modules (linspec.ops.triton.*) are imported, or use LINSPEC_BACKEND=torch"
         )
-
-
-def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call must record a graph; the forward-only kernels hand such calls to PyTorch."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def check_local_kernel(local_kernel: str) -> bool:
-    """``True`` for relu², ``False`` for identity; the same error as ``linspec.ops.kernel_fn`` otherwise."""
-    from linspec.ops.kernel_fn import LOCAL_KERNELS
-
-    if local_kernel not in LOCAL_KERNELS:
-        raise ValueError(f"local_kernel must be one of {LOCAL_KERNELS}, got {local_kernel!r}")
-    return local_kernel == "relu2"
 
 
 # Triton's own library functions (tl.zeros, tl.sum, tl.cdiv) are jitted when triton is first imported, and that

@@ -14,9 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from linspec.ops.memory import GlobalMemory
 from linspec.ops.state import LinearAttentionState
 
-from .utils import block, check_inputs, check_local_kernel, dot_precision, full_block, needs_autograd
+from .capabilities import check_supported
+from .utils import block, check_inputs, dot_precision, full_block
 
 
 @triton.jit
@@ -148,16 +150,14 @@ def verify_attention(
     state: LinearAttentionState,
     parents: torch.Tensor,
     local_kernel: str = "relu2",
+    memory: GlobalMemory | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``linspec.ops.verify.verify_attention`` (forward only; graphs go to PyTorch)."""
-    relu2 = check_local_kernel(local_kernel)
+    """Triton twin of ``linspec.ops.verify.verify_attention`` for the paper's memory, ``parents`` as a ``[B, N]``
+    tensor (forward only: a call that records a graph raises; the dispatch sends those to PyTorch)."""
     global_scale = torch.as_tensor(global_scale, device=q.device)
-    if needs_autograd(q, k, v, conv_weight, global_scale, *state.tensors().values()):
-        from linspec.ops import verify
-        from linspec.ops.backend import backend
-
-        with backend("torch"):
-            return verify.verify_attention(q, k, v, conv_weight, global_scale, state, parents, local_kernel)
+    graph_inputs = (q, k, v, conv_weight, global_scale, *state.tensors().values())
+    check_supported("verify_attention", memory, local_kernel, *graph_inputs)
+    relu2 = local_kernel == "relu2"
     check_inputs(q, k, v, conv_weight, global_scale, state.kv, parents)
     batch, num_heads, num_nodes, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
