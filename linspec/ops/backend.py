@@ -45,6 +45,14 @@ BACKENDS = ("auto", "torch", "triton")
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("linspec_backend", default=None)
 _process_wide: str | None = None
 _announced: set[str] = set()  # fallback messages already warned about in this process
+# What each op serves, for messages: a user meets the modes, not the op names.
+SERVES = {
+    "chunked_attention": "training and prefill",
+    "grouped_terms": "prefill on a state, extend_attention",
+    "recurrent_step": "one-token decode",
+    "verify_attention": "speculative verification",
+    "causal_depthwise_conv": "the conv of extend_attention",
+}
 
 
 class KernelFallbackWarning(UserWarning):
@@ -100,7 +108,7 @@ class Route:
 
     def __str__(self) -> str:
         side = "Triton" if self.triton else "PyTorch"
-        return f"{self.op} → {side}: {self.reason}"
+        return f"{self.op} ({SERVES[self.op]}) → {side}: {self.reason}"
 
 
 def route(
@@ -153,7 +161,7 @@ def plan(settings: LinspecConfig, device: torch.device | str) -> list[Route]:
 
 
 def _announce(chosen: Route) -> None:
-    message = f"linspec: {chosen.op} runs on PyTorch, not the Triton kernels: {chosen.reason}"
+    message = f"linspec: {chosen.op} ({SERVES[chosen.op]}) runs on PyTorch, not the Triton kernels: {chosen.reason}"
     if message not in _announced:
         _announced.add(message)
         warnings.warn(message, KernelFallbackWarning, stacklevel=4)

@@ -11,6 +11,7 @@ import torch
 from linspec.config import PRESETS, LinspecConfig
 from linspec.ops import backend as backend_module
 from linspec.ops.backend import (
+    SERVES,
     KernelFallbackWarning,
     backend,
     chunked_attention,
@@ -122,12 +123,12 @@ def test_only_the_forward_only_kernels_hand_graphs_to_pytorch(op):
 
 def test_plan_names_every_missing_setting_of_the_window_preset():
     routes = {r.op: r for r in plan(LinspecConfig.from_preset("window"), "cuda")}
-    assert set(routes) == set(OPS) and routes["causal_depthwise_conv"].triton
+    assert set(routes) == set(OPS) == set(SERVES) and routes["causal_depthwise_conv"].triton
     for op in ATTENTION_OPS:
         assert routes[op].fallback
         for setting in ("global_decay", "global_norm 'mean'", "local_kernel 'softmax'"):
             assert setting in routes[op].reason, routes[op]
-        assert str(routes[op]).startswith(f"{op} → PyTorch: global_decay")
+        assert str(routes[op]).startswith(f"{op} ({SERVES[op]}) → PyTorch: global_decay")
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -151,5 +152,5 @@ def test_a_fallback_warns_once_with_its_reason_and_a_cpu_call_under_auto_not_at_
         second = chunked_attention(*args)
     assert torch.equal(first, expected) and torch.equal(second, expected)  # PyTorch ran
     assert [w.category for w in caught] == [KernelFallbackWarning]
-    assert "chunked_attention runs on PyTorch" in str(caught[0].message)
+    assert "chunked_attention (training and prefill) runs on PyTorch" in str(caught[0].message)
     assert "global_decay is not implemented in the Triton kernels" in str(caught[0].message)
