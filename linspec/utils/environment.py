@@ -21,7 +21,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-LOCK_FILE = Path(__file__).with_name("constraints-cpu.txt")
+LOCK_FILE = Path(__file__).parents[1] / "constraints-cpu.txt"  # linspec/constraints-cpu.txt
 
 # (distribution, label) shown by ``linspec env``, in this order.
 REPORTED = (
