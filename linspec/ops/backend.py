@@ -180,8 +180,7 @@ def _runs_on_triton(
     needs_grad = op in FORWARD_ONLY and torch.is_grad_enabled()
     if needs_grad:
         needs_grad = needs_autograd(*graph_inputs, *(() if state is None else state.tensors().values()))
-    decay, norm = memory_features(memory)
-    chosen = _decide(op, device.type, decay, norm, local_kernel, needs_grad, current_backend(), triton_available())
+    chosen = route(op, device, memory=memory, local_kernel=local_kernel, needs_grad=needs_grad)
     if chosen.fallback:
         _announce(chosen)
     return chosen.triton
