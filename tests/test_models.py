@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_models import BASES, randomize_linspec_parameters, tiny_base, tiny_linspec
+import torch.nn.functional as F
+from tiny_models import BASES, decode_one_by_one, randomize_linspec_parameters, tiny_base, tiny_linspec
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import linspec
-from linspec.models import hf
+from linspec.config import PRESETS
+from linspec.models import hf, terms
 from linspec.models.attention import LinspecAttention
+from linspec.models.runner import ModelRunner
+from linspec.models.terms.base import Term
+from linspec.ops.extend import gather_tokens
 
 ARCHS = sorted(BASES)
 
@@ -209,3 +215,113 @@ def test_softmax_layer_out_of_range_is_rejected():
 def test_converting_a_linspec_model_again_is_rejected():
     with pytest.raises(linspec.LinspecError, match="already a linspec model"):
         linspec.convert(tiny_linspec("llama"))
+
+
+def test_in_group_kernel_is_none_where_the_window_is_the_local_term():
+    """The grouped ops' κ is read from the settings as they are: a window model keeps ``local_kernel: softmax``."""
+    window = linspec.LinspecConfig.from_preset("window")
+    assert (window.local_kernel, window.in_group_kernel) == ("softmax", "none")
+    assert linspec.LinspecConfig.from_preset("elu").in_group_kernel == "identity"
+    assert linspec.LinspecConfig().in_group_kernel == "relu2"
+
+
+@dataclass
+class PreviousValue:
+    value: torch.Tensor  # (B, Hkv, 1, D): the last real token's value, zeros before the first
+
+
+class PreviousValueTerm(Term):
+    """A term written here against the ``Term`` interface alone, as a new term would be: each token reads the
+    value of the real token before it in its row (zeros for the first), per kv head, halved."""
+
+    name = "previous"
+
+    def __init__(self, layer) -> None:
+        self.repeats = layer.num_heads // layer.num_kv_heads
+        self.shape = (layer.num_kv_heads, 1, layer.head_dim)
+
+    @classmethod
+    def for_layer(cls, layer) -> PreviousValueTerm:
+        return cls(layer)
+
+    def empty(self, batch, dtype, device) -> PreviousValue:
+        return PreviousValue(torch.zeros(batch, *self.shape, dtype=dtype, device=device))
+
+    def _out(self, previous: torch.Tensor) -> torch.Tensor:
+        return 0.5 * previous.repeat_interleave(self.repeats, dim=1)
+
+    def chunked(self, x):
+        return self._out(F.pad(x.v, (0, 0, 1, 0))[:, :, :-1])
+
+    def extend(self, x, state):
+        previous = state.slices[self.name].value
+        length = x.v.shape[2]
+        real = torch.ones(x.v.shape[0], length, dtype=torch.bool) if x.token_mask is None else x.token_mask.bool()
+        outs = []
+        for t in range(length):
+            here = real[:, t, None, None, None]
+            outs.append(torch.where(here, previous, 0.0))
+            previous = torch.where(here, x.v[:, :, t : t + 1], previous)
+        return self._out(torch.cat(outs, dim=2)), PreviousValue(previous)
+
+    def verify(self, x, state):
+        parents = x.layout.parents
+        from_parent = gather_tokens(x.v, parents.clamp(min=0))
+        previous = torch.where((parents >= 0)[:, None, :, None], from_parent, state.slices[self.name].value)
+        return self._out(previous), x.v
+
+    def commit(self, state, kept, path, path_mask):
+        count = path_mask.sum(dim=1)
+        last = gather_tokens(kept, path.gather(1, (count - 1).clamp(min=0)[:, None]))
+        return PreviousValue(torch.where((count > 0)[:, None, None, None], last, state.slices[self.name].value))
+
+
+@torch.no_grad()
+def test_a_term_added_by_registration_runs_in_every_mode(monkeypatch):
+    """A new term is one class plus its place in ``TERM_KINDS``: the layer runs it in every mode beside the
+    window, the memory and the softmax heads, keeps its slice, and counts positions for it. Every mode then agrees
+    with the whole-sequence forward: a left-padded prefill, decode steps and an extend; a tree whose nodes equal
+    decoding their paths; and after a commit, a tree that sees exactly the committed context."""
+    settings = {**PRESETS["window"], "local_window": 6, "sink_tokens": 2, "softmax_heads": ((0, 1),)}
+    without = tiny_linspec("llama", seed=4, **settings).double()
+    monkeypatch.setattr(terms, "TERM_KINDS", (*terms.TERM_KINDS, PreviousValueTerm))
+    model = tiny_linspec("llama", seed=4, **settings).double()
+    assert all(isinstance(module.terms[-1], PreviousValueTerm) for module in model.linspec_modules())
+    ids = random_ids(2, 17, seed=5)
+    assert not torch.allclose(model(ids, use_cache=False).logits, without(ids, use_cache=False).logits, atol=1e-3)
+
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1, :4] = False
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # each row's own, as generate() passes them
+    cache = model.new_cache()
+
+    def forward(columns: slice) -> torch.Tensor:
+        return model(
+            ids[:, columns], attention_mask=mask[:, : columns.stop].long(), position_ids=positions[:, columns],
+            **hf.cache_kwargs(cache),
+        ).logits  # fmt: skip
+
+    steps = [forward(slice(0, 9)), *(forward(slice(t, t + 1)) for t in range(9, 12)), forward(slice(12, 17))]
+    cached = torch.cat(steps, dim=1)
+    for row in range(2):
+        alone = model(ids[row : row + 1, mask[row]], use_cache=False).logits[0]
+        torch.testing.assert_close(cached[row, mask[row]], alone, rtol=0, atol=1e-10)
+    assert cache.layers[0].state.position.tolist() == [17, 13]
+
+    parents = [-1, 0, 0, 1, 3, 2]
+    runner = ModelRunner(model, 2)
+    runner.extend(ids, mask)
+    nodes = random_ids(2, len(parents), seed=6)
+    tree, logits = runner.tree_logits(nodes, torch.tensor([parents] * 2))
+    for row in range(2):
+        for node, path in enumerate([[0], [0, 1], [0, 2], [0, 1, 3], [0, 1, 3, 4], [0, 2, 5]]):
+            sequence = torch.cat([ids[row, mask[row]], nodes[row, path]])[None]
+            torch.testing.assert_close(
+                logits[row, node], decode_one_by_one(model, sequence)[0][0, -1], rtol=0, atol=1e-9
+            )
+    tree.commit(torch.tensor([[0, 1, 3], [0, 2, 0]]), torch.tensor([[True, True, True], [True, True, False]]))
+    following = random_ids(2, 2, seed=7)
+    _, after = runner.tree_logits(following, torch.tensor([[-1, 0]] * 2))
+    for row, path in enumerate([[0, 1, 3], [0, 2]]):
+        sequence = torch.cat([ids[row, mask[row]], nodes[row, path], following[row]])[None]
+        torch.testing.assert_close(after[row], decode_one_by_one(model, sequence)[0][0, -2:], rtol=0, atol=1e-9)
