@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linspec
-from linspec.bench.demo import chat_input_ids
 from linspec.cli import main
+from linspec.evaluation.greedy import encode_prompt
 from linspec.models import hf
 from linspec.sources.loading import load_source
 
@@ -31,7 +31,7 @@ def test_converted_demo_model_loads_generates_and_reloads_identically(converted_
     tokenizer = AutoTokenizer.from_pretrained(converted_dir)
     assert type(model).__name__ == "LinspecLlamaForCausalLM" and len(model.linspec_modules()) == 30
     assert tokenizer.chat_template, "the chat template must travel with the converted model"
-    ids = chat_input_ids(tokenizer, PROMPTS[0])
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[0])])
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), min_new_tokens=12, max_new_tokens=12, do_sample=False
     )
@@ -63,7 +63,7 @@ def test_every_layer_kept_softmax_reproduces_the_original_exactly(demo_model_pat
     hybrid, _ = load_source(str(demo_model_path))
     hybrid = linspec.convert(hybrid, linspec.LinspecConfig(softmax_layers=tuple(range(30))))
     for prompt in PROMPTS:
-        ids = chat_input_ids(tokenizer, prompt)
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])
         kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
         expected = original.generate(ids, **kwargs)
         assert torch.equal(hybrid.generate(ids, **kwargs), expected), prompt

@@ -1,4 +1,5 @@
-"""Perplexity: sliding windows score every token once; ablations zero γ / conv and put them back."""
+"""Perplexity: scoring windows score every token once; ablations zero γ / conv and put them back; layers restored to
+softmax, and the ranking of layers by what that leaves (``linspec eval layers``)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import torch.nn.functional as F
 from tiny_models import randomize_linspec_parameters, tiny_base, tiny_linspec
 
 import linspec
-from linspec.evaluation.perplexity import ablated, perplexity_of_ids, perplexity_of_sequences, sliding_windows
+from linspec.evaluation.perplexity import ablated, perplexity_of_ids, perplexity_of_sequences, scoring_windows
 
 
 @pytest.mark.parametrize(
     ("length", "window", "stride"), [(50, 16, 16), (50, 16, 5), (17, 16, 16), (16, 16, 3), (3, 8, 8)]
 )
-def test_sliding_windows_score_every_token_once_with_context(length, window, stride):
+def test_scoring_windows_score_every_token_once_with_context(length, window, stride):
     ids = torch.arange(length)
     scored = []
-    for chunk, skip in sliding_windows(ids, window, stride):
+    for chunk, skip in scoring_windows(ids, window, stride):
         assert len(chunk) <= window and skip >= 1  # position 0 of a window has nothing to predict it from
         scored.extend(chunk[skip:].tolist())
     assert scored == list(range(1, length))
@@ -106,7 +107,8 @@ def test_restoring_a_layer_to_softmax_equals_the_hybrid_conversion(arch):
 
 
 def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_path, capsys):
-    from linspec.evaluation.perplexity import perplexity_of_sequences, rank_layers, softmax_restored
+    from linspec.conversion.softmax_layers import rank_layers
+    from linspec.evaluation.perplexity import softmax_restored
     from linspec.train.tiny import tiny_tokenizer
 
     model = linspec.convert(tiny_base("llama", vocab_size=len(tiny_tokenizer())), linspec.LinspecConfig(group_size=8))
@@ -129,8 +131,9 @@ def test_eval_layers_ranks_every_linear_layer_and_measures_the_best_sets(tmp_pat
 
 def test_eval_layers_by_passkey_ranks_by_the_keys_loss(tmp_path, capsys):
     """``--by passkey`` ranks layers by the teacher-forced loss of the key; the scorer is that loss, computed."""
+    from linspec.conversion.softmax_layers import rank_layers
     from linspec.evaluation.passkey import key_nll_scorer, make_trials
-    from linspec.evaluation.perplexity import rank_layers, softmax_restored
+    from linspec.evaluation.perplexity import softmax_restored
     from linspec.train.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -162,7 +165,7 @@ def test_greedy_search_adds_the_layer_that_helps_most_together(tmp_path, capsys)
     """Layers 0 and 1 each help a lot alone but do the same job; layer 2 helps less alone but adds to either.
     Taking the best two alone gives {0, 1}; forward selection finds {0, 2}. The scores are a table over the set
     of layers actually restored to softmax while the scorer runs."""
-    from linspec.evaluation.perplexity import rank_layers
+    from linspec.conversion.softmax_layers import rank_layers
 
     model = linspec.convert(tiny_base("llama"), linspec.LinspecConfig(group_size=8))
     table = {(): 10.0, (0,): 5.0, (1,): 5.5, (2,): 7.0, (0, 1): 4.9, (0, 2): 2.0, (1, 2): 2.5}

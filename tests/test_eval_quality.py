@@ -15,7 +15,7 @@ import linspec
 from linspec.cli import main
 from linspec.errors import LinspecError
 from linspec.evaluation.greedy import greedy_generate
-from linspec.evaluation.perplexity import next_token_scores, rank_layers
+from linspec.evaluation.perplexity import next_token_scores
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,10 +172,10 @@ def test_the_demo_model_finds_the_passkey(demo_model_path):
 
 
 def test_auto_softmax_layers_keep_the_layers_rank_layers_ranks_best():
-    from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers, resolve_softmax_layers
-    from linspec.evaluation.perplexity import choose_softmax_layers
+    from linspec.conversion.choice import Auto, parse_softmax_layers
+    from linspec.conversion.softmax_layers import choose_softmax_layers, rank_layers, resolve_softmax_layers
 
-    assert parse_softmax_layers("auto:2") == AutoLayers(2) and parse_softmax_layers("0,3-4") == (0, 3, 4)
+    assert parse_softmax_layers("auto:2") == Auto(2) and parse_softmax_layers("0,3-4") == (0, 3, 4)
     for bad in ("auto:0", "auto:x", "auto", "1-x"):
         with pytest.raises(LinspecError):
             parse_softmax_layers(bad)
@@ -186,10 +186,10 @@ def test_auto_softmax_layers_keep_the_layers_rank_layers_ranks_best():
     best = sorted(ranking.single, key=ranking.single.__getitem__)
     for n in (1, 2):
         assert choose_softmax_layers(model, sequences, n) == tuple(sorted(best[:n]))
-    with pytest.raises(LinspecError, match="1 <= N <= 4"):
+    with pytest.raises(LinspecError, match=r"auto:N .* must be an integer in 1\.\.4, got 5"):
         choose_softmax_layers(model, sequences, 5)
     base = tiny_base("llama", num_hidden_layers=4)
-    settings = resolve_softmax_layers(base, model.config.linspec_settings, AutoLayers(2), sequences, progress=False)
+    settings = resolve_softmax_layers(base, model.config.linspec_settings, Auto(2), sequences, progress=False)
     assert len(settings.softmax_layers) == 2 and settings.group_size == 8
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from linspec.bench.demo import chat_input_ids
 from linspec.cli import main
+from linspec.evaluation.greedy import encode_prompt
 from linspec.sources.loading import load_source
 
 
@@ -21,7 +21,7 @@ def test_plain_generate_streams_the_greedy_chat_answer(demo_model_path, capsys):
     code = main(["generate", str(demo_model_path), "--prompt", prompt, "--max-new-tokens", "12"])
     streamed = capsys.readouterr().out.strip()
     model, tokenizer = load_source(str(demo_model_path), progress=False)
-    ids = chat_input_ids(tokenizer, prompt)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert code == 0
     assert streamed == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

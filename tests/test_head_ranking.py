@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import linspec
 from linspec.cli import main
-from linspec.conversion.softmax_heads import AutoHeads, choose_softmax_heads, far_attention_mass, parse_softmax_heads
+from linspec.conversion.choice import Auto, parse_softmax_heads
+from linspec.conversion.softmax_heads import choose_softmax_heads, far_attention_mass
 from linspec.errors import LinspecError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,7 +65,7 @@ def test_choose_softmax_heads_takes_the_largest_outside_the_softmax_layers():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("4:1, 7:0", ((4, 1), (7, 0))), ("auto:12", AutoHeads(12)), ([[2, 1]], ((2, 1),))],
+    [("4:1, 7:0", ((4, 1), (7, 0))), ("auto:12", Auto(12)), ([[2, 1]], ((2, 1),))],
 )
 def test_parse_softmax_heads(text, expected):
     assert parse_softmax_heads(text) == expected

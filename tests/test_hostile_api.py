@@ -187,7 +187,9 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     ),
     "atomic-into-file": (lambda w: atomic_directory(w["a-file"], force=True).__enter__(), "not a directory"),
     "ppl-window-one": (
-        lambda w: list(__import__("linspec.evaluation.perplexity").evaluate.sliding_windows(torch.arange(4), 1, 1)),
+        lambda w: list(
+            __import__("linspec.evaluation.perplexity").evaluation.perplexity.scoring_windows(torch.arange(4), 1, 1)
+        ),
         "need window >= 2",
     ),
 }
@@ -277,27 +279,27 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
     ),
     "remove-entries-through-link": (_links_then_remove, "symbolic link"),
     "passkey-trials-absurd": (
-        lambda w: __import__("linspec.evaluation.passkey").evaluate_passkey.make_trials(None, 64, 10**8),
+        lambda w: __import__("linspec.evaluation.passkey").evaluation.passkey.make_trials(None, 64, 10**8),
         "trials must be an integer in 1..4096",
     ),
     "passkey-seed-huge": (
-        lambda w: __import__("linspec.evaluation.passkey").evaluate_passkey.make_trials(None, 64, 2, seed=2**70),
+        lambda w: __import__("linspec.evaluation.passkey").evaluation.passkey.make_trials(None, 64, 2, seed=2**70),
         "seed must be an integer in 0..4294967295",
     ),
     "curve-windows-absurd": (
-        lambda w: __import__("linspec.evaluation.lengths").evaluate_lengths.perplexity_by_length(
+        lambda w: __import__("linspec.evaluation.lengths").evaluation.lengths.perplexity_by_length(
             tiny_base("llama"), torch.arange(64), [8], max_windows=10**8
         ),
         "max_windows must be an integer in 1..4096",
     ),
     "curve-length-absurd": (
-        lambda w: __import__("linspec.evaluation.lengths").evaluate_lengths.check_lengths(
+        lambda w: __import__("linspec.evaluation.lengths").evaluation.lengths.check_lengths(
             torch.nn.Linear(1, 1), [10**9]
         ),
         "lengths must be integers in 2..1048576",
     ),
     "agreement-tokens-absurd": (
-        lambda w: __import__("linspec.evaluation.agreement").evaluate_agreement.greedy_answers(None, None, [], 10**8),
+        lambda w: __import__("linspec.evaluation.agreement").evaluation.agreement.greedy_answers(None, None, [], 10**8),
         "max_new_tokens must be an integer in 1..16384",
     ),
     "recipe-seed-huge": (lambda w: load_recipe(w["recipe.yaml"], [f"seed={2**70}"]), "recipe key seed must be"),
@@ -314,8 +316,14 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
         ),
         "symbolic link",
     ),
-    "count-bool": (lambda w: __import__("linspec.utils.validation").validation.check_count(True, "n"), "n must be"),
-    "count-float": (lambda w: __import__("linspec.utils.validation").validation.check_count(2.0, "n", 1, 4), "in 1..4"),
+    "count-bool": (
+        lambda w: __import__("linspec.utils.validation").utils.validation.check_count(True, "n"),
+        "n must be",
+    ),
+    "count-float": (
+        lambda w: __import__("linspec.utils.validation").utils.validation.check_count(2.0, "n", 1, 4),
+        "in 1..4",
+    ),
 }
 API_CASES.update(ROUND_TWO)
 

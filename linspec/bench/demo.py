@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -15,33 +14,24 @@ from rich.table import Table
 from linspec.bench.decode import time_decode
 from linspec.config import LinspecConfig
 from linspec.errors import LinspecError
+from linspec.evaluation.greedy import encode_prompt, greedy_generate, stop_ids
+from linspec.utils.paths import cache_root
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
 
 
 def default_output_dir(name: str) -> Path:
-    from platformdirs import user_cache_dir
-
-    root = Path(os.environ.get("LINSPEC_CACHE") or user_cache_dir("linspec"))
-    return root / "converted" / f"{name}-window"
-
-
-def chat_input_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """Token ids of ``prompt``, wrapped in the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        return ids
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return cache_root() / "converted" / f"{name}-window"
 
 
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str, float]:
-    ids = chat_input_ids(tokenizer, prompt).to(model.device)
+    """``(answer, seconds)``: the greedy answer to ``prompt`` as a user turn, encoded and decoded the way every
+    evaluation does it (``linspec.evaluation.greedy``), so the demo shows what an evaluation would measure."""
+    ids = encode_prompt(tokenizer, prompt)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = greedy_generate(model, ids, max_new_tokens, stop_ids(tokenizer, model))
     elapsed = time.perf_counter() - start
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), elapsed
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip(), elapsed
 
 
 def _cached_settings(out: Path) -> LinspecConfig | None:
@@ -93,7 +83,7 @@ def run_demo(
 
     ``trained``: a linspec model made from ``model_name`` by ``linspec train`` to show instead of the raw
     conversion, whose text is poor until trained."""
-    from linspec.sources.loading import progress_bars
+    from linspec.sources.load_steps import progress_bars
     from linspec.utils.devices import placement
 
     target, weights = placement(device, dtype)

@@ -4,36 +4,27 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 from linspec.config import BASE_MODEL_TYPES, DEFAULT_PRESET, PRESETS, LinspecConfig
-
-if TYPE_CHECKING:
-    from linspec.conversion.softmax_heads import AutoHeads
-    from linspec.conversion.softmax_layers import AutoLayers
+from linspec.conversion.choice import Auto, parse_softmax_heads, parse_softmax_layers
+from linspec.errors import LinspecError
 
 
-def parse_layers(text: str):
-    """``"0,5-7"`` -> ``(0, 5, 6, 7)``; ``"auto:4"`` -> ``AutoLayers(4)`` (chosen by measurement on --data)."""
-    from linspec.conversion.softmax_layers import parse_softmax_layers
-    from linspec.errors import LinspecError
+def choice_arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` for ``--softmax-layers``/``--softmax-heads``: a list or ``auto:N`` (chosen by
+    measurement on --data), refused by the parser in one line otherwise."""
 
-    try:
-        return parse_softmax_layers(text)
-    except LinspecError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    def read(text: str) -> Any:
+        try:
+            return parse(text)
+        except LinspecError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-
-def parse_heads(text: str):
-    """``"4:1,7:0"`` -> ``((4, 1), (7, 0))``; ``"auto:12"`` -> ``AutoHeads(12)`` (chosen by measurement on --data)."""
-    from linspec.conversion.softmax_heads import parse_softmax_heads
-    from linspec.errors import LinspecError
-
-    try:
-        return parse_softmax_heads(text)
-    except LinspecError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    read.__name__ = parse.__name__
+    return read
 
 
 _SIZE = re.compile(r"([1-9][0-9]{0,6})([KMG])(i?)B", re.IGNORECASE)
@@ -80,14 +71,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--softmax-layers",
-        type=parse_layers,
+        type=choice_arg(parse_softmax_layers),
         default=(),
         help="layers to keep softmax, e.g. 0,5-7; auto:N keeps the N layers that measure best on --data "
         "(linspec eval layers' ranking of the raw all-linear conversion)",
     )
     parser.add_argument(
         "--softmax-heads",
-        type=parse_heads,
+        type=choice_arg(parse_softmax_heads),
         default=(),
         help="kv heads of linear layers to keep softmax, as layer:head pairs, e.g. 4:1,7:0; auto:N keeps the N that "
         "the softmax model attends outside the local window with most, measured on --data (linspec eval heads)",
@@ -122,12 +113,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if getattr(args, name) is not None
     }
-    from linspec.conversion.softmax_heads import AutoHeads
-    from linspec.conversion.softmax_layers import AutoLayers
-
     device, dtype = placement(args.device, args.dtype)
-    auto = args.softmax_layers if isinstance(args.softmax_layers, AutoLayers) else None
-    auto_heads = args.softmax_heads if isinstance(args.softmax_heads, AutoHeads) else None
+    auto = args.softmax_layers if isinstance(args.softmax_layers, Auto) else None
+    auto_heads = args.softmax_heads if isinstance(args.softmax_heads, Auto) else None
     settings = LinspecConfig.from_preset(
         args.preset,
         softmax_layers=() if auto else args.softmax_layers,
@@ -167,13 +155,13 @@ def heads_summary(settings: LinspecConfig) -> str:
 
 
 def choose_by_measurement(
-    args: argparse.Namespace, settings: LinspecConfig, auto: AutoLayers | None, auto_heads: AutoHeads | None
+    args: argparse.Namespace, settings: LinspecConfig, auto: Auto | None, auto_heads: Auto | None
 ) -> LinspecConfig:
     """``auto:N`` layers (the raw all-linear conversion's layers ranked on --data) and/or ``auto:N`` heads (the
     softmax model's heads ranked by attention outside the local span, on --data sequences twice that span)."""
-    from linspec.conversion.softmax_heads import choose_softmax_heads, local_span
-    from linspec.conversion.softmax_layers import resolve_softmax_layers, text_sequences
-    from linspec.errors import LinspecError
+    from linspec.conversion.choice import text_sequences
+    from linspec.conversion.softmax_heads import choose_softmax_heads, ranking_sequences
+    from linspec.conversion.softmax_layers import resolve_softmax_layers
     from linspec.evaluation.perplexity import read_text_ids
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
@@ -199,8 +187,7 @@ def choose_by_measurement(
         settings = resolve_softmax_layers(base, settings, auto, sequences)
         print(f"{auto}: measured on {args.data}, keeping layers {list(settings.softmax_layers)} softmax")
     if auto_heads:
-        sequences = text_sequences(ids, seq_len=2 * local_span(settings)[0], max_sequences=2)
-        heads = choose_softmax_heads(base.eval(), settings, sequences, auto_heads.count)
+        heads = choose_softmax_heads(base.eval(), settings, ranking_sequences(ids, settings, 2), auto_heads.count)
         settings = replace(settings, softmax_heads=heads)
         print(f"{auto_heads}: measured on {args.data}, keeping heads {format_heads(heads)} softmax")
     return settings

@@ -98,14 +98,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_heads(args: argparse.Namespace) -> int:
-    from linspec.bench.report import markdown_table
     from linspec.config import LinspecConfig
-    from linspec.conversion.softmax_heads import far_attention_mass, largest_heads, local_span
-    from linspec.conversion.softmax_layers import text_sequences
+    from linspec.conversion.softmax_heads import far_attention_mass, largest_heads, local_span, ranking_sequences
     from linspec.errors import LinspecError
     from linspec.evaluation.perplexity import read_text_ids
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
+    from linspec.utils.results import markdown_table
 
     overrides = {} if args.local_window is None else {"local_window": args.local_window}
     settings = LinspecConfig.from_preset(args.preset, **overrides)
@@ -117,11 +116,11 @@ def run_heads(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
     span = local_span(settings)[0]
-    sequences = text_sequences(read_text_ids(tokenizer, args.data, args.text_field), 2 * span, args.max_sequences)
+    sequences = ranking_sequences(read_text_ids(tokenizer, args.data, args.text_field), settings, args.max_sequences)
     mass = far_attention_mass(model.eval(), settings, sequences)
     chosen = largest_heads(mass, min(args.top, mass.numel()))
     print(
-        f"attention outside the {span}-token local span, {len(sequences)} sequences of {2 * span} tokens "
+        f"attention outside the {span}-token local span, {len(sequences)} sequences of {sequences.shape[1]} tokens "
         f"(summed over the query heads of each kv head)"
     )
     rows = [[f"{layer}:{head}", round(float(mass[layer, head]), 3)] for layer, head in chosen]
@@ -152,11 +151,11 @@ def check_data(source: str) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    from linspec.bench.report import markdown_table
     from linspec.errors import LinspecError
     from linspec.evaluation.perplexity import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
+    from linspec.utils.results import markdown_table
 
     if args.stride is not None and args.stride > args.window:
         raise LinspecError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
@@ -185,11 +184,13 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_layers(args: argparse.Namespace) -> int:
-    from linspec.bench.report import markdown_table
+    from linspec.conversion.choice import text_sequences
+    from linspec.conversion.softmax_layers import rank_layers
     from linspec.errors import LinspecError
-    from linspec.evaluation.perplexity import rank_layers, read_text_ids
+    from linspec.evaluation.perplexity import read_text_ids
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
+    from linspec.utils.results import markdown_table
 
     if args.by == "ppl" and not args.data:
         raise LinspecError("--by ppl needs --data (the text to score)")
@@ -212,13 +213,12 @@ def run_layers(args: argparse.Namespace) -> int:
         print(f"all linear: {metric} {ranking.baseline:.3f} ({args.trials} prompts of {args.passkey_length} tokens)")
     else:
         ids = read_text_ids(tokenizer, args.data, args.text_field)
-        count = min(args.max_sequences, len(ids) // args.seq_len)
-        if count == 0:
+        if len(ids) < args.seq_len:
             raise LinspecError(f"{args.data} has fewer than --seq-len {args.seq_len} tokens")
-        sequences = ids[: count * args.seq_len].view(count, args.seq_len)
+        sequences = text_sequences(ids, args.seq_len, args.max_sequences)
         ranking = rank_layers(model, sequences, top=args.top, search=args.search, pool=args.pool)
         metric = "perplexity"
-        print(f"all linear: perplexity {ranking.baseline:.2f} ({count} sequences of {args.seq_len} tokens)")
+        print(f"all linear: perplexity {ranking.baseline:.2f} ({len(sequences)} sequences of {args.seq_len} tokens)")
     rows = sorted(ranking.single.items(), key=lambda item: item[1])
     print(markdown_table(["layer kept softmax", metric], [[layer, round(value, 3)] for layer, value in rows]))
     print()

@@ -192,10 +192,10 @@ def _command(args: argparse.Namespace) -> str:
 def run_ppl_curve(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from linspec.bench.report import markdown_table
     from linspec.errors import LinspecError
     from linspec.evaluation.lengths import perplexity_by_length, plot_length_curves
     from linspec.evaluation.perplexity import read_text_ids
+    from linspec.utils.results import markdown_table
 
     if args.ablate or args.ablations:
         raise LinspecError("--lengths compares context lengths; run --ablate/--ablations without it")
@@ -230,8 +230,8 @@ def run_ppl_curve(args: argparse.Namespace) -> int:
 def run_passkey(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from linspec.bench.report import markdown_table
     from linspec.evaluation.passkey import DEPTH_BUCKETS, passkey_accuracy, plot_passkey
+    from linspec.utils.results import markdown_table
 
     curves = {}
     for name in args.models:
@@ -254,9 +254,9 @@ def run_passkey(args: argparse.Namespace) -> int:
 
 
 def run_agreement(args: argparse.Namespace) -> int:
-    from linspec.bench.report import markdown_table
     from linspec.data.prompts import load_prompts
     from linspec.evaluation.agreement import Agreement, greedy_answers
+    from linspec.utils.results import markdown_table
 
     prompts = load_prompts(args.prompts, args.num_prompts, args.seed, args.text_field)
     answers, texts = {}, {}
@@ -293,13 +293,13 @@ def run_agreement(args: argparse.Namespace) -> int:
 def run_harness(args: argparse.Namespace) -> int:
     import json
 
-    from linspec.bench.report import markdown_table
     from linspec.errors import LinspecError
+    from linspec.utils.results import markdown_table
 
     if args.include_path and not Path(args.include_path).is_dir():
         raise LinspecError(f"--include-path {args.include_path}: no such directory")
     try:
-        from linspec.evaluation.harness import evaluate
+        from linspec.evaluation.harness import run_tasks
     except ImportError as error:
         raise LinspecError(f"lm-evaluation-harness is not installed ({error}); pip install 'lm-eval>=0.4.13'") from None
     from linspec.cli.quiet import quiet_git_lookups
@@ -310,7 +310,7 @@ def run_harness(args: argparse.Namespace) -> int:
     device, dtype = placement(args.device, args.dtype)
     options = {"max_length": args.max_length} if args.max_length else {}
     options |= {"device": str(device), "dtype": dtype}
-    results = evaluate(
+    results = run_tasks(
         args.model, args.tasks, args.include_path, args.limit, args.num_fewshot, args.apply_chat_template, **options
     )
     rows = [

@@ -12,55 +12,20 @@ trained gates).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from linspec.config import MAX_HEADS, MAX_LAYERS, LinspecConfig
+from linspec.config import LinspecConfig
+from linspec.conversion.choice import text_sequences
 from linspec.errors import LinspecError
 from linspec.models import hf
+from linspec.utils.validation import check_count
 
-_AUTO = re.compile(r"auto:(\d+)")
 # Query rows scored at once: bounds the (rows × T) score matrix per head on long sequences.
 _QUERY_BLOCK = 256
-
-
-@dataclass(frozen=True)
-class AutoHeads:
-    """``auto:N`` — choose ``count`` softmax kv heads by measurement."""
-
-    count: int
-
-    def __str__(self) -> str:
-        return f"auto:{self.count}"
-
-
-def parse_softmax_heads(value: str | Sequence) -> tuple[tuple[int, int], ...] | AutoHeads:
-    """``"4:1,7:0"`` -> ``((4, 1), (7, 0))`` (layer:kv head); ``"auto:12"`` -> ``AutoHeads(12)``; a list of
-    pairs passes through (validated by ``LinspecConfig``)."""
-    if not isinstance(value, str):
-        return tuple(tuple(pair) if isinstance(pair, list) else pair for pair in value)
-    text = value.strip()
-    shown = text if len(text) <= 40 else text[:37] + "..."
-    if text.startswith("auto"):
-        match = _AUTO.fullmatch(text)
-        if not match or int(match.group(1)) < 1:
-            raise LinspecError(f"expected auto:N with N >= 1 (softmax heads chosen by measurement), got {shown!r}")
-        return AutoHeads(int(match.group(1)))
-    pairs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        layer, colon, head = part.partition(":")
-        if not colon or not layer.strip().isdigit() or not head.strip().isdigit():
-            raise LinspecError(f"expected layer:kv-head pairs like '4:1,7:0' or auto:N, got {shown!r}")
-        if int(layer) >= MAX_LAYERS or int(head) >= MAX_HEADS:
-            raise LinspecError(f"softmax head {part!r:.30} is past any model")
-        pairs.append((int(layer), int(head)))
-    if not pairs:
-        raise LinspecError(f"expected layer:kv-head pairs like '4:1,7:0' or auto:N, got {shown!r}")
-    return tuple(pairs)
 
 
 def local_span(settings: LinspecConfig) -> tuple[int, int]:
@@ -69,6 +34,12 @@ def local_span(settings: LinspecConfig) -> tuple[int, int]:
     if settings.softmax_window:
         return settings.local_window, settings.sink_tokens
     return settings.group_size, 0
+
+
+def ranking_sequences(ids: torch.Tensor, settings: LinspecConfig, max_sequences: int) -> torch.Tensor:
+    """Held-out sequences of twice the local span of ``settings``, cut from a 1-D id tensor: the second half of
+    each is queries past the span, whose far attention is what the ranking measures."""
+    return text_sequences(ids, 2 * local_span(settings)[0], max_sequences)
 
 
 @torch.no_grad()
@@ -148,7 +119,6 @@ def largest_heads(mass: torch.Tensor, count: int, softmax_layers: Sequence[int] 
     for layer in softmax_layers:
         mass[layer] = -1.0
     available = int((mass >= 0).sum())
-    if not 1 <= count <= available:
-        raise LinspecError(f"auto:{count} softmax heads: the linear layers have {available} kv heads")
+    check_count(count, f"auto:N (softmax heads; the linear layers have {available} kv heads)", 1, available)
     heads = mass.shape[1]
     return [(int(i) // heads, int(i) % heads) for i in mass.flatten().argsort(descending=True)[:count]]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linspec.errors import LinspecError
+from linspec.utils.validation import MAX_PROMPTS, check_count
 
 # kind -> template; "{text}" is a paragraph (or, for "continue", its first half).
 TEMPLATES = {
@@ -110,8 +111,7 @@ def build_prompts(
 ) -> list[Prompt]:
     """``count`` prompts: paragraphs in a seeded order, the ``kinds`` in turn (default: the paragraph-instruction
     ones, ``TEMPLATES``; any of ``KINDS``). Deterministic given the inputs."""
-    if count < 1:
-        raise LinspecError(f"the number of prompts must be at least 1, got {count}")
+    check_count(count, "the number of prompts", 1, MAX_PROMPTS)
     kinds = list(TEMPLATES) if kinds is None else check_kinds(kinds)
     material = paragraphs(documents)
     if len(material) < count:
@@ -170,8 +170,7 @@ def verbatim_prompts(source: str) -> list[str] | None:
 
 
 def _verbatim(texts: list[str], count: int, source: str) -> list[Prompt]:
-    if count < 1:
-        raise LinspecError(f"the number of prompts must be at least 1, got {count}")
+    check_count(count, "the number of prompts", 1, MAX_PROMPTS)
     if not texts:
         raise LinspecError(f"{source} has no prompts")
     return [Prompt("file", text) for text in texts[:count]]

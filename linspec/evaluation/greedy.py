@@ -1,4 +1,5 @@
-"""Plain greedy decoding with a chunked prefill: the decoder every evaluation uses (passkey, agreement, harness).
+"""Plain greedy decoding with a chunked prefill, and the one prompt encoder: what every evaluation (passkey,
+agreement, harness) and the demo decode with.
 
 ``model.generate`` prefills the whole prompt in one forward, whose attention scores and logits grow with the
 prompt; evaluations at 8k tokens on a CPU need the prefill in chunks through the cache (see
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from linspec.errors import LinspecError
+from linspec.utils.validation import MAX_LENGTH, MAX_NEW_TOKENS, check_count
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -59,8 +61,8 @@ def greedy_generate(
     ids = torch.as_tensor(list(prompt_ids) if not torch.is_tensor(prompt_ids) else prompt_ids, dtype=torch.long)
     if ids.ndim != 1 or len(ids) == 0:
         raise LinspecError("greedy_generate needs a non-empty 1-D prompt")
-    if max_new_tokens < 1:
-        raise LinspecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_count(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    check_count(chunk, "chunk", 1, MAX_LENGTH)
     model.eval()
     device = next(model.parameters()).device
     cache = new_cache_for(model)

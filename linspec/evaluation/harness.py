@@ -115,14 +115,14 @@ class LinspecLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents (every token, the first predicted from ``prefix_token_id``), in
-        windows of ``max_length`` tokens as ``linspec.evaluation.perplexity.sliding_windows`` lays them out."""
-        from linspec.evaluation.perplexity import next_token_scores, sliding_windows
+        windows of ``max_length`` tokens as ``linspec.evaluation.perplexity.scoring_windows`` lays them out."""
+        from linspec.evaluation.perplexity import next_token_scores, scoring_windows
 
         results = []
         for request in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             ids = torch.tensor([self.prefix_token_id, *self.tok_encode(request.args[0])])
             total = 0.0
-            for window, skip in sliding_windows(ids, self.max_length, self.max_length):
+            for window, skip in scoring_windows(ids, self.max_length, self.max_length):
                 logprobs, _ = next_token_scores(self.model, window, self.chunk)
                 total += float(logprobs[max(skip - 1, 0) :].sum())
             results.append(total)
@@ -170,7 +170,7 @@ def register() -> None:
 register()
 
 
-def evaluate(
+def run_tasks(
     model: str,
     tasks: list[str],
     include_path: str | None = None,
@@ -203,10 +203,12 @@ def evaluate(
 
 
 def main() -> None:
-    """``python -m linspec.evaluation.harness ...``: the harness CLI with ``--model linspec`` registered."""
-    from linspec.evaluation.harness_command import main as harness_command
+    """``python -m linspec.evaluation.harness ...``: the harness CLI, with ``--model linspec`` registered by
+    importing this module. (``linspec-lm-eval`` is ``linspec.evaluation.harness_command``, which imports this
+    module only once it knows the harness is installed.)"""
+    from lm_eval.__main__ import cli_evaluate
 
-    harness_command()
+    cli_evaluate()
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from linspec.errors import LinspecError
+from linspec.utils.validation import MAX_LENGTH, check_count
 
 ABLATIONS = {
     "full": (),
@@ -40,7 +40,7 @@ class Perplexity:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def sliding_windows(ids: torch.Tensor, window: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
+def scoring_windows(ids: torch.Tensor, window: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
     """``(window ids, skip)`` over a 1-D id tensor: the window's positions ``skip..`` are scored, each predicted
     from the tokens before it in the window. Every token but the first is scored exactly once; a window scores at
     most ``min(stride, window − 1)`` new tokens, so each has at least one token of context."""
@@ -76,8 +76,7 @@ def prefill_chunks(model, ids: torch.Tensor, cache, chunk: int = 512) -> Iterato
     model's KV cache grows linearly, while the attention scores and logits never exceed one chunk's rows."""
     from linspec.models import hf
 
-    if chunk < 1:
-        raise LinspecError(f"chunk must be at least 1 token, got {chunk}")
+    check_count(chunk, "chunk", 1, MAX_LENGTH)
     device = next(model.parameters()).device
     for piece in ids.split(chunk):
         out = model(input_ids=piece[None].to(device), use_cache=True, **hf.cache_kwargs(cache))
@@ -124,7 +123,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, window: int = 256, stride: int |
     stride = stride or window
     device = next(model.parameters()).device
     total, count, start = 0.0, 0, time.perf_counter()
-    windows = list(sliding_windows(ids, window, stride))
+    windows = list(scoring_windows(ids, window, stride))
     bar = tqdm(windows, desc="perplexity", unit="win", disable=not progress)
     for chunk, skip in bar:
         nll, n = sequence_nll(model, chunk[None].to(device), skip)
@@ -168,8 +167,9 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
     """Temporarily run the listed decoder layers (0-based) as softmax attention with their current q/k/v/o.
 
     That is what keeping them softmax in a hybrid conversion would give, measured without converting again:
-    the basis of ``rank_layers``. Only for full-sequence scoring (``use_cache=False``)."""
-    from linspec.train.transfer import softmax_output_of_call
+    the basis of ``linspec.conversion.softmax_layers.rank_layers``. Only for full-sequence scoring
+    (``use_cache=False``)."""
+    from linspec.models.softmax_parent import softmax_output_of_call
 
     wanted = set(layers)
     modules = [m for m in getattr(model, "linspec_modules", list)() if m.layer_idx in wanted]
@@ -186,85 +186,6 @@ def softmax_restored(model, layers: Iterator[int] | list[int]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
-
-
-@dataclass
-class LayerRanking:
-    baseline: float  # score (perplexity, or passkey NLL) with every layer linear
-    single: dict[int, float]  # layer -> score with only that layer restored to softmax
-    cumulative: list[tuple[list[int], float]]  # the chosen sets of 1..top layers and their score
-
-
-SEARCHES = ("single", "greedy")
-
-
-@torch.no_grad()
-def rank_layers(
-    model,
-    sequences: torch.Tensor | None,
-    top: int = 8,
-    progress: bool = True,
-    score: Callable[[Any], float] | None = None,
-    search: str = "single",
-    pool: int | None = None,
-) -> LayerRanking:
-    """Which layers to keep softmax: restore each linear layer alone and score what that leaves (lower is better;
-    default: the perplexity of ``sequences``), then build sets of 1..``top`` layers.
-
-    ``search="single"`` takes the best ``k`` single layers together. ``"greedy"`` (forward selection) adds, at
-    each step, the layer that scores best *together with* the ones already chosen, among the ``pool`` best single
-    layers (default: all): layers that each help alone often do the same job (two retrieval heads reading the
-    same key), and the second one then adds little — forward selection finds the layer that helps next.
-    Per-layer transfer losses are only a proxy (a layer with a large relative error can matter little
-    downstream); this measures the thing a hybrid is chosen for — fluency by perplexity, or retrieval with a
-    passkey scorer (``linspec.evaluation.passkey.key_nll_scorer``)."""
-    from tqdm.auto import tqdm
-
-    if search not in SEARCHES:
-        raise LinspecError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
-    if score is None:
-
-        def score(m) -> float:
-            return perplexity_of_sequences(m, sequences).ppl
-
-    def restored_score(layers: list[int]) -> float:
-        with softmax_restored(model, layers):
-            return score(model)
-
-    model.eval()
-    layers = [m.layer_idx for m in model.linspec_modules()]
-    baseline = score(model)
-    single = {layer: restored_score([layer]) for layer in tqdm(layers, desc="one layer softmax", disable=not progress)}
-    order = sorted(layers, key=single.__getitem__)
-    steps = min(top, len(order))
-    cumulative = []
-    if search == "single":
-        for k in tqdm(range(1, steps + 1), desc="best k together", disable=not progress):
-            chosen = sorted(order[:k])
-            cumulative.append((chosen, single[order[0]] if k == 1 else restored_score(chosen)))
-        return LayerRanking(baseline, single, cumulative)
-    candidates = order[: max(pool or len(order), steps)]
-    chosen = [order[0]]
-    cumulative.append((chosen, single[order[0]]))
-    for _ in tqdm(range(2, steps + 1), desc="forward selection", disable=not progress):
-        scores = {layer: restored_score(sorted([*chosen, layer])) for layer in candidates if layer not in chosen}
-        best = min(scores, key=scores.__getitem__)
-        chosen = sorted([*chosen, best])
-        cumulative.append((chosen, scores[best]))
-    return LayerRanking(baseline, single, cumulative)
-
-
-def choose_softmax_layers(model, sequences: torch.Tensor, n: int, progress: bool = False) -> tuple[int, ...]:
-    """The ``n`` layers to keep softmax (``softmax_layers: auto:N``): the best ``n`` of :func:`rank_layers`.
-
-    ``model`` is an all-linear linspec model (a raw conversion or, better, one after attention transfer);
-    ``sequences [N, L]`` is held-out text. Layers are ranked alone and the best ``n`` kept together, which is
-    what ``linspec eval layers`` prints as its ``n``-th candidate."""
-    layers = [m.layer_idx for m in getattr(model, "linspec_modules", list)()]
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(layers):
-        raise LinspecError(f"auto:N needs 1 <= N <= {len(layers)} (the model's linear layers); got {n!r}")
-    ranking = rank_layers(model, sequences, top=n, progress=progress)
-    return tuple(ranking.cumulative[-1][0])
 
 
 def read_text_ids(tokenizer, path: str, text_field: str = "text") -> torch.Tensor:
