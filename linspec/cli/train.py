@@ -20,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         description="Run a training recipe: load the base checkpoint, convert it, run each stage, and write "
-        "a linspec model directory to OUTPUT/model. Recipes are YAML files validated before any work starts; "
+        "a linspec model directory to OUTPUT/model; a last stage of kind drafter trains a drafter for the model "
+        "(OUTPUT/drafter; conversion: null trains one for the base as it is). Recipes are YAML files validated "
+        "before any work starts; "
         "the shipped ones (linspec recipes ls) run by name and are commented examples (linspec recipes cp NAME "
         "FILE copies one to edit). Several processes: torchrun --nproc-per-node N -m linspec "
         "train RECIPE (DDP; distributed=fsdp shards the model).",
@@ -67,26 +69,31 @@ def run(args: argparse.Namespace) -> int:
         check_name(args.record_bench, "--record-bench")  # it becomes <NAME>.json: checked before training
     if args.update_docs and args.record_bench is None:
         raise LinspecError("--update-docs needs --record-bench NAME (the table to write)")
-    from linspec.drafting.recipe import is_drafter_recipe
-
-    if is_drafter_recipe(args.recipe):  # a YAML with a top-level drafter: key trains a drafter (linspec.drafting)
-        from linspec.drafting.cli import run_drafter_recipe
-
-        return run_drafter_recipe(args)
     docs = project_docs_dir() if args.update_docs else None  # refused up front outside a checkout
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(
+        args.recipe, args.overrides, on_note=lambda note: print(f"linspec train: {note}", file=sys.stderr)
+    )
+    trains_model = recipe.conversion is not None
+    if args.record_bench is not None and not trains_model:
+        raise LinspecError("--record-bench records held-out perplexity; this recipe only trains a drafter")
     if args.check:
         resolved = dataclasses.asdict(recipe)
-        settings = recipe.conversion.settings().to_dict()  # the preset's values where the recipe left null
-        resolved["conversion"] = {k: settings.get(k, v) if v is None else v for k, v in resolved["conversion"].items()}
+        if trains_model:  # the preset's values where the recipe left null
+            settings = recipe.conversion.settings().to_dict()
+            resolved["conversion"] = {
+                k: settings.get(k, v) if v is None else v for k, v in resolved["conversion"].items()
+            }
         print(yaml.safe_dump(resolved, sort_keys=False), end="")
         return 0
     if args.dry_run:
         from linspec.train.dry_run import dry_run
 
         summary = dry_run(recipe)
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in summary["ppl"].items())
-        print(f"dry run passed: {len(recipe.stages)} stage(s) on a tiny model; held-out perplexity: {phases}")
+        measured = [f"held-out perplexity: {', '.join(f'{k} {v:.1f}' for k, v in summary['ppl'].items())}"] * bool(
+            summary["ppl"]
+        )
+        measured += [f"{stage} accuracy by depth: {acc}" for stage, acc in summary.get("accuracy_by_depth", {}).items()]
+        print(f"dry run passed: {len(recipe.stages)} stage(s) on a tiny model; {'; '.join(measured)}")
         return 0
 
     from linspec.train.run import TrainingInterrupted, train
@@ -98,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"linspec train: {stop}\ncontinue with: {again}", file=sys.stderr)
         return 130
     print(f"wrote {output}")
+    if not trains_model:
+        return 0
     from linspec.train.summary import format_table, record_benchmark
 
     print(format_table(recipe.output))

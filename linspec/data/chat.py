@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from linspec.data.settings import Chat
 from linspec.errors import LinspecError
-from linspec.sources.demo_models import cache_root
-from linspec.train.recipe import Chat
 from linspec.utils.io import atomic_write_text
+from linspec.utils.paths import cache_root
 
 # "{text}" is a paragraph of the corpus (for "continue", its first half).
 TEMPLATES = (

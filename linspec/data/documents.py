@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from linspec.data.corpus import builtin_file
+from linspec.data.corpus import BUILTIN, builtin_file
 from linspec.data.recall import recall_sequence
+from linspec.data.settings import Data
 from linspec.errors import LinspecError
-from linspec.train.recipe import Data
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -76,6 +76,24 @@ def _root_cause(error: BaseException) -> str:
         error = error.__cause__ or error.__context__
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def check_source(source: str, key: str) -> None:
+    """Refuse a text source that cannot be read, before any work: an unknown ``builtin:`` name, an empty ``hub:``
+    name, a missing path or a folder without text files. ``key`` names the setting in the one-line error."""
+    if source.startswith("builtin:"):
+        if source[len("builtin:") :] not in BUILTIN:
+            raise LinspecError(f"{key}: unknown builtin {source!r}; known: {', '.join(BUILTIN)}")
+    elif source.startswith("hub:"):
+        if not source[4:]:
+            raise LinspecError(f"{key}: hub: needs a dataset name")
+    elif not Path(source).expanduser().exists():
+        raise LinspecError(f"{key}: file not found: {source}")
+    else:
+        try:
+            local_files(source)
+        except LinspecError as error:
+            raise LinspecError(f"{key}: {error}") from None
 
 
 def local_files(source: str) -> list[Path]:

@@ -18,7 +18,6 @@ from linspec.drafting.fingerprint import mismatch, target_fingerprint, tokenizer
 from linspec.drafting.heads import MedusaHeads
 from linspec.drafting.redrafter import RecurrentDrafterModule
 from linspec.errors import LinspecError
-from linspec.models.card import drafter_card
 from linspec.utils.io import atomic_directory
 
 KINDS: dict[str, type[TrainedDrafter]] = {m.kind: m for m in (MedusaHeads, EagleDrafterModule, RecurrentDrafterModule)}
@@ -35,9 +34,10 @@ def build(kind: str, target, settings: dict, token_ids: torch.Tensor | None = No
 
 def save_drafter(
     module: TrainedDrafter, path: str | os.PathLike, target, tokenizer=None, training: dict | None = None,
-    force: bool = False,
+    force: bool = False, card: str | None = None,
 ) -> Path:  # fmt: skip
-    """Write ``module`` as a drafter directory for ``target`` (and ``tokenizer``'s vocabulary)."""
+    """Write ``module`` as a drafter directory for ``target`` (and ``tokenizer``'s vocabulary); ``card``, the
+    directory's ``README.md``, is rendered by whoever trained it (``linspec.train.cards.drafter_card``)."""
     from safetensors.torch import save_file
 
     config = {
@@ -52,8 +52,8 @@ def save_drafter(
     with atomic_directory(path, force=force, markers=(CONFIG,)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        card = drafter_card(module.kind, module.settings, config["target"], config["training"], str(path))
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(path)
 
 

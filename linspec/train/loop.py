@@ -2,7 +2,8 @@
 Ctrl-C, checkpoints and exact resume, metrics, the progress bar and mid-stage evaluation.
 
 A stage kind (``linspec/train/stages/``) prepares its model and hands the loop an ``Objective``: the loss of a
-micro batch and the few things that differ between kinds. Everything about *how* steps run lives here once.
+micro batch and the few things that differ between kinds (a drafter's batch is positions of its own data, and it
+is evaluated by its accuracy, not by perplexity). Everything about *how* steps run lives here once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,7 @@ class RunContext:
     teacher: torch.nn.Module | None  # the original model, for distillation
     resume: bool
     on_step: Callable[[str, int, float], None] | None = None  # tests: (stage, step, loss) after every step
+    tokenizer: Any = None  # the base's tokenizer (a drafter stage builds its prompts with it)
 
     def say(self, message: str) -> None:
         if self.env.main:
@@ -61,11 +64,26 @@ class RunContext:
 
 
 class Objective:
-    """What a stage kind trains against. ``loss`` is required; the rest default to doing nothing."""
+    """What a stage kind trains against. ``loss`` is required; the rest default to training on the run's text
+    sequences and measuring held-out perplexity."""
 
     def loss(self, forward, batch: torch.Tensor) -> torch.Tensor:
-        """The loss of one micro batch ``[b, L]``, already averaged over it."""
+        """The loss of one micro batch (rows of ``batch``), already averaged over it."""
         raise NotImplementedError
+
+    def batch(self, ctx: RunContext, stage: Stage, step: int, phase: Phase) -> torch.Tensor:
+        """The whole batch of optimiser step ``step`` (0-based; every process gets the same and takes its rows):
+        a function of the step alone, so a resumed run trains on what an uninterrupted one would."""
+        return ctx.training.batch(step, stage.batch_size, phase.seq_len)  # (batch_size, seq_len)
+
+    def tokens(self, batch: torch.Tensor) -> int:
+        """Tokens a batch trains on (``tokens_per_s`` in the metrics)."""
+        return batch.numel()
+
+    def evaluate(self, ctx: RunContext, forward, stage: str, step: int) -> None:
+        """Measure the model mid-stage and at the end of the stage (held-out perplexity)."""
+        with self.evaluating():
+            ctx.evaluate(forward, stage, step)
 
     def enter_phase(self, phase: Phase | None) -> None:
         """Called before every step with its curriculum phase, and with None when the stage ends."""
@@ -77,6 +95,15 @@ class Objective:
     def evaluating(self) -> contextlib.AbstractContextManager:
         """The context mid-stage evaluation runs in (attention transfer turns its hooks off)."""
         return contextlib.nullcontext()
+
+
+def make_optimizer(stage: Stage, parameters: list[torch.nn.Parameter]):
+    """``(AdamW, its LambdaLR schedule)`` over ``parameters`` with the stage's settings."""
+    opt = stage.optimizer
+    optimizer = torch.optim.AdamW(
+        parameters, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
 
 
 def lr_factor(step: int, stage: Stage) -> float:
@@ -198,10 +225,7 @@ def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objectiv
     recipe, env, log = ctx.recipe, ctx.env, ctx.log
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = stage.optimizer
-    optimizer = torch.optim.AdamW(
-        trainable, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
+    optimizer, scheduler = make_optimizer(stage, trainable)
     per_process = stage.batch_size // env.world
     if per_process * env.world != stage.batch_size or per_process % stage.micro_batch_size:
         raise LinspecError(
@@ -219,7 +243,7 @@ def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objectiv
         for step in range(start, stage.steps):
             phase = stage.phase_at(step, recipe.data.seq_len)
             objective.enter_phase(phase)
-            batch = ctx.training.batch(step, stage.batch_size, phase.seq_len)  # (batch_size, seq_len)
+            batch = objective.batch(ctx, stage, step, phase)
             local = batch[env.rank * per_process : (env.rank + 1) * per_process].to(env.device)
             total = 0.0
             for i, micro in enumerate(local.split(stage.micro_batch_size)):
@@ -245,7 +269,7 @@ def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objectiv
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            session_tokens += batch.numel()
+            session_tokens += objective.tokens(batch)
             elapsed = time.perf_counter() - session_start
             record = {
                 "event": "step",
@@ -265,18 +289,16 @@ def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objectiv
             bar.update(1)
             finished = step + 1 == stage.steps
             if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and not finished:
-                with objective.evaluating():
-                    ctx.evaluate(forward, stage.name, step + 1)
+                objective.evaluate(ctx, forward, stage.name, step + 1)
                 model.train()
             if env.any(stop.requested):
                 path = checkpoints.save(step + 1)
                 bar.close()
                 raise TrainingInterrupted(f"interrupted at stage {stage.name} step {step + 1}; checkpoint: {path}")
-            if recipe.checkpoint.every and (step + 1) % recipe.checkpoint.every == 0 and not finished:
-                last_good = checkpoints.save(step + 1)
+            if recipe.checkpoint.every and (step + 1) % recipe.checkpoint.every == 0:  # the last step too:
+                last_good = checkpoints.save(step + 1)  # a stage extended on --resume continues from it
             if ctx.on_step is not None:
                 ctx.on_step(stage.name, step + 1, loss_value)
         bar.close()
     objective.enter_phase(None)
-    with objective.evaluating():
-        ctx.evaluate(forward, stage.name, stage.steps)
+    objective.evaluate(ctx, forward, stage.name, stage.steps)

@@ -14,6 +14,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +22,15 @@ from typing import Any, Literal
 import yaml
 
 from linspec.config import DEFAULT_PRESET, PRESETS, LinspecConfig
+from linspec.data.settings import Chat, Data, DistillData, Recall
 from linspec.errors import LinspecError
+from linspec.train.legacy_drafter import is_legacy_recipe, old_key_names, translate_recipe
 from linspec.utils.paths import check_name
 from linspec.utils.validation import check_number, check_seed
 
 TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
+DEFAULT_TRAINABLE = ["gamma", "conv"]
+Loss = Literal["next_token", "distill", "mse", "draft"]
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
 # Upper bounds far beyond any real run that stop absurd sizes before they allocate anything.
 MAX_STEPS = 10**8
@@ -53,70 +58,20 @@ class Conversion:
     softmax_heads: list[list[int]] = field(default_factory=list)  # [layer, kv head] pairs kept softmax (eval heads)
 
     def auto_layers(self):
-        """``AutoLayers(N)`` for ``softmax_layers: auto:N`` (chosen by measurement when the run starts), else None."""
-        from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers
+        """``Auto(N)`` for ``softmax_layers: auto:N`` (chosen by measurement when the run starts), else None."""
+        from linspec.conversion.choice import Auto, parse_softmax_layers
 
         layers = parse_softmax_layers(self.softmax_layers)
-        return layers if isinstance(layers, AutoLayers) else None
+        return layers if isinstance(layers, Auto) else None
 
     def settings(self) -> LinspecConfig:
         """The layer settings; with ``auto:N`` the softmax layers are left empty until ``train`` measures them."""
-        from linspec.conversion.softmax_layers import AutoLayers, parse_softmax_layers
+        from linspec.conversion.choice import Auto, parse_softmax_layers
 
         overrides = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None}
         layers = parse_softmax_layers(self.softmax_layers)
-        overrides["softmax_layers"] = () if isinstance(layers, AutoLayers) else layers
+        overrides["softmax_layers"] = () if isinstance(layers, Auto) else layers
         return LinspecConfig.from_preset(self.preset, **overrides)
-
-
-@dataclass
-class Data:
-    """Text in, packed token sequences out. Sources: a local .txt/.jsonl/.json/.parquet file or folder,
-    ``builtin:NAME`` (wiki-en, wiki-en-eval: a Wikipedia sample fetched once into the linspec cache; sample: a
-    few KB shipped with linspec), or ``hub:NAME[:CONFIG]`` (needs network)."""
-
-    train: list[str] = field(default_factory=lambda: ["builtin:wiki-en"])  # training sources
-    eval: str | None = "builtin:wiki-en-eval"  # held-out source; null: hold out eval_fraction of train documents
-    eval_fraction: float = 0.05  # share of documents held out when eval is null
-    text_field: str = "text"  # column holding the text in jsonl/parquet/hub data
-    seq_len: int = 256  # tokens per packed training sequence
-    max_documents: int | None = None  # use only the first N documents of each source (null: all)
-    max_train_sequences: int | None = None  # cap on packed training sequences (null: all)
-    max_eval_sequences: int = 64  # packed held-out sequences used for perplexity
-    seed: int = 0  # shuffling seed (order of sequences in each epoch)
-    chat: Chat | None = None  # the original model's own answers to instruction prompts, mixed in (null: none)
-    recall: Recall | None = None  # text with facts stated far back and asked for at the end, mixed in (null: none)
-
-
-@dataclass
-class Chat:
-    """Chat data: the original model's own answers to instruction prompts, mixed with the plain text.
-
-    Prompts are built from a corpus, answered once by the original model in its chat template and cached on disk.
-    Distilling on them keeps an instruct model an instruct model; plain text alone restores language modelling
-    but not instruction following."""
-
-    prompts: str = "builtin:wiki-en"  # corpus the instruction prompts are built from (never the eval source)
-    num_prompts: int = 128  # prompts answered by the original model (once; cached)
-    max_new_tokens: int = 128  # length limit of each answer
-    temperature: float = 0.0  # 0: greedy answers; > 0: sampled at this temperature
-    seed: int = 0  # which paragraphs become prompts, and the sampling seed
-    batch_size: int = 16  # prompts answered together while generating
-    ratio: float = 0.25  # share of training sequences taken from the chat data (the rest: data.train)
-
-
-@dataclass
-class Recall:
-    """Recall data: training text with short facts ("The code for the red fox is 40213.") inserted at random
-    depths and all of them restated, in another order, at the end.
-
-    Plain text rarely makes a model fetch an exact token from thousands of tokens back, so distillation on it
-    never asks a hybrid's softmax layers to retrieve past the linear layers' window. Restating the facts does:
-    each code's digits can only come from its first statement, and the teacher's logits there are retrieval."""
-
-    ratio: float = 0.1  # share of training sequences that are recall sequences (taken from the plain-text share)
-    facts: int = 8  # facts per sequence (fewer in short sequences: at most one per 128 tokens)
-    seed: int = 0  # which labels and codes, and where they go
 
 
 @dataclass
@@ -158,24 +113,42 @@ class Schedule:
     min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine, linear)
 
 
-def _gamma_conv() -> list[str]:
-    return ["gamma", "conv"]
+@dataclass
+class DrafterSettings:
+    """What a drafter stage trains, for the model the stages before it made (or the base as it is, with
+    ``conversion: null``), that model frozen: medusa (K heads on the last hidden state), eagle (a feature-level
+    layer, autoregressive) or redrafter (a recurrent cell over token embeddings). The result is OUTPUT/drafter."""
+
+    kind: str = "medusa"  # drafter architecture: medusa, eagle or redrafter
+    depth: int = 4  # tokens drafted per round it is trained for (medusa: number of heads)
+    draft_vocab: int | None = 8192  # most frequent target tokens the drafter may propose (null: the whole vocabulary)
+    intermediate_size: int = 1024  # eagle: width of the layer's MLP
+    data: DistillData = field(default_factory=DistillData)
+
+    def module_settings(self, draft_vocab: int | None) -> dict:
+        """The settings the drafter module is built with, ``draft_vocab`` being the number of ids kept."""
+        settings = {"depth": self.depth, "draft_vocab": draft_vocab}
+        if self.kind == "eagle":
+            settings["intermediate_size"] = self.intermediate_size
+        return settings
 
 
 @dataclass
 class Stage:
     """One training stage. kind: attention_transfer (stage 1: per-layer MSE between the frozen softmax output
-    and the linear output), lora (stage 2: LoRA via peft), full (every parameter trains)."""
+    and the linear output), lora (stage 2: LoRA via peft), full (every parameter trains), drafter (a drafter for
+    the model so far, which stays frozen; the last stage)."""
 
     name: str = ""  # label in logs, checkpoints and metrics (default: the kind)
-    kind: Literal["attention_transfer", "lora", "full"] = "lora"  # what trains and against what
+    kind: Literal["attention_transfer", "lora", "full", "drafter"] = "lora"  # what trains and against what
     steps: int = 100  # optimiser steps
-    batch_size: int = 8  # sequences per optimiser step, across all processes
-    micro_batch_size: int = 1  # sequences per forward pass per process (gradient accumulation fills the rest)
-    loss: Literal["next_token", "distill", "mse"] = "next_token"  # lora/full: next_token or distill; transfer: mse
+    batch_size: int = 8  # sequences per optimiser step, across all processes (drafter: positions per step)
+    micro_batch_size: int | None = None  # per forward pass and process; accumulation fills the rest (null: 1)
+    loss: Loss = "next_token"  # lora/full: next_token or distill; attention_transfer: mse; drafter: draft
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
-    trainable: list[str] = field(default_factory=_gamma_conv)  # gamma conv embeddings norms lm_head feature_map all
+    trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map all (null: gamma conv)
     lora: Lora | None = None  # adapter for this stage (null: none)
+    drafter: DrafterSettings | None = None  # kind drafter: the drafter and its self-distillation data
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: Schedule = field(default_factory=Schedule)
     curriculum: list[Phase] = field(default_factory=list)  # seq_len per run of steps (empty: data.seq_len throughout)
@@ -214,12 +187,13 @@ class Evaluation:
 
 @dataclass
 class Recipe:
-    """A full training run, from base checkpoint to a linspec model directory at OUTPUT/model."""
+    """A full training run: from a base checkpoint to a linspec model directory at OUTPUT/model, a drafter for it
+    at OUTPUT/drafter, or both."""
 
     base: str = "smollm2-135m"  # base checkpoint: HF dir, hub id, .gguf file or a demo name
     output: str = "runs/linspec"  # run directory: model/, checkpoints/, stages/, metrics.jsonl, loss.png
-    conversion: Conversion = field(default_factory=Conversion)
-    data: Data = field(default_factory=Data)
+    conversion: Conversion | None = field(default_factory=Conversion)  # null: the base as it is (drafter stage only)
+    data: Data = field(default_factory=Data)  # what the model stages train on and are evaluated on
     stages: list[Stage] = field(default_factory=list)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32 on CPU (bf16 is ~9x slower there); bf16 on GPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
@@ -339,16 +313,10 @@ def is_local_path(source: str) -> bool:
 
 def validate(recipe: Recipe) -> Recipe:
     """Checks that need more than one key or the file system. Raises ``LinspecError`` naming the key."""
-    if recipe.conversion.preset not in PRESETS:
-        raise LinspecError(f"recipe key conversion.preset: expected one of {', '.join(PRESETS)}")
-    try:
-        recipe.conversion.auto_layers()
-    except LinspecError as error:
-        raise LinspecError(f"recipe key conversion.softmax_layers: {error}") from None
-    try:
-        recipe.conversion.settings()
-    except LinspecError as error:
-        raise LinspecError(f"recipe key conversion: {error}") from None
+    from linspec.data.documents import check_source
+
+    if recipe.conversion is not None:
+        _check_conversion(recipe.conversion)
     if not recipe.base.strip():
         raise LinspecError("recipe key base: empty; name a model directory, a .gguf file, a hub id or a demo name")
     if is_local_path(recipe.base) and not Path(recipe.base).expanduser().exists():
@@ -363,9 +331,9 @@ def validate(recipe: Recipe) -> Recipe:
     if not data.train:
         raise LinspecError("recipe key data.train: at least one training source is needed")
     for i, source in enumerate(data.train):
-        _check_source(source, f"data.train[{i}]")
+        check_source(source, f"recipe key data.train[{i}]")
     if data.eval is not None:
-        _check_source(data.eval, "data.eval")
+        check_source(data.eval, "recipe key data.eval")
     if not 0 < data.eval_fraction < 1:
         raise LinspecError(f"recipe key data.eval_fraction: must be in (0, 1), got {data.eval_fraction}")
     if not data.text_field:
@@ -380,8 +348,7 @@ def validate(recipe: Recipe) -> Recipe:
         _check_chat(data.chat, data)
     if data.recall is not None:
         _check_recall(data.recall, data)
-    if not recipe.stages:
-        raise LinspecError("recipe key stages: at least one stage is needed")
+    _check_stage_kinds(recipe)
     names = set()
     for i, stage in enumerate(recipe.stages):
         key = f"stages[{i}]"
@@ -390,17 +357,20 @@ def validate(recipe: Recipe) -> Recipe:
             raise LinspecError(f"recipe key {key}.name: duplicate stage name {stage.name!r}")
         names.add(stage.name)
         _positive(stage.steps, f"{key}.steps", limit=MAX_STEPS)
+        if stage.kind == "drafter":
+            _check_drafter_stage(stage, key)
+        elif stage.drafter is not None:
+            raise LinspecError(f"recipe key {key}.drafter: only a stage of kind drafter trains a drafter")
+        if stage.micro_batch_size is None:
+            stage.micro_batch_size = stage.batch_size if stage.kind == "drafter" else 1
+        if stage.trainable is None and stage.kind != "drafter":
+            stage.trainable = list(DEFAULT_TRAINABLE)
         for name in ("batch_size", "micro_batch_size"):
             _positive(getattr(stage, name), f"{key}.{name}", limit=MAX_BATCH)
         if stage.batch_size % stage.micro_batch_size:
             raise LinspecError(f"recipe key {key}.batch_size: must be a multiple of micro_batch_size")
-        if stage.kind == "attention_transfer" and stage.loss != "mse":
-            if stage.loss != "next_token":  # next_token is the field default; anything else is a mistake
-                raise LinspecError(f"recipe key {key}.loss: attention_transfer trains with mse, got {stage.loss!r}")
-            stage.loss = "mse"
-        if stage.kind != "attention_transfer" and stage.loss == "mse":
-            raise LinspecError(f"recipe key {key}.loss: mse is for attention_transfer; use next_token or distill")
-        for j, name in enumerate(stage.trainable):
+        _check_loss(stage, key)
+        for j, name in enumerate(stage.trainable or ()):
             if name not in TRAINABLE:
                 raise LinspecError(f"recipe key {key}.trainable[{j}]: expected one of {', '.join(TRAINABLE)}")
         if stage.kind == "lora" and stage.lora is None:
@@ -421,8 +391,102 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def _check_conversion(conversion: Conversion) -> None:
+    if conversion.preset not in PRESETS:
+        raise LinspecError(f"recipe key conversion.preset: expected one of {', '.join(PRESETS)}")
+    try:
+        conversion.auto_layers()
+    except LinspecError as error:
+        raise LinspecError(f"recipe key conversion.softmax_layers: {error}") from None
+    try:
+        conversion.settings()
+    except LinspecError as error:
+        raise LinspecError(f"recipe key conversion: {error}") from None
+
+
+def _check_stage_kinds(recipe: Recipe) -> None:
+    """A drafter is trained for the model as the stages before it leave it, so it comes last (a later stage would
+    change the model under it); ``conversion: null`` keeps the base as it is, which only a drafter stage can use."""
+    if not recipe.stages:
+        raise LinspecError("recipe key stages: at least one stage is needed")
+    kinds = [stage.kind for stage in recipe.stages]
+    if "drafter" in kinds[:-1]:
+        raise LinspecError(
+            f"recipe key stages[{kinds.index('drafter')}].kind: a drafter stage must be last (it drafts for the model)"
+        )
+    if recipe.conversion is None and kinds != ["drafter"]:
+        raise LinspecError(
+            "recipe key conversion: null keeps the base as it is, for a recipe whose only stage is a drafter stage; "
+            "set a conversion to train the model"
+        )
+    if recipe.conversion is not None and kinds == ["drafter"]:
+        raise LinspecError(
+            "recipe key conversion: a recipe that only trains a drafter uses the base as it is; set conversion: null "
+            "(or add a stage that trains the converted model before the drafter stage)"
+        )
+
+
+def _check_drafter_stage(stage: Stage, key: str) -> None:
+    """A drafter stage trains the drafter's own weights on its own data: the model's keys do not apply to it."""
+    if stage.drafter is None:
+        raise LinspecError(f"recipe key {key}.drafter: a drafter stage needs a drafter section (kind: medusa, ...)")
+    for name in ("lora", "trainable"):
+        if getattr(stage, name) is not None:
+            raise LinspecError(f"recipe key {key}.{name}: a drafter stage trains the drafter; the model stays frozen")
+    if stage.curriculum:
+        raise LinspecError(f"recipe key {key}.curriculum: a drafter stage trains on positions, not sequence lengths")
+    _check_drafter(stage.drafter, f"{key}.drafter")
+
+
+def _check_drafter(settings: DrafterSettings, key: str) -> None:
+    from linspec.data.documents import check_source
+    from linspec.drafting.base import MAX_DEPTH
+    from linspec.drafting.registry import TRAINED_KINDS
+
+    if settings.kind not in TRAINED_KINDS:
+        raise LinspecError(f"recipe key {key}.kind: expected one of {', '.join(TRAINED_KINDS)}, got {settings.kind!r}")
+    if not 1 <= settings.depth <= MAX_DEPTH:
+        raise LinspecError(f"recipe key {key}.depth: must be in 1..{MAX_DEPTH}, got {settings.depth}")
+    _positive(settings.draft_vocab, f"{key}.draft_vocab", limit=1 << 24)
+    _positive(settings.intermediate_size, f"{key}.intermediate_size", limit=1 << 16)
+    data = settings.data
+    check_source(data.prompts, f"recipe key {key}.data.prompts")
+    if data.prompt_kinds is not None:
+        from linspec.data.prompts import check_kinds, verbatim_prompts
+
+        try:
+            check_kinds(data.prompt_kinds)
+        except LinspecError as error:
+            raise LinspecError(f"recipe key {key}.data.prompt_kinds: {error}") from None
+        if verbatim_prompts(data.prompts) is not None:
+            raise LinspecError(f"recipe key {key}.data.prompt_kinds: {data.prompts} holds prompts verbatim; kinds "
+                               "apply to prompts built from a corpus")  # fmt: skip
+    if data.text_tokens:
+        check_source(data.text, f"recipe key {key}.data.text")
+    _positive(data.text_tokens, f"{key}.data.text_tokens", allow_zero=True, limit=1 << 26)
+    _positive(data.text_length, f"{key}.data.text_length", limit=1 << 14)
+    if data.text_length < 2:
+        raise LinspecError(f"recipe key {key}.data.text_length: must be at least 2, got {data.text_length}")
+    limits = {"num_prompts": 1 << 20, "eval_prompts": 1 << 16, "max_new_tokens": 1 << 14, "batch_size": 1 << 12}
+    for name, limit in limits.items():
+        _positive(getattr(data, name), f"{key}.data.{name}", limit=limit)
+
+
+def _check_loss(stage: Stage, key: str) -> None:
+    """Each kind has its loss; the field's default (next_token) becomes the kind's own where it has only one."""
+    own = {"attention_transfer": "mse", "drafter": "draft"}.get(stage.kind)
+    if own is not None and stage.loss != own:
+        if stage.loss != "next_token":  # next_token is the field default; anything else is a mistake
+            raise LinspecError(f"recipe key {key}.loss: {stage.kind} trains with {own}, got {stage.loss!r}")
+        stage.loss = own
+    if own is None and stage.loss in ("mse", "draft"):
+        raise LinspecError(f"recipe key {key}.loss: {stage.loss} is for another stage kind; use next_token or distill")
+
+
 def _check_chat(chat: Chat, data: Data) -> None:
-    _check_source(chat.prompts, "data.chat.prompts")
+    from linspec.data.documents import check_source
+
+    check_source(chat.prompts, "recipe key data.chat.prompts")
     if chat.prompts == data.eval:
         raise LinspecError("recipe key data.chat.prompts: must not be the held-out source data.eval")
     _positive(chat.num_prompts, "data.chat.num_prompts", limit=MAX_CHAT_PROMPTS)
@@ -482,26 +546,6 @@ def _check_optimizer(opt: Optimizer, key: str) -> None:
         _fraction(beta, f"{key}.betas[{j}]", closed=False)
 
 
-def _check_source(source: str, key: str) -> None:
-    if source.startswith("builtin:"):
-        from linspec.data.corpus import BUILTIN
-
-        if source[len("builtin:") :] not in BUILTIN:
-            raise LinspecError(f"recipe key {key}: unknown builtin {source!r}; known: {', '.join(BUILTIN)}")
-    elif source.startswith("hub:"):
-        if not source[4:]:
-            raise LinspecError(f"recipe key {key}: hub: needs a dataset name")
-    elif not Path(source).expanduser().exists():
-        raise LinspecError(f"recipe key {key}: file not found: {source}")
-    else:
-        from linspec.data.documents import local_files
-
-        try:
-            local_files(source)
-        except LinspecError as error:
-            raise LinspecError(f"recipe key {key}: {error}") from None
-
-
 def apply_override(data: dict, assignment: str) -> None:
     """``stages.1.optimizer.lr=2e-5`` sets that key in the raw recipe mapping; the value is parsed as YAML."""
     path, sep, text = assignment.partition("=")
@@ -552,20 +596,33 @@ def read_recipe_file(path: str | os.PathLike) -> tuple[Any, Path]:
         raise LinspecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
 
 
-def build_recipe(cls: type, path: str | os.PathLike, overrides: list[str], example_keys: str) -> Any:
-    """Read ``path``, apply ``key=value`` overrides and build the dataclass ``cls`` from it (types checked, unknown
-    keys refused); every recipe kind loads this way and then runs its own ``validate``."""
+def build_recipe(data: dict) -> Recipe:
+    """A ``Recipe`` from its plain mapping, types checked and unknown keys refused (``validate`` checks the rest)."""
+    return _build(Recipe, data, "")
+
+
+def load_recipe(
+    path: str | os.PathLike, overrides: list[str] = (), on_note: Callable[[str], None] | None = None
+) -> Recipe:
+    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate.
+
+    A drafter recipe of the old format (top-level ``drafter:``) is translated into a recipe with one drafter stage
+    (``linspec.train.legacy_drafter``): its overrides use its own keys and its errors name them; ``on_note`` hears
+    one line saying so."""
     data, path = read_recipe_file(path)
     if not isinstance(data, dict):
-        raise LinspecError(f"{path}: a recipe is a mapping of keys ({example_keys}), got {_shown(data)}")
+        raise LinspecError(f"{path}: a recipe is a mapping of keys (base:, stages:, ...), got {_shown(data)}")
     for assignment in overrides:
         apply_override(data, assignment)
-    return _build(cls, data, "")
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read ``path`` (a file, or a shipped recipe's name), apply ``key=value`` overrides, build and validate."""
-    return validate(build_recipe(Recipe, path, overrides, "base:, stages:, ..."))
+    if not is_legacy_recipe(data):
+        return validate(build_recipe(data))
+    if on_note is not None:
+        on_note(f"{path} is a drafter recipe of the old format; read as a recipe with one drafter stage "
+                "(--check prints it)")  # fmt: skip
+    try:
+        return validate(build_recipe(translate_recipe(data)))
+    except LinspecError as error:
+        raise old_key_names(error) from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -573,10 +630,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     mark = getattr(error, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
 
 
 def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -80,10 +80,10 @@ def train_argv(recipe: Any) -> list[str] | None:
 
 
 def drafter_train_argv(resolved: dict) -> list[str] | None:
-    """The same for a drafter recipe, given as the mapping a drafter directory records (``drafter.json``)."""
-    from linspec.drafting.recipe import load_drafter_recipe
+    """The same for the recipe a drafter directory records (``drafter.json``), given as its mapping."""
+    from linspec.train.recipe import load_recipe
 
-    return recipe_argv(resolved, load_drafter_recipe)
+    return recipe_argv(resolved, load_recipe)
 
 
 def recipe_argv(resolved: dict, load: Callable[..., Any]) -> list[str] | None:

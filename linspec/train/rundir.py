@@ -6,27 +6,35 @@ Layout of ``recipe.output``::
     metrics.jsonl        one line per step ({"event": "step", ...}) and per evaluation ({"event": "eval", ...})
     loss.png             loss curve per stage
     checkpoints/<stage>/step-<n>/   resumable state (atomic; the newest ``checkpoint.keep`` are kept)
-    stages/<stage>/      the model after each finished stage (a linspec model dir, LoRA merged)
+    stages/<stage>/      the model after each finished stage (a linspec model dir, LoRA merged), or its drafter
     model/               the final model (LoRA merged unless merge_lora: false, then model/adapter holds it)
+    drafter/             the drafter of a drafter stage (drafter.json, drafter.safetensors, README.md)
     summary.json         held-out perplexity of every phase and the training time
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import yaml
 
 from linspec.errors import LinspecError
 from linspec.train.distributed import Env
-from linspec.train.recipe import Recipe
-from linspec.utils.io import RUN_LOCK, claim_run_dir, refuse_links, remove_entries
+from linspec.train.legacy_drafter import RUN_FILE as LEGACY_RUN_FILE
+from linspec.train.legacy_drafter import legacy_run, stage_records, translate_recipe
+from linspec.train.recipe import Recipe, build_recipe, validate
+from linspec.train.state import MetricsLog
+from linspec.utils.io import RUN_LOCK, atomic_write_text, claim_run_dir, refuse_links, remove_entries
 
 RECIPE_FILE = "recipe.yaml"
-RUN_FILES = ("checkpoints", "stages", "model", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE)
+RUN_FILES = (
+    "checkpoints", "stages", "model", "drafter", "metrics.jsonl", "loss.png", "summary.json", RECIPE_FILE,
+    LEGACY_RUN_FILE,
+)  # fmt: skip
 # Keys that may change when a run resumes: where it lives, how it runs and how often it saves, or how its
-# result is written; not what it computes.
+# result is written; not what it computes. The last stage's ``steps`` may also grow: the run is extended.
 RESUMABLE_CHANGES = ("output", "threads", "device", "checkpoint", "merge_lora")
 
 
@@ -65,12 +73,51 @@ def check_same_recipe(path: Path, recipe: Recipe) -> None:
         raise LinspecError(f"{path} is damaged ({type(error).__name__}); start over with --force") from None
     current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     changed = [key for key in _differences(stored, current) if key.split(".")[0] not in RESUMABLE_CHANGES]
+    extended = f"stages.{len(recipe.stages) - 1}.steps"
+    if extended in changed and _stage_steps(stored, len(recipe.stages) - 1) <= recipe.stages[-1].steps:
+        changed.remove(extended)
+    if "base" in changed:
+        stored_base = stored.get("base") if isinstance(stored, dict) else None
+        raise LinspecError(
+            f"recipe key base: {recipe.base} is not the target of the run in {path.parent}, which started from "
+            f"{stored_base}; resume with the same base, or start over with --force"
+        )
     if changed:
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise LinspecError(
             f"the recipe differs from the one {path.parent} was started with ({shown}); resume with the same "
             "recipe, or start over with --force"
         )
+
+
+def _stage_steps(stored, index: int) -> int:
+    """``stages[index].steps`` of a stored recipe, or a number no stage reaches when it has none."""
+    try:
+        steps = stored["stages"][index]["steps"]
+    except (KeyError, IndexError, TypeError):
+        return 1 << 62
+    return steps if isinstance(steps, int) else 1 << 62
+
+
+def adopt_legacy_drafter_run(run_dir: Path) -> None:
+    """A drafter run directory written before drafter training was a stage (``run.json``), rewritten in place for
+    ``--resume``: its recipe, translated, becomes ``recipe.yaml`` (which the resumed recipe must then match like any
+    other) and its metrics rows become the drafter stage's records. Its checkpoints are read by the drafter stage
+    (``linspec.train.stages.drafter``). Each step is atomic and the last removes ``run.json``, so a crash between
+    them leaves a run this reads again."""
+    old = legacy_run(run_dir)
+    if old is None or (run_dir / RECIPE_FILE).exists():
+        return
+    try:
+        recipe = validate(build_recipe(translate_recipe(old)))
+    except LinspecError as error:
+        raise LinspecError(f"{run_dir / LEGACY_RUN_FILE}: its recipe does not load ({error})") from None
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    log.repair()
+    rows = log.records()
+    atomic_write_text(log.path, "".join(json.dumps(r) + "\n" for r in stage_records(rows)))
+    atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    (run_dir / LEGACY_RUN_FILE).unlink()
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
