@@ -231,8 +231,6 @@ class DecoderParts:
         self._norm = decoder.norm
         self._rotary_emb = decoder.rotary_emb
         self.head = model.get_output_embeddings()
-        # Until ``linspec.models.runner`` calls ``embed``/``final_norm``: remove both then.
-        self.embed_tokens, self.norm = self._embed_tokens, self._norm
 
     @property
     def num_layers(self) -> int:
