@@ -10,12 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_speculative import _chi_square_p_value, _exact_marginals, batch_of_prompts, make_target
+from test_speculative import (
+    _chi_square_p_value,
+    _exact_marginals,
+    attributes_rebound_by_propose,
+    batch_of_prompts,
+    make_target,
+)
 
 import linspec
 from linspec.drafting import load_drafter, save_drafter
+from linspec.drafting.fingerprint import target_fingerprint
 from linspec.drafting.store import KINDS, build
 from linspec.speculative import FallbackDrafter, PromptLookupDrafter, SamplingConfig, speculative_generate
+from linspec.train.cards import drafter_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,9 +68,9 @@ class RecordingFallback(FallbackDrafter):
     served: list[torch.Tensor]
 
     def propose(self, request):
-        tree = super().propose(request)
-        self.served.append(self._by_first.clone())
-        return tree
+        draft = super().propose(request)
+        self.served.append(draft.state.by_first.clone())
+        return draft
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,7 +128,8 @@ def test_sampled_tokens_follow_the_target_distribution_with_trained_drafters(
 def test_a_saved_drafter_loads_only_for_its_target(tmp_path):
     target = make_target("linear")
     module = random_drafter("eagle", target, draft_vocab=30)
-    save_drafter(module, tmp_path / "d", target)
+    card = drafter_card("eagle", module.settings, target_fingerprint(target), {}, str(tmp_path / "d"))
+    save_drafter(module, tmp_path / "d", target, card=card)
     loaded = load_drafter(tmp_path / "d", target)
     h = torch.randn(2, 64)
     assert torch.equal(
@@ -128,7 +137,7 @@ def test_a_saved_drafter_loads_only_for_its_target(tmp_path):
     )
     own = 4 * sum(p.numel() for p in module.parameters()) + 8 * 30  # its weights and draft ids, no target tensor
     assert (tmp_path / "d" / "drafter.safetensors").stat().st_size < own + 4096
-    card = (tmp_path / "d" / "README.md").read_text()  # the drafter's model card
+    card = (tmp_path / "d" / "README.md").read_text()  # the drafter's model card, as training writes it
     assert "# linspec eagle drafter" in card and "cannot load" in card
     assert f"--draft eagle --drafter {tmp_path / 'd'}" in card  # where it was written, not a placeholder
     with pytest.raises(linspec.LinspecError, match="trained for another target: weights"):
@@ -162,18 +171,52 @@ def test_depth_and_settings_out_of_range_are_refused():
     for bad in (0, 4, True):
         with pytest.raises(linspec.LinspecError, match=r"drafts 1..3 tokens per round"):
             module.drafter(bad)
-    with pytest.raises(linspec.LinspecError, match="tree_width must be a positive integer"):
+    with pytest.raises(linspec.LinspecError, match="tree_width must be an integer in >= 1, got 0"):
         module.drafter(2, 0)
     with pytest.raises(linspec.LinspecError, match=r"depth must be an integer in 1\.\.16"):
         build("redrafter", target, {"depth": 17})
     with pytest.raises(linspec.LinspecError, match="unknown medusa drafter setting 'width'"):
         build("medusa", target, {"width": 2})
-    from linspec.speculative.drafters import build_drafter
+    from linspec.drafting.registry import drafter_spec
 
     with pytest.raises(linspec.LinspecError, match="is a medusa drafter, not eagle"):
-        build_drafter("eagle", trained=module)
-    with pytest.raises(linspec.LinspecError, match="needs a trained drafter directory"):
-        build_drafter("redrafter")
+        drafter_spec("eagle", drafter=module).build(target)
+    with pytest.raises(linspec.LinspecError, match="--draft redrafter needs --drafter DIR"):
+        drafter_spec("redrafter")
+    with pytest.raises(linspec.LinspecError, match=r"drafts 1\.\.3 tokens per round"):
+        drafter_spec("medusa", drafter=module, num_draft_tokens=4).build(target)
+
+
+def test_the_registry_lists_every_trained_kind_the_store_can_load():
+    from linspec.drafting import registry
+
+    assert tuple(KINDS) == registry.TRAINED_KINDS and set(KINDS) < set(registry.KINDS)
+    assert [kind for kind in registry.KINDS if registry.needs_trained_drafter(kind)] == list(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_a_trained_spec_builds_the_drafter_its_module_makes(kind, tmp_path):
+    """From a directory or a loaded module: the module's own drafter (the same drafts, so the same acceptance);
+    with ``lookup_first``, prompt lookup before it; either keeps its round in the ``Draft`` (no attribute
+    rebound by ``propose``)."""
+    from linspec.drafting.registry import drafter_spec
+
+    target = make_target("linear")
+    prompt, mask = batch_of_prompts()
+    module = random_drafter(kind, target)
+    save_drafter(module, tmp_path / "d", target)
+    options = dict(attention_mask=mask, pad_token_id=0)
+    expected = speculative_generate(target, module.drafter(2, 2), prompt, 10, **options)
+    for source in (module, str(tmp_path / "d")):
+        built = drafter_spec(kind, drafter=source, num_draft_tokens=2, tree_width=2).build(target)
+        out = speculative_generate(target, built, prompt, 10, **options)
+        assert torch.equal(out.sequences, expected.sequences)
+        assert (out.stats.drafted, out.stats.accepted) == (expected.stats.drafted, expected.stats.accepted) != (0, 0)
+    first = drafter_spec(kind, drafter=module, lookup_first=True, max_ngram=2).build(target)
+    assert isinstance(first, FallbackDrafter) and first.first.max_ngram == 2 and first.then.num_tokens == 3
+    assert attributes_rebound_by_propose(first, target, prompt, mask) == set()
+    assert attributes_rebound_by_propose(module.drafter(3, 2), target, prompt, mask) == set()
 
 
 def test_recipe_trains_resumes_and_the_cli_generates_with_it(tmp_path, capsys, monkeypatch):

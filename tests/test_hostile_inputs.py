@@ -190,7 +190,7 @@ GENERATE = [
     Case("max-ngram-without-lookup-first", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
          "--max-ngram 2", "--max-ngram applies to a trained drafter only with --lookup-first"),
     Case("drafter-tree-absurd", "generate {base} --prompt hi --draft medusa --drafter {drafter-for-base} "
-         "--tree-width 999", "--tree-width must be in 1..256"),
+         "--tree-width 999", "--tree-width must be an integer in 1..256"),
     Case("draft-model-without-path", "generate {linspec} --prompt hi --draft model", "needs --draft-model"),
     Case("draft-model-path-ignored", "generate {linspec} --prompt hi --draft-model {base}", "only applies to --draft"),
     Case("exit-layer-ignored", "generate {linspec} --prompt hi --exit-layer 1", "only applies to --draft early-exit"),

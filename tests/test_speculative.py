@@ -8,8 +8,10 @@ from tiny_models import randomize_linspec_parameters, tiny_base
 
 import linspec
 from linspec.speculative import (
+    Draft,
     DraftTree,
     EarlyExitDrafter,
+    FallbackDrafter,
     HeadDrafter,
     ModelDrafter,
     PromptLookupDrafter,
@@ -134,7 +136,7 @@ def test_prompt_lookup_proposes_what_followed_the_most_recent_match():
     from linspec.speculative import DraftRequest
 
     request = DraftRequest(sequence, torch.tensor([12]), 8, SamplingConfig(), None)
-    tree = drafter.propose(request)
+    tree = drafter.propose(request).tree
     # "1 2" occurred twice before the end: most recent first (4 5 7), then (3 9 9).
     assert tree.tokens[0].tolist() == [4, 5, 7, 3, 9, 9] and tree.parents[0].tolist() == [-1, 0, 1, -1, 3, 4]
 
@@ -150,20 +152,21 @@ def test_prompt_lookup_uses_one_token_matches_only_once_its_drafts_pay_off():
     departed = [*copying, 9, 7]  # "9 7" never occurred; "7" did
     fresh = PromptLookupDrafter(num_tokens=3)
     fresh.start(None, torch.tensor([departed]), torch.tensor([7]))
-    assert propose(fresh, departed).num_nodes == 0  # no record yet: 2-grams only
+    assert propose(fresh, departed).tree.num_nodes == 0  # no record yet: 2-grams only
 
     drafter = PromptLookupDrafter(num_tokens=3)
     drafter.start(None, torch.tensor([copying]), torch.tensor([5]))
-    assert propose(drafter, copying).tokens[0].tolist() == [7, 5, 6]
-    drafter.advance(torch.tensor([[0]]), torch.tensor([[True]]))  # its first token was accepted
-    assert propose(drafter, departed).tokens[0].tolist() == [5, 6, 9]  # now "7" is trusted
-    drafter.advance(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))  # rejected
+    tree, state = propose(drafter, copying)
+    assert tree.tokens[0].tolist() == [7, 5, 6]
+    drafter.advance(state, torch.tensor([[0]]), torch.tensor([[True]]))  # its first token was accepted
+    tree, state = propose(drafter, departed)
+    assert tree.tokens[0].tolist() == [5, 6, 9]  # now "7" is trusted
+    drafter.advance(state, torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool))  # rejected
     assert (drafter.drafted_rounds, drafter.first_accepted) == ([2], [1])
     strict = PromptLookupDrafter(num_tokens=3, reliable_min_ngram=None)
     strict.start(None, torch.tensor([copying]), torch.tensor([5]))
-    propose(strict, copying)
-    strict.advance(torch.tensor([[0]]), torch.tensor([[True]]))
-    assert propose(strict, departed).num_nodes == 0
+    strict.advance(propose(strict, copying).state, torch.tensor([[0]]), torch.tensor([[True]]))
+    assert propose(strict, departed).tree.num_nodes == 0
 
 
 def test_greedy_acceptance_walks_the_argmax_path_and_sampling_accepts_point_masses_by_p():
@@ -288,13 +291,52 @@ def test_bad_input_gives_one_clear_error(kwargs, message):
         speculative_generate(target, PromptLookupDrafter(num_tokens=4, num_drafts=3), prompt, **options)
 
 
-@pytest.mark.parametrize("kind", ("lookup", "early-exit", "model"))
+@pytest.mark.parametrize("kind", ("lookup", "early-exit", "model", "medusa"))
 def test_a_zero_or_negative_draft_depth_is_refused_not_defaulted(kind):
-    from linspec.speculative.drafters import build_drafter
+    from linspec.drafting.registry import drafter_spec
 
-    for bad in (0, -2, True):
-        with pytest.raises(linspec.LinspecError, match="num_tokens must be a positive integer"):
-            build_drafter(kind, num_tokens=bad, exit_layer=1, draft_model=object())
+    needed = {"early-exit": {"exit_layer": 1}, "model": {"draft_model": "some/model"}, "medusa": {"drafter": "dir"}}
+    for bad in (0, -2, True, 2.5):
+        with pytest.raises(linspec.LinspecError, match=r"--num-draft-tokens must be an integer in 1\.\.256"):
+            drafter_spec(kind, num_draft_tokens=bad, **needed.get(kind, {}))
+    for bad in (0, -2, True):  # the drafters themselves, made without the registry, refuse them too
+        with pytest.raises(linspec.LinspecError, match="num_tokens must be an integer"):
+            PromptLookupDrafter(num_tokens=bad)
+        with pytest.raises(linspec.LinspecError, match="exit_layer must be an integer"):
+            EarlyExitDrafter(exit_layer=bad)
+
+
+def attributes_rebound_by_propose(drafter, target, prompt, mask) -> set[str]:
+    """Generate with ``drafter`` and return the attributes (its own, and its parts' for a ``FallbackDrafter``) that
+    any ``propose`` bound anew: state carried from ``propose`` to ``advance`` on the drafter instead of in the
+    returned ``Draft``. In-place growth of what lives across rounds (a lookup row's history) is not rebinding."""
+    drafters = [drafter, *(getattr(drafter, part) for part in ("first", "then") if hasattr(drafter, part))]
+    rebound: set[str] = set()
+    for each in drafters:
+        plain_propose = each.propose
+
+        def propose(request, each=each, plain_propose=plain_propose):
+            before = {name: id(value) for name, value in vars(each).items()}
+            draft = plain_propose(request)
+            after = {name: id(value) for name, value in vars(each).items()}
+            rebound.update(f"{type(each).__name__}.{name}" for name in after if before.get(name) != after[name])
+            return draft
+
+        each.propose = propose
+    out = speculative_generate(target, drafter, prompt, 12, attention_mask=mask, pad_token_id=0)
+    assert out.stats.target_calls > 1
+    return rebound
+
+
+def test_a_round_keeps_its_state_in_the_draft_not_on_the_drafter():
+    target = make_target("hybrid")
+    prompt, mask = batch_of_prompts()
+    every = {
+        **drafters_for(target, "hybrid"),
+        "fallback": FallbackDrafter(PromptLookupDrafter(num_tokens=3), EarlyExitDrafter(exit_layer=1, num_tokens=2)),
+    }
+    for name, drafter in every.items():
+        assert attributes_rebound_by_propose(drafter, target, prompt, mask) == set(), name
 
 
 def test_vocabulary_mismatch_is_refused():
@@ -310,7 +352,7 @@ def test_a_tree_above_the_limit_is_refused_when_proposed():
     class Wide(PromptLookupDrafter):
         def propose(self, request):
             chains = [[[t] for t in range(3, 40)] for _ in range(request.lengths.shape[0])]
-            return merge_chains(chains)
+            return Draft(merge_chains(chains))
 
     with pytest.raises(linspec.LinspecError, match="proposed 37 tokens, above max_tree_nodes=16"):
         speculative_generate(make_target("softmax"), Wide(num_tokens=2), torch.tensor([[5, 6]]), 4, max_tree_nodes=16)

@@ -67,7 +67,7 @@ class Setting:
     name: str
     mode: str  # "greedy" or "t=1"
     kind: str  # "plain-hf", "linspec", "hf-assisted"
-    drafter: dict = field(default_factory=dict)  # build_drafter arguments, or HF generate() arguments
+    drafter: dict = field(default_factory=dict)  # "kind" and its registry settings, or HF generate() arguments
     slow: bool = False  # run only on the first and the last prompt
 
 
@@ -77,42 +77,42 @@ def settings_for(target_name: str, exit_layer: int, trained: dict | None = None)
     learned = []
     for kind, depth in (trained or {}).items():
         learned += [
-            Setting(f"{kind} chain k={depth}", "greedy", "linspec", {"kind": kind, "num_tokens": depth}),
-            Setting(
-                f"{kind} tree k={depth} x3", "greedy", "linspec", {"kind": kind, "num_tokens": depth, "tree_width": 3}
-            ),
+            Setting(f"{kind} chain k={depth}", "greedy", "linspec", {"kind": kind, "num_draft_tokens": depth}),
+            Setting(f"{kind} tree k={depth} x3", "greedy", "linspec",
+                    {"kind": kind, "num_draft_tokens": depth, "tree_width": 3}),
             Setting(
                 f"{kind} chain k={depth} conf>=0.5",
                 "greedy",
                 "linspec",
-                {"kind": kind, "num_tokens": depth, "min_confidence": 0.5},
+                {"kind": kind, "num_draft_tokens": depth, "min_confidence": 0.5},
             ),
-            Setting(f"{kind} chain k={depth}", "t=1", "linspec", {"kind": kind, "num_tokens": depth}),
+            Setting(f"{kind} chain k={depth}", "t=1", "linspec", {"kind": kind, "num_draft_tokens": depth}),
             Setting(f"lookup+{kind} chain k={depth}", "greedy", "linspec",
-                    {"kind": kind, "num_tokens": depth, "lookup_first": True}),
+                    {"kind": kind, "num_draft_tokens": depth, "lookup_first": True}),
             Setting(f"lookup+{kind} chain k={depth} conf>=0.5", "greedy", "linspec",
-                    {"kind": kind, "num_tokens": depth, "min_confidence": 0.5, "lookup_first": True}),
+                    {"kind": kind, "num_draft_tokens": depth, "min_confidence": 0.5, "lookup_first": True}),
             Setting(f"lookup+{kind} chain k={depth}", "t=1", "linspec",
-                    {"kind": kind, "num_tokens": depth, "lookup_first": True}),
+                    {"kind": kind, "num_draft_tokens": depth, "lookup_first": True}),
         ]  # fmt: skip
     rows = [
         Setting("plain generate()", "greedy", "plain-hf"),
         Setting("plain, linspec loop", "greedy", "linspec", {"kind": "none"}),
-        Setting("lookup chain k=10", "greedy", "linspec", {"kind": "lookup", "num_tokens": 10}),
-        Setting("lookup tree k=10 x3", "greedy", "linspec", {"kind": "lookup", "num_tokens": 10, "tree_width": 3}),
+        Setting("lookup chain k=10", "greedy", "linspec", {"kind": "lookup", "num_draft_tokens": 10}),
+        Setting("lookup tree k=10 x3", "greedy", "linspec",
+                {"kind": "lookup", "num_draft_tokens": 10, "tree_width": 3}),
         Setting(f"early exit L{exit_layer} chain k=3", "greedy", "linspec",
-                {"kind": "early-exit", "exit_layer": exit_layer, "num_tokens": 3}, slow=True),
+                {"kind": "early-exit", "exit_layer": exit_layer, "num_draft_tokens": 3}, slow=True),
         Setting(f"early exit L{exit_layer} tree k=3 x2", "greedy", "linspec",
-                {"kind": "early-exit", "exit_layer": exit_layer, "num_tokens": 3, "tree_width": 2}, slow=True),
+                {"kind": "early-exit", "exit_layer": exit_layer, "num_draft_tokens": 3, "tree_width": 2}, slow=True),
         Setting(f"{other} model drafts chain k=3", "greedy", "linspec",
-                {"kind": "model", "model": other, "num_tokens": 3}, slow=True),
+                {"kind": "model", "draft_model": other, "num_draft_tokens": 3}, slow=True),
         Setting("HF assisted: prompt lookup k=10", "greedy", "hf-assisted", {"prompt_lookup_num_tokens": 10}),
         Setting(f"HF assisted: early exit L{exit_layer}", "greedy", "hf-assisted",
                 {"assistant_early_exit": exit_layer}, slow=True),
         Setting(f"HF assisted: {other} model", "greedy", "hf-assisted", {"assistant_model": other}, slow=True),
         Setting("plain generate(), sampling", "t=1", "plain-hf"),
-        Setting("lookup chain k=10", "t=1", "linspec", {"kind": "lookup", "num_tokens": 10}),
-        Setting("lookup tree k=10 x3", "t=1", "linspec", {"kind": "lookup", "num_tokens": 10, "tree_width": 3}),
+        Setting("lookup chain k=10", "t=1", "linspec", {"kind": "lookup", "num_draft_tokens": 10}),
+        Setting("lookup tree k=10 x3", "t=1", "linspec", {"kind": "lookup", "num_draft_tokens": 10, "tree_width": 3}),
         Setting("HF assisted: prompt lookup k=10", "t=1", "hf-assisted", {"prompt_lookup_num_tokens": 10}),
     ]  # fmt: skip
     return rows[:4] + [r for r in learned if r.mode == "greedy"] + rows[4:] + [r for r in learned if r.mode != "greedy"]
@@ -276,8 +276,8 @@ def _trained_drafters(paths: list[str], models: dict, tokenizer) -> dict:
 def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting, repeat: int, args, result: Run,
              trained: dict | None = None):  # fmt: skip
     """One generation; ``result`` keeps the fastest run (tokens/s) of this setting, or the error."""
+    from linspec.drafting.registry import drafter_spec, needs_trained_drafter
     from linspec.errors import LinspecError
-    from linspec.speculative.drafters import build_drafter
     from linspec.speculative.generate import encode_prompts, speculative_generate
 
     target = models[target_name]
@@ -290,10 +290,12 @@ def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting,
         with torch.inference_mode():
             if setting.kind == "linspec":
                 options = dict(setting.drafter)
-                draft_model = models.get(options.pop("model", None))
                 kind = options.pop("kind")
-                module = (trained or {}).get((target_name, kind))
-                drafter = build_drafter(kind, draft_model=draft_model, trained=module, **options)
+                if "draft_model" in options:  # the other target, already loaded
+                    options["draft_model"] = models[options["draft_model"]]
+                if needs_trained_drafter(kind):  # the module loaded for this target
+                    options["drafter"] = (trained or {}).get((target_name, kind))
+                drafter = drafter_spec(kind, **options).build(target, tokenizer)
                 out = speculative_generate(
                     target, drafter, input_ids, attention_mask=mask, do_sample=sample,
                     generator=torch.Generator(device=models[target_name].device).manual_seed(repeat),

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from linspec.drafting.registry import KINDS, SETTINGS, kinds_taking
 from linspec.utils.devices import add_placement_arguments
 
 
@@ -38,24 +39,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """The drafter, the budget, sampling and placement: the flags ``generate`` and ``chat`` share."""
-    parser.add_argument(
-        "--draft", default="none", help="none (default), lookup, early-exit, model, medusa, eagle or redrafter"
-    )
-    parser.add_argument("--drafter", help="trained drafter directory for --draft medusa/eagle/redrafter")
-    parser.add_argument("--draft-model", help="the draft model for --draft model (same tokenizer)")
-    parser.add_argument("--exit-layer", type=int, help="layers the early-exit drafter uses")
-    parser.add_argument("--num-draft-tokens", type=int, help="draft depth per round (default: lookup 10, models 4)")
-    parser.add_argument("--tree-width", type=int, help="1 = chain (default); >1 = a tree")
-    parser.add_argument(
-        "--min-confidence", type=float,
-        help="trained drafters, greedy: propose only drafts whose cumulative probability reaches this (default 0)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--lookup-first", action="store_true", default=None,
-        help="trained drafters: draft by prompt lookup where the context has a match, by the trained drafter elsewhere",
-    )  # fmt: skip
-    parser.add_argument("--max-ngram", type=int, help="longest n-gram prompt lookup matches (default 3)")
+    """The drafter, the budget, sampling and placement: the flags ``generate`` and ``chat`` share. The drafter
+    flags are the settings of ``linspec.drafting.registry``, each saying which kinds take it."""
+    parser.add_argument("--draft", default="none", help=f"{', '.join(KINDS)} (default: none)")
+    for setting in SETTINGS.values():
+        where = f"--draft {'/'.join(kinds_taking(setting.name))}: "
+        if setting.type is bool:
+            parser.add_argument(setting.flag, action="store_true", default=None, help=where + setting.help)
+        else:
+            parser.add_argument(setting.flag, type=setting.type, metavar=setting.metavar, help=where + setting.help)
     parser.add_argument("--max-tree-nodes", type=int, help="refuse larger draft trees (default 64)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -118,32 +110,14 @@ def load_decoding(args: argparse.Namespace):
 
     from linspec.errors import LinspecError
     from linspec.sources.loading import load_source
-    from linspec.speculative.drafters import TRAINED_DRAFTERS, build_drafter
     from linspec.utils.devices import placement
 
-    sampling = check_arguments(args)  # everything checkable without the model, before loading it
-    options = dict(num_tokens=args.num_draft_tokens, tree_width=args.tree_width or 1, max_ngram=args.max_ngram or 3)
-    if args.draft in TRAINED_DRAFTERS:
-        options["min_confidence"] = args.min_confidence or 0.0
-        options["lookup_first"] = bool(args.lookup_first)
+    spec, sampling = check_arguments(args)  # everything checkable without the model, before loading it
     device, dtype = placement(args.device, args.dtype)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer to encode the prompt")
-    draft_model = None
-    if args.draft == "model":
-        draft_model = load_source(args.draft_model, dtype=dtype, device=device)[0]
-        check_same_vocabulary(model, draft_model, args.draft_model)
-    trained = None
-    if args.draft in TRAINED_DRAFTERS:
-        from linspec.drafting import load_drafter
-
-        trained = load_drafter(args.drafter, model, tokenizer)
-    if args.draft == "early-exit" and args.exit_layer >= model.config.num_hidden_layers:
-        raise LinspecError(
-            f"--exit-layer {args.exit_layer} must be below the model's {model.config.num_hidden_layers} layers"
-        )
-    drafter = build_drafter(args.draft, exit_layer=args.exit_layer, draft_model=draft_model, trained=trained, **options)
+    drafter = spec.build(model, tokenizer)
     generator = None if args.seed is None else torch.Generator(device=device).manual_seed(args.seed)
     return model, tokenizer, drafter, sampling, generator
 
@@ -205,21 +179,6 @@ def stats_line(stats) -> str:
 
 
 MAX_NEW_TOKENS = 1 << 20
-MAX_DRAFT = 256  # draft depth, tree width and tree nodes: far beyond any useful tree, small enough to allocate
-
-# flag -> the drafters it applies to; a flag given for a drafter that ignores it is refused, not dropped.
-TRAINED = ("medusa", "eagle", "redrafter")
-DRAFT_FLAGS = {
-    "draft_model": ("model",),
-    "drafter": TRAINED,
-    "exit_layer": ("early-exit",),
-    "num_draft_tokens": ("lookup", "early-exit", "model", *TRAINED),
-    "tree_width": ("lookup", "early-exit", "model", *TRAINED),
-    "max_ngram": ("lookup", *TRAINED),
-    "min_confidence": TRAINED,
-    "lookup_first": TRAINED,
-    "max_tree_nodes": ("lookup", "early-exit", "model", *TRAINED),
-}
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
 
 
@@ -228,42 +187,30 @@ def _flag(name: str) -> str:
 
 
 def check_arguments(args: argparse.Namespace):
-    """Refuse every flag that is out of range or would be ignored, naming the flag; return the sampling config."""
+    """Refuse every flag that is out of range or would be ignored, naming the flag: ``(drafter spec, sampling)``.
+
+    The drafter flags are checked by the registry's spec of ``--draft``; the rest here."""
+    from linspec.drafting.registry import MAX_DRAFT, drafter_spec
     from linspec.errors import LinspecError
-    from linspec.speculative.drafters import DRAFTERS
     from linspec.speculative.sampling import SamplingConfig
+    from linspec.utils.validation import check_count
 
     if not 0 < args.max_new_tokens <= MAX_NEW_TOKENS:
         raise LinspecError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
-    if args.draft not in DRAFTERS:
-        raise LinspecError(f"--draft must be one of {', '.join(DRAFTERS)}; got {args.draft!r:.40}")
-    for name, drafters in DRAFT_FLAGS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if args.draft not in drafters:
-            raise LinspecError(
-                f"{_flag(name)} only applies to --draft {' or '.join(drafters)} (got --draft {args.draft})"
-            )
-        if name == "min_confidence" and not 0 <= value < 1:
-            raise LinspecError(f"--min-confidence must be in [0, 1), got {value}")
-        if name == "max_ngram" and args.draft in TRAINED and not args.lookup_first:
-            raise LinspecError("--max-ngram applies to a trained drafter only with --lookup-first")
-        if name not in ("draft_model", "drafter", "min_confidence", "lookup_first") and not 0 < value <= MAX_DRAFT:
-            raise LinspecError(f"{_flag(name)} must be in 1..{MAX_DRAFT}, got {value}")
-    if args.draft == "model" and not args.draft_model:
-        raise LinspecError("--draft model needs --draft-model SRC (a model sharing the tokenizer)")
-    if args.draft in TRAINED and not args.drafter:
-        raise LinspecError(f"--draft {args.draft} needs --drafter DIR (a drafter trained with linspec train)")
-    if args.draft == "early-exit" and args.exit_layer is None:
-        raise LinspecError("--draft early-exit needs --exit-layer N")
+    drafting = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    spec = drafter_spec(args.draft, **drafting)
+    if args.max_tree_nodes is not None:
+        if args.draft == "none":
+            kinds = " or ".join(kind for kind in KINDS if kind != "none")
+            raise LinspecError(f"--max-tree-nodes only applies to --draft {kinds} (got --draft none)")
+        check_count(args.max_tree_nodes, "--max-tree-nodes", 1, MAX_DRAFT)
     given = [_flag(name) for name in SAMPLING_FLAGS if getattr(args, name) is not None]
     if given and not args.do_sample:
         raise LinspecError(f"{given[0]} only applies with --do-sample (greedy decoding ignores it)")
     if args.temperature is not None and math.isinf(args.temperature):
         raise LinspecError("--temperature must be finite")
     defaults = SamplingConfig()
-    return SamplingConfig(  # checks the ranges of --temperature, --top-k and --top-p
+    return spec, SamplingConfig(  # checks the ranges of --temperature, --top-k and --top-p
         args.do_sample,
         defaults.temperature if args.temperature is None else args.temperature,
         defaults.top_k if args.top_k is None else args.top_k,
@@ -288,14 +235,4 @@ def check_prompts_fit(model, tokenizer, args: argparse.Namespace) -> None:
         raise LinspecError(
             f"the prompt ({length} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
             f"{positions} positions"
-        )
-
-
-def check_same_vocabulary(model, draft_model, source: str) -> None:
-    from linspec.errors import LinspecError
-
-    sizes = (model.get_input_embeddings().num_embeddings, draft_model.get_input_embeddings().num_embeddings)
-    if sizes[0] != sizes[1]:
-        raise LinspecError(
-            f"--draft-model {source} has {sizes[1]} tokens, the model {sizes[0]}: not the same tokenizer"
         )

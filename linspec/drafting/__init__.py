@@ -11,7 +11,19 @@ weights; :func:`load_drafter` refuses a drafter trained for another target or to
 ``linspec train recipes/<kind>-smollm2-135m.yaml`` (:mod:`~linspec.drafting.train`).
 """
 
-from linspec.drafting.base import TrainedDrafter
-from linspec.drafting.store import load_drafter, save_drafter
+import importlib
 
-__all__ = ["TrainedDrafter", "load_drafter", "save_drafter"]
+# public name -> its module, imported on first use: the drafter registry (which ``--help`` reads) loads no torch
+_EXPORTS = {
+    "TrainedDrafter": "linspec.drafting.base",
+    "load_drafter": "linspec.drafting.store",
+    "save_drafter": "linspec.drafting.store",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'linspec.drafting' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -10,10 +10,12 @@ children without replacement, each continued as a sampled chain.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from linspec.drafting.base import TrainedDrafter, depth_loss
-from linspec.speculative.drafters import DraftRequest, TreeGrowingDrafter
+from linspec.speculative.drafters import Draft, DraftRequest, TreeGrowingDrafter
 from linspec.speculative.tree import DraftTree
 
 
@@ -46,6 +48,13 @@ class RecurrentDraftModule(TrainedDrafter):
         return RecurrentDrafter(self, self.check_depth(num_tokens), tree_width, min_confidence)
 
 
+@dataclass
+class RecurrentRound:
+    """A round's states ``[B, 1 + N, H]`` so far: the root's first, then node ``n``'s at ``1 + n``."""
+
+    states: torch.Tensor | None = None
+
+
 class RecurrentDrafter(TreeGrowingDrafter):
     """Grows the tree from per-node recurrent states; reads only ``request.target_hidden`` and the root."""
 
@@ -63,21 +72,23 @@ class RecurrentDrafter(TreeGrowingDrafter):
             )
 
     @torch.no_grad()
-    def propose(self, request: DraftRequest) -> DraftTree:
+    def propose(self, request: DraftRequest) -> Draft:
         if request.target_hidden is None:  # a one-token prompt's first round: nothing to start from
-            return DraftTree.empty(request.lengths.shape[0], request.sequences.device)
+            return Draft(DraftTree.empty(request.lengths.shape[0], request.sequences.device))
         return super().propose(request)
 
-    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
-        """States of the frontier (the root, then the last level's nodes, in order), appended to ``_states``
-        ``[B, 1 + N, H]`` — the root's state first, then node ``n``'s at ``1 + n``."""
+    def _begin_round(self, request: DraftRequest) -> RecurrentRound:
+        return RecurrentRound()
+
+    def _frontier_logits(self, request, tree, frontier, level, state: RecurrentRound) -> torch.Tensor:
+        """States of the frontier (the root, then the last level's nodes, in order), appended to the round's."""
         if level == 0:
             root = request.sequences.gather(1, (request.lengths - 1)[:, None])  # (B, 1)
             states = self.module.cell(request.target_hidden[:, None], root)  # (B, 1, H)
-            self._states = states
+            state.states = states
         else:
             newest = tree.parents[:, -frontier.shape[1] :]  # (B, F) the frontier is the last level's nodes
-            index = (newest + 1)[:, :, None].expand(-1, -1, self._states.shape[-1])  # root's state at 0
-            states = self.module.cell(self._states.gather(1, index), tree.tokens[:, -frontier.shape[1] :])
-            self._states = torch.cat([self._states, states], 1)
+            index = (newest + 1)[:, :, None].expand(-1, -1, state.states.shape[-1])  # root's state at 0
+            states = self.module.cell(state.states.gather(1, index), tree.tokens[:, -frontier.shape[1] :])
+            state.states = torch.cat([state.states, states], 1)
         return self.module.vocab.to_full(self.module.vocab(states))  # (B, F, V)

@@ -4,6 +4,7 @@ Everything that runs a model (prefill, tree verification, commit) is ``linspec.m
 """
 
 from linspec.speculative.drafters import (
+    Draft,
     Drafter,
     DraftRequest,
     EarlyExitDrafter,
@@ -18,6 +19,7 @@ from linspec.speculative.sampling import SamplingConfig
 from linspec.speculative.tree import DraftTree, merge_chains
 
 __all__ = [
+    "Draft",
     "DraftRequest",
     "DraftTree",
     "Drafter",

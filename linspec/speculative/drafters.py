@@ -13,6 +13,12 @@ each node was drawn from, and rolls its own state forward only by what the targe
 Tree-shaped drafting from a model (``TreeGrowingDrafter``) grows the tree level by level; each level is one
 tree-mode forward over the whole tree so far (verification mode: nothing committed changes), so a drafter needs
 no rollback — it commits what the target accepted from its last forward.
+
+A round's working state (the tree pass a drafter opened, which rows it drafted for) is not kept on the drafter:
+``propose`` returns it beside the tree (a ``Draft``) and the caller hands it back to ``advance``. What a drafter
+keeps on itself lives across rounds and is bound in ``start`` (its own runner, a row's history).
+
+Which drafter a command line or a benchmark asks for, with which settings, is ``linspec.drafting.registry``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +34,7 @@ from linspec.errors import LinspecError
 from linspec.models.runner import ModelRunner, TreePass, model_vocab_size
 from linspec.speculative.sampling import SamplingConfig, normalize, sample
 from linspec.speculative.tree import DraftTree, merge_chains
+from linspec.utils.validation import check_count
 
 
 @dataclass
@@ -43,19 +51,33 @@ class DraftRequest:
     target_hidden: torch.Tensor | None = None  # (B, H)
 
 
+class Draft(NamedTuple):
+    """What ``Drafter.propose`` returns: the tree, and the drafter's own record of the round, which the caller hands
+    back to ``advance`` unread (None when the drafter needs none)."""
+
+    tree: DraftTree
+    state: Any = None
+
+
 class Drafter:
-    """The interface. ``max_nodes`` bounds the size of any proposed tree (checked against the configured limit)."""
+    """The interface. ``max_nodes`` bounds the size of any proposed tree (checked against the configured limit).
+
+    A round is ``propose`` then ``advance``; whatever ``advance`` needs from ``propose`` travels in the returned
+    ``Draft.state``, so a drafter's attributes change only in ``start``, ``advance`` and ``select_rows`` — and only
+    for what must outlive the round.
+    """
 
     max_nodes: int = 0
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         """Bind to a generation: ``sequences [B, L]`` left-aligned prompts of ``lengths`` tokens."""
 
-    def propose(self, request: DraftRequest) -> DraftTree:
+    def propose(self, request: DraftRequest) -> Draft:
         raise NotImplementedError
 
-    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        """The target accepted draft nodes ``accepted [B, D]`` (path order, real where ``accepted_mask``)."""
+    def advance(self, state: Any, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """The target accepted draft nodes ``accepted [B, D]`` (path order, real where ``accepted_mask``) of the
+        round whose ``Draft.state`` was ``state``."""
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep only rows ``index`` of the batch."""
@@ -75,9 +97,8 @@ class TreeGrowingDrafter(Drafter):
     """
 
     def __init__(self, num_tokens: int = 4, tree_width: int = 1, min_confidence: float = 0.0) -> None:
-        for name, value in (("num_tokens", num_tokens), ("tree_width", tree_width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+        check_count(num_tokens, "num_tokens")
+        check_count(tree_width, "tree_width")
         if (
             isinstance(min_confidence, bool)
             or not isinstance(min_confidence, int | float)
@@ -89,14 +110,19 @@ class TreeGrowingDrafter(Drafter):
         self.min_log_confidence = math.log(min_confidence) if min_confidence > 0 else -math.inf
         self.max_nodes = num_tokens * tree_width
 
+    def _begin_round(self, request: DraftRequest) -> Any:
+        """The round's working state, passed to every level and returned as ``Draft.state`` (None: none)."""
+        return None
+
     def _frontier_logits(
-        self, request: DraftRequest, tree: DraftTree, frontier: torch.Tensor, level: int
+        self, request: DraftRequest, tree: DraftTree, frontier: torch.Tensor, level: int, state: Any
     ) -> torch.Tensor:
         """Next-token logits ``[B, F, V]`` after each frontier node (``frontier [B, F]``, -1 = the root) of the
         tree so far, whose deepest nodes are at depth ``level``."""
         raise NotImplementedError
 
-    def propose(self, request: DraftRequest) -> DraftTree:
+    def propose(self, request: DraftRequest) -> Draft:
+        state = self._begin_round(request)
         batch = request.lengths.shape[0]
         device = request.sequences.device
         sampling, width = request.sampling, self.tree_width
@@ -106,7 +132,7 @@ class TreeGrowingDrafter(Drafter):
         frontier_ok = torch.ones(batch, 1, dtype=torch.bool, device=device)
         frontier_score = torch.zeros(batch, 1, device=device)  # cumulative log q (greedy trees)
         for level in range(min(self.num_tokens, request.max_depth)):
-            logits = self._frontier_logits(request, tree, frontier, level)  # (B, F, V)
+            logits = self._frontier_logits(request, tree, frontier, level, state)  # (B, F, V)
             if sampling.greedy:  # keep the `width` best of each frontier node's top-`width` children
                 top = logits.float().log_softmax(-1).topk(width, dim=-1)  # (B, F, W)
                 candidate = (frontier_score[:, :, None] + top.values).masked_fill(~frontier_ok[:, :, None], -1e30)
@@ -144,10 +170,20 @@ class TreeGrowingDrafter(Drafter):
             frontier_ok = ok
         if qs:
             tree.q = torch.cat(qs, 1)
-        return self._finish(request, tree)
+        return Draft(self._finish(request, tree, state), state)
 
-    def _finish(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
+    def _finish(self, request: DraftRequest, tree: DraftTree, state: Any) -> DraftTree:
         return tree
+
+
+@dataclass
+class ModelRound:
+    """A ``ModelDrafter`` round: its latest tree pass, which of its slots are committed tokens it had not seen
+    (``unseen [B, U]``) and the depth that pass evaluated draft nodes to (-1: no pass ran)."""
+
+    tree_pass: TreePass | None = None
+    unseen: torch.Tensor | None = None
+    forwarded_depth: int = -1
 
 
 class ModelDrafter(TreeGrowingDrafter):
@@ -155,14 +191,14 @@ class ModelDrafter(TreeGrowingDrafter):
 
     The drafter's runner holds the committed tokens it has consumed; each round it evaluates, in tree mode,
     the committed tokens it has not seen yet (1 or 2) followed by the tree so far, and afterwards commits the
-    accepted ones — its state only ever moves forward by committed tokens.
+    accepted ones — its state only ever moves forward by committed tokens. The runner is the one thing kept on
+    the drafter across rounds: it *is* the draft model's cache of the committed text.
     """
 
     def __init__(self, model, num_tokens: int = 4, tree_width: int = 1) -> None:
         super().__init__(num_tokens, tree_width)
         self.model = model
         self.runner: ModelRunner | None = None
-        self._tree: TreePass | None = None
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         mine, theirs = model_vocab_size(self.model), target.vocab_size
@@ -177,8 +213,9 @@ class ModelDrafter(TreeGrowingDrafter):
             tokens, mask = _right_aligned(sequences, lengths - 1, prefix)
             self.runner.extend(tokens, mask)
 
-    def _layout(self, request: DraftRequest, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[committed tokens not yet seen (left-padded to U slots) ; tree nodes]``: tokens and parents.
+    def _layout(self, request: DraftRequest, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[committed tokens not yet seen (left-padded to U slots) ; tree nodes]``: tokens, parents, and which
+        of the U slots hold real unseen tokens.
 
         Padding slots are lone roots nobody descends from; the tree's root is slot ``U - 1``.
         """
@@ -189,34 +226,32 @@ class ModelDrafter(TreeGrowingDrafter):
         mask = slot >= width - unseen[:, None]  # (B, U) real unseen tokens
         chain_parent = torch.where(mask & (slot - 1 >= width - unseen[:, None]), slot - 1, -1)
         node_parents = torch.where(tree.parents >= 0, tree.parents + width, width - 1)
-        self._unseen_mask = mask
-        return torch.cat([tokens, tree.tokens], 1), torch.cat([chain_parent, node_parents], 1)
+        return torch.cat([tokens, tree.tokens], 1), torch.cat([chain_parent, node_parents], 1), mask
 
-    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
-        tokens, parents = self._layout(request, tree)
-        self._tree = self.runner.begin_tree(tokens, parents)
-        hidden = self._tree.run_layers(self._tree.hidden)
-        width = self._unseen_mask.shape[1]
-        self._forwarded_depth = level  # this forward evaluated every draft node down to depth `level`
+    def _begin_round(self, request: DraftRequest) -> ModelRound:
+        return ModelRound()
+
+    def _frontier_logits(self, request, tree, frontier, level, state: ModelRound) -> torch.Tensor:
+        tokens, parents, state.unseen = self._layout(request, tree)
+        state.tree_pass = self.runner.begin_tree(tokens, parents)
+        hidden = state.tree_pass.run_layers(state.tree_pass.hidden)
+        width = state.unseen.shape[1]
+        state.forwarded_depth = level  # this forward evaluated every draft node down to depth `level`
         at = torch.where(frontier >= 0, frontier + width, width - 1)
         picked = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return self.runner.logits(self.runner.final_hidden(picked))
 
-    def propose(self, request: DraftRequest) -> DraftTree:
-        self._forwarded_depth = -1
-        return super().propose(request)
-
-    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        """Commit the unseen committed tokens and the accepted nodes the last forward evaluated; the rest (the
-        last level's nodes, the target's correction or bonus token) is evaluated next round."""
-        if self._forwarded_depth < 0:  # nothing was evaluated this round
+    def advance(self, state: ModelRound, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        """Commit the unseen committed tokens and the accepted nodes the round's last forward evaluated; the rest
+        (the last level's nodes, the target's correction or bonus token) is evaluated next round."""
+        if state.forwarded_depth < 0:  # nothing was evaluated this round
             return
-        batch, width = self._unseen_mask.shape
+        batch, width = state.unseen.shape
         slots = torch.arange(width, device=accepted.device).expand(batch, width)
-        depth = self._forwarded_depth  # path entry j sits at depth j + 1
+        depth = state.forwarded_depth  # path entry j sits at depth j + 1
         keep = torch.cat([slots, accepted[:, :depth] + width], 1)
-        keep_mask = torch.cat([self._unseen_mask, accepted_mask[:, :depth]], 1)
-        self._tree.commit(keep, keep_mask)
+        keep_mask = torch.cat([state.unseen, accepted_mask[:, :depth]], 1)
+        state.tree_pass.commit(keep, keep_mask)
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.runner.select_rows(index)
@@ -240,7 +275,9 @@ class PromptLookupDrafter(Drafter):
     general. Where a row is copying (at least half of its drafts so far had their first token accepted), matches
     down to ``reliable_min_ngram`` (default 1) are used too: right after the model departs from the source for
     a token or two, a one-token match is what finds the way back, where a plain step would wait for a 2-gram.
-    Which n-grams are used depends only on the row's past, so acceptance stays exact.
+    Which n-grams are used depends only on the row's past, so acceptance stays exact. That past — each row's
+    history, its n-gram index and its record of accepted drafts — is what the drafter keeps across rounds; a
+    round's own state is which rows it drafted for.
     """
 
     def __init__(
@@ -254,8 +291,7 @@ class PromptLookupDrafter(Drafter):
         reliable_min_ngram = min_ngram if reliable_min_ngram is None else reliable_min_ngram
         for name, value in (("num_tokens", num_tokens), ("max_ngram", max_ngram), ("min_ngram", min_ngram),
                             ("num_drafts", num_drafts), ("reliable_min_ngram", reliable_min_ngram)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LinspecError(f"{name} must be a positive integer, got {value!r}")
+            check_count(value, name)
         if min_ngram > max_ngram:
             raise LinspecError(f"min_ngram ({min_ngram}) must not exceed max_ngram ({max_ngram})")
         self.num_tokens, self.max_ngram, self.min_ngram, self.num_drafts = num_tokens, max_ngram, min_ngram, num_drafts
@@ -268,7 +304,6 @@ class PromptLookupDrafter(Drafter):
         # Per row: rounds it drafted in, and those whose first drafted token was accepted.
         self.drafted_rounds = [0] * lengths.shape[0]
         self.first_accepted = [0] * lengths.shape[0]
-        self._drafted: list[bool] = [False] * lengths.shape[0]
 
     def _shortest_ngram(self, row: int) -> int:
         reliable = 2 * self.first_accepted[row] >= self.drafted_rounds[row] > 0
@@ -307,25 +342,26 @@ class PromptLookupDrafter(Drafter):
                         return chains
         return chains
 
-    def propose(self, request: DraftRequest) -> DraftTree:
+    def propose(self, request: DraftRequest) -> Draft:
+        """The merged tree, and as the round's state which rows drafted (``list[bool]``)."""
         self._sync(request)
         depth = min(self.num_tokens, request.max_depth)
         chains = [
             self._row_chains(self.history[row], self.index[row], depth, self._shortest_ngram(row)) if depth > 0 else []
             for row in range(len(self.history))
         ]
-        self._drafted = [bool(row_chains) for row_chains in chains]
-        return merge_chains(chains, device=request.sequences.device)
+        drafted = [bool(row_chains) for row_chains in chains]
+        return Draft(merge_chains(chains, device=request.sequences.device), drafted)
 
-    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        first = accepted_mask[:, 0].tolist() if accepted_mask.shape[1] else [False] * len(self._drafted)
-        for row, (drafted, hit) in enumerate(zip(self._drafted, first, strict=True)):
+    def advance(self, state: list[bool], accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        first = accepted_mask[:, 0].tolist() if accepted_mask.shape[1] else [False] * len(state)
+        for row, (drafted, hit) in enumerate(zip(state, first, strict=True)):
             self.drafted_rounds[row] += drafted
             self.first_accepted[row] += drafted and hit
 
     def select_rows(self, index: torch.Tensor) -> None:
         keep = index.tolist()
-        for name in ("history", "index", "drafted_rounds", "first_accepted", "_drafted"):
+        for name in ("history", "index", "drafted_rounds", "first_accepted"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
 
@@ -342,32 +378,34 @@ class EarlyExitDrafter(TreeGrowingDrafter):
 
     def __init__(self, exit_layer: int, num_tokens: int = 4, tree_width: int = 1) -> None:
         super().__init__(num_tokens, tree_width)
-        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or exit_layer < 1:
-            raise LinspecError(f"exit_layer must be a positive integer, got {exit_layer!r}")
-        self.exit_layer = exit_layer
+        self.exit_layer = check_count(exit_layer, "exit_layer")
+
+    def check_target(self, num_layers: int, name: str = "exit_layer") -> None:
+        """Refuse an exit layer that is not below the target's ``num_layers`` (``name``: how the user said it)."""
+        if self.exit_layer >= num_layers:
+            raise LinspecError(f"{name} {self.exit_layer} must be below the model's {num_layers} layers")
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
-        if self.exit_layer >= target.num_layers:
-            raise LinspecError(
-                f"exit_layer must be below the target's {target.num_layers} layers, got {self.exit_layer}"
-            )
+        """Binds the target runner for the generation: the drafter drafts on it, keeping no state of its own."""
+        self.check_target(target.num_layers)
         self.target = target
 
-    def _run(self, request: DraftRequest, tree: DraftTree) -> torch.Tensor:
+    def _run(self, request: DraftRequest, tree: DraftTree) -> tuple[TreePass, torch.Tensor]:
+        """A tree pass of the target over ``[root; tree]`` and its hidden states after ``exit_layer`` layers."""
         root = request.sequences.gather(1, (request.lengths - 1)[:, None])[:, 0]
         tokens, parents, _ = tree.with_root(root)
-        self._tree = self.target.begin_tree(tokens, parents)
-        return self._tree.run_layers(self._tree.hidden, 0, self.exit_layer)
+        tree_pass = self.target.begin_tree(tokens, parents)
+        return tree_pass, tree_pass.run_layers(tree_pass.hidden, 0, self.exit_layer)
 
-    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
-        hidden = self._run(request, tree)  # (B, 1 + N, H), the root first
+    def _frontier_logits(self, request, tree, frontier, level, state) -> torch.Tensor:
+        _, hidden = self._run(request, tree)  # (B, 1 + N, H), the root first
         picked = hidden.gather(1, (frontier + 1)[:, :, None].expand(-1, -1, hidden.shape[-1]))
         return self.target.logits(self.target.final_hidden(picked))
 
-    def _finish(self, request: DraftRequest, tree: DraftTree) -> DraftTree:
+    def _finish(self, request: DraftRequest, tree: DraftTree, state) -> DraftTree:
         if tree.num_nodes:
-            hidden = self._run(request, tree)
-            tree.target_pass, tree.target_hidden = self._tree, (self.exit_layer, hidden)
+            tree_pass, hidden = self._run(request, tree)
+            tree.target_pass, tree.target_hidden = tree_pass, (self.exit_layer, hidden)
         return tree
 
 
@@ -387,22 +425,27 @@ class HeadDrafter(TreeGrowingDrafter):
         self.heads = heads
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keeps the target's vocabulary size, to check the heads against it each round."""
         self.vocab_size = target.vocab_size
 
     @torch.no_grad()
-    def propose(self, request: DraftRequest) -> DraftTree:
+    def propose(self, request: DraftRequest) -> Draft:
         if request.target_hidden is None:
-            return DraftTree.empty(request.lengths.shape[0], request.sequences.device)
-        self._head_logits = self.heads(request.target_hidden)  # (B, K, V)
-        if self._head_logits.shape[-1] != self.vocab_size:
-            raise LinspecError(
-                f"the heads' vocabulary ({self._head_logits.shape[-1]}) differs from the target's ({self.vocab_size})"
-            )
+            return Draft(DraftTree.empty(request.lengths.shape[0], request.sequences.device))
         return super().propose(request)
 
-    def _frontier_logits(self, request, tree, frontier, level) -> torch.Tensor:
-        level = min(level, self._head_logits.shape[1] - 1)
-        return self._head_logits[:, level : level + 1].expand(-1, frontier.shape[1], -1)
+    def _begin_round(self, request: DraftRequest) -> torch.Tensor:
+        """Every head's logits ``[B, K, V]`` from this round's hidden state: the levels read them in turn."""
+        head_logits = self.heads(request.target_hidden)
+        if head_logits.shape[-1] != self.vocab_size:
+            raise LinspecError(
+                f"the heads' vocabulary ({head_logits.shape[-1]}) differs from the target's ({self.vocab_size})"
+            )
+        return head_logits
+
+    def _frontier_logits(self, request, tree, frontier, level, state: torch.Tensor) -> torch.Tensor:
+        level = min(level, state.shape[1] - 1)
+        return state[:, level : level + 1].expand(-1, frontier.shape[1], -1)
 
 
 class FallbackDrafter(Drafter):
@@ -419,36 +462,44 @@ class FallbackDrafter(Drafter):
     def __init__(self, first: Drafter, then: Drafter) -> None:
         self.first, self.then = first, then
         self.max_nodes = max(first.max_nodes, then.max_nodes)
-        self._by_first: torch.Tensor | None = None  # (B,) rows the last tree came from ``first``
-        self._then_drafted = False  # whether ``then`` proposed in the last round
 
     def start(self, target: ModelRunner, sequences: torch.Tensor, lengths: torch.Tensor) -> None:
         self.first.start(target, sequences, lengths)
         self.then.start(target, sequences, lengths)
 
-    def propose(self, request: DraftRequest) -> DraftTree:
-        first = self.first.propose(request)
+    def propose(self, request: DraftRequest) -> Draft:
+        first, first_state = self.first.propose(request)
         by_first = first.valid.any(1) if first.num_nodes else torch.zeros_like(request.lengths, dtype=torch.bool)
-        self._by_first = by_first
-        self._then_drafted = not bool(by_first.all())
-        if not self._then_drafted:
-            return first
-        then = self.then.propose(request)
+        if bool(by_first.all()):
+            return Draft(first, FallbackRound(by_first, first_state))
+        then, then_state = self.then.propose(request)
+        state = FallbackRound(by_first, first_state, then_drafted=True, then=then_state)
         if not bool(by_first.any()):
-            return then
+            return Draft(then, state)
         if then.target_pass is not None:  # its layers ran on its own trees, not on the merged one
             then.target_pass.discard()
-        return _rows_from(by_first, first, then)
+        return Draft(_rows_from(by_first, first, then), state)
 
-    def advance(self, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
-        by_first = self._by_first[:, None]
-        self.first.advance(accepted, accepted_mask & by_first)
-        if self._then_drafted:
-            self.then.advance(accepted, accepted_mask & ~by_first)
+    def advance(self, state: FallbackRound, accepted: torch.Tensor, accepted_mask: torch.Tensor) -> None:
+        by_first = state.by_first[:, None]
+        self.first.advance(state.first, accepted, accepted_mask & by_first)
+        if state.then_drafted:
+            self.then.advance(state.then, accepted, accepted_mask & ~by_first)
 
     def select_rows(self, index: torch.Tensor) -> None:
         self.first.select_rows(index)
         self.then.select_rows(index)
+
+
+@dataclass
+class FallbackRound:
+    """A ``FallbackDrafter`` round: the rows whose tree came from ``first`` (``by_first [B]``), each drafter's own
+    round state, and whether ``then`` proposed at all."""
+
+    by_first: torch.Tensor
+    first: Any
+    then_drafted: bool = False
+    then: Any = None
 
 
 def _rows_from(pick: torch.Tensor, a: DraftTree, b: DraftTree) -> DraftTree:
@@ -475,53 +526,3 @@ def _rows_from(pick: torch.Tensor, a: DraftTree, b: DraftTree) -> DraftTree:
 
         q = torch.where(pick[:, None, None], distributions(a), distributions(b))
     return DraftTree(tokens=tokens, parents=parents, valid=valid, q=q)
-
-
-TRAINED_DRAFTERS = ("medusa", "eagle", "redrafter")  # linspec.drafting: trained from the target, loaded from a dir
-DRAFTERS = ("none", "lookup", "early-exit", "model", *TRAINED_DRAFTERS)
-
-
-def build_drafter(
-    kind: str,
-    *,
-    num_tokens: int | None = None,
-    tree_width: int = 1,
-    max_ngram: int = 3,
-    exit_layer: int | None = None,
-    draft_model=None,
-    trained=None,
-    min_confidence: float = 0.0,
-    lookup_first: bool = False,
-) -> Drafter | None:
-    """A drafter by name — ``none`` (plain decoding), ``lookup``, ``early-exit``, ``model`` or a trained one
-    (``medusa``, ``eagle``, ``redrafter``: ``trained`` is the module ``linspec.drafting.load_drafter`` returned) —
-    with one tree knob: ``tree_width`` (lookup: distinct continuations merged; models: branches per level).
-    ``num_tokens`` defaults to 10 for lookup (cheap drafts), 4 for models (each level costs a forward) and the
-    trained depth for trained drafters; ``lookup_first`` puts prompt lookup (10 tokens, one continuation) before
-    a trained drafter (``FallbackDrafter``). Validated here."""
-    if lookup_first and kind not in TRAINED_DRAFTERS:
-        raise LinspecError(f"lookup_first puts prompt lookup before a trained drafter; {kind!r} is not one")
-    if kind == "none":
-        return None
-    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
-        raise LinspecError(f"num_tokens must be a positive integer (or None for the default), got {num_tokens!r}")
-    if kind == "lookup":
-        return PromptLookupDrafter(
-            num_tokens=10 if num_tokens is None else num_tokens, max_ngram=max_ngram, num_drafts=tree_width
-        )
-    if kind == "early-exit":
-        if exit_layer is None:
-            raise LinspecError("the early-exit drafter needs an exit layer (--exit-layer N)")
-        return EarlyExitDrafter(exit_layer, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
-    if kind == "model":
-        if draft_model is None:
-            raise LinspecError("the model drafter needs a draft model (--draft-model SRC)")
-        return ModelDrafter(draft_model, num_tokens=4 if num_tokens is None else num_tokens, tree_width=tree_width)
-    if kind in TRAINED_DRAFTERS:
-        if trained is None:
-            raise LinspecError(f"the {kind} drafter needs a trained drafter directory (--drafter PATH)")
-        if trained.kind != kind:
-            raise LinspecError(f"the drafter given is a {trained.kind} drafter, not {kind}")
-        drafter = trained.drafter(num_tokens, tree_width, min_confidence)
-        return FallbackDrafter(PromptLookupDrafter(max_ngram=max_ngram), drafter) if lookup_first else drafter
-    raise LinspecError(f"unknown drafter {kind!r}; choose one of: {', '.join(DRAFTERS)}")

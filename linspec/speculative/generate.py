@@ -17,7 +17,7 @@ import torch
 from linspec.errors import LinspecError
 from linspec.models.runner import ModelRunner
 from linspec.speculative.acceptance import accept
-from linspec.speculative.drafters import Drafter, DraftRequest
+from linspec.speculative.drafters import Draft, Drafter, DraftRequest
 from linspec.speculative.sampling import SamplingConfig
 from linspec.speculative.tree import DraftTree
 
@@ -86,8 +86,8 @@ class SpeculativeOutput:
 class NoDrafter(Drafter):
     """Plain decoding through the same machinery: an empty tree, so each round commits the target's one token."""
 
-    def propose(self, request: DraftRequest) -> DraftTree:
-        return DraftTree.empty(request.lengths.shape[0], request.sequences.device)
+    def propose(self, request: DraftRequest) -> Draft:
+        return Draft(DraftTree.empty(request.lengths.shape[0], request.sequences.device))
 
 
 def _validated_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +258,7 @@ def speculative_round(
     q — the drafter's distributions (``tree.q``); p — the target's, from one forward over ``[root; tree]``.
     """
     began = time.perf_counter()
-    tree = drafter.propose(request)  # q
+    tree, drafter_state = drafter.propose(request)  # q
     if tree.num_nodes > max_tree_nodes:
         raise LinspecError(f"the drafter proposed {tree.num_nodes} tokens, above max_tree_nodes={max_tree_nodes}")
     drafted = time.perf_counter()
@@ -285,7 +285,7 @@ def speculative_round(
         stats.commit_seconds += time.perf_counter() - committing
 
     accepted = path_mask.sum(1) - 1  # draft tokens accepted per row
-    drafter.advance((path[:, 1:] - 1).clamp(min=0), path_mask[:, 1:])
+    drafter.advance(drafter_state, (path[:, 1:] - 1).clamp(min=0), path_mask[:, 1:])
     rows = torch.arange(path.shape[0], device=path.device)
     last = path[rows, accepted]
     emitted = torch.cat([tokens.gather(1, path[:, 1:]), torch.zeros_like(root)[:, None]], 1)
