@@ -197,3 +197,11 @@ def test_every_shipped_drafter_recipe_is_one_drafter_stage_named_after_its_kind(
     raw = yaml.safe_load(text)
     assert "drafter" not in raw  # the new form: the drafter settings sit in the stage
     assert dataclasses.asdict(load_recipe(name, ["base=smollm2-135m"])) == dataclasses.asdict(recipe)
+
+
+def test_a_drafter_recipe_dry_runs_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "redrafter-smollm2-135m", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith("dry run passed: 1 stage(s) on a tiny model; drafter accuracy by depth: [")
+    assert len(json.loads(out.rpartition("depth: ")[2])) == 5

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from linspec.errors import LinspecError
+from linspec.train.catalog import shipped_recipes
 from linspec.train.recipe import Recipe, apply_override, describe_keys, load_recipe
 
-ALL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
-RECIPES = [p for p in ALL_RECIPES if "drafter" not in yaml.safe_load(p.read_text())]  # drafters: test_drafting.py
+RECIPES = list(shipped_recipes().values())  # the drafter recipes also: test_drafter_training.py
 
 
 def test_recipes_are_shipped():
@@ -31,7 +30,7 @@ def test_every_shipped_recipe_loads_and_starts_with_its_command(path):
 
 
 def test_paper_recipe_matches_the_paper_settings():
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama2-7b-paper.yaml")
+    recipe = load_recipe("llama2-7b-paper")
     (stage,) = [s for s in recipe.stages if s.kind == "lora"]
     assert (stage.lora.r, stage.lora.alpha) == (8, 16.0)
     assert set(stage.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -136,7 +135,7 @@ def test_paper_recipe_dry_run_runs_every_stage_on_a_tiny_model(tmp_path, monkeyp
     monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
     from linspec.train.dry_run import dry_run
 
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama2-7b-paper.yaml")
+    recipe = load_recipe("llama2-7b-paper")
     summary = dry_run(recipe, keep=str(tmp_path / "run"))
     assert set(summary["ppl"]) == {"original", "converted", *(s.name for s in recipe.stages)}
     assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -299,9 +299,9 @@ def test_resume_across_a_curriculum_boundary_repeats_the_losses_exactly(tmp_path
 def test_chat_data_is_the_original_models_answers_cached_and_mixed_at_its_ratio(tmp_path, tiny_base, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from linspec.data import chat as chat_data
     from linspec.data.documents import TrainingSet
-    from linspec.train import chat_data
-    from linspec.train.recipe import Chat, Data
+    from linspec.data.settings import Chat, Data
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
     chat = Chat(prompts="builtin:sample", num_prompts=3, max_new_tokens=5, batch_size=2, ratio=0.25)

@@ -285,7 +285,8 @@ def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objectiv
                 **objective.step_metrics(),
             }
             log.write(**record)
-            bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", len=phase.seq_len)
+            shown = {"loss": f"{loss_value:.4g}", "tok_s": f"{record['tokens_per_s']:.0f}", "len": record["seq_len"]}
+            bar.set_postfix({k: v for k, v in shown.items() if v is not None})
             bar.update(1)
             finished = step + 1 == stage.steps
             if recipe.eval.every and (step + 1) % recipe.eval.every == 0 and not finished:

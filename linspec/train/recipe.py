@@ -44,7 +44,8 @@ MAX_NEW_TOKENS = 1 << 16
 
 @dataclass
 class Conversion:
-    """How the base model is linearised (docs/design.md §2); unset values come from the preset."""
+    """How the base model is linearised (docs/design.md §2); unset values come from the preset. ``conversion: null``
+    keeps the base as it is, for a recipe whose only stage trains a drafter for it."""
 
     preset: str = DEFAULT_PRESET  # window (recommended), stable, paper (exact), decay, mean, normalized, elu
     group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
@@ -143,7 +144,7 @@ class Stage:
     kind: Literal["attention_transfer", "lora", "full", "drafter"] = "lora"  # what trains and against what
     steps: int = 100  # optimiser steps
     batch_size: int = 8  # sequences per optimiser step, across all processes (drafter: positions per step)
-    micro_batch_size: int | None = None  # per forward pass and process; accumulation fills the rest (null: 1)
+    micro_batch_size: int | None = None  # per forward pass and process, accumulating the rest (null: 1, drafter: all)
     loss: Loss = "next_token"  # lora/full: next_token or distill; attention_transfer: mse; drafter: draft
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
     trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map all (null: gamma conv)

@@ -45,7 +45,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     if resume:
         adopt_legacy_drafter_run(run_dir)
     prepare_run_dir(run_dir, resume, force, env, recipe)
-    if env.main:  # the recipe the run goes on with (a last stage extended on --resume: its new length)
+    if env.main and not (run_dir / RECIPE_FILE).exists():
         atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.main)
     log.repair()
