@@ -188,12 +188,11 @@ def test_an_explicit_card_lists_its_curve_and_phases():
 
 
 def test_a_drafter_card_names_its_recipe_command_target_and_directory():
-    from linspec.drafting.recipe import load_drafter_recipe
     from linspec.train.cards import drafter_card
 
-    recipe = asdict(load_drafter_recipe("medusa-smollm2-135m", ["train.steps=10"]))
+    recipe = asdict(load_recipe("medusa-smollm2-135m", ["stages.0.steps=10"]))
     training = {"recipe": json.loads(json.dumps(recipe)), "eval_accuracy_by_depth": [0.5, 0.25]}  # as recorded
     card = drafter_card("medusa", {"depth": 2}, {"vocab_size": 97}, training, "runs/medusa/drafter")
-    assert "linspec train medusa-smollm2-135m train.steps=10\n" in card
+    assert "linspec train medusa-smollm2-135m stages.0.steps=10\n" in card
     assert "linspec generate smollm2-135m --draft medusa --drafter runs/medusa/drafter" in card
     assert "| eval_accuracy_by_depth | [0.5, 0.25] |" in card and "| recipe |" not in card and "PATH" not in card

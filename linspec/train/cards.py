@@ -62,7 +62,7 @@ def drafter_card(kind: str, settings: dict, target: dict, training: dict, locati
     """The ``README.md`` of a trained drafter directory written to ``location``: what it drafts for, how to use it,
     and how it was trained — the ``linspec train`` command of its recipe when ``training`` records one."""
     recipe = training.get("recipe") if isinstance(training.get("recipe"), dict) else None
-    target_name = recipe["target"] if recipe and isinstance(recipe.get("target"), str) else "TARGET"
+    target_name = recipe["base"] if recipe and isinstance(recipe.get("base"), str) else "TARGET"
     settings_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(settings.items()))
     measured = {key: value for key, value in training.items() if key != "recipe"}
     training_rows = "\n".join(f"| {key} | {value} |" for key, value in sorted(measured.items())) or "| — | — |"
