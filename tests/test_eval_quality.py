@@ -171,6 +171,22 @@ def test_the_demo_model_finds_the_passkey(demo_model_path):
     assert result.accuracy == 1.0, result.answers
 
 
+def test_the_demo_answers_with_the_one_prompt_encoder_and_greedy_decoder(demo_model_path):
+    """``linspec demo``'s answer is the chat-templated greedy continuation ``generate`` gives, decoded."""
+    from linspec.bench.demo import greedy_text
+    from linspec.evaluation.greedy import encode_prompt
+    from linspec.sources.loading import load_model_dir
+
+    model, tokenizer = load_model_dir(demo_model_path, progress=False)
+    prompt = "Name three colours."
+    text, seconds = greedy_text(model, tokenizer, prompt, 12)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    assert ids[0].tolist() != tokenizer.encode(prompt)  # the chat template wraps the user turn
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert text and seconds > 0
+
+
 def test_auto_softmax_layers_keep_the_layers_rank_layers_ranks_best():
     from linspec.conversion.choice import Auto, parse_softmax_layers
     from linspec.conversion.softmax_layers import choose_softmax_layers, rank_layers, resolve_softmax_layers
