@@ -1,9 +1,9 @@
-"""Perplexity (sliding window) and component ablations: how much γ (the global path) and the conv contribute.
+"""Perplexity over scoring windows, and the variants of a model it measures: component ablations (how much γ, the
+global path, and the conv contribute) and layers restored to softmax (what keeping them softmax would give).
 
 Windows of up to ``window`` tokens advance by ``stride`` scored tokens; a window scores only tokens no earlier
 window scored, each with up to ``window − 1`` tokens of context (stride == window: consecutive windows share
-one token, so no token goes unscored). The reported
-perplexity is exp(total NLL / scored tokens).
+one token, so no token goes unscored). The reported perplexity is exp(total NLL / scored tokens).
 """
 
 from __future__ import annotations
