@@ -28,7 +28,7 @@ def demo_model_path():
     ``linspec convert smollm2-135m`` uses — so the ~93 MB download and ~30 s dequantisation happen once per
     machine rather than once per test session.
     """
-    from linspec.sources.loading import demo_model_dir
+    from linspec.sources.demo_models import demo_model_dir
 
     return demo_model_dir("smollm2-135m")
 

@@ -127,9 +127,16 @@ def build_world(root: Path) -> World:
     (root / "recipe-python-tag.yaml").write_text(f"base: !!python/object/apply:os.system ['touch {canary}']\n")
     (root / "recipe-empty.yaml").write_text("")
     shutil.copy(root / "recipe.yaml", root / "recipe-copy.yaml")
-    drafter = {"drafter": {"kind": "medusa", "depth": 2, "draft_vocab": 64}, "target": str(base),
-               "output": str(root / "runs" / "drafter"), "data": {"prompts": str(root / "text.txt")}}  # fmt: skip
+    drafter_stage = {"kind": "drafter", "steps": 2, "batch_size": 8,
+                     "drafter": {"kind": "medusa", "depth": 2, "draft_vocab": 64,
+                                 "data": {"prompts": str(root / "text.txt")}}}  # fmt: skip
+    drafter = {"base": str(base), "output": str(root / "runs" / "drafter"), "conversion": None,
+               "stages": [drafter_stage]}  # fmt: skip
     (root / "drafter.yaml").write_text(yaml.safe_dump(drafter))
+    old_format = {"drafter": {"kind": "medusa", "depth": 2, "draft_vocab": 64}, "target": str(base),
+                  "output": str(root / "runs" / "old-drafter"),
+                  "data": {"prompts": str(root / "text.txt")}}  # fmt: skip
+    (root / "drafter-old-format.yaml").write_text(yaml.safe_dump(old_format))
     _medusa_for(base, root / "drafter-for-base")
     _damaged_models(root, base, root / "linspec")
     _damaged_drafters(base, root)

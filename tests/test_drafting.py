@@ -5,11 +5,9 @@ the drafter recipe (train, resume, refuse) and the CLI."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_speculative import (
     _chi_square_p_value,
     _exact_marginals,
@@ -305,17 +303,3 @@ def test_text_windows_are_seeded_and_refuse_more_text_than_the_corpus_has(tmp_pa
     assert not torch.equal(first, text_windows(tokenizer, "builtin:sample", 64, 16, seed=1))
     with pytest.raises(linspec.LinspecError, match=r"data\.text_tokens: builtin:sample gives"):
         text_windows(tokenizer, "builtin:sample", 10**7, 16, seed=0)
-
-
-DRAFTER_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-DRAFTER_RECIPES = [p for p in DRAFTER_RECIPES if "drafter" in yaml.safe_load(p.read_text())]
-
-
-def test_every_shipped_drafter_recipe_loads_and_starts_with_its_command():
-    from linspec.drafting.recipe import load_drafter_recipe
-
-    assert {p.stem.split("-")[0] for p in DRAFTER_RECIPES} == set(KINDS)
-    for path in DRAFTER_RECIPES:
-        recipe = load_drafter_recipe(path)
-        assert path.read_text().splitlines()[0] == f"# linspec train {path.stem}"
-        assert recipe.drafter.kind == path.stem.split("-")[0]

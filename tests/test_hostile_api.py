@@ -195,6 +195,9 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
 }
 
 
+LEGACY_DRAFTER = Path(__file__).parent / "golden" / "legacy-drafter"
+
+
 def _drafter_parts(world):
     from transformers import AutoModelForCausalLM
 
@@ -206,22 +209,25 @@ def _drafter_parts(world):
 
 
 def _tampered_drafter_checkpoint(world, edit: Callable[[dict], None]):
-    """A real drafter checkpoint, saved and then edited (``edit`` gets its state.json as a dict)."""
+    """A real checkpoint of an old drafter run (tests/golden/legacy-drafter), copied and then edited (``edit`` gets
+    its state.json as a dict), read the way ``--resume`` reads old runs."""
+    import shutil
     import tempfile
 
-    from linspec.drafting.train import _load_checkpoint, _save_checkpoint
+    from transformers import AutoModelForCausalLM
 
-    _, module, optimizer = _drafter_parts(world)
-    for parameter in module.trainable_parameters():  # one step, so the checkpoint holds Adam moments too
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    run = Path(tempfile.mkdtemp(dir=world.root / "scratch"))
-    _save_checkpoint(run, 3, module, optimizer, keep=1)
-    folder = run / "checkpoints" / "step-0000003"
+    from linspec.drafting.store import build, load_drafter
+    from linspec.train.legacy_drafter import load_legacy_checkpoint
+
+    folder = Path(tempfile.mkdtemp(dir=world.root / "scratch")) / "step-0000003"
+    shutil.copytree(LEGACY_DRAFTER / "interrupted" / "checkpoints" / "step-0000003", folder)
     meta = json.loads((folder / "state.json").read_text())
     edit(meta)
     (folder / "state.json").write_text(json.dumps(meta))
-    return _load_checkpoint(folder, module, optimizer)
+    target = AutoModelForCausalLM.from_pretrained(LEGACY_DRAFTER / "base")
+    finished = load_drafter(LEGACY_DRAFTER / "drafter", target)  # the run's kind, shapes and draft vocabulary
+    module = build("medusa", target, {"depth": 2, "draft_vocab": 16}, finished.vocab.token_ids)
+    return load_legacy_checkpoint(folder, module, torch.optim.AdamW(module.trainable_parameters()), max_step=6)
 
 
 def _links_then_remove(world):
@@ -305,9 +311,7 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
     "recipe-seed-huge": (lambda w: load_recipe(w["recipe.yaml"], [f"seed={2**70}"]), "recipe key seed must be"),
     "recipe-seq-len-one": (lambda w: load_recipe(w["recipe.yaml"], ["data.seq_len=1"]), "at least 2 tokens"),
     "drafter-recipe-seed-huge": (
-        lambda w: __import__("linspec.drafting.recipe").drafting.recipe.load_drafter_recipe(
-            w["drafter.yaml"], [f"seed={2**70}"]
-        ),
+        lambda w: load_recipe(w["drafter.yaml"], [f"seed={2**70}"]),
         "recipe key seed must be",
     ),
     "copy-recipe-through-link": (

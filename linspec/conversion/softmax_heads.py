@@ -58,10 +58,12 @@ def far_attention_mass(base, settings: LinspecConfig, sequences: torch.Tensor, p
             f"sequences of {sequences.shape[1]} tokens never reach past the {span}-token local span; "
             "rank softmax heads on longer ones"
         )
-    layers = base.model.layers
-    rotary = base.model.rotary_emb
+    layers = hf.decoder_layers(base)
+    rotary = hf.rotary_embedding(base)
     # The linspec module around each softmax module: its ``project`` gives the RoPE'd q/k the heads score with.
-    wrappers = [LinspecAttention(layer.self_attn, replace(settings, softmax_heads=()), rotary) for layer in layers]
+    wrappers = [
+        LinspecAttention(hf.attention_of(layer), replace(settings, softmax_heads=()), rotary) for layer in layers
+    ]
     config = base.config
     kv_heads = config.num_key_value_heads
     repeats = config.num_attention_heads // kv_heads
@@ -75,7 +77,9 @@ def far_attention_mass(base, settings: LinspecConfig, sequences: torch.Tensor, p
 
         return measure
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [
+        hf.attention_of(layer).register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         device = next(base.parameters()).device
         for row in tqdm(sequences, desc="ranking heads", unit="seq", disable=not progress, leave=False):

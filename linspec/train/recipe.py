@@ -617,13 +617,14 @@ def load_recipe(
         apply_override(data, assignment)
     if not is_legacy_recipe(data):
         return validate(build_recipe(data))
-    if on_note is not None:
-        on_note(f"{path} is a drafter recipe of the old format; read as a recipe with one drafter stage "
-                "(--check prints it)")  # fmt: skip
     try:
-        return validate(build_recipe(translate_recipe(data)))
+        recipe = validate(build_recipe(translate_recipe(data)))
     except LinspecError as error:
         raise old_key_names(error) from None
+    if on_note is not None:  # only for a recipe that loads: a refusal stays one line
+        on_note(f"{path} is a drafter recipe of the old format; read as a recipe with one drafter stage "
+                "(--check prints it)")  # fmt: skip
+    return recipe
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

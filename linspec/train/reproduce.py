@@ -1,10 +1,10 @@
 """The ``linspec`` command lines that rebuild a model, for its card: rebuilt from the settings a run actually used.
 
 A card that only lists settings leaves the reader to guess the flags; one that prints the command the user typed
-loses what a Python caller passed, and a ``recipes/*.yaml`` path exists only in a source checkout. So the
-commands are derived from the result: ``linspec convert`` flags from the ``LinspecConfig`` that was applied, and
-``linspec train NAME key=value...`` from the difference between the resolved recipe and the shipped recipe it is
-closest to. Each command is checked to rebuild exactly those settings before a card prints it.
+loses what a Python caller passed, and a recipe file's path exists only on the machine that ran it. So the
+commands are derived from the result: ``linspec train NAME key=value...`` from the difference between the resolved
+recipe and the shipped recipe it is closest to (the ``linspec convert`` flags of a conversion are
+``linspec.conversion.command``'s). Each command is checked to rebuild exactly those settings before a card prints it.
 """
 
 from __future__ import annotations
@@ -14,62 +14,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import yaml
 
-from linspec.config import PRESETS, LinspecConfig
 from linspec.errors import LinspecError
-
-# Settings ``linspec convert`` has no flag for: only a preset sets them, so the preset is chosen to match them.
-PRESET_ONLY = ("global_decay", "global_norm")
-# Settings with a flag of their own syntax; every other ``LinspecConfig`` field is ``--field-name VALUE``.
-LIST_FLAGS = ("softmax_layers", "softmax_heads")
-DEFAULT_SHARD_SIZE = "2GB"
-
-
-def convert_argv(
-    src: str,
-    out: str,
-    settings: LinspecConfig,
-    *,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str = DEFAULT_SHARD_SIZE,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> list[str] | None:
-    """``["convert", SRC, OUT, "--preset", ...]``: the arguments of ``linspec`` that convert ``src`` into these
-    ``settings`` (the preset needing the fewest flags), or None when no preset has their global memory."""
-    candidates = [preset_flags(name, settings) for name in PRESETS]
-    usable = [flags for flags in candidates if flags is not None]
-    if not usable:
-        return None
-    argv = ["convert", src, out, *min(usable, key=len)]
-    if settings.softmax_layers:
-        argv += ["--softmax-layers", ",".join(map(str, settings.softmax_layers))]
-    if settings.softmax_heads:
-        argv += ["--softmax-heads", ",".join(f"{layer}:{head}" for layer, head in settings.softmax_heads)]
-    written = str(dtype).removeprefix("torch.")
-    if written != "float32":
-        argv += ["--dtype", written]
-    if max_shard_size != DEFAULT_SHARD_SIZE:
-        argv += ["--max-shard-size", max_shard_size]
-    argv += ["--allow-pickle"] * allow_pickle + ["--trust-remote-code"] * trust_remote_code
-    return argv
-
-
-def preset_flags(preset: str, settings: LinspecConfig) -> list[str] | None:
-    """``["--preset", NAME, "--group-size", "32", ...]``: the preset and the flags that turn it into ``settings``
-    (softmax layers and heads aside); None when the preset's global memory differs (no flag changes it)."""
-    base = LinspecConfig.from_preset(preset)
-    if any(getattr(base, name) != getattr(settings, name) for name in PRESET_ONLY):
-        return None
-    flags = ["--preset", preset]
-    for field in dataclasses.fields(LinspecConfig):
-        name = field.name
-        if name in PRESET_ONLY or name in LIST_FLAGS or getattr(base, name) == getattr(settings, name):
-            continue
-        flags += [f"--{name.replace('_', '-')}", str(getattr(settings, name))]
-    return flags
 
 
 def train_argv(recipe: Any) -> list[str] | None:

@@ -79,7 +79,7 @@ def run(ctx: RunContext, index: int, stage: Stage, model, stage_dir: Path):
     from linspec.drafting.fingerprint import target_fingerprint
     from linspec.drafting.store import build, save_drafter
     from linspec.drafting.vocab import most_frequent_tokens
-    from linspec.sources.demo_models import cache_root
+    from linspec.utils.paths import cache_root
 
     if ctx.env.world > 1:
         raise LinspecError(f"recipe key stages[{index}].kind: a drafter stage runs in one process, not under torchrun")
