@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import torch
 import transformers
 
 from linspec.cli import main
+from linspec.ops.backend import OPS
 from linspec.utils.environment import (
     LOCK_FILE,
     installed_version,
@@ -39,6 +41,10 @@ def test_env_command_prints_versions_device_and_lock_status(capsys):
     assert report["device"].startswith(("cpu:", "cuda:"))
     assert report["tested set"].startswith(("yes", "no:")) and LOCK_FILE.is_file()
     assert report["dev/eval tools"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kernels = {key: value for key, value in report.items() if key.endswith(f"(window, {device})")}
+    assert {key.split()[0] for key in kernels} == set(OPS)  # where every op of the default preset runs, and why
+    assert all(value.startswith(("torch: ", "triton: ")) and len(value) > len("torch: ") for value in kernels.values())
     assert main(["env"]) == 0
     assert "tested set" in capsys.readouterr().out
 

@@ -7,8 +7,9 @@
   last hidden state, beams merged into a dynamic tree.
 
 Each reads the target's embeddings and (a reduced copy of) its head, so a saved drafter holds only its own
-weights; :func:`load_drafter` refuses a drafter trained for another target or tokenizer. Training:
-``linspec train recipes/<kind>-smollm2-135m.yaml`` (:mod:`~linspec.drafting.train`).
+weights; :func:`load_drafter` refuses a drafter trained for another target or tokenizer. Every drafter kind, the
+trained ones and those that need no training, is a spec in :mod:`~linspec.drafting.registry`. Training is a stage
+of the one training system: ``linspec train <kind>-smollm2-135m`` (:mod:`~linspec.train.stages.drafter`).
 """
 
 import importlib

@@ -18,8 +18,7 @@ class LinearAttentionState:
     each row's true position for the next token — padding never advances it. ``key_sum`` is z, the normaliser of
     S (``Σ k̂`` over complete groups, decayed like S), kept only by memories normalised by ``q̂ᵀz``
     (``linspec.ops.memory``); None otherwise, and read as zeros where such a memory meets a fresh state.
-    The ``window_*`` and ``sink_*`` fields belong to a softmax-window layer (``linspec.ops.window``): the raw
-    keys and values of the last W − 1 tokens, oldest first, and of the first n tokens; None without a window.
+    A softmax window keeps its own state (``linspec.ops.window.WindowState``), beside this one in the layer's.
     Functions that update some fields build the next state with ``dataclasses.replace``, so the others carry over.
     """
 
@@ -30,10 +29,6 @@ class LinearAttentionState:
     ring: torch.Tensor  # (B, Hkv, P-1, Dv)
     position: torch.Tensor  # (B,) int64
     key_sum: torch.Tensor | None = None  # (B, Hkv, Dk)
-    window_keys: torch.Tensor | None = None  # (B, Hkv, W-1, Dk)
-    window_values: torch.Tensor | None = None  # (B, Hkv, W-1, Dv)
-    sink_keys: torch.Tensor | None = None  # (B, Hkv, n, Dk)
-    sink_values: torch.Tensor | None = None  # (B, Hkv, n, Dv)
 
     @property
     def group_size(self) -> int:

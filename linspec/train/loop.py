@@ -37,7 +37,7 @@ class TrainingInterrupted(LinspecError):
 
 
 @dataclass
-class RunContext:
+class TrainingRun:
     """What every stage of a run shares: the recipe, the processes, the log, the data, the teacher."""
 
     recipe: Recipe
@@ -71,7 +71,7 @@ class Objective:
         """The loss of one micro batch (rows of ``batch``), already averaged over it."""
         raise NotImplementedError
 
-    def batch(self, ctx: RunContext, stage: Stage, step: int, phase: Phase) -> torch.Tensor:
+    def batch(self, ctx: TrainingRun, stage: Stage, step: int, phase: Phase) -> torch.Tensor:
         """The whole batch of optimiser step ``step`` (0-based; every process gets the same and takes its rows):
         a function of the step alone, so a resumed run trains on what an uninterrupted one would."""
         return ctx.training.batch(step, stage.batch_size, phase.seq_len)  # (batch_size, seq_len)
@@ -80,7 +80,7 @@ class Objective:
         """Tokens a batch trains on (``tokens_per_s`` in the metrics)."""
         return batch.numel()
 
-    def evaluate(self, ctx: RunContext, forward, stage: str, step: int) -> None:
+    def evaluate(self, ctx: TrainingRun, forward, stage: str, step: int) -> None:
         """Measure the model mid-stage and at the end of the stage (held-out perplexity)."""
         with self.evaluating():
             ctx.evaluate(forward, stage, step)
@@ -146,7 +146,7 @@ class Checkpoints:
     """Saving and restoring a stage's resumable state: its trainable tensors, the optimiser, the scheduler and
     every process's RNG. Whole tensors (gathered under FSDP), so a checkpoint resumes under any wrapping."""
 
-    def __init__(self, ctx: RunContext, stage: Stage, model, optimizer, scheduler) -> None:
+    def __init__(self, ctx: TrainingRun, stage: Stage, model, optimizer, scheduler) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         self.ctx, self.stage, self.model, self.optimizer, self.scheduler = ctx, stage, model, optimizer, scheduler
@@ -217,7 +217,7 @@ class Checkpoints:
         raise LinspecError(f"no usable checkpoint to resume from: {problems[0]}")
 
 
-def optimise(ctx: RunContext, index: int, stage: Stage, model, forward, objective: Objective) -> None:
+def optimise(ctx: TrainingRun, index: int, stage: Stage, model, forward, objective: Objective) -> None:
     """Run ``stage.steps`` optimiser steps of ``objective`` on ``model`` (called through ``forward``: the model
     or its DDP/FSDP wrapper), resuming from the newest checkpoint under ``--resume``; evaluate at the end."""
     from tqdm.auto import tqdm

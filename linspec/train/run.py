@@ -22,7 +22,7 @@ from linspec.errors import LinspecError
 from linspec.train.cards import training_card
 from linspec.train.distributed import DTYPES, Env, is_sharded, setup_env, unshard
 from linspec.train.evaluation import CURVE_KEYS, record_curve, record_final_curves
-from linspec.train.loop import RunContext, TrainingDiverged, TrainingInterrupted, lr_factor
+from linspec.train.loop import TrainingDiverged, TrainingInterrupted, TrainingRun, lr_factor
 from linspec.train.recipe import Recipe, Stage
 from linspec.train.rundir import RECIPE_FILE, adopt_legacy_drafter_run, prepare_run_dir
 from linspec.train.stages import STAGE_KINDS
@@ -57,7 +57,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     if tokenizer is None:
         raise LinspecError(f"recipe key base: {recipe.base} has no tokenizer")
     model_stages = [stage for stage in recipe.stages if stage.kind != "drafter"]
-    ctx = RunContext(recipe, env, log, None, None, None, resume, on_step, tokenizer)
+    ctx = TrainingRun(recipe, env, log, None, None, None, resume, on_step, tokenizer)
     model = base if recipe.conversion is None else convert_base(ctx, base, tokenizer, weights_dtype)
 
     for index, stage in enumerate(recipe.stages):
@@ -89,7 +89,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     return run_dir / ("model" if model_stages else "drafter")
 
 
-def convert_base(ctx: RunContext, base, tokenizer, weights_dtype: torch.dtype):
+def convert_base(ctx: TrainingRun, base, tokenizer, weights_dtype: torch.dtype):
     """The data, the teacher and the baselines the model stages need, then the converted model."""
     from linspec.conversion.convert import convert
 

@@ -8,7 +8,7 @@ optional LoRA on q/k/v/o, feature-map parameters.
 from __future__ import annotations
 
 from linspec.train.distributed import wrap
-from linspec.train.loop import Objective, RunContext, optimise
+from linspec.train.loop import Objective, TrainingRun, optimise
 from linspec.train.recipe import Stage
 from linspec.train.trainable import set_trainable
 from linspec.train.transfer import AttentionTransfer
@@ -30,7 +30,7 @@ class TransferObjective(Objective):
         return self.transfer.paused()  # measure the linear model, not the softmax outputs the hooks pass on
 
 
-def run(ctx: RunContext, index: int, stage: Stage, model):
+def run(ctx: TrainingRun, index: int, stage: Stage, model):
     """Train ``stage`` on ``model``; returns the (peft-wrapped when it has a LoRA) model."""
     weights_dtype = next(model.parameters()).dtype
     model = set_trainable(model, stage, weights_dtype, ctx.recipe.seed + index)

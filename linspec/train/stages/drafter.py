@@ -20,7 +20,7 @@ import torch
 from linspec.errors import LinspecError
 from linspec.train.cards import drafter_card
 from linspec.train.legacy_drafter import legacy_checkpoints, load_legacy_checkpoint
-from linspec.train.loop import Checkpoints, Objective, RunContext, make_optimizer, optimise
+from linspec.train.loop import Checkpoints, Objective, TrainingRun, make_optimizer, optimise
 from linspec.train.recipe import Phase, Stage
 from linspec.train.state import checkpoint_dirs
 
@@ -35,7 +35,7 @@ class DrafterObjective(Objective):
         self.train_at = positions(data["train_tokens"])  # (M, 2) (text, position) pairs with a next token
         self.accuracy: list[float] = []
 
-    def batch(self, ctx: RunContext, stage: Stage, step: int, phase: Phase) -> torch.Tensor:
+    def batch(self, ctx: TrainingRun, stage: Stage, step: int, phase: Phase) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return self.train_at[torch.randint(self.train_at.shape[0], (stage.batch_size,), generator=generator)]
 
@@ -52,7 +52,7 @@ class DrafterObjective(Objective):
     def step_metrics(self) -> dict:
         return {"seq_len": None}  # a drafter's batch is positions of the model's texts, not sequences
 
-    def evaluate(self, ctx: RunContext, forward, stage: str, step: int) -> None:
+    def evaluate(self, ctx: TrainingRun, forward, stage: str, step: int) -> None:
         self.accuracy = accuracy_by_depth(self.module.eval(), self.data)
         ctx.log.write(event="eval", stage=stage, step=step, accuracy_by_depth=self.accuracy)
         ctx.say(f"held-out top-1 accuracy by draft depth ({stage}, step {step}): {self.accuracy}")
@@ -72,7 +72,7 @@ def accuracy_by_depth(module, data: dict) -> list[float]:
     return [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counted, strict=True)]
 
 
-def run(ctx: RunContext, index: int, stage: Stage, model, stage_dir: Path):
+def run(ctx: TrainingRun, index: int, stage: Stage, model, stage_dir: Path):
     """Train ``stage``'s drafter for ``model`` and write it to ``stage_dir`` and OUTPUT/drafter; returns ``model``
     unchanged. The self-distillation data is built on the CPU (``linspec.drafting.data`` runs there)."""
     from linspec.drafting.data import self_distillation_data
@@ -106,7 +106,7 @@ def run(ctx: RunContext, index: int, stage: Stage, model, stage_dir: Path):
     return model.to(ctx.env.device)
 
 
-def adopt_legacy_checkpoint(ctx: RunContext, stage: Stage, module) -> None:
+def adopt_legacy_checkpoint(ctx: TrainingRun, stage: Stage, module) -> None:
     """Under ``--resume``, a run directory written before drafter training was a stage holds checkpoints of the
     old format (``checkpoints/step-N/``): the newest is read into ``module`` and a fresh optimiser and saved as a
     checkpoint of this stage at the same step, so the loop resumes from it like from any other."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from linspec.train.distributed import wrap
-from linspec.train.loop import Objective, RunContext, optimise
+from linspec.train.loop import Objective, TrainingRun, optimise
 from linspec.train.recipe import Phase, Stage
 from linspec.train.trainable import set_trainable
 
@@ -52,7 +52,7 @@ class FinetuneObjective(Objective):
         self.checkpointing = wanted
 
 
-def run(ctx: RunContext, index: int, stage: Stage, model):
+def run(ctx: TrainingRun, index: int, stage: Stage, model):
     """Train ``stage`` on ``model``; returns the (peft-wrapped for ``lora``) model."""
     if stage.loss == "distill" and ctx.teacher is None:
         raise ValueError("a distillation stage needs the teacher (the original model)")
