@@ -362,7 +362,7 @@ def test_recall_data_changes_what_is_trained_on_and_resumes_exactly(tmp_path, ti
 LEGACY_RUN = Path(__file__).parent / "golden" / "legacy-run"  # written by the code before the redesign
 
 
-def test_a_run_interrupted_by_an_earlier_release_resumes_to_the_same_losses_and_weights(tmp_path, monkeypatch, capsys):
+def test_a_run_interrupted_by_an_earlier_release_resumes_to_the_same_losses_and_weights(tmp_path, monkeypatch, capfd):
     """A run directory outlives code moves: resuming one that the earlier code cut by Ctrl-C gives, step for step,
     the losses and the final tensors of that code's uninterrupted run."""
     import shutil
@@ -372,7 +372,7 @@ def test_a_run_interrupted_by_an_earlier_release_resumes_to_the_same_losses_and_
     shutil.copytree(LEGACY_RUN, tmp_path / "legacy")
     monkeypatch.chdir(tmp_path / "legacy")
     train(load_recipe("recipe.yaml"), resume=True)
-    log = capsys.readouterr().err  # resumed, not started over (a fresh start would give the same losses)
+    log = capfd.readouterr().out  # resumed, not started over (a fresh start would give the same losses)
     assert "attention_transfer: already finished" in log and "lora: resuming at step 3" in log
     run = tmp_path / "legacy" / "interrupted"
     straight = [json.loads(line) for line in (LEGACY_RUN / "straight-metrics.jsonl").read_text().splitlines()]
