@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linspec
 from linspec.cli import main
-from linspec.evaluation.greedy import encode_prompt
+from linspec.data.prompts import encode_prompt
 from linspec.models import hf
 from linspec.sources.loading import load_source
 

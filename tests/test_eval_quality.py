@@ -174,7 +174,7 @@ def test_the_demo_model_finds_the_passkey(demo_model_path):
 def test_the_demo_answers_with_the_one_prompt_encoder_and_greedy_decoder(demo_model_path):
     """``linspec demo``'s answer is the chat-templated greedy continuation ``generate`` gives, decoded."""
     from linspec.bench.demo import greedy_text
-    from linspec.evaluation.greedy import encode_prompt
+    from linspec.data.prompts import encode_prompt
     from linspec.sources.loading import load_model_dir
 
     model, tokenizer = load_model_dir(demo_model_path, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from linspec.cli import main
-from linspec.evaluation.greedy import encode_prompt
+from linspec.data.prompts import encode_prompt
 from linspec.sources.loading import load_source
 
 

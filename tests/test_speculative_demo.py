@@ -9,9 +9,9 @@ import torch
 
 import linspec
 from linspec.cli import main
+from linspec.data.prompts import encode_prompts
 from linspec.sources.loading import load_source
 from linspec.speculative import EarlyExitDrafter, ModelDrafter, PromptLookupDrafter, speculative_generate
-from linspec.speculative.generate import encode_prompts
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -13,8 +13,9 @@ from rich.table import Table
 
 from linspec.bench.decode import time_decode
 from linspec.config import LinspecConfig
+from linspec.data.prompts import encode_prompt
 from linspec.errors import LinspecError
-from linspec.evaluation.greedy import encode_prompt, greedy_generate, stop_ids
+from linspec.evaluation.greedy import greedy_generate, stop_ids
 from linspec.utils.paths import cache_root
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."

@@ -276,9 +276,10 @@ def _trained_drafters(paths: list[str], models: dict, tokenizer) -> dict:
 def _measure(models, target_name: str, tokenizer, prompt: str, setting: Setting, repeat: int, args, result: Run,
              trained: dict | None = None):  # fmt: skip
     """One generation; ``result`` keeps the fastest run (tokens/s) of this setting, or the error."""
+    from linspec.data.prompts import encode_prompts
     from linspec.drafting.registry import drafter_spec, needs_trained_drafter
     from linspec.errors import LinspecError
-    from linspec.speculative.generate import encode_prompts, speculative_generate
+    from linspec.speculative.generate import speculative_generate
 
     target = models[target_name]
     input_ids, mask = encode_prompts(tokenizer, [prompt])

@@ -220,8 +220,8 @@ def check_arguments(args: argparse.Namespace):
 
 def check_prompts_fit(model, tokenizer, args: argparse.Namespace) -> None:
     """Each prompt must encode to tokens the model has, and prompt + ``--max-new-tokens`` must fit its positions."""
+    from linspec.data.prompts import encode_prompts
     from linspec.errors import LinspecError
-    from linspec.speculative.generate import encode_prompts
 
     input_ids, mask = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat)
     if int(mask.sum(1).min()) == 0:

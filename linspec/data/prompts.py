@@ -1,9 +1,13 @@
-"""Held-out instruction prompts built from plain text, reproducibly.
+"""Instruction prompts: built from plain text reproducibly, and encoded for a model — the one prompt encoder.
 
 No instruction dataset is available offline, so prompts are made from paragraphs of a corpus (``builtin:NAME``
 or a local file) with a handful of instruction templates. The same seed gives the same prompts, so two models —
 or a model before and after training — answer exactly the same questions. A training data builder can reuse
 :func:`build_prompts` on its training split; evaluations use held-out text (``builtin:wiki-en-eval``).
+
+Every command that turns a prompt into tokens (generate, chat's first turn aside, the evaluations, the demo, the
+benchmarks, drafter data) goes through :func:`encode_prompt` (one prompt) or :func:`encode_prompts` (a left-padded
+batch of them), so a prompt is the same tokens wherever it is used.
 """
 
 from __future__ import annotations
@@ -16,6 +20,44 @@ from pathlib import Path
 
 from linspec.errors import LinspecError
 from linspec.utils.validation import MAX_PROMPTS, check_count
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool | None = None, answer_prefix: str = "") -> list[int]:
+    """Token ids of ``text`` as a user turn (the chat template, when the tokenizer has one and ``chat`` is not
+    False) followed by ``answer_prefix``, which starts the model's answer (e.g. "The pass key is")."""
+    use_chat = has_chat_template(tokenizer) if chat is None else chat
+    if use_chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return ids + (tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else [])
+    joined = f"{text}\n{answer_prefix}" if answer_prefix else text
+    return tokenizer.encode(joined, add_special_tokens=True)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = True):
+    """``(input_ids, attention_mask)`` of a batch of prompts, each encoded by :func:`encode_prompt` (the chat
+    template when ``chat`` and the tokenizer has one) and left-padded. A tokenizer without a pad token gets EOS
+    as its pad token, the id ``generate`` is then told to pad with."""
+    import torch
+
+    rows = [encode_prompt(tokenizer, text, chat=None if chat else False) for text in prompts]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            input_ids[index, width - len(row) :] = torch.tensor(row)
+            mask[index, width - len(row) :] = 1
+    return input_ids, mask
+
 
 # kind -> template; "{text}" is a paragraph (or, for "continue", its first half).
 TEMPLATES = {

@@ -100,7 +100,7 @@ def continuations(target, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """``(tokens [S, 1 + max_new_tokens], hidden [S, 1 + max_new_tokens, H], labels [S, 1 + max_new_tokens])``:
     each prompt's last token and the target's greedy continuation (to EOS or the budget), the target's final
     hidden states after them and its greedy choice after each (none after the end of the text)."""
-    from linspec.speculative.generate import encode_prompts
+    from linspec.data.prompts import encode_prompts
 
     eos = target.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else eos or [])

@@ -58,7 +58,8 @@ def greedy_answers(
     """Each prompt's greedy answer tokens (chat template when the tokenizer has one), EOS excluded."""
     from tqdm.auto import tqdm
 
-    from linspec.evaluation.greedy import encode_prompt, greedy_generate, stop_ids
+    from linspec.data.prompts import encode_prompt
+    from linspec.evaluation.greedy import greedy_generate, stop_ids
 
     check_count(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
     stop = stop_ids(tokenizer, model)

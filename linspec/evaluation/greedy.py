@@ -1,5 +1,5 @@
-"""Plain greedy decoding with a chunked prefill, and the one prompt encoder: what every evaluation (passkey,
-agreement, harness) and the demo decode with.
+"""Plain greedy decoding with a chunked prefill: what every evaluation (passkey, agreement, harness) and the demo
+decode with (their prompts encoded by ``linspec.data.prompts.encode_prompt``).
 
 ``model.generate`` prefills the whole prompt in one forward, whose attention scores and logits grow with the
 prompt; evaluations at 8k tokens on a CPU need the prefill in chunks through the cache (see
@@ -14,24 +14,6 @@ import torch
 
 from linspec.errors import LinspecError
 from linspec.utils.validation import MAX_LENGTH, MAX_NEW_TOKENS, check_count
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def encode_prompt(tokenizer, text: str, *, chat: bool | None = None, answer_prefix: str = "") -> list[int]:
-    """Token ids of ``text`` as a user turn (the chat template, when the tokenizer has one and ``chat`` is not
-    False) followed by ``answer_prefix``, which starts the model's answer (e.g. "The pass key is")."""
-    use_chat = has_chat_template(tokenizer) if chat is None else chat
-    if use_chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return ids + (tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else [])
-    joined = f"{text}\n{answer_prefix}" if answer_prefix else text
-    return tokenizer.encode(joined, add_special_tokens=True)
 
 
 def stop_ids(tokenizer, model=None) -> set[int]:

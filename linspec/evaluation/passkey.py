@@ -42,7 +42,7 @@ class Trial:
 
 def make_trial(tokenizer, length: int, depth: float, key: str, chat: bool | None = None) -> Trial:
     """The longest prompt of whole filler sentences that fits in ``length`` tokens, key at ``depth``."""
-    from linspec.evaluation.greedy import encode_prompt
+    from linspec.data.prompts import encode_prompt
 
     def prompt(units: int) -> list[int]:
         at = round(depth * units)

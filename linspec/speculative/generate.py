@@ -305,26 +305,12 @@ def _tree_depth(tree) -> torch.Tensor:
     return torch.where(tree.valid, tree.depths(), 0).max(1).values
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` for a batch of prompts, left-padded; wrapped in the chat template when
-    ``chat`` and the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-    else:
-        texts = list(prompts)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not chat)
-    return encoded["input_ids"], encoded["attention_mask"]
-
-
 def generate_text(
     target, tokenizer, prompts: list[str], drafter: Drafter | None, max_new_tokens: int, chat: bool = True, **options
 ) -> tuple[list[str], SpeculativeStats]:
     """Prompts in, completions out (special tokens dropped), with the run's statistics; EOS from the model."""
+    from linspec.data.prompts import encode_prompts
+
     input_ids, mask = encode_prompts(tokenizer, prompts, chat)
     options.setdefault("eos_token_id", target.generation_config.eos_token_id)
     options.setdefault("pad_token_id", tokenizer.pad_token_id)
