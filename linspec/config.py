@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from linspec.errors import LinspecError
+from linspec.utils.validation import check_count
 
 # How the global memory's readout is normalised (``linspec.ops.memory``); here so that settings load without torch.
 GLOBAL_NORMS = ("none", "mean", "key")
@@ -117,12 +118,8 @@ class LinspecConfig:
     def __post_init__(self) -> None:
         self._check_global_memory()
         self._check_window()
-        for name, limit in (("group_size", MAX_GROUP_SIZE), ("conv_taps", MAX_CONV_TAPS)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise LinspecError(f"{name} must be a positive integer, got {value!r:.40}")
-            if value > limit:
-                raise LinspecError(f"{name} must be at most {limit}, got {value}")
+        check_count(self.group_size, "group_size", 1, MAX_GROUP_SIZE)
+        check_count(self.conv_taps, "conv_taps", 1, MAX_CONV_TAPS)
         if self.feature_map not in FEATURE_MAPS:
             raise LinspecError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}; got {self.feature_map!r}")
         if self.local_kernel not in LOCAL_KERNELS:
@@ -161,10 +158,8 @@ class LinspecConfig:
         return tuple(head for at, head in self.softmax_heads if at == layer)
 
     def _check_window(self) -> None:
-        for name, limit in (("local_window", MAX_LOCAL_WINDOW), ("sink_tokens", MAX_SINK_TOKENS)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
-                raise LinspecError(f"{name} must be an integer in 0..{limit}, got {value!r:.40}")
+        check_count(self.local_window, "local_window", 0, MAX_LOCAL_WINDOW)
+        check_count(self.sink_tokens, "sink_tokens", 0, MAX_SINK_TOKENS)
         if self.local_kernel == "softmax" and self.local_window < 1:
             raise LinspecError("local_kernel 'softmax' needs local_window >= 1 (tokens each token attends to)")
         if self.sink_positions not in SINK_POSITIONS:

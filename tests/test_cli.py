@@ -75,8 +75,8 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tiny_dir, tm
 @pytest.mark.parametrize(
     "extra, fragments",
     [
-        (["--group-size", "0"], ["group_size must be a positive integer"]),
-        (["--conv-taps", "-2"], ["conv_taps must be a positive integer"]),
+        (["--group-size", "0"], ["group_size must be an integer in 1.."]),
+        (["--conv-taps", "-2"], ["conv_taps must be an integer in 1.."]),
         (["--softmax-layers", "9"], ["out of range"]),
     ],
 )

@@ -169,7 +169,7 @@ def test_depth_and_settings_out_of_range_are_refused():
     for bad in (0, 4, True):
         with pytest.raises(linspec.LinspecError, match=r"drafts 1..3 tokens per round"):
             module.drafter(bad)
-    with pytest.raises(linspec.LinspecError, match="tree_width must be an integer in >= 1, got 0"):
+    with pytest.raises(linspec.LinspecError, match="tree_width must be an integer >= 1, got 0"):
         module.drafter(2, 0)
     with pytest.raises(linspec.LinspecError, match=r"depth must be an integer in 1\.\.16"):
         build("redrafter", target, {"depth": 17})

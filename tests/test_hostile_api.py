@@ -142,11 +142,11 @@ def test_child_path_refuses_a_symbolic_link_out(tmp_path):
 
 
 API_CASES: dict[str, tuple[Callable[..., object], str]] = {
-    "config-group-zero": (lambda w: LinspecConfig(group_size=0), "group_size must be a positive integer"),
-    "config-group-bool": (lambda w: LinspecConfig(group_size=True), "group_size must be a positive integer"),
-    "config-group-text": (lambda w: LinspecConfig(group_size="8"), "group_size must be a positive integer"),
-    "config-group-absurd": (lambda w: LinspecConfig(group_size=10**9), "group_size must be at most"),
-    "config-taps-absurd": (lambda w: LinspecConfig(conv_taps=10**8), "conv_taps must be at most"),
+    "config-group-zero": (lambda w: LinspecConfig(group_size=0), "group_size must be an integer in 1.."),
+    "config-group-bool": (lambda w: LinspecConfig(group_size=True), "group_size must be an integer in 1.."),
+    "config-group-text": (lambda w: LinspecConfig(group_size="8"), "group_size must be an integer in 1.."),
+    "config-group-absurd": (lambda w: LinspecConfig(group_size=10**9), "group_size must be an integer in 1.."),
+    "config-taps-absurd": (lambda w: LinspecConfig(conv_taps=10**8), "conv_taps must be an integer in 1.."),
     "config-layers-negative": (lambda w: LinspecConfig(softmax_layers=(-1,)), "softmax_layers must be"),
     "config-layers-absurd": (lambda w: LinspecConfig(softmax_layers=range(10**7)), "more)"),
     "config-layers-string": (lambda w: LinspecConfig(softmax_layers="01"), "list of layer indices"),
@@ -243,7 +243,7 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
     "from-dict-list": (lambda w: LinspecConfig.from_dict([1, 2]), "must be a mapping"),
     "from-dict-layers-number": (lambda w: LinspecConfig.from_dict({"softmax_layers": 5}), "must be a list"),
     "from-dict-heads-text": (lambda w: LinspecConfig.from_dict({"softmax_heads": "0:1"}), "must be a list"),
-    "from-dict-group-text": (lambda w: LinspecConfig.from_dict({"group_size": "8"}), "positive integer"),
+    "from-dict-group-text": (lambda w: LinspecConfig.from_dict({"group_size": "8"}), "integer in 1.."),
     "from-dict-feature-map-list": (lambda w: LinspecConfig.from_dict({"feature_map": ["relu"]}), "must be a name"),
     "from-dict-decay-text": (lambda w: LinspecConfig.from_dict({"global_decay": "yes"}), "true or false"),
     "from-dict-window-float": (

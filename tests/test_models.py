@@ -196,8 +196,8 @@ def test_unsupported_architecture_names_the_supported_ones():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"group_size": 0}, "group_size must be a positive integer"),
-        ({"conv_taps": -3}, "conv_taps must be a positive integer"),
+        ({"group_size": 0}, "group_size must be an integer in 1.."),
+        ({"conv_taps": -3}, "conv_taps must be an integer in 1.."),
         ({"feature_map": "tanh"}, "feature_map must be one of"),
         ({"softmax_layers": (-1,)}, "non-negative"),
     ],

@@ -77,7 +77,7 @@ def test_text_sequences_are_the_first_whole_sequences():
     assert torch.equal(text_sequences(ids, 16, 2), ids[:32].view(2, 16))
     with pytest.raises(LinspecError, match="the text has 50 tokens, fewer than one sequence of 64"):
         text_sequences(ids, 64, 2)
-    with pytest.raises(LinspecError, match="must be an integer in >= 2"):
+    with pytest.raises(LinspecError, match="must be an integer >= 2"):
         text_sequences(ids, 1, 2)
-    with pytest.raises(LinspecError, match="must be an integer in >= 1"):
+    with pytest.raises(LinspecError, match="must be an integer >= 1"):
         text_sequences(ids, 16, 0)

@@ -264,8 +264,8 @@ def test_sampled_tokens_follow_the_target_distribution(drafter_kind, settings):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-        (dict(max_new_tokens=-3), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+        (dict(max_new_tokens=-3), "max_new_tokens must be an integer >= 1"),
         (dict(temperature=-0.5, do_sample=True), "temperature must be >= 0"),
         (dict(top_p=0.0, do_sample=True), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5, do_sample=True), r"top_p must be in \(0, 1\]"),

@@ -20,6 +20,7 @@ from linspec.speculative.acceptance import accept
 from linspec.speculative.drafters import Draft, Drafter, DraftRequest
 from linspec.speculative.sampling import SamplingConfig
 from linspec.speculative.tree import DraftTree
+from linspec.utils.validation import check_count
 
 DEFAULT_MAX_TREE_NODES = 64
 
@@ -153,8 +154,7 @@ def speculative_generate(
     ``transformers.TextStreamer``), one prompt only: ``put`` gets the prompt, then each round's kept tokens as
     they are accepted, and ``end`` closes it. Raises ``LinspecError`` on bad input.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise LinspecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_count(max_new_tokens, "max_new_tokens")
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     drafter = drafter or NoDrafter()
     if drafter.max_nodes > max_tree_nodes:

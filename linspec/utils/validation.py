@@ -38,8 +38,8 @@ def check_count(value: Any, name: str, low: int = 1, high: int | None = None) ->
     """``value`` as an integer in ``low..high`` (``high`` None: no upper bound), else one ``LinspecError`` naming
     ``name`` and the range. Booleans are refused: ``True`` is not a count."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise LinspecError(f"{name} must be an integer in {bound}, got {_shown(value)}")
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise LinspecError(f"{name} must be an integer {bound}, got {_shown(value)}")
     return value
 
 
