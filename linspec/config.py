@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from linspec.errors import LinspecError
-from linspec.utils.validation import check_count
+from linspec.utils.validation import check_count, is_count
 
 # How the global memory's readout is normalised (``linspec.ops.memory``); here so that settings load without torch.
 GLOBAL_NORMS = ("none", "mean", "key")
@@ -127,7 +127,7 @@ class LinspecConfig:
         if isinstance(self.softmax_layers, (str, bytes)) or not hasattr(self.softmax_layers, "__iter__"):
             raise LinspecError(f"softmax_layers must be a list of layer indices, got {self.softmax_layers!r:.40}")
         layers = tuple(self.softmax_layers)
-        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_LAYERS]
+        bad = [i for i in layers if not is_count(i, 0, MAX_LAYERS - 1)]
         if bad:
             raise LinspecError(f"softmax_layers must be non-negative layer indices below {MAX_LAYERS}, got {_few(bad)}")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
@@ -143,7 +143,7 @@ class LinspecConfig:
                 raise LinspecError(f"softmax_heads must be a list of [layer, kv head] pairs, got {pair!r:.40}")
             layer, head = tuple(pair)
             for value, limit in ((layer, MAX_LAYERS), (head, MAX_HEADS)):
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+                if not is_count(value, 0, limit - 1):
                     raise LinspecError(f"softmax_heads entries must be non-negative indices, got {pair!r:.40}")
             pairs.append((layer, head))
         inside = sorted({layer for layer, _ in pairs if layer in self.softmax_layers})

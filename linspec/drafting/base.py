@@ -17,7 +17,7 @@ from torch import nn
 
 from linspec.drafting.vocab import IGNORE, DraftVocabulary
 from linspec.errors import LinspecError
-from linspec.utils.validation import check_count
+from linspec.utils.validation import check_count, is_count
 
 MAX_DEPTH = 16  # draft depth a drafter is trained for (heads, recurrent steps)
 
@@ -84,7 +84,7 @@ class TrainedDrafter(nn.Module):
 
     def check_depth(self, num_tokens: int | None) -> int:
         depth = self.max_depth if num_tokens is None else num_tokens
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= self.max_depth:
+        if not is_count(depth, 1, self.max_depth):
             raise LinspecError(
                 f"this {self.kind} drafter drafts 1..{self.max_depth} tokens per round (trained depth); got {depth!r}"
             )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from linspec.errors import LinspecError
-from linspec.utils.validation import MAX_LENGTH, MAX_WINDOWS, check_count
+from linspec.utils.validation import MAX_LENGTH, MAX_WINDOWS, check_count, is_count
 
 
 @dataclass
@@ -39,7 +39,7 @@ def check_lengths(model, lengths: Sequence[int], minimum: int = 2) -> list[int]:
     """Sorted unique lengths, each ``>= minimum`` and within the model's positions; else one clear error."""
     if not lengths:
         raise LinspecError("give at least one length")
-    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or not minimum <= n <= MAX_LENGTH]
+    bad = [n for n in lengths if not is_count(n, minimum, MAX_LENGTH)]
     if bad:
         raise LinspecError(f"lengths must be integers in {minimum}..{MAX_LENGTH}; got {bad[:5]}")
     limit = max_positions(model)

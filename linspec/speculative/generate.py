@@ -20,7 +20,7 @@ from linspec.speculative.acceptance import accept
 from linspec.speculative.drafters import Draft, Drafter, DraftRequest
 from linspec.speculative.sampling import SamplingConfig
 from linspec.speculative.tree import DraftTree
-from linspec.utils.validation import check_count
+from linspec.utils.validation import check_count, is_count
 
 DEFAULT_MAX_TREE_NODES = 64
 
@@ -170,7 +170,7 @@ def speculative_generate(
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     vocab = target.get_output_embeddings().weight.shape[0]
     for name, ids in (("eos_token_id", eos.tolist()), ("pad_token_id", [pad])):
-        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+        if not all(is_count(i, 0, vocab - 1) for i in ids):
             raise LinspecError(f"{name} must be token ids in 0..{vocab - 1}, got {ids if len(ids) > 1 else ids[0]!r}")
     device = target.get_output_embeddings().weight.device
     input_ids, mask, eos = input_ids.to(device), mask.to(device), eos.to(device)

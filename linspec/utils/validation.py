@@ -34,10 +34,16 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def is_count(value: Any, low: int = 1, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer in ``low..high`` (``high`` None: no upper bound). Booleans are not counts:
+    ``True`` is an ``int`` to Python, never to a user. For lists whose bad entries are named together."""
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value and (high is None or value <= high)
+
+
 def check_count(value: Any, name: str, low: int = 1, high: int | None = None) -> int:
     """``value`` as an integer in ``low..high`` (``high`` None: no upper bound), else one ``LinspecError`` naming
-    ``name`` and the range. Booleans are refused: ``True`` is not a count."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    ``name`` and the range."""
+    if not is_count(value, low, high):
         bound = f"in {low}..{high}" if high is not None else f">= {low}"
         raise LinspecError(f"{name} must be an integer {bound}, got {_shown(value)}")
     return value
