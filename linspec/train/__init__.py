@@ -1,8 +1,10 @@
-"""Training recipes that recover quality after conversion: attention transfer, LoRA, distillation.
+"""The one training system: recipes that recover quality after conversion (attention transfer, LoRA,
+distillation) and that train drafters, as stage kinds on one loop, run directory, checkpoints and resume.
 
 ``load_recipe(path, overrides)`` reads and validates a YAML recipe; ``train(recipe)`` runs it. Read top to bottom:
 ``run.py`` (the pipeline), ``stages/`` (one module per stage kind), ``loop.py`` (the optimiser loop they share),
-``data.py`` and ``chat_data.py`` (what they train on). The command line is ``linspec train RECIPE.yaml [key=value]``.
+``state.py`` and ``rundir.py`` (checkpoints and the run directory); what they train on is ``linspec.data``. The
+command line is ``linspec train NAME|RECIPE.yaml [key=value]``.
 """
 
 from linspec.train.recipe import Recipe, load_recipe
