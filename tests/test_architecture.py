@@ -25,7 +25,7 @@ LAYERS = [
     ["linspec.conversion"],
     ["linspec.drafting"],
     ["linspec.train"],
-    ["linspec.bench"],
+    ["linspec.bench", "linspec.serving"],
     ["linspec.cli", "linspec.__main__"],
 ]
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}

@@ -1,0 +1,58 @@
+"""A linear layer's decode state as vLLM holds it: a fixed set of tensors per request slot.
+
+vLLM gives every layer with constant-size state one page per request and views it as tensors of declared shapes
+and dtypes (``MambaBase.get_state_shape``/``get_state_dtype``), indexed by the request's slot. A linspec layer's
+state (``LayerState``: ``position`` and each term's slice) maps onto such pages field by field, in the order
+``LayerState.tensors()`` lists them, without ``position``: vLLM already knows how many tokens each request has
+fed the layer (its context length), so the position is taken from there rather than stored twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from linspec.models.terms.base import LayerState
+
+
+def compute_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a linspec layer keeps its state in: float32 under 16-bit weights (running sums must not round at
+    every token, ``LinspecAttention.project``), otherwise the weights' own dtype."""
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+
+
+def _state_tensors(state: LayerState) -> list[torch.Tensor]:
+    return [tensor for name, tensor in state.tensors().items() if name != "position"]
+
+
+def state_layout(attention, dtype: torch.dtype) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
+    """``(shapes, dtypes)`` of one request's state in layer ``attention`` (a ``LinspecAttention``), per tensor."""
+    template = _state_tensors(attention.empty_state(1, dtype, torch.device("cpu")))
+    return tuple(tuple(t.shape[1:]) for t in template), tuple(t.dtype for t in template)
+
+
+def read_states(attention, pages: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor) -> LayerState:
+    """The ``LayerState`` of a batch of requests: row ``b`` from page slot ``slots[b]``, at ``positions[b]`` tokens
+    seen; a row at position 0 is a new request and starts from the empty state, whatever its page held before."""
+    batch = slots.shape[0]
+    empty = attention.empty_state(batch, pages[0].dtype, pages[0].device)
+    slots = slots.long()
+    stored = [page.index_select(0, slots) for page in pages]
+    fresh = positions == 0
+    if bool(fresh.any()):
+        empties = _state_tensors(empty)
+        stored = [torch.where(fresh.view(-1, *[1] * (s.dim() - 1)), e, s) for s, e in zip(stored, empties, strict=True)]
+    given = iter([positions.to(torch.long), *stored])
+    state = empty.map(lambda _: next(given))
+    if next(given, None) is not None:
+        raise RuntimeError("the state pages hold more tensors than this layer's state")
+    return state
+
+
+def write_states(state: LayerState, pages: tuple[torch.Tensor, ...], slots: torch.Tensor) -> None:
+    """Store each row of ``state`` into its request's page slot ``slots[b]``."""
+    tensors = _state_tensors(state)
+    if len(tensors) != len(pages):
+        raise RuntimeError(f"this layer's state has {len(tensors)} tensors, its pages {len(pages)}")
+    slots = slots.long()
+    for page, tensor in zip(pages, tensors, strict=True):
+        page.index_copy_(0, slots, tensor.to(page.dtype))
