@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="sliding-window perplexity on a text file",
         description="Perplexity over the text: windows of --window tokens every --stride tokens; each window "
         "scores only tokens the previous one did not. --ablate zeroes γ (the global path) and/or the conv in "
-        "every linear layer; --ablations runs all four variants so each component's contribution shows.",
+        "every linear layer; --ablations runs all four variants so each component's contribution shows. With "
+        "--lengths (perplexity vs context length), a model with a softmax window also gets its window-only curve "
+        "(same window and sinks, memory and conv off) unless --no-baselines; --ablate/--ablations add curves.",
         epilog="example: linspec eval ppl runs/smollm2-135m-demo/model --data notes.txt --window 256 --ablations",
     )
     add_model_and_data(ppl, "model directory, .gguf file, hub id or demo name")
@@ -30,8 +32,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--stride", type=count_arg(1, MAX_LENGTH), help="tokens between window starts (default: --window, no overlap)"
     )
     ppl.add_argument("--max-tokens", type=count_arg(2, 1 << 40), help="score only the first N tokens of the text")
-    ppl.add_argument("--ablate", choices=["gamma", "conv", "both"], help="zero γ, the conv, or both")
-    ppl.add_argument("--ablations", action="store_true", help="run full, no-gamma, no-conv and local-only")
+    ppl.add_argument(
+        "--ablate",
+        choices=["gamma", "conv", "both", "window-only"],
+        help="zero γ, the conv, or both (window-only: both, on a model with a softmax window); with --lengths, "
+        "one more curve",
+    )
+    ppl.add_argument(
+        "--ablations",
+        action="store_true",
+        help="run full, no-gamma, no-conv and local-only (window-only on a windowed model); with --lengths, "
+        "a curve each",
+    )
     add_placement_arguments(ppl)
     ppl.set_defaults(func=run_ppl)
 
@@ -152,7 +164,14 @@ def check_data(source: str) -> None:
 
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
-    from linspec.evaluation.perplexity import ABLATIONS, ablated, perplexity_of_ids, read_text_ids
+    from linspec.evaluation.perplexity import (
+        ABLATIONS,
+        ablated,
+        ablation_components,
+        perplexity_of_ids,
+        read_text_ids,
+        variant_name,
+    )
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
     from linspec.utils.results import markdown_table
@@ -170,15 +189,14 @@ def run_ppl(args: argparse.Namespace) -> int:
     if len(ids) < 2:
         raise LinspecError(f"{args.data} holds fewer than two tokens of text; nothing to score")
     if args.ablations:
-        variants = list(ABLATIONS.items())
+        variants = list(ABLATIONS.values())
     else:
-        chosen = {None: (), "gamma": ("gamma",), "conv": ("conv",), "both": ("gamma", "conv")}[args.ablate]
-        variants = [(next(k for k, v in ABLATIONS.items() if v == chosen), chosen)]
+        variants = [ablation_components(args.ablate, model) if args.ablate else ()]
     rows = []
-    for name, components in variants:
+    for components in variants:
         with ablated(model, components):
             result = perplexity_of_ids(model.eval(), ids, args.window, args.stride)
-        rows.append([name, round(result.ppl, 3), result.tokens, round(result.tokens_per_s)])
+        rows.append([variant_name(model, components), round(result.ppl, 3), result.tokens, round(result.tokens_per_s)])
     print(markdown_table(["variant", "perplexity", "tokens", "tokens/s"], rows))
     return 0
 

@@ -93,8 +93,10 @@ def perplexity_by_length(
     return points
 
 
-def plot_length_curves(curves: dict[str, list[LengthPoint]], title: str = "perplexity vs context length"):
-    """A log-y figure, one line per model."""
+def plot_length_curves(
+    curves: dict[str, list[LengthPoint]], title: str = "perplexity vs context length", dashed: set[str] = frozenset()
+):
+    """A log-y figure, one line per model; the curves named in ``dashed`` (ablated variants, baselines) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +104,8 @@ def plot_length_curves(curves: dict[str, list[LengthPoint]], title: str = "perpl
 
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
-        axes.plot([p.length for p in points], [p.ppl for p in points], marker="o", label=label)
+        style = "--" if label in dashed else "-"
+        axes.plot([p.length for p in points], [p.ppl for p in points], style, marker="o", label=label)
     length_axis(axes, [p.length for points in curves.values() for p in points])
     axes.set_yscale("log")
     axes.set_xlabel("context length (tokens)")

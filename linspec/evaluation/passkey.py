@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from linspec.errors import LinspecError
@@ -40,6 +40,23 @@ class Trial:
         return DEPTH_BUCKETS[min(int(self.depth * len(DEPTH_BUCKETS)), len(DEPTH_BUCKETS) - 1)]
 
 
+def longest_fitting(prompt: Callable[[int], list[int]], length: int, what: str = "a passkey prompt") -> list[int]:
+    """``prompt(units)`` for the most filler sentences (``units``) that keep it within ``length`` tokens.
+
+    Every retrieval prompt is text around a number of whole filler sentences; fitting by whole sentences keeps
+    the text natural and the key's depth exact."""
+    overhead = len(prompt(0))
+    per_unit = max(len(prompt(8)) - overhead, 8) / 8
+    if overhead > length:
+        raise LinspecError(f"length {length} is too short for {what} (at least {overhead} tokens)")
+    units = int((length - overhead) / per_unit) + 1
+    ids = prompt(units)
+    while len(ids) > length and units > 0:
+        units -= 1
+        ids = prompt(units)
+    return ids
+
+
 def make_trial(tokenizer, length: int, depth: float, key: str, chat: bool | None = None) -> Trial:
     """The longest prompt of whole filler sentences that fits in ``length`` tokens, key at ``depth``."""
     from linspec.data.prompts import encode_prompt
@@ -49,16 +66,7 @@ def make_trial(tokenizer, length: int, depth: float, key: str, chat: bool | None
         text = INTRO + FILLER * at + NEEDLE.format(key=key) + FILLER * (units - at) + QUESTION
         return encode_prompt(tokenizer, text, chat=chat, answer_prefix=ANSWER_PREFIX)
 
-    overhead = len(prompt(0))
-    per_unit = max(len(prompt(8)) - overhead, 8) / 8
-    if overhead > length:
-        raise LinspecError(f"length {length} is too short for a passkey prompt (at least {overhead} tokens)")
-    units = int((length - overhead) / per_unit) + 1
-    ids = prompt(units)
-    while len(ids) > length and units > 0:
-        units -= 1
-        ids = prompt(units)
-    return Trial(length, depth, key, ids)
+    return Trial(length, depth, key, longest_fitting(prompt, length))
 
 
 def make_trials(tokenizer, length: int, trials: int, seed: int = 0, chat: bool | None = None) -> list[Trial]:

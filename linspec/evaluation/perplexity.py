@@ -26,6 +26,37 @@ ABLATIONS = {
     "no-conv": ("conv",),
     "local-only": ("gamma", "conv"),
 }
+# What ``local-only`` is called on a model whose local term is a softmax window: the same window and sinks with the
+# global memory and the conv off — the baseline every long-context curve of such a model is read against.
+WINDOW_ONLY = "window-only"
+
+
+def has_softmax_window(model) -> bool:
+    """Whether ``model`` is a linspec model whose linear layers attend through a softmax window (and sinks)."""
+    settings = getattr(model.config, "linspec_settings", None)
+    return settings is not None and settings.softmax_window and bool(getattr(model, "linspec_modules", list)())
+
+
+# ``--ablate`` choices: what each turns off.
+ABLATE_CHOICES = {"gamma": ("gamma",), "conv": ("conv",), "both": ("gamma", "conv"), WINDOW_ONLY: ("gamma", "conv")}
+
+
+def ablation_components(choice: str, model) -> tuple[str, ...]:
+    """The components an ``--ablate`` choice turns off; ``window-only`` only on a model that has a softmax window."""
+    if choice not in ABLATE_CHOICES:
+        raise LinspecError(f"unknown ablation {choice!r:.40}; choose one of {', '.join(ABLATE_CHOICES)}")
+    if choice == WINDOW_ONLY and not has_softmax_window(model):
+        raise LinspecError(
+            "window-only needs a linspec model with a softmax window (local_kernel softmax); "
+            "--ablate both turns off the memory and the conv of any linspec model"
+        )
+    return ABLATE_CHOICES[choice]
+
+
+def variant_name(model, components: tuple[str, ...]) -> str:
+    """The ``ABLATIONS`` name of ``components``, with ``local-only`` called ``window-only`` on a windowed model."""
+    name = next(key for key, value in ABLATIONS.items() if set(value) == set(components))
+    return WINDOW_ONLY if name == "local-only" and has_softmax_window(model) else name
 
 
 @dataclass
