@@ -242,6 +242,53 @@ def test_eval_ppl_lengths_writes_and_records_a_curve_per_model(tiny_bpe_dir, tex
     assert (out / "ppl-length.png").stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def window_models(tiny_bpe_dir, tmp_path_factory):
+    """The tiny BPE model converted with a 32-token softmax window: as converted (γ and the conv zero: the memory
+    is off) and with random non-zero γ and conv (the memory is on)."""
+    from linspec.config import LinspecConfig
+    from linspec.conversion.checkpoint import convert_checkpoint
+    from linspec.sources.loading import load_model_dir
+
+    root = tmp_path_factory.mktemp("window-models")
+    settings = LinspecConfig.from_preset("window", local_window=32, sink_tokens=2, group_size=8, conv_taps=4)
+    convert_checkpoint(str(tiny_bpe_dir), root / "fresh", settings)
+    model, tokenizer = load_model_dir(root / "fresh", progress=False)
+    randomize_linspec_parameters(model)
+    model.save_pretrained(root / "memory")
+    tokenizer.save_pretrained(root / "memory")
+    return root / "fresh", root / "memory"
+
+
+def test_ppl_curves_show_the_window_only_baseline_and_the_ablations(window_models, text_file, tmp_path, capsys):
+    fresh, memory = window_models
+
+    def run(model, *options):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        argv = ["eval", "ppl", str(model), "--data", str(text_file), "--lengths", "32", "96", "--max-windows", "2"]
+        assert main([*argv, "--out", str(out), *options]) == 0
+        data = json.loads((out / "ppl-length.json").read_text())
+        curves = {data["variants"][key]: [p["ppl"] for p in points] for key, points in data["curves"].items()}
+        return curves, data, out
+
+    curves, _, _ = run(fresh)  # by default: the model and its window-only baseline
+    assert list(curves) == ["model", "window-only"] and curves["model"] == curves["window-only"]  # memory off
+    curves, _, _ = run(memory)
+    assert list(curves) == ["model", "window-only"]
+    assert all(m != w for m, w in zip(curves["model"], curves["window-only"], strict=True))  # the memory acts
+    assert list(run(memory, "--no-baselines")[0]) == ["model"]
+    curves, _, _ = run(memory, "--ablations")
+    assert list(curves) == ["model", "no-gamma", "no-conv", "window-only"] and len({*map(tuple, curves.values())}) == 4
+    curves, data, out = run(memory, "--ablate", "gamma", "--reference", str(fresh), "--record-bench", "abl")
+    assert list(curves) == ["model", "no-gamma", "window-only", "reference"]
+    assert "--ablate gamma" in data["command"] and "| " + f"{memory} (window-only) |" in capsys.readouterr().out
+    assert (out / "ppl-length.png").stat().st_size > 0 and "<!-- bench:abl:begin -->" in (
+        out / "benchmarks.md"
+    ).read_text()
+    assert main(["eval", "ppl", str(fresh), "--data", str(text_file), "--window", "32", "--ablate", "window-only"]) == 0
+    assert "| window-only |" in capsys.readouterr().out  # the sliding-window table names the variant the same way
+
+
 def test_eval_passkey_and_agreement_write_their_results(tiny_bpe_dir, tmp_path, capsys):
     code = main(["eval", "passkey", str(tiny_bpe_dir), "--lengths", "256", "--trials", "3", "--out", str(tmp_path)])
     assert code == 0 and "| length | accuracy |" in capsys.readouterr().out.replace(str(tiny_bpe_dir) + " ", "")
