@@ -16,8 +16,6 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
 from linspec.errors import LinspecError
 from linspec.evaluation.passkey import FILLER, longest_fitting, make_trial
 from linspec.utils.validation import MAX_LENGTH, MAX_TRIALS, check_count, check_seed
@@ -66,11 +64,12 @@ def probe(tokenizer, prompt_ids: list[int], answer: str, **where) -> Probe:
     return Probe(prompt_ids, answer, tokenizer.encode(" " + answer, add_special_tokens=False), where)
 
 
-@torch.no_grad()
 def score_answer(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], chunk: int = 512) -> AnswerScore:
     """Teacher-forced log-probability of ``answer_ids`` after ``prompt_ids``, and whether greedy decoding would give
     them: the prompt runs chunk-wise through the model's cache keeping one row of logits, then its last token and
     the answer's tokens but the last in one forward whose logits predict the answer."""
+    import torch
+
     from linspec.models import hf
     from linspec.models.cache import new_cache_for
 
@@ -81,9 +80,10 @@ def score_answer(model, prompt_ids: Sequence[int], answer_ids: Sequence[int], ch
     ids = torch.tensor([*prompt_ids, *answer_ids], dtype=torch.long, device=device)
     split = len(prompt_ids) - 1
     cache = new_cache_for(model)
-    for piece in ids[:split].split(chunk):
-        model(input_ids=piece[None], use_cache=True, logits_to_keep=1, **hf.cache_kwargs(cache))
-    logits = model(input_ids=ids[split:-1][None], use_cache=True, **hf.cache_kwargs(cache)).logits[0].float()
+    with torch.no_grad():
+        for piece in ids[:split].split(chunk):
+            model(input_ids=piece[None], use_cache=True, logits_to_keep=1, **hf.cache_kwargs(cache))
+        logits = model(input_ids=ids[split:-1][None], use_cache=True, **hf.cache_kwargs(cache)).logits[0].float()
     targets = ids[len(prompt_ids) :]
     logprobs = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
     return AnswerScore(float(logprobs.sum()), len(targets), bool((logits.argmax(-1) == targets).all()))
