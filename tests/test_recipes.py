@@ -69,7 +69,7 @@ stages: [{kind: attention_transfer, steps: 3}]
         (BASIC.replace("steps: 3", "steps: 3, batch_size: 3, micro_batch_size: 2"), "multiple of micro_batch_size"),
         (BASIC.replace("kind: attention_transfer", "kind: lora"), "recipe key stages[0].lora: a lora stage needs"),
         (BASIC.replace("steps: 3", "steps: 3, trainable: [gama]"), "recipe key stages[0].trainable[0]"),
-        (BASIC + "conversion: {group_size: -1}\n", "recipe key conversion: group_size must be a positive"),
+        (BASIC + "conversion: {group_size: -1}\n", "recipe key conversion: group_size must be an integer in 1.."),
         (BASIC.replace("stages: [{kind: attention_transfer, steps: 3}]", "stages: []"), "recipe key stages"),
     ],
 )
