@@ -182,7 +182,7 @@ def needle_probes(tokenizer, lengths: Sequence[int], keys: int = 4, trials: int 
         check_count(length, "length", 1, MAX_LENGTH)
         for index in range(trials):
             rng = random.Random(f"needle:{seed}:{length}:{keys}:{index}")
-            names, values = rng.sample(NAMES, keys), [str(v) for v in rng.sample(range(10000, 100000), keys)]
+            names, values = _named_keys(rng, keys)
             depths = sorted(rng.random() for _ in range(keys))
             asked = rng.randrange(keys)
 
@@ -198,6 +198,12 @@ def needle_probes(tokenizer, lengths: Sequence[int], keys: int = 4, trials: int 
             where = {"length": length, "keys": keys, "trial": index, "asked": names[asked], "depth": depths[asked]}
             probes.append(probe(tokenizer, ids, values[asked], **where))
     return probes
+
+
+def _named_keys(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
+    """``count`` distinct names and ``count`` distinct 5-digit keys, drawn in that order (one seeded draw per prompt,
+    shared by the needle and recall prompts)."""
+    return rng.sample(NAMES, count), [str(v) for v in rng.sample(range(10000, 100000), count)]
 
 
 def _with_needles(units: int, depths: Sequence[float], names: Sequence[str], values: Sequence[str]) -> str:
@@ -224,7 +230,7 @@ def recall_probes(tokenizer, pairs: Sequence[int], gap: int, trials: int = 8, se
         check_count(size, "pairs", 1, MAX_KEYS)
         for index in range(trials):
             rng = random.Random(f"recall:{seed}:{size}:{gap}:{index}")
-            names, values = rng.sample(NAMES, size), [str(v) for v in rng.sample(range(10000, 100000), size)]
+            names, values = _named_keys(rng, size)
             asked = rng.randrange(size)
             listing = RECALL_INTRO + "".join(PAIR.format(name=n, value=v) for n, v in zip(names, values, strict=True))
 
