@@ -20,6 +20,7 @@ COMMANDS = [
     ("convert", "convert", "convert a softmax-attention checkpoint into a linspec model directory"),
     ("generate", "generate", "generate text, optionally with exact speculative decoding"),
     ("chat", "chat", "chat with a model in the terminal (chat template, streamed replies, optional drafter)"),
+    ("serve", "serve", "serve a linspec model with vLLM's OpenAI-compatible server (needs linspec[vllm])"),
     ("bench", "bench", "run a benchmark and record its results"),
     ("train", "train", "fine-tune a converted model with a recipe (attention transfer, LoRA, distillation)"),
     ("eval", "evaluate", "evaluate a model: perplexity, ablations of γ and the conv, which layers to keep softmax"),
