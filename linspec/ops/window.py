@@ -24,6 +24,11 @@ sinks at the true distance either way.
 A window's decode state (``WindowState``) holds *raw* keys. Every stateful function here takes each row's
 ``position`` (real tokens before the new ones) from its caller and never advances it: a layer counts its tokens
 once for all of its terms.
+
+A far memory (``linspec.ops.far_memory``) enters the window's softmax as one more column per query
+(``MemoryColumn``): every mode below takes it as ``memory`` and merges it with the sinks into ``attend``'s anchor,
+so the window and the memory share one normaliser. A query reads it once something has been evicted
+(``reads_memory``).
 """
 
 from __future__ import annotations
@@ -68,6 +73,25 @@ class WindowState:
     sink_values: torch.Tensor  # (B, Hkv, n, Dv)
 
 
+@dataclass(frozen=True)
+class MemoryColumn:
+    """One more column of the window's softmax whose logit and value differ per query (the far memory's readout,
+    ``linspec.ops.far_memory``): ``logit [B, H, T, 1]`` and ``value [B, H, T, Dv]``, in the queries' order."""
+
+    logit: torch.Tensor
+    value: torch.Tensor
+
+    def map(self, fn) -> MemoryColumn:
+        """The column with ``fn`` applied to both tensors (slicing, padding, packing along the query axis)."""
+        return MemoryColumn(fn(self.logit), fn(self.value))
+
+
+def reads_memory(query_position: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+    """Whether a query at ``query_position`` has a far-memory column: some token that is not a sink has left its
+    window (``t − j ≥ W`` for some ``j ≥ n``), i.e. ``t ≥ W + n``. Before that the layer is the window alone."""
+    return query_position >= window.size + window.sinks
+
+
 def far_queries(q: torch.Tensor, sink_q: torch.Tensor | None, query_position: torch.Tensor, window: SoftmaxWindow):
     """The queries that score out-of-window sinks: ``sink_q`` past position ``P``, ``q`` up to it; ``None`` when the
     sinks keep absolute positions or no query is past ``P`` (then ``q`` scores them). ``query_position`` is ``[T]``
@@ -89,46 +113,73 @@ def attend(
     scale: float,
     far_q: torch.Tensor | None = None,
     sink_columns: torch.Tensor | None = None,
+    memory: MemoryColumn | None = None,
+    memory_seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of ``q [B, H, T, D]`` over ``keys``/``values [B, Hkv, K, D]`` where ``visible`` (``[B or 1,
     T, K]``, bool) allows; query head ``h`` reads kv head ``h // (H // Hkv)``. Every query must see a key.
 
     With ``far_q``, the sinks are scored with ``far_q`` instead of ``q`` (``far_queries`` gives ``q`` itself to the
     queries that keep true distances); ``sink_columns`` (``[B or 1, S]``, bool) marks which of the first ``S``
-    columns hold them.
+    columns hold them. With ``memory``, one more column per query joins the softmax where ``memory_seen`` (``[B or
+    1, T]``, the batch size of ``visible``) allows.
 
     The scores are never materialised (``scaled_dot_product_attention``'s fused kernel). The sinks, a handful of
-    columns, are attended on their own, giving their output ``o_s`` and log-normaliser ``ℓ_s``; the fused
-    attention then runs over the other columns plus one *anchor* column whose logit is ``ℓ_s`` (an extra query
-    dimension holding ``ℓ_s`` meets a key that is 1 there) and whose value is 1 in an extra channel. Its output is
-    the other columns' share of the softmax, and in that channel the sinks' share ``w``: ``out + w · o_s`` is the
-    softmax over all columns, exactly, at one extra dimension instead of a second query."""
-    if far_q is None or sink_columns.shape[-1] == 0:
+    columns, are attended on their own (with the memory column beside them), giving their output ``o_s`` and
+    log-normaliser ``ℓ_s``; the fused attention then runs over the other columns plus one *anchor* column whose
+    logit is ``ℓ_s`` (an extra query dimension holding ``ℓ_s`` meets a key that is 1 there) and whose value is 1
+    in an extra channel. Its output is the other columns' share of the softmax, and in that channel the sinks'
+    share ``w``: ``out + w · o_s`` is the softmax over all columns, exactly, at one extra dimension instead of a
+    second query. Without sinks to set apart, the memory column alone is the anchor."""
+    sinks_apart = far_q is not None and sink_columns.shape[-1] > 0
+    if not sinks_apart and memory is None:
         return _fused_attention(q, keys, values, visible[:, None], scale)
-    batch, num_heads, length, key_dim = q.shape
-    kv_heads, span, value_dim = keys.shape[1], sink_columns.shape[-1], values.shape[-1]
-    repeats = num_heads // kv_heads
-    sink_visible = visible[..., :span] & sink_columns[:, None, :]  # (B or 1, T, S)
-    seen = sink_visible.any(dim=-1)  # (B or 1, T): rows with a sink to read
-    stacked = far_q.reshape(batch, kv_heads, repeats * length, key_dim)  # the R query heads of a kv head as rows
-    scores = (stacked @ keys[:, :, :span].transpose(-1, -2)).view(batch, kv_heads, repeats, length, span) * scale
-    # rows without a visible sink score zeros instead of -inf (no NaN in the backward); their anchor is masked
-    scores = scores.masked_fill(~sink_visible[:, None, None] & seen[:, None, None, :, None], float("-inf"))
-    scores = scores.masked_fill(~seen[:, None, None, :, None], 0.0)
-    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True).view(batch, num_heads, length, 1)
-    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, repeats * length, span)
-    sink_out = (weights @ values[:, :, :span]).view(batch, num_heads, length, value_dim)
+    batch, kv_heads, value_dim = q.shape[0], keys.shape[1], values.shape[-1]
+    if sinks_apart:
+        log_norm, anchor_out, seen = _sinks_apart(
+            q, keys, values, visible, scale, far_q, sink_columns, memory, memory_seen
+        )
+        span = sink_columns.shape[-1]
+        others = torch.cat([visible[..., :span] & ~sink_columns[:, None, :], visible[..., span:]], dim=-1)
+    else:  # the memory column is the anchor; rows that do not read it get a finite logit and a masked anchor
+        seen, others = memory_seen, visible
+        log_norm, anchor_out = memory.logit.masked_fill(~seen[:, None, :, None], 0.0), memory.value
 
     def with_anchor(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, K + 1, D + 1): a zero channel, then the anchor row
         anchor = x.new_zeros(batch, kv_heads, 1, x.shape[-1] + 1)
         anchor[..., -1] = 1
         return torch.cat([F.pad(x, (0, 1)), anchor], dim=2)
 
-    others = torch.cat([visible[..., :span] & ~sink_columns[:, None, :], visible[..., span:]], dim=-1)
     mask = torch.cat([others, seen[..., None]], dim=-1)[:, None]
     query = torch.cat([q, log_norm / scale], dim=-1)
     out = _fused_attention(query, with_anchor(keys), with_anchor(values), mask, scale)
-    return out[..., :value_dim] + out[..., value_dim:] * sink_out
+    return out[..., :value_dim] + out[..., value_dim:] * anchor_out
+
+
+def _sinks_apart(q, keys, values, visible, scale, far_q, sink_columns, memory, memory_seen):
+    """``(ℓ_s [B, H, T, 1], o_s [B, H, T, Dv], seen [B or 1, T])`` of ``attend``'s sinks, scored with ``far_q``,
+    and of the memory column beside them (one softmax over both)."""
+    batch, num_heads, length, key_dim = q.shape
+    kv_heads, span, value_dim = keys.shape[1], sink_columns.shape[-1], values.shape[-1]
+    repeats = num_heads // kv_heads
+    sink_visible = visible[..., :span] & sink_columns[:, None, :]  # (B or 1, T, S)
+    stacked = far_q.reshape(batch, kv_heads, repeats * length, key_dim)  # the R query heads of a kv head as rows
+    scores = (stacked @ keys[:, :, :span].transpose(-1, -2)).view(batch, kv_heads, repeats, length, span) * scale
+    if memory is not None:
+        scores = torch.cat([scores, memory.logit.view(batch, kv_heads, repeats, length, 1)], dim=-1)
+        sink_visible = torch.cat([sink_visible, memory_seen[..., None]], dim=-1)
+    seen = sink_visible.any(dim=-1)  # (B or 1, T): rows with a sink to read
+    # rows without a visible sink score zeros instead of -inf (no NaN in the backward); their anchor is masked
+    scores = scores.masked_fill(~sink_visible[:, None, None] & seen[:, None, None, :, None], float("-inf"))
+    scores = scores.masked_fill(~seen[:, None, None, :, None], 0.0)
+    log_norm = torch.logsumexp(scores, dim=-1, keepdim=True).view(batch, num_heads, length, 1)
+    weights = torch.softmax(scores, dim=-1)
+    if memory is None:
+        weights = weights.view(batch, kv_heads, repeats * length, span)
+        return log_norm, (weights @ values[:, :, :span]).view(batch, num_heads, length, value_dim), seen
+    on_sinks = weights[..., :span].reshape(batch, kv_heads, repeats * length, span) @ values[:, :, :span]
+    on_memory = weights[..., span:].reshape(batch, num_heads, length, 1) * memory.value
+    return log_norm, on_sinks.view(batch, num_heads, length, value_dim) + on_memory, seen
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -171,7 +222,12 @@ def window_reference(
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, sink_q: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: SoftmaxWindow,
+    sink_q: torch.Tensor | None = None,
+    memory: MemoryColumn | None = None,
 ) -> torch.Tensor:
     """A whole sequence from position 0 (training, full forwards) in ``O(T · (W + S + n))``.
 
@@ -180,7 +236,7 @@ def window_attention(
     ``W − 1`` keys before it, its own ``S`` and, first, the sinks, for the queries that have left them behind.
     Smaller blocks waste less of each block's key range on keys its first queries cannot see (``T · (W + S)``
     scored pairs instead of ``T · 2W``), at more, smaller products. A sequence whose ``T²`` scores cost no more
-    than that takes the dense masked form instead.
+    than that takes the dense masked form instead. ``memory``: the far memory's column for every query.
     """
     batch, num_heads, length, _ = q.shape
     kv_heads = k.shape[1]
@@ -193,12 +249,14 @@ def window_attention(
     if length <= size + span:
         t = torch.arange(length, device=q.device)
         visible = (t[None, :] <= t[:, None]) & ((t[:, None] - t[None, :] < size) | (t[None, :] < window.sinks))
-        return attend(q, k, v, visible[None], window.scale, far_q, leading_sinks(min(window.sinks, length), q.device))
+        sinks = leading_sinks(min(window.sinks, length), q.device)
+        return attend(q, k, v, visible[None], window.scale, far_q, sinks, memory, reads_memory(t, window)[None])
     blocks = -(-length // span)
     pad = blocks * span - length
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         far_q = None if far_q is None else F.pad(far_q, (0, 0, 0, pad))
+        memory = None if memory is None else memory.map(lambda x: F.pad(x, (0, 0, 0, pad)))
     reach = size - 1 + span  # keys per block: the W − 1 before it and its own
 
     def banded(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, NB, W − 1 + S, D)
@@ -224,9 +282,11 @@ def window_attention(
         return x.view(batch, num_heads, blocks, span, -1).transpose(1, 2).reshape(batch * blocks, num_heads, span, -1)
 
     far = None if far_q is None else by_block(far_q)
+    seen = reads_memory(query[..., 0], window).repeat(batch, 1)  # (B · NB, S)
     out = attend(
-        by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, leading_sinks(sinks, q.device)
-    )
+        by_block(q), keys, values, visible.repeat(batch, 1, 1), window.scale, far, leading_sinks(sinks, q.device),
+        None if memory is None else memory.map(by_block), seen,
+    )  # fmt: skip
     out = out.view(batch, blocks, num_heads, span, -1).transpose(1, 2).reshape(batch, num_heads, blocks * span, -1)
     return out[:, :, :length]
 
@@ -250,7 +310,8 @@ def empty_window(
 def _advanced(
     state: WindowState, position: torch.Tensor, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor
 ) -> WindowState:
-    """The window after appending each row's first ``count`` entries of ``real_k``/``real_v`` at ``position``."""
+    """The window after appending each row's first ``count`` entries of ``real_k``/``real_v`` at ``position``
+    (any other field of ``state`` — a far memory's — is carried as it is)."""
     batch, kv_heads, length, _ = real_k.shape
     sinks = state.sink_keys.shape[2]
     ring = {"keys": newest(state.keys, real_k, count), "values": newest(state.values, real_v, count)}
@@ -263,7 +324,7 @@ def _advanced(
     def sink(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return torch.where(taken, new.gather(2, index.expand(batch, kv_heads, sinks, new.shape[-1])), old)
 
-    return WindowState(**ring, sink_keys=sink(state.sink_keys, real_k), sink_values=sink(state.sink_values, real_v))
+    return replace(state, **ring, sink_keys=sink(state.sink_keys, real_k), sink_values=sink(state.sink_values, real_v))
 
 
 def _sinks_and_ring_visible(
@@ -286,8 +347,9 @@ def _sinks_and_ring_visible(
 
 
 def _extend_slice(
-    q, k, v, sink_q, state: WindowState, position: torch.Tensor, token_mask: torch.Tensor, window: SoftmaxWindow
-):
+    q, k, v, sink_q, state: WindowState, position: torch.Tensor, token_mask: torch.Tensor, window: SoftmaxWindow,
+    memory: MemoryColumn | None = None,
+):  # fmt: skip
     """One slice: the sinks are read from the state *after* it (a sink among the new tokens is a slot already)."""
     length = q.shape[2]
     count = token_mask.sum(dim=1)
@@ -303,9 +365,18 @@ def _extend_slice(
     keys = torch.cat([after.sink_keys, state.keys, real_k], dim=2)
     values = torch.cat([after.sink_values, state.values, real_v], dim=2)
     far_q = far_queries(real_q, None if sink_q is None else real_first(sink_q, token_mask), query_position, window)
+    packed = None if memory is None else memory.map(lambda x: real_first(x, token_mask))
     out_real = attend(
-        real_q, keys, values, visible, window.scale, far_q, leading_sinks(window.sinks, q.device)
-    )  # real tokens first
+        real_q,
+        keys,
+        values,
+        visible,
+        window.scale,
+        far_q,
+        leading_sinks(window.sinks, q.device),
+        packed,
+        reads_memory(query_position, window),
+    )  # real tokens first; fmt: skip
     out = gather_tokens(out_real, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0))  # back to the columns
     return out * token_mask[:, None, :, None], after, count
 
@@ -319,9 +390,11 @@ def window_extend(
     window: SoftmaxWindow,
     token_mask: torch.Tensor | None = None,
     sink_q: torch.Tensor | None = None,
+    memory: MemoryColumn | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """Outputs for ``T`` new tokens on a window whose rows sit at ``position [B]`` (padding allowed, zeros out),
-    and the window after them. Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order."""
+    and the window after them. Long inputs run in slices of ``EXTEND_SLICE`` tokens, in order. ``memory``: the
+    far memory's column for each of the ``T`` columns."""
     batch, _, length, _ = q.shape
     if token_mask is None:
         token_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
@@ -333,8 +406,9 @@ def window_extend(
         part = slice(start, start + EXTEND_SLICE)
         q_part, k_part, v_part = q[:, :, part], k[:, :, part], v[:, :, part]
         sink_part = None if sink_q is None else sink_q[:, :, part]
+        memory_part = None if memory is None else memory.map(lambda x, part=part: x[:, :, part])
         out, state, count = _extend_slice(
-            q_part, k_part, v_part, sink_part, state, position, token_mask[:, part], window
+            q_part, k_part, v_part, sink_part, state, position, token_mask[:, part], window, memory_part
         )
         outs.append(out)
         position = position + count
@@ -349,12 +423,13 @@ def window_step(
     position: torch.Tensor,
     window: SoftmaxWindow,
     sink_q: torch.Tensor | None = None,
+    memory: MemoryColumn | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """``window_extend`` for one real token per row (decode), as a handful of ops instead of the general form's
-    packing and masks: scores against the sink slots, the ring and the token itself, one softmax, and the ring
-    shifted by one slot. Masks are built only while some row is within ``P`` of the start (host checks; every
-    row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole ring). ``position [B]``: the new
-    token's position in each row."""
+    packing and masks: scores against the sink slots, the ring and the token itself (and the far memory's
+    column), one softmax, and the ring shifted by one slot. Masks are built only while some row is within ``P``
+    of the start (host checks; every row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole
+    ring). ``position [B]``: the new token's position in each row."""
     batch, num_heads, _, key_dim = q.shape
     kv_heads = k.shape[1]
     query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)  # (B, Hkv, R, D)
@@ -375,18 +450,28 @@ def window_step(
         * window.scale
     )  # (B, Hkv, R, n + W - 1 + 1)
     sinks, ring = window.sinks, window.size - 1
+    visible = None
     if not bool((position >= window.last_true_position).all()):
         slot = torch.arange(sinks + ring, device=q.device)
         at = position[:, None]
         visible = torch.where(slot < sinks, at - slot >= window.size, slot - sinks >= ring - at)  # (B, n + W - 1)
         visible = torch.cat([visible, visible.new_ones(batch, 1)], dim=1)
+    if memory is not None:
+        scores = torch.cat([scores, memory.logit.view(batch, kv_heads, num_heads // kv_heads, 1)], dim=-1)
+        seen = reads_memory(position, window)
+        if visible is None and not bool(seen.all()):
+            visible = seen.new_ones(batch, sinks + ring + 1)
+        visible = None if visible is None else torch.cat([visible, seen[:, None]], dim=1)
+    if visible is not None:
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     out = (
         weights[..., :sinks] @ state.sink_values
         + weights[..., sinks : sinks + ring] @ state.values
-        + weights[..., -1:] * v
+        + weights[..., sinks + ring : sinks + ring + 1] * v
     )  # (B, Hkv, R, Dv)
+    if memory is not None:
+        out = out + weights[..., -1:] * memory.value.view(out.shape)
     after = _advanced(state, position, k, v, torch.ones_like(position))  # the ring shifted by one slot
     return out.reshape(batch, num_heads, 1, v.shape[-1]), after
 
@@ -416,9 +501,11 @@ def window_verify(
     layout: TreeLayout,
     window: SoftmaxWindow,
     sink_q: torch.Tensor | None = None,
+    memory: MemoryColumn | None = None,
 ) -> torch.Tensor:
     """Every node of a candidate tree at once: node ``a`` (true position ``position + depth(a)``) sees the state's
-    sinks and ring as a token at that position would, and its own ancestors — never a sibling."""
+    sinks and ring as a token at that position would, and its own ancestors — never a sibling. ``memory``: the
+    far memory's column for every node."""
     depth = layout.depth  # (B, N)
     query_position = position[:, None] + depth
     outside = depth[:, :, None] - depth[:, None, :] >= window.size
@@ -435,4 +522,4 @@ def window_verify(
         [leading_sinks(window.sinks, q.device).expand(q.shape[0], -1), query_position < window.sinks], dim=-1
     )
     far_q = far_queries(q, sink_q, query_position, window)
-    return attend(q, keys, values, visible, window.scale, far_q, sinks)
+    return attend(q, keys, values, visible, window.scale, far_q, sinks, memory, reads_memory(query_position, window))
