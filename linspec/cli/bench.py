@@ -13,6 +13,7 @@ BENCHMARKS = [
     ("prefill", "prefill", "CPU prefill tokens/s of the PyTorch chunked path vs softmax SDPA, T = 512…8192"),
     ("kernels", "kernels", "GPU: Triton kernels vs flash-linear-attention and SDPA flash, time, TB/s, TFLOP/s"),
     ("speculative", "speculative", "speculative vs plain decoding and HF assisted generation, per drafter, chain/tree"),
+    ("serve", "serve", "vLLM serving tokens/s, latency and memory per request at 1-16 requests, original vs converted"),
 ]
 
 
