@@ -19,6 +19,9 @@ FEATURE_MAPS = ("l2norm", "elu1", "relu")
 # window with attention sinks (softmax: ``linspec.ops.window``), which replaces the in-group term.
 LOCAL_KERNELS = ("relu2", "identity", "softmax")
 SINK_POSITIONS = ("absolute", "adjacent")
+# The far memory's feature map (``linspec.ops.far_memory``): none, Hedgehog's learnable one, or its parameter-free
+# form (Liger). It is a column of the softmax window, so it needs ``local_kernel: softmax``.
+MEMORY_FEATURE_MAPS = ("none", "hedgehog", "softmax")
 # Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
@@ -42,6 +45,13 @@ PRESETS = {
     "window": {
         **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
         "global_decay": True, "global_norm": "mean",
+    },
+    # The window with a far memory under its softmax: the tokens that leave the window fold into a linear memory
+    # with Hedgehog feature maps, read as one more column of the window's softmax (LoLCATs). The maps start at the
+    # identity; they and the per-head bias are what attention transfer trains.
+    "window-hedgehog": {
+        **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
+        "global_decay": True, "global_norm": "mean", "memory_feature_map": "hedgehog",
     },
     # The paper's layer with a learnable per-head decay of S only.
     "decay": {**_PAPER, "global_decay": True},
@@ -91,6 +101,14 @@ class LinspecConfig:
     ``local_window + sink_tokens`` — the perplexity curve cannot drift upwards with context; ``"absolute"`` keeps
     their true distance (the models written before the option existed).
 
+    The far memory (``memory_feature_map``, ``linspec.ops.far_memory``; softmax window only): the tokens that
+    leave the window (sinks excepted) fold into ``S = Σ φ(k) vᵀ`` and ``z = Σ φ(k)`` per kv head, and each query
+    reads them as one more column of the window's softmax, weighing an evicted token ``e^{b_h} φ(q)ᵀφ(k)`` against
+    the window's ``exp(q·k/√d)`` — one shared normaliser, as LoLCATs does, instead of a separately averaged term.
+    ``hedgehog``: ``φ(x) = [softmax(xA), softmax(−xA)]`` with ``A`` learnable per head (identity at conversion);
+    ``softmax``: ``A = I``, no parameters. Inside the window nothing is evicted, so the layer there is the window
+    alone. The ``window-hedgehog`` preset is the ``window`` preset with it.
+
     Recommended: the ``window`` preset — the softmax window (512 tokens, 4 adjacent sinks) with the ``stable``
     memory. The ``stable`` preset keeps the paper's φ and κ (so conversion and local attention are unchanged)
     with decay *and* mean. The mean keeps the global term the size of one value at every length, for any
@@ -114,6 +132,7 @@ class LinspecConfig:
     local_window: int = 0
     sink_tokens: int = 0
     sink_positions: str = "absolute"
+    memory_feature_map: str = "none"
 
     def __post_init__(self) -> None:
         self._check_global_memory()
@@ -173,11 +192,26 @@ class LinspecConfig:
                 "local_window, sink_tokens and sink_positions belong to local_kernel 'softmax'; "
                 f"got local_kernel {self.local_kernel!r}"
             )
+        if self.memory_feature_map not in MEMORY_FEATURE_MAPS:
+            raise LinspecError(
+                f"memory_feature_map must be one of {', '.join(MEMORY_FEATURE_MAPS)}; "
+                f"got {self.memory_feature_map!r:.40}"
+            )
+        if self.memory_feature_map != "none" and self.local_kernel != "softmax":
+            raise LinspecError(
+                f"memory_feature_map {self.memory_feature_map!r} needs local_kernel 'softmax' (the far memory is a "
+                f"column of the window's softmax); got local_kernel {self.local_kernel!r}"
+            )
 
     @property
     def softmax_window(self) -> bool:
         """Whether the local term is the softmax window (``linspec.ops.window``) rather than the in-group κ."""
         return self.local_kernel == "softmax"
+
+    @property
+    def far_memory(self) -> bool:
+        """Whether the window keeps a far memory of the tokens that leave it (``memory_feature_map``)."""
+        return self.memory_feature_map != "none"
 
     @property
     def in_group_kernel(self) -> str:
@@ -228,7 +262,7 @@ class LinspecConfig:
         unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise LinspecError(f"unknown linspec setting(s): {', '.join(unknown)[:200]}")
-        for name in ("feature_map", "local_kernel", "global_norm", "sink_positions"):
+        for name in ("feature_map", "local_kernel", "global_norm", "sink_positions", "memory_feature_map"):
             if name in data and not isinstance(data[name], str):
                 raise LinspecError(f"{name} must be a name (text), got {data[name]!r:.40}")
         for name in ("softmax_layers", "softmax_heads"):

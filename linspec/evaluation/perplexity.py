@@ -1,5 +1,6 @@
 """Perplexity over scoring windows, and the variants of a model it measures: component ablations (how much γ, the
-global path, and the conv contribute) and layers restored to softmax (what keeping them softmax would give).
+global path, the conv and the window's far memory contribute) and layers restored to softmax (what keeping them
+softmax would give).
 
 Windows of up to ``window`` tokens advance by ``stride`` scored tokens; a window scores only tokens no earlier
 window scored, each with up to ``window − 1`` tokens of context (stride == window: consecutive windows share
@@ -20,15 +21,20 @@ import torch.nn.functional as F
 from linspec.errors import LinspecError
 from linspec.utils.validation import MAX_LENGTH, check_count
 
+# The variants ``--ablations`` runs. ``far_memory`` is the softmax window's far memory (``memory_feature_map``): off,
+# the window reads no memory column (a model without one is unchanged by it).
 ABLATIONS = {
     "full": (),
     "no-gamma": ("gamma",),
     "no-conv": ("conv",),
-    "local-only": ("gamma", "conv"),
+    "local-only": ("gamma", "conv", "far_memory"),
 }
-# What ``local-only`` is called on a model whose local term is a softmax window: the same window and sinks with the
-# global memory and the conv off — the baseline every long-context curve of such a model is read against.
+# Variants only ``--ablate`` asks for, by the name results show.
+NAMED_VARIANTS = {**ABLATIONS, "no-far-memory": ("far_memory",)}
+# What ``local-only`` is called on a model whose local term is a softmax window: the same window and sinks with
+# every memory and the conv off — the baseline every long-context curve of such a model is read against.
 WINDOW_ONLY = "window-only"
+FAR_MEMORY = "far-memory"
 
 
 def has_softmax_window(model) -> bool:
@@ -37,8 +43,20 @@ def has_softmax_window(model) -> bool:
     return settings is not None and settings.softmax_window and bool(getattr(model, "linspec_modules", list)())
 
 
-# ``--ablate`` choices: what each turns off.
-ABLATE_CHOICES = {"gamma": ("gamma",), "conv": ("conv",), "both": ("gamma", "conv"), WINDOW_ONLY: ("gamma", "conv")}
+def has_far_memory(model) -> bool:
+    """Whether ``model`` is a linspec model whose softmax window keeps a far memory (``memory_feature_map``)."""
+    settings = getattr(model.config, "linspec_settings", None)
+    return has_softmax_window(model) and settings.far_memory
+
+
+# ``--ablate`` choices: what each turns off (``both``: the memories and the conv, as ``window-only``).
+ABLATE_CHOICES = {
+    "gamma": ("gamma",),
+    "conv": ("conv",),
+    FAR_MEMORY: ("far_memory",),
+    "both": ABLATIONS["local-only"],
+    WINDOW_ONLY: ABLATIONS["local-only"],
+}
 
 
 def ablation_components(choice: str, model) -> tuple[str, ...]:
@@ -50,12 +68,15 @@ def ablation_components(choice: str, model) -> tuple[str, ...]:
             "window-only needs a linspec model with a softmax window (local_kernel softmax); "
             "--ablate both turns off the memory and the conv of any linspec model"
         )
+    if choice == FAR_MEMORY and not has_far_memory(model):
+        raise LinspecError("far-memory needs a linspec model whose window keeps a far memory (memory_feature_map)")
     return ABLATE_CHOICES[choice]
 
 
 def variant_name(model, components: tuple[str, ...]) -> str:
-    """The ``ABLATIONS`` name of ``components``, with ``local-only`` called ``window-only`` on a windowed model."""
-    name = next(key for key, value in ABLATIONS.items() if set(value) == set(components))
+    """The ``NAMED_VARIANTS`` name of ``components``, with ``local-only`` called ``window-only`` on a windowed
+    model."""
+    name = next(key for key, value in NAMED_VARIANTS.items() if set(value) == set(components))
     return WINDOW_ONLY if name == "local-only" and has_softmax_window(model) else name
 
 
@@ -173,11 +194,12 @@ def _result(total: float, count: int, seconds: float) -> Perplexity:
 
 @contextlib.contextmanager
 def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
-    """Temporarily zero γ (``gamma``) and/or the conv (``conv``) in every linear layer; restored on exit."""
+    """Temporarily zero γ (``gamma``) and/or the conv (``conv``) and/or stop the window reading its far memory
+    (``far_memory``) in every linear layer; restored on exit."""
     modules = model.linspec_modules() if hasattr(model, "linspec_modules") else []
     if components and not modules:
         raise LinspecError("ablations need a linspec model (this one has no linear attention layers)")
-    saved = [(m.global_scale.detach().clone(), m.conv_weight.detach().clone()) for m in modules]
+    saved = [(m.global_scale.detach().clone(), m.conv_weight.detach().clone(), m.far_memory_on) for m in modules]
     try:
         with torch.no_grad():
             for module in modules:
@@ -185,12 +207,15 @@ def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
                     module.global_scale.zero_()
                 if "conv" in components:
                     module.conv_weight.zero_()
+                if "far_memory" in components:
+                    module.far_memory_on = False
         yield
     finally:
         with torch.no_grad():
-            for module, (gamma, conv) in zip(modules, saved, strict=True):
+            for module, (gamma, conv, far_memory_on) in zip(modules, saved, strict=True):
                 module.global_scale.copy_(gamma)
                 module.conv_weight.copy_(conv)
+                module.far_memory_on = far_memory_on
 
 
 @contextlib.contextmanager

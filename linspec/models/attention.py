@@ -4,7 +4,8 @@ It adopts the pretrained module's own q/k/v/o projections (and Qwen3's q/k norms
 state-dict names do not change — and sums the terms its settings ask for (``linspec.models.terms``): the grouped
 linear attention (the in-group κ, the global memory and the conv; its parameters ``global_scale``,
 ``conv_weight`` and with ``global_decay`` ``decay_logit`` live on this module under those names), with
-``local_kernel: softmax`` the softmax window in the in-group κ's place, and the softmax heads of
+``local_kernel: softmax`` the softmax window in the in-group κ's place (with ``memory_feature_map`` its far
+memory too, parameters ``memory_bias`` and ``memory_feature_map_q``/``_k``), and the softmax heads of
 ``softmax_heads``. Each forward projects once, decides the mode once and runs that mode in every term.
 """
 
@@ -42,10 +43,14 @@ class LinspecAttention(nn.Module):
         self.scaling = float(getattr(softmax_attention, "scaling", self.head_dim**-0.5))
         self.q_norm = getattr(softmax_attention, "q_norm", None)
         self.k_norm = getattr(softmax_attention, "k_norm", None)
+        # Whether the window reads its far memory (``memory_feature_map``); off only inside the ablation that
+        # measures the window without it (``linspec.evaluation.perplexity.ablated``), which still folds the memory.
+        self.far_memory_on = True
         self.terms = layer_terms(self)
 
     def reset_linspec_parameters(self) -> None:
-        """Every term's parameters as right after conversion (γ = 0, conv = 0, the initial decays)."""
+        """Every term's parameters as right after conversion (γ = 0, conv = 0, the initial decays, the far
+        memory's identity maps and initial bias)."""
         for term in self.terms:
             term.reset_parameters()
 

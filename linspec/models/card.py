@@ -160,6 +160,11 @@ class ModelCard:
             f"| feature map | {settings.feature_map} |",
             f"| local kernel | {settings.local_kernel} |",
             *([f"| softmax window | {settings.window_summary} |"] if settings.softmax_window else []),
+            *(
+                [f"| far memory | {settings.memory_feature_map} feature map, in the window's softmax |"]
+                if settings.far_memory
+                else []
+            ),
             f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
             f"| softmax layers kept | {layers} |",
             *([f"| softmax kv heads kept (layer:head) | {heads} |"] if settings.softmax_heads else []),

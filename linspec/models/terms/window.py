@@ -1,15 +1,32 @@
 """The softmax window term: the pretrained softmax over the last ``local_window`` tokens and the first
 ``sink_tokens`` (``linspec.ops.window``), the local term of ``local_kernel: softmax`` in the in-group κ's place.
-It scores the RoPE'd queries and keys before any feature map, with the module's own logit scale."""
+It scores the RoPE'd queries and keys before any feature map, with the module's own logit scale.
+
+With ``memory_feature_map`` it also keeps the far memory of the tokens that leave the window
+(``linspec.ops.far_memory``): the memory is one more column of the window's softmax, so the window term owns it —
+its state rides in the window's slice (``WindowWithMemory``) and its column joins each mode's one softmax. Its
+parameters live on the layer: ``memory_bias`` (``[num_heads]``, ``b_h``) and, for ``hedgehog``,
+``memory_feature_map_q`` (``[num_heads, D, D]``) and ``memory_feature_map_k`` (``[num_kv_heads, D, D]``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from linspec.models.terms.base import LayerState, Term, TermInputs
 from linspec.ops.extend import gather_tokens
+from linspec.ops.far_memory import (
+    FarMemory,
+    empty_memory,
+    far_memory_chunked,
+    far_memory_commit,
+    far_memory_extend,
+    far_memory_verify,
+    initial_memory_bias,
+)
 from linspec.ops.window import (
     WindowState,
     empty_window,
@@ -23,44 +40,111 @@ from linspec.ops.window import (
 
 @dataclass(frozen=True)
 class KeptRawNodes:
-    """Every node's raw key and value from a verification pass: what the window keeps of the accepted ones."""
+    """Every node's raw key and value from a verification pass: what the window keeps of the accepted ones (and
+    what they push into the far memory), with this forward's memory parameters."""
 
     keys: torch.Tensor  # (B, Hkv, N, Dk), before φ
     values: torch.Tensor  # (B, Hkv, N, Dv)
+    memory: FarMemory | None = None
 
 
 class SoftmaxWindowTerm(Term):
     name = "window"
 
     def __init__(self, layer) -> None:
+        """With a far memory, registers its parameters on ``layer``."""
+        self.layer = layer
         self.window = layer.softmax_window()
         self.num_kv_heads = layer.num_kv_heads
         self.head_dim = layer.head_dim
+        self.memory_map = layer.settings.memory_feature_map
+        for name, value in self._initial_parameters().items():
+            setattr(layer, name, nn.Parameter(value))
 
     @classmethod
     def for_layer(cls, layer) -> SoftmaxWindowTerm | None:
         return cls(layer) if layer.settings.softmax_window else None
 
+    def _initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The far memory's parameters as conversion sets them, by name on the layer: the bias at
+        ``initial_memory_bias`` and the maps at the identity (none without a memory)."""
+        if self.memory_map == "none":
+            return {}
+        layer = self.layer
+        weight = layer.q_proj.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        initial = {"memory_bias": torch.full((layer.num_heads,), initial_memory_bias(self.head_dim), **like)}
+        if self.memory_map == "hedgehog":
+            eye = torch.eye(self.head_dim, **like)
+            initial["memory_feature_map_q"] = eye.repeat(layer.num_heads, 1, 1)
+            initial["memory_feature_map_k"] = eye.repeat(layer.num_kv_heads, 1, 1)
+        return initial
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for name, value in self._initial_parameters().items():
+                getattr(self.layer, name).copy_(value)
+
+    def far_memory(self, dtype: torch.dtype) -> FarMemory | None:
+        """The memory's parameters in the compute ``dtype``; None without a memory."""
+        if self.memory_map == "none":
+            return None
+        layer = self.layer
+        if self.memory_map == "softmax":
+            return FarMemory(layer.memory_bias.to(dtype))
+        return FarMemory(
+            layer.memory_bias.to(dtype), layer.memory_feature_map_q.to(dtype), layer.memory_feature_map_k.to(dtype)
+        )
+
+    def _read(self, column):
+        """The column the window reads: none while the layer's ``far_memory_on`` is off (the ablation), which still
+        folds the memory so the state stays what it would be."""
+        return column if self.layer.far_memory_on else None
+
     def empty(self, batch: int, dtype: torch.dtype, device: torch.device) -> WindowState:
-        return empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, self.window, dtype, device)
+        window = empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, self.window, dtype, device)
+        return window if self.memory_map == "none" else empty_memory(window, self.head_dim)
 
     def chunked(self, x: TermInputs) -> torch.Tensor:
-        return window_attention(x.q, x.k, x.v, self.window, x.sink_q)
+        memory = self.far_memory(x.q.dtype)
+        column = None
+        if memory is not None and self.layer.far_memory_on:
+            column = far_memory_chunked(x.q, x.k, x.v, self.window, memory)
+        return window_attention(x.q, x.k, x.v, self.window, x.sink_q, column)
 
     def extend(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
-        part = state.slices[self.name]
-        return window_extend(x.q, x.k, x.v, part, state.position, self.window, x.token_mask, x.sink_q)
+        part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
+        if memory is None:
+            return window_extend(x.q, x.k, x.v, part, state.position, self.window, x.token_mask, x.sink_q)
+        column, folded = far_memory_extend(x.q, x.k, x.v, part, state.position, self.window, memory, x.token_mask)
+        out, after = window_extend(
+            x.q, x.k, x.v, part, state.position, self.window, x.token_mask, x.sink_q, self._read(column)
+        )
+        return out, replace(after, far_memory=folded)
 
     def step(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
-        return window_step(x.q, x.k, x.v, state.slices[self.name], state.position, self.window, x.sink_q)
+        part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
+        if memory is None:
+            return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q)
+        column, folded = far_memory_extend(x.q, x.k, x.v, part, state.position, self.window, memory)
+        out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
+        return out, replace(after, far_memory=folded)
 
     def verify(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, KeptRawNodes]:
-        part = state.slices[self.name]
-        out = window_verify(x.q, x.k, x.v, part, state.position, x.layout, self.window, x.sink_q)
-        return out, KeptRawNodes(x.k, x.v)
+        part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
+        column = None
+        if memory is not None and self.layer.far_memory_on:
+            column = far_memory_verify(x.q, x.k, x.v, part, state.position, x.layout, self.window, memory)
+        out = window_verify(x.q, x.k, x.v, part, state.position, x.layout, self.window, x.sink_q, column)
+        return out, KeptRawNodes(x.k, x.v, memory)
 
     def commit(self, state: LayerState, kept: KeptRawNodes, path: torch.Tensor, path_mask: torch.Tensor) -> WindowState:
         """Each layer on its own: appending shifts the window (hundreds of keys), one copy per layer, and stacking
-        layers would add another."""
+        layers would add another. The far memory folds what the path pushes out of the ring."""
+        part = state.slices[self.name]
         keys, values = gather_tokens(kept.keys, path), gather_tokens(kept.values, path)
-        return window_append(state.slices[self.name], state.position, keys, values, path_mask)
+        after = window_append(part, state.position, keys, values, path_mask)
+        if kept.memory is None:
+            return after
+        folded = far_memory_commit(part, state.position, keys, values, self.window, kept.memory, path_mask)
+        return replace(after, far_memory=folded)

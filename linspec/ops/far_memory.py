@@ -1,0 +1,286 @@
+"""The far memory: what a softmax window keeps of the tokens that have left it, read under the window's own
+softmax normaliser (LoLCATs, Zhang et al. 2024; Hedgehog, Zhang et al. 2024; Liger, Lan et al. 2025).
+
+Token ``j`` has left the window of token ``t`` when ``t − j ≥ W`` and it is no sink (``j ≥ n``). Per kv head ``g``
+the memory holds ``S_g = Σ φ_k(k_j) v_jᵀ`` and ``z_g = Σ φ_k(k_j)`` over those tokens (``k`` RoPE'd and raw, as the
+window stores it), and joins the window's softmax as one extra column for query head ``h``::
+
+    logit  b_h + log φ_q(q)ᵀz_g        value  φ_q(q)ᵀS_g / φ_q(q)ᵀz_g
+
+so the layer's output is ``(Σ_window e^{s_i} v_i + e^{b_h} φ_q(q)ᵀS_g) / (Σ_window e^{s_i} + e^{b_h} φ_q(q)ᵀz_g)``:
+an evicted token weighs ``e^{b_h} φ_q(q)ᵀφ_k(k_j)`` (``memory_weights``) where the parent gave it ``exp(q·k_j/√d)``,
+the mass a plain window drops. Unlike a separately averaged memory added on top, its share competes with the
+window's tokens for the same probability mass, so a query that matches a far token strongly can single it out.
+A query with nothing evicted (``t < W + n``) has no column: there the layer is the window alone, exactly.
+
+Feature maps (``LinspecConfig.memory_feature_map``): ``φ(x) = [softmax(xA), softmax(−xA)]`` over the head
+dimension — positive, and as spiky as the exp they stand in for — with ``A`` learnable per head, separately for
+queries (per query head) and keys (per kv head), initialised to the identity (``hedgehog``), or ``A = I``
+(``softmax``, parameter-free). Being positive, ``φ_q(q)ᵀz`` is positive once a token is folded.
+
+Every mode reads one structure. At state position ``p`` the memory holds every token ``j ≤ p − W`` (all that
+have left the window's ring); the tokens a query reads beyond it form a contiguous *run*: the ring's entries
+(positions ``p − W + 1 … p − 1``, oldest first) followed by the new tokens. Query ``r`` of an extend (position
+``p + r``) reads the run's first ``r`` entries, so extend, decode and the whole-sequence form (the same from an
+empty state, where the run is the keys shifted by ``W − 1``) are one strictly causal linear attention over the
+run with the state's memory as its initial state (``_run_readout``, chunked: ``O(T)``), and the state after ``c``
+tokens folds the run's first ``c`` entries. A tree node at depth ``d`` reads the first ``min(d, W − 1)`` ring
+entries — the same for every node at that depth — and, once ``d ≥ W``, its own ancestors at depth ``≤ d − W``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from linspec.ops.extend import gather_tokens, real_first
+from linspec.ops.memory import with_ones
+from linspec.ops.verify import TreeLayout
+from linspec.ops.window import MemoryColumn, SoftmaxWindow, WindowState
+
+# Queries per block of the whole-sequence and extend forms: the in-block scores are B·H·T·CHUNK, the block
+# states B·Hkv·(T/CHUNK)·2D·(Dv+1).
+CHUNK = 64
+
+
+def initial_memory_bias(head_dim: int) -> float:
+    """``b_h`` at conversion: ``log(D / 2)``, so that an evicted token whose features are flat (``φ = 1/D`` in each
+    half, ``φ_qᵀφ_k = 2/D``) weighs ``e^b φ_qᵀφ_k = 1``, what a logit of zero weighs in the window: before any
+    training the memory counts each far token as an average one, neither negligible (its share, and so the
+    gradient reaching φ and b, is there from the first step) nor dominating the window's exact scores."""
+    return math.log(head_dim / 2)
+
+
+def spiky_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """``φ(x) = [softmax(xA), softmax(−xA)]`` over the last dimension of ``x [B, heads, T, D]`` (``[…, 2D]``); ``A``
+    is ``projection [heads, D, D]`` or, for None, the identity."""
+    if projection is not None:
+        x = x @ projection
+    return torch.cat([torch.softmax(x, dim=-1), torch.softmax(-x, dim=-1)], dim=-1)
+
+
+@dataclass(frozen=True)
+class FarMemory:
+    """The memory's parameters in the compute dtype: ``bias [H]`` (``b_h``) and, for learnable maps, the
+    projections ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map)."""
+
+    bias: torch.Tensor
+    query_map: torch.Tensor | None = None
+    key_map: torch.Tensor | None = None
+
+    def query_features(self, q: torch.Tensor) -> torch.Tensor:
+        return spiky_features(q, self.query_map)
+
+    def key_features(self, k: torch.Tensor) -> torch.Tensor:
+        return spiky_features(k, self.key_map)
+
+
+@dataclass
+class WindowWithMemory(WindowState):
+    """A window's decode state with its far memory: ``far_memory [B, Hkv, 2D, Dv + 1]`` holds ``S`` with ``z`` as
+    its last column, over every token that has left the ring (constant in context length). The window's own
+    functions carry it unchanged; the functions here fold into it."""
+
+    far_memory: torch.Tensor
+
+
+def empty_memory(window: WindowState, value_dim: int) -> WindowWithMemory:
+    """``window`` (a window's state before any token) with an empty far memory."""
+    batch, kv_heads, _, key_dim = window.sink_keys.shape
+    memory = window.keys.new_zeros(batch, kv_heads, 2 * key_dim, value_dim + 1)
+    return WindowWithMemory(window.keys, window.values, window.sink_keys, window.sink_values, memory)
+
+
+def memory_weights(q: torch.Tensor, k: torch.Tensor, memory: FarMemory) -> torch.Tensor:
+    """``e^{b_h} φ_q(q_t)ᵀφ_k(k_j)`` for every query ``t`` of ``q [B, H, Tq, D]`` and key ``j`` of ``k [B, Hkv, Tk,
+    D]``: ``[B, H, Tq, Tk]``, the unnormalised weight the memory gives an evicted key where the parent's softmax
+    gave ``exp(q·k/√d)`` (what attention transfer fits φ and b to)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    features = memory.key_features(k).repeat_interleave(heads // kv_heads, dim=1)
+    return memory.bias.exp().view(1, -1, 1, 1) * (memory.query_features(q) @ features.transpose(-1, -2))
+
+
+def far_memory_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+    sink_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The window with its far memory over a whole sequence from position 0, from the definition: every pair's
+    logit materialised (the window's ``q·k/√d``, a far sink's with ``sink_q`` past ``P``, an evicted token's
+    ``log(e^b φ_qᵀφ_k)``) and one softmax per row. The spec every mode is tested against."""
+    num_heads, length, kv_heads = q.shape[1], q.shape[2], k.shape[1]
+    t = torch.arange(length, device=q.device)
+    causal = t[None, :] <= t[:, None]
+    outside = t[:, None] - t[None, :] >= window.size
+    sink = t[None, :] < window.sinks
+    visible = causal & (~outside | sink)
+    evicted = causal & outside & ~sink
+    keys, values = (x.repeat_interleave(num_heads // kv_heads, dim=1) for x in (k, v))
+    scores = q @ keys.transpose(-1, -2)
+    if sink_q is not None:
+        far = visible & outside & (t[:, None] > window.last_true_position)
+        scores = torch.where(far, sink_q @ keys.transpose(-1, -2), scores)
+    logits = torch.where(evicted, torch.log(memory_weights(q, k, memory)), scores * window.scale)
+    return torch.softmax(logits.masked_fill(~(visible | evicted), float("-inf")), dim=-1) @ values
+
+
+def _column(readout: torch.Tensor, bias: torch.Tensor) -> MemoryColumn:
+    """The softmax column of a readout ``[B, H, T, Dv + 1]`` (``φ_qᵀS``, ``φ_qᵀz``): logit ``b + log φ_qᵀz`` and
+    value ``φ_qᵀS / φ_qᵀz``. A zero ``φ_qᵀz`` (nothing folded yet, or features that share no support) is raised
+    to the dtype's smallest normal: its numerator is zero too, so the column weighs nothing and reads zero."""
+    den = readout[..., -1:].clamp_min(torch.finfo(readout.dtype).tiny)
+    return MemoryColumn(bias.view(1, -1, 1, 1) + torch.log(den), readout[..., :-1] / den)
+
+
+def _run(
+    ring_keys: torch.Tensor,
+    ring_values: torch.Tensor,
+    position: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    length: int,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(φ_k, [v, 1])`` of the run's first ``length`` entries (``[ring; keys]``, the ring's oldest at position
+    ``position − W + 1``), zero where an entry is a sink or before the start (it never enters the memory)."""
+    run_keys = torch.cat([ring_keys, keys], dim=2)[:, :, :length]
+    run_values = torch.cat([ring_values, values], dim=2)[:, :, :length]
+    at = position[:, None] - (window.size - 1) + torch.arange(length, device=keys.device)
+    valid = (at >= window.sinks)[:, None, :, None]
+    return memory.key_features(run_keys) * valid, with_ones(run_values) * valid
+
+
+def _run_readout(
+    features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, initial: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, H, L, Dv + 1]``: query ``r`` (``features [B, H, L, F]``) reads ``initial [B, Hkv, F, Dv + 1]`` (None:
+    zero) plus the run's entries ``u < r`` (``keys [B, Hkv, L, F]``, ``values [B, Hkv, L, Dv + 1]``), in blocks of
+    ``CHUNK``: in-block pairs as masked scores, earlier blocks through their summed ``φ_k [v, 1]ᵀ``."""
+    batch, num_heads, length, width = features.shape
+    kv_heads, value_width = keys.shape[1], values.shape[-1]
+    chunk = max(min(CHUNK, length), 1)
+    blocks = -(-length // chunk)
+    pad = blocks * chunk - length
+
+    def blocked(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, R, L, ·) -> (B, Hkv, R, NB, C, ·)
+        x = F.pad(x, (0, 0, 0, pad))
+        return x.view(*x.shape[:3], blocks, chunk, x.shape[-1])
+
+    query = blocked(features.view(batch, kv_heads, num_heads // kv_heads, length, width))
+    key, value = blocked(keys[:, :, None]), blocked(values[:, :, None])
+    block_sums = key.transpose(-1, -2) @ value  # (B, Hkv, 1, NB, F, Dv + 1)
+    before = torch.cat([torch.zeros_like(block_sums[:, :, :, :1]), block_sums[:, :, :, :-1]], dim=3).cumsum(dim=3)
+    if initial is not None:
+        before = before + initial[:, :, None, None]
+    earlier = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).tril(-1)
+    scores = (query @ key.transpose(-1, -2)).masked_fill(~earlier, 0.0)
+    out = scores @ value + query @ before  # (B, Hkv, R, NB, C, Dv + 1)
+    return out.reshape(batch, num_heads, blocks * chunk, value_width)[:, :, :length]
+
+
+def far_memory_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: SoftmaxWindow, memory: FarMemory
+) -> MemoryColumn | None:
+    """The memory's column for a whole sequence from position 0 (training, full forwards); None when no query
+    reads one (the sequence never evicts a token)."""
+    batch, kv_heads, length, key_dim = k.shape
+    if length <= window.size + window.sinks:
+        return None
+    ring = (
+        k.new_zeros(batch, kv_heads, window.size - 1, key_dim),
+        v.new_zeros(batch, kv_heads, window.size - 1, v.shape[-1]),
+    )
+    start = torch.zeros(batch, dtype=torch.long, device=k.device)
+    keys, values = _run(*ring, start, k, v, length, window, memory)
+    return _column(_run_readout(memory.query_features(q), keys, values, None), memory.bias)
+
+
+def _folded(state: WindowWithMemory, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The memory after folding each row's first ``count`` run entries."""
+    taken = (torch.arange(keys.shape[2], device=keys.device)[None, :] < count[:, None])[:, None, :, None]
+    return state.far_memory + (keys * taken).transpose(-1, -2) @ values
+
+
+def far_memory_extend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WindowWithMemory,
+    position: torch.Tensor,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[MemoryColumn, torch.Tensor]:
+    """``(column, far memory after)`` for ``T`` new tokens (padding allowed) on rows at ``position [B]``; the column
+    is in the input's column order (a padding column's is any finite value). One token without a mask is decoding."""
+    length = q.shape[2]
+    if token_mask is None:
+        real_q, real_k, real_v = q, k, v
+        count = torch.full_like(position, length)
+    else:
+        token_mask = token_mask.bool()
+        real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
+        count = token_mask.sum(dim=1)
+    keys, values = _run(state.keys, state.values, position, real_k, real_v, length, window, memory)
+    column = _column(_run_readout(memory.query_features(real_q), keys, values, state.far_memory), memory.bias)
+    if token_mask is not None:  # back to the columns the tokens came in
+        column = column.map(lambda x: gather_tokens(x, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)))
+    return column, _folded(state, keys, values, count)
+
+
+def far_memory_verify(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WindowWithMemory,
+    position: torch.Tensor,
+    layout: TreeLayout,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+) -> MemoryColumn:
+    """The column of every node of a candidate tree (``q``/``k``/``v`` one entry per node) against a state that does
+    not change: the state's memory, the ring's oldest ``min(depth, W − 1)`` entries, and the node's ancestors at
+    least ``W`` shallower (deep trees under short windows)."""
+    batch, num_heads, nodes, _ = q.shape
+    kv_heads, ring = k.shape[1], window.size - 1
+    depth = layout.depth  # (B, N)
+    ring_keys, ring_values = _run(state.keys, state.values, position, k[:, :, :0], v[:, :, :0], ring, window, memory)
+    ring_read = torch.arange(ring, device=q.device)[None, None, :] < depth[:, :, None]  # (B, N, W − 1)
+    node_read = (
+        layout.ancestors
+        & (depth[:, :, None] - depth[:, None, :] >= window.size)
+        & (position[:, None, None] + depth[:, None, :] >= window.sinks)
+    )  # (B, N, N)
+    keys = torch.cat([ring_keys, memory.key_features(k)], dim=2)
+    values = torch.cat([ring_values, with_ones(v)], dim=2)
+    read = torch.cat([ring_read, node_read], dim=-1)[:, None, None]  # (B, 1, 1, N, W − 1 + N)
+    features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, nodes, -1)
+    scores = (features @ keys[:, :, None].transpose(-1, -2)).masked_fill(~read, 0.0)
+    readout = scores @ values[:, :, None] + features @ state.far_memory[:, :, None]
+    return _column(readout.reshape(batch, num_heads, nodes, -1), memory.bias)
+
+
+def far_memory_commit(
+    state: WindowWithMemory,
+    position: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The far memory after appending already-computed raw keys and values at ``position [B]`` (the commit of
+    accepted drafts): the tokens they push out of the ring."""
+    if token_mask is None:
+        token_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    token_mask = token_mask.bool()
+    real_k, real_v = real_first(k, token_mask), real_first(v, token_mask)
+    keys, values = _run(state.keys, state.values, position, real_k, real_v, k.shape[2], window, memory)
+    return _folded(state, keys, values, token_mask.sum(dim=1))
