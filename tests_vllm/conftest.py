@@ -21,3 +21,25 @@ def window_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "window"
     subprocess.run([sys.executable, "-m", "linspec", "convert", "smollm2-135m", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def softmax_layers_model(tmp_path_factory) -> Path:
+    """A hybrid by layers: the window preset with decoder layers 0 and 15 kept as softmax attention."""
+    out = tmp_path_factory.mktemp("models") / "softmax-layers"
+    subprocess.run(
+        [sys.executable, "-m", "linspec", "convert", "smollm2-135m", str(out), "--softmax-layers", "0,15"], check=True
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def softmax_heads_model(tmp_path_factory) -> Path:
+    """A hybrid by heads: the window preset with kv head 1 of layer 4 and kv heads 0 and 2 of layer 7 kept as
+    softmax attention over the whole context (layers keeping one and two of their three heads)."""
+    out = tmp_path_factory.mktemp("models") / "softmax-heads"
+    subprocess.run(
+        [sys.executable, "-m", "linspec", "convert", "smollm2-135m", str(out), "--softmax-heads", "4:1,7:0,7:2"],
+        check=True,
+    )
+    return out

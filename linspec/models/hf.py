@@ -54,6 +54,7 @@ __all__ = [
     "read_gguf_header",
     "rotary_embedding",
     "rotate_half",
+    "route_softmax_attention",
     "set_attention",
     "set_generation_cache",
     "set_kv_tensors",
@@ -208,6 +209,21 @@ def copy_attention_implementation(source_config, target_config) -> None:
     differently from their parent's.
     """
     target_config._attn_implementation = source_config._attn_implementation
+
+
+def route_softmax_attention(config, name: str, function) -> None:
+    """Make the softmax attention modules built on ``config`` compute their attention with ``function``.
+
+    ``function(module, query [B, H, T, D], key [B, Hkv, T, D], value, attention_mask, **kwargs)`` returns
+    ``(output [B, T, H, D], None)``; the modules keep their own projections, q/k norms, RoPE and output
+    projection. It is registered with transformers' ``AttentionInterface`` under ``name`` and chosen through the
+    config's private ``_attn_implementation`` (what an engine with its own attention kernel and KV store plugs
+    in: the vLLM plugin's paged attention).
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+    config._attn_implementation = name
 
 
 class DecoderParts:

@@ -9,9 +9,17 @@ fed the layer (its context length), so the position is taken from there rather t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from linspec.models import hf
+from linspec.models.attention import LinspecAttention
+from linspec.models.modeling import linspec_classes_of
 from linspec.models.terms.base import LayerState
+
+# (shapes, dtypes) of one request's state tensors in one layer, in the order the pages hold them
+StateLayout = tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]
 
 
 def compute_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -24,10 +32,31 @@ def _state_tensors(state: LayerState) -> list[torch.Tensor]:
     return [tensor for name, tensor in state.tensors().items() if name != "position"]
 
 
-def state_layout(attention, dtype: torch.dtype) -> tuple[tuple[tuple[int, ...], ...], tuple[torch.dtype, ...]]:
+def state_layout(attention, dtype: torch.dtype) -> StateLayout:
     """``(shapes, dtypes)`` of one request's state in layer ``attention`` (a ``LinspecAttention``), per tensor."""
     template = _state_tensors(attention.empty_state(1, dtype, torch.device("cpu")))
     return tuple(tuple(t.shape[1:]) for t in template), tuple(t.dtype for t in template)
+
+
+def linear_attentions(model) -> dict[int, LinspecAttention]:
+    """The linear layers' attention modules of a linspec causal LM, by decoder-layer index (softmax layers left
+    out)."""
+    attentions = (hf.attention_of(layer) for layer in hf.decoder_layers(model))
+    return {index: a for index, a in enumerate(attentions) if isinstance(a, LinspecAttention)}
+
+
+def config_state_layout(config, model_dtype: torch.dtype) -> StateLayout:
+    """``(shapes, dtypes)`` of one request's state in any linear layer of a model with ``config``, from the config
+    alone (vLLM sizes a hybrid's pages before it builds the model): the model is built on the meta device, where
+    it allocates nothing. Every linear layer of a linspec model keeps the same state."""
+    config = copy.deepcopy(config)  # the caller's (vLLM's) config stays as it was
+    _, model_class = linspec_classes_of(config)
+    with torch.device("meta"):
+        model = model_class(config)
+    layouts = {state_layout(a, compute_dtype(model_dtype)) for a in linear_attentions(model).values()}
+    if len(layouts) != 1:
+        raise ValueError(f"a linspec model's linear layers keep one state layout each alike, found {len(layouts)}")
+    return layouts.pop()
 
 
 def read_states(attention, pages: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor) -> LayerState:

@@ -1,0 +1,42 @@
+"""Which vLLM model class serves a linspec config: all-linear conversions are attention-free for vLLM, hybrids
+(softmax layers or heads, whose KV grows) are hybrid models with paged attention beside their state layers.
+
+A saved ``config.json`` names the same Hugging Face architecture either way, while vLLM decides a model's kind
+(attention-free or hybrid, and so how it sizes and pages the cache) from the class registered for that name. vLLM
+lets a model type rewrite the architectures it reads from a config (``MODEL_ARCH_CONFIG_CONVERTORS``, what its
+own MTP drafts use); the plugin's convertor sends hybrids to ``HYBRID_ARCHITECTURE``. vLLM's loader reads the
+config's own ``architectures`` instead, so the hybrid's configuration hook (``HybridConfig``) writes the name
+there too, in vLLM's copy of the config.
+"""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.config import MambaModelConfig
+from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+HYBRID_ARCHITECTURE = "LinspecHybridForCausalLM"
+
+
+def keeps_softmax(config) -> bool:
+    """Whether a linspec model config keeps softmax layers or softmax heads (a hybrid)."""
+    settings = config.linspec_settings
+    return bool(settings.softmax_layers or settings.softmax_heads)
+
+
+class LinspecArchConfigConvertor(ModelArchConfigConvertorBase):
+    """vLLM's reading of a linspec config, with hybrids named ``HYBRID_ARCHITECTURE``."""
+
+    def get_architectures(self) -> list[str]:
+        if keeps_softmax(self.hf_config):
+            return [HYBRID_ARCHITECTURE]
+        return super().get_architectures()
+
+
+class HybridConfig(MambaModelConfig):
+    """vLLM's configuration hook for a linspec hybrid: the state block size as for any model with constant-size
+    state, and the hybrid class named where vLLM's loader looks it up."""
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        super().verify_and_update_config(vllm_config)
+        vllm_config.model_config.hf_config.architectures = [HYBRID_ARCHITECTURE]
