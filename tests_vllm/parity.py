@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import linspec  # noqa: F401  (registers linspec's configs and classes with transformers' Auto classes)
+
 NEW_TOKENS = 16
 # Prompt lengths in tokens: short ones, around the 512-token window, and well past it.
 LENGTHS = (3, 41, 130, 333, 511, 600, 800, 1100)
