@@ -355,7 +355,7 @@ def test_conversion_initialises_the_memory_parameters():
         eye = torch.eye(module.head_dim)
         assert torch.equal(module.memory_feature_map_q.detach(), eye.expand(module.num_heads, -1, -1))
         assert torch.equal(module.memory_feature_map_k.detach(), eye.expand(module.num_kv_heads, -1, -1))
-        bias = torch.full((module.num_heads,), module.head_dim / 2).log()  # e^b · 2/D = 1: a flat map weighs e^0
+        bias = torch.full((module.num_heads,), module.head_dim / 2 / 4).log()  # e^b · 2/D = 1/W: flat maps
         torch.testing.assert_close(module.memory_bias.detach(), bias)
     plain = linspec.convert(tiny_base("qwen3", 1),
                             LinspecConfig(**{**SETTINGS, "memory_feature_map": "softmax"}))  # fmt: skip

@@ -46,12 +46,16 @@ from linspec.ops.window import MemoryColumn, SoftmaxWindow, WindowState
 CHUNK = 64
 
 
-def initial_memory_bias(head_dim: int) -> float:
-    """``b_h`` at conversion: ``log(D / 2)``, so that an evicted token whose features are flat (``φ = 1/D`` in each
-    half, ``φ_qᵀφ_k = 2/D``) weighs ``e^b φ_qᵀφ_k = 1``, what a logit of zero weighs in the window: before any
-    training the memory counts each far token as an average one, neither negligible (its share, and so the
-    gradient reaching φ and b, is there from the first step) nor dominating the window's exact scores."""
-    return math.log(head_dim / 2)
+def initial_memory_bias(head_dim: int, window_size: int) -> float:
+    """``b_h`` at conversion: ``log(D / 2) − log(W)``. A flat feature map (``φ = 1/D`` in each half) gives
+    ``φ_qᵀφ_k = 2/D``, so each evicted token starts out weighing ``1/W`` of what a logit of zero weighs in the
+    window: the whole memory of ``N`` evicted tokens counts like ``N/W`` average tokens, a small share of the
+    softmax at any length (untrained maps cannot yet single a token out, and an average over the far past
+    weighed like ``N`` window tokens would drown the window's exact scores), yet a share, so b and the maps
+    receive gradient from the first step. Per head, the bias that would match the parent's far softmax mass
+    spreads over several nats either side of this (heads that attend broadly want more, sharp late heads less):
+    attention transfer fits it."""
+    return math.log(head_dim / 2) - math.log(window_size)
 
 
 def spiky_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:

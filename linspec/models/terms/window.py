@@ -73,7 +73,9 @@ class SoftmaxWindowTerm(Term):
         layer = self.layer
         weight = layer.q_proj.weight
         like = {"dtype": weight.dtype, "device": weight.device}
-        initial = {"memory_bias": torch.full((layer.num_heads,), initial_memory_bias(self.head_dim), **like)}
+        initial = {
+            "memory_bias": torch.full((layer.num_heads,), initial_memory_bias(self.head_dim, self.window.size), **like)
+        }
         if self.memory_map == "hedgehog":
             eye = torch.eye(self.head_dim, **like)
             initial["memory_feature_map_q"] = eye.repeat(layer.num_heads, 1, 1)
