@@ -32,9 +32,33 @@ class LinspecArchConfigConvertor(ModelArchConfigConvertorBase):
         return super().get_architectures()
 
 
-class HybridConfig(MambaModelConfig):
-    """vLLM's configuration hook for a linspec hybrid: the state block size as for any model with constant-size
-    state, and the hybrid class named where vLLM's loader looks it up."""
+SPECULATIVE_REFUSAL = (
+    "linspec models cannot use vLLM's speculative decoding (vLLM 0.32 rolls back rejected draft tokens in state "
+    "layers only for its own Mamba2, GDN, Bailing and ShortConv backends); serve without --speculative-config"
+)
+
+
+class LinspecModelConfig(MambaModelConfig):
+    """vLLM's configuration hook for every linspec model: the state block size as for any model with constant-size
+    state, and speculative decoding refused while the engine starts.
+
+    With speculative decoding vLLM feeds each request its last token and the draft tokens in one step and keeps
+    only the accepted ones; a state layer must keep a state per draft token and restart from the last accepted
+    one. vLLM 0.32 passes the accepted counts and per-draft state slots only to the metadata builders of its own
+    Mamba2, GDN, Bailing-linear and ShortConv layers (``GPUModelRunner``, ``extra_attn_metadata_args``), so a
+    linspec layer would fold rejected drafts into its state and decode differently from plain decoding.
+    """
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        if vllm_config.speculative_config is not None:
+            raise NotImplementedError(SPECULATIVE_REFUSAL)
+        super().verify_and_update_config(vllm_config)
+
+
+class HybridConfig(LinspecModelConfig):
+    """vLLM's configuration hook for a linspec hybrid: as for every linspec model, and the hybrid class named where
+    vLLM's loader looks it up."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:

@@ -23,20 +23,26 @@ def architectures() -> list[str]:
 def register() -> None:
     """Register every linspec architecture with vLLM (idempotent); the model classes are imported lazily by vLLM.
 
-    Each architecture also gets vLLM's configuration hook for models with constant-size state (it sets the state
-    block size and turns prefix caching's state mode off when prefix caching is off), which vLLM applies only to
-    architectures in its own table; each linspec model type gets the convertor that names hybrids apart.
+    Each architecture also gets its configuration hook (``linspec.serving.architecture``: vLLM's own for models
+    with constant-size state, which sets the state block size and turns prefix caching's state mode off when
+    prefix caching is off, and refuses speculative decoding), which vLLM applies only to architectures in its own
+    table; each linspec model type gets the convertor that names hybrids apart.
     """
     from vllm import ModelRegistry
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, MambaModelConfig
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.model_arch_config_convertor import MODEL_ARCH_CONFIG_CONVERTORS
 
     from linspec.models.modeling import ARCHITECTURES
-    from linspec.serving.architecture import HYBRID_ARCHITECTURE, HybridConfig, LinspecArchConfigConvertor
+    from linspec.serving.architecture import (
+        HYBRID_ARCHITECTURE,
+        HybridConfig,
+        LinspecArchConfigConvertor,
+        LinspecModelConfig,
+    )
 
     for name in architectures():
         ModelRegistry.register_model(name, MODEL_CLASS)
-        MODELS_CONFIG_MAP[name] = MambaModelConfig
+        MODELS_CONFIG_MAP[name] = LinspecModelConfig
     ModelRegistry.register_model(HYBRID_ARCHITECTURE, HYBRID_MODEL_CLASS)
     MODELS_CONFIG_MAP[HYBRID_ARCHITECTURE] = HybridConfig
     for config_class, _ in ARCHITECTURES.values():
