@@ -31,7 +31,7 @@ def run_probe(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["--version"], ["nope"]] + [[name, "--help"] for name in ("convert", "generate", "chat", "train",
+    [["--help"], ["--version"], ["nope"]] + [[name, "--help"] for name in ("convert", "generate", "chat", "serve", "train",
                                                                         "eval", "demo", "bench", "env", "recipes")],
     ids=lambda argv: " ".join(argv),
 )  # fmt: skip

@@ -640,9 +640,19 @@ CHAT = [
     Case("chat-drafter-without-draft", "chat {base} --drafter {drafter-for-base}", "only applies to --draft"),
 ]
 
+SERVE = [  # each is refused before vLLM is looked for: none would start a server where vLLM is installed
+    Case("serve-model-missing", "serve {sandbox}/none", "is not a directory"),
+    Case("serve-softmax-model", "serve {base}", "is not a linspec model"),
+    Case("serve-port-zero", "serve {linspec} --port 0", "--port"),
+    Case("serve-concurrency-zero", "serve {linspec} --max-concurrency 0", "--max-concurrency"),
+    Case("serve-dtype-unknown", "serve {linspec} --dtype int4", "--dtype"),
+    Case("serve-device-unknown", "serve {linspec} --device tpu", "--device"),
+    Case("serve-own-flag-after-dashes", "serve {linspec} -- --max-num-seqs=4", "--max-concurrency"),
+]
+
 # fmt: on
 ROUND_ONE = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES, *PLACEMENT_AND_OUTPUT]
-ROUND_TWO = [*DRAFTERS, *MODELS_THAT_DISAGREE, *RECIPES_ROUND_TWO, *QUALITY_EVALS, *RECIPES_CP, *CHAT]
+ROUND_TWO = [*DRAFTERS, *MODELS_THAT_DISAGREE, *RECIPES_ROUND_TWO, *QUALITY_EVALS, *RECIPES_CP, *CHAT, *SERVE]
 CLI_CASES = [*ROUND_ONE, *ROUND_TWO]
 
 

@@ -22,8 +22,8 @@ import pytest
 MAX_MODEL_LEN = 2048
 NEW_TOKENS = 16
 WINDOW = 512
-# Prompt sizes in characters of documentation text: a few tokens up to ~1400 tokens, past the 512-token window.
-CHARACTERS = (12, 150, 600, 1300, 2100, 2600, 3800, 5200)
+# Prompt lengths in tokens: short ones, around the 512-token window and past it.
+LENGTHS = (3, 40, 150, 350, 520, 700, 1000, 1400)
 QUESTIONS = ("What is the capital of France?", "Write one sentence about the sea.")
 STARTUP_SECONDS = 600  # two shared CPU cores: vLLM's start (engine process, warm-up) takes one to several minutes
 
@@ -119,24 +119,30 @@ def server(window_model, tmp_path_factory, request):
             time.sleep(2)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()  # the server stops its engine processes itself
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever of its process group outlived it
+            os.killpg(process.pid, signal.SIGKILL)
         if request.session.testsfailed > failed_before:
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
             reporter.write_line(f"\n--- linspec serve log (last lines of {log}) ---\n{server.tail()}")
 
 
-def documentation_prompts() -> list[str]:
-    """Real text (linspec's documentation) of different sizes, each from a different place."""
+def documentation_prompts(model: Path) -> list[str]:
+    """Real text (linspec's documentation) of about ``LENGTHS`` tokens each, from different places, cut where the
+    model's tokenizer puts a token boundary."""
+    from transformers import AutoTokenizer
+
     docs = Path(__file__).resolve().parents[1] / "docs"
     text = "\n\n".join(path.read_text() for path in sorted(docs.glob("*.md")))
-    assert len(text) > 4 * sum(CHARACTERS)
-    return [text[3001 * i : 3001 * i + size] for i, size in enumerate(CHARACTERS)]
+    offsets = AutoTokenizer.from_pretrained(model)(text, return_offsets_mapping=True)["offset_mapping"]
+    starts = [1000 * i for i in range(len(LENGTHS))]
+    assert len(offsets) > starts[-1] + max(LENGTHS), "not enough documentation text for the prompts"
+    return [text[offsets[s][0] : offsets[s + n][0]] for s, n in zip(starts, LENGTHS, strict=True)]
 
 
 def linspec_generate(model: Path, prompts: list[str], *, chat: bool) -> list[str]:
@@ -152,7 +158,7 @@ def linspec_generate(model: Path, prompts: list[str], *, chat: bool) -> list[str
 
 @pytest.fixture(scope="module")
 def completions(window_model) -> tuple[list[str], list[str]]:
-    prompts = documentation_prompts()
+    prompts = documentation_prompts(window_model)
     return prompts, linspec_generate(window_model, prompts, chat=False)
 
 

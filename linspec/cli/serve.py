@@ -62,6 +62,8 @@ def _take_words_after_double_dash(parser: argparse.ArgumentParser) -> None:
         words = list(args or [])
         cut = words.index("--") if "--" in words else len(words)
         namespace, extras = parse_known_args(words[:cut], namespace)
+        if extras:  # most likely a vLLM flag given before --
+            parser.error(f"unrecognized arguments: {' '.join(extras)}; vLLM's own flags go after --")
         namespace.vllm_args = words[cut + 1 :]
         return namespace, extras
 
