@@ -37,10 +37,15 @@ SPECULATIVE_REFUSAL = (
     "layers only for its own Mamba2, GDN, Bailing and ShortConv backends); serve without --speculative-config"
 )
 
+PARALLEL_REFUSAL = (
+    "linspec's vLLM plugin runs each model on one rank: its layers and state are not sharded over kv heads yet; "
+    "serve with --tensor-parallel-size 1 --pipeline-parallel-size 1"
+)
+
 
 class LinspecModelConfig(MambaModelConfig):
     """vLLM's configuration hook for every linspec model: the state block size as for any model with constant-size
-    state, and speculative decoding refused while the engine starts.
+    state; speculative decoding and tensor or pipeline parallelism refused while the engine starts.
 
     With speculative decoding vLLM feeds each request its last token and the draft tokens in one step and keeps
     only the accepted ones; a state layer must keep a state per draft token and restart from the last accepted
@@ -53,6 +58,9 @@ class LinspecModelConfig(MambaModelConfig):
     def verify_and_update_config(cls, vllm_config) -> None:
         if vllm_config.speculative_config is not None:
             raise NotImplementedError(SPECULATIVE_REFUSAL)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise NotImplementedError(PARALLEL_REFUSAL)
         super().verify_and_update_config(vllm_config)
 
 
