@@ -25,6 +25,7 @@ WINDOW = 512
 # Prompt lengths in tokens: short ones, around the 512-token window and past it.
 LENGTHS = (3, 40, 150, 350, 520, 700, 1000, 1400)
 QUESTIONS = ("What is the capital of France?", "Write one sentence about the sea.")
+JSON = {"Content-Type": "application/json"}  # vLLM answers 400 to a body of any other type
 STARTUP_SECONDS = 600  # two shared CPU cores: vLLM's start (engine process, warm-up) takes one to several minutes
 
 
@@ -50,7 +51,7 @@ class Server:
         connection = self.connection()
         try:
             data = None if body is None else json.dumps(body)
-            connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            connection.request(method, path, body=data, headers=JSON)
             response = connection.getresponse()
             return response.status, response.read().decode()
         finally:
@@ -65,7 +66,7 @@ class Server:
         """The text of a streamed answer: its server-sent events' pieces, concatenated in order."""
         connection = self.connection()
         try:
-            connection.request("POST", path, body=json.dumps({**body, "stream": True}))
+            connection.request("POST", path, body=json.dumps({**body, "stream": True}), headers=JSON)
             response = connection.getresponse()
             assert response.status == 200, response.read()[:300]
             pieces, done = [], False
@@ -223,7 +224,7 @@ def test_a_client_hanging_up_mid_stream_frees_its_request_and_the_server_serves_
     prompts, expected = completions
     connection = server.connection()
     body = completion_body(prompts[5], max_tokens=MAX_MODEL_LEN // 2, ignore_eos=True, stream=True)
-    connection.request("POST", "/v1/completions", body=json.dumps(body))
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers=JSON)
     response = connection.getresponse()
     assert response.status == 200
     assert any(line.startswith(b"data: {") for line in (response.readline() for _ in range(4)))

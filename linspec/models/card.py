@@ -29,8 +29,9 @@ from linspec.models.cache_size import CacheGrowth, card_contexts
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 ENGINES_NOTE = (
-    "vLLM, llama.cpp / GGUF, TGI, SGLang, ONNX and TensorRT-LLM have no linspec attention layer and cannot load "
-    "this model; it runs in PyTorch, through `transformers` or `linspec`."
+    "vLLM 0.32 serves this model through linspec's vLLM plugin (`pip install 'linspec[vllm]'`, then "
+    "`linspec serve DIR`: an OpenAI-compatible server). llama.cpp / GGUF, TGI, SGLang, ONNX and TensorRT-LLM have "
+    "no linspec attention layer and cannot load it; it also runs in PyTorch, through `transformers` or `linspec`."
 )
 CURVE_COLUMNS = {"model": "this model", "local-only": "{local} only", "original": "original"}
 MISSING_WHY = {
