@@ -31,8 +31,9 @@ def run_probe(*argv: str) -> tuple[subprocess.CompletedProcess, list[str]]:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["--version"], ["nope"]] + [[name, "--help"] for name in ("convert", "generate", "chat", "serve", "train",
-                                                                        "eval", "demo", "bench", "env", "recipes")],
+    [["--help"], ["--version"], ["nope"]] + [[name, "--help"] for name in ("convert", "generate", "chat", "serve",
+                                                                        "train", "eval", "demo", "bench", "env",
+                                                                        "recipes")],
     ids=lambda argv: " ".join(argv),
 )  # fmt: skip
 def test_help_and_version_import_no_heavy_library(argv):
