@@ -55,6 +55,7 @@ __all__ = [
     "rotary_embedding",
     "rotate_half",
     "route_softmax_attention",
+    "set_activation_checkpointing",
     "set_attention",
     "set_generation_cache",
     "set_kv_tensors",
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 # The minor releases the whole suite passed with; pyproject's range ends right after the newest.
-TESTED_TRANSFORMERS = ("5.23", "5.24")
+TESTED_TRANSFORMERS = ("5.19", "5.23", "5.24")
 
 
 def _cache_keyword() -> str:
@@ -74,6 +75,23 @@ def _cache_keyword() -> str:
 CACHE_KEYWORD = _cache_keyword()
 # Every name a cache may arrive under: the current one first, then the deprecated one a caller may still use.
 _CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Turn activation (gradient) checkpointing of ``model`` on (non-reentrant) or off.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns); 5.19, the release vLLM 0.32 pins, has only the old one. A peft model forwards either name to
+    the model it wraps."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def cache_kwargs(cache: Cache | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from linspec.models import hf
 from linspec.train.distributed import wrap
 from linspec.train.loop import Objective, TrainingRun, optimise
 from linspec.train.recipe import Phase, Stage
@@ -46,9 +47,9 @@ class FinetuneObjective(Objective):
                 self.default_checkpointing if phase.gradient_checkpointing is None else phase.gradient_checkpointing
             )
         if wanted and not self.checkpointing:
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            hf.set_activation_checkpointing(self.model, True)
         elif self.checkpointing and not wanted:
-            self.model.activation_checkpointing_disable()
+            hf.set_activation_checkpointing(self.model, False)
         self.checkpointing = wanted
 
 
