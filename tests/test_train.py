@@ -381,3 +381,32 @@ def test_a_run_interrupted_by_an_earlier_release_resumes_to_the_same_losses_and_
     expected = load_file(str(LEGACY_RUN / "straight-model.safetensors"))
     assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+
+
+def test_far_memory_trains_the_hedgehog_maps_and_memory_bias_only(tmp_path, tiny_base):
+    """``trainable: [far_memory]`` opens the maps and b_h; the window's weights and every base weight stay put."""
+    from transformers import AutoModelForCausalLM
+
+    conversion = {"preset": "window-hedgehog", "local_window": 8, "sink_tokens": 1}
+    stage = {"kind": "attention_transfer", "steps": 3, "batch_size": 2, "trainable": ["far_memory"],
+             "optimizer": {"lr": 0.05}}  # fmt: skip
+    output = train(load_recipe(recipe_file(tmp_path, tiny_base, conversion=conversion, stages=[stage]),
+                               ["eval.baselines=false"]))  # fmt: skip
+    trained = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    memory = [n for n in trained if "memory_bias" in n or "memory_feature_map" in n]
+    assert {n.rsplit(".", 1)[-1] for n in memory} == {"memory_bias", "memory_feature_map_q", "memory_feature_map_k"}
+    layers = AutoModelForCausalLM.from_pretrained(output).linspec_modules()
+    eye = torch.eye(layers[0].memory_feature_map_q.shape[-1])
+    assert not torch.equal(layers[0].memory_feature_map_q.detach()[0], eye)  # moved off the identity init
+    assert not torch.equal(layers[0].memory_feature_map_k.detach()[0], eye)
+    for name, tensor in untrained.items():
+        assert torch.equal(tensor, trained[name]), name
+    assert all(float(m.global_scale.detach()) == 0 for m in layers)  # γ stays closed
+
+
+def test_far_memory_without_a_far_memory_is_one_line_naming_the_preset(tmp_path, tiny_base):
+    stage = {"kind": "attention_transfer", "steps": 1, "batch_size": 2, "trainable": ["far_memory"]}
+    path = recipe_file(tmp_path, tiny_base, stages=[stage])
+    with pytest.raises(LinspecError, match=r"trainable lists far_memory but .*window-hedgehog"):
+        train(load_recipe(path, ["eval.baselines=false"]))

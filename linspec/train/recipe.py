@@ -28,7 +28,7 @@ from linspec.train.legacy_drafter import is_legacy_recipe, old_key_names, transl
 from linspec.utils.paths import check_name
 from linspec.utils.validation import check_number, check_seed
 
-TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "all")
+TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "far_memory", "all")
 DEFAULT_TRAINABLE = ["gamma", "conv"]
 Loss = Literal["next_token", "distill", "mse", "draft"]
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
@@ -147,7 +147,7 @@ class Stage:
     micro_batch_size: int | None = None  # per forward pass and process, accumulating the rest (null: 1, drafter: all)
     loss: Loss = "next_token"  # lora/full: next_token or distill; attention_transfer: mse; drafter: draft
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
-    trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map all (null: gamma conv)
+    trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map far_memory all (null: γ conv)
     lora: Lora | None = None  # adapter for this stage (null: none)
     drafter: DrafterSettings | None = None  # kind drafter: the drafter and its self-distillation data
     optimizer: Optimizer = field(default_factory=Optimizer)

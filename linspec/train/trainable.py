@@ -9,6 +9,8 @@ from linspec.train.recipe import Stage
 
 # Name fragments of the parameters each ``trainable`` keyword opens. ``gamma`` opens the global term's own
 # parameters: γ (``global_scale``) and, for presets with a decaying memory, the per-head decays (``decay_logit``).
+# ``far_memory`` opens the window's far memory (``memory_feature_map``): both Hedgehog maps and the per-head
+# memory bias b_h, which must train with the maps since it sets how much of the shared softmax the memory can take.
 TRAINABLE_PATTERNS = {
     "gamma": ("global_scale", "decay_logit"),
     "conv": ("conv_weight",),
@@ -16,6 +18,12 @@ TRAINABLE_PATTERNS = {
     "norms": ("norm.weight", "layernorm.weight"),
     "lm_head": ("lm_head",),
     "feature_map": ("feature_map",),
+    "far_memory": ("memory_feature_map", "memory_bias"),
+}
+# Keywords whose parameters exist only with some conversions: asking for them elsewhere is a recipe mistake.
+ABSENT_MESSAGES = {
+    "feature_map": "this feature map has no parameters",
+    "far_memory": "this conversion has no far memory (preset window-hedgehog has one)",
 }
 
 
@@ -40,11 +48,13 @@ def set_trainable(model, stage: Stage, dtype: torch.dtype, seed: int):
             parameter.requires_grad_(True)
         if "lora_" in name:
             parameter.requires_grad_(True)
+    names = [n for n, _ in model.named_parameters()]
+    for keyword, message in ABSENT_MESSAGES.items():
+        if keyword in stage.trainable and not any(p in n for n in names for p in TRAINABLE_PATTERNS[keyword]):
+            raise LinspecError(f"stage {stage.name}: trainable lists {keyword} but {message}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LinspecError(f"stage {stage.name}: nothing to train (trainable: {stage.trainable}, lora: {stage.lora})")
-    if "feature_map" in stage.trainable and not any("feature_map" in n for n, _ in model.named_parameters()):
-        raise LinspecError(f"stage {stage.name}: trainable lists feature_map but this feature map has no parameters")
     for parameter in trainable:  # fp32 master copies of what trains; frozen weights stay in ``dtype``
         parameter.data = parameter.data.float()
     return model
