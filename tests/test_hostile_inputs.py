@@ -440,7 +440,7 @@ BENCH_AND_DEMO = [
     Case("demo-out-a-file", "demo --out {a-file}", "not a directory"),
     Case("demo-out-not-a-model", "demo --out {victim}", "holds no model"),
     Case("no-command", "", "required"),
-    Case("unknown-command", "serve", "invalid choice"),
+    Case("unknown-command", "deploy", "invalid choice"),
 ]
 
 ENV_AND_RECIPES = [
