@@ -16,7 +16,7 @@ from torch import nn
 
 from linspec.config import LinspecConfig
 from linspec.models import hf
-from linspec.models.context import ExecutionContext, Mode
+from linspec.models.context import ExecutionContext, Mode, window_size_override
 from linspec.models.terms import layer_terms
 from linspec.models.terms.base import LayerState, TermInputs
 from linspec.ops.window import SoftmaxWindow
@@ -55,10 +55,12 @@ class LinspecAttention(nn.Module):
             term.reset_parameters()
 
     def softmax_window(self) -> SoftmaxWindow | None:
-        """The local softmax window's settings, or None for the in-group κ term."""
+        """The local softmax window's settings, or None for the in-group κ term; its size is a training-time
+        override's while one is active (``linspec.models.context.window_size``)."""
         if not self.settings.softmax_window:
             return None
-        return SoftmaxWindow(self.settings.local_window, self.settings.sink_tokens, self.scaling)
+        size = window_size_override() or self.settings.local_window
+        return SoftmaxWindow(size, self.settings.sink_tokens, self.scaling)
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]

@@ -6,10 +6,17 @@ against the state, which does not change). The first three follow from the input
 cannot, so they are stated explicitly in an ``ExecutionContext`` passed down as the ``linspec_context`` keyword,
 never parked on the cache for a layer to discover. The layer decides the mode once per forward and runs that
 mode's method of each of its terms (``linspec.models.terms``).
+
+Training may also shrink every softmax window for a while (``window_size``): SWAX-style stochastic windows, so
+that most positions of short, cheap sequences must read the far memory. A process-wide setting rather than a
+keyword, because it has to reach the layers through the model's own forward, which knows nothing of it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -74,3 +81,24 @@ class ExecutionContext:
         if length == 1 and self.all_real:
             return Mode.STEP
         return Mode.EXTEND
+
+
+_WINDOW_SIZE: ContextVar[int | None] = ContextVar("linspec_window_size", default=None)
+
+
+@contextlib.contextmanager
+def window_size(size: int) -> Iterator[None]:
+    """Every softmax window sees ``size`` tokens (sinks unchanged) until the context ends, whatever the layers'
+    settings say: for training forwards (stochastic window sizes). A state built inside must not be read outside."""
+    if size < 1:
+        raise ValueError(f"a window covers at least one token, got {size}")
+    token = _WINDOW_SIZE.set(size)
+    try:
+        yield
+    finally:
+        _WINDOW_SIZE.reset(token)
+
+
+def window_size_override() -> int | None:
+    """The window size set by an enclosing ``window_size`` context, or None (the layers' own)."""
+    return _WINDOW_SIZE.get()

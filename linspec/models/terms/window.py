@@ -28,6 +28,7 @@ from linspec.ops.far_memory import (
     initial_memory_bias,
 )
 from linspec.ops.window import (
+    SoftmaxWindow,
     WindowState,
     empty_window,
     window_append,
@@ -54,12 +55,16 @@ class SoftmaxWindowTerm(Term):
     def __init__(self, layer) -> None:
         """With a far memory, registers its parameters on ``layer``."""
         self.layer = layer
-        self.window = layer.softmax_window()
         self.num_kv_heads = layer.num_kv_heads
         self.head_dim = layer.head_dim
         self.memory_map = layer.settings.memory_feature_map
         for name, value in self._initial_parameters().items():
             setattr(layer, name, nn.Parameter(value))
+
+    @property
+    def window(self) -> SoftmaxWindow:
+        """The layer's window, read at every forward so that a training-time size override applies."""
+        return self.layer.softmax_window()
 
     @classmethod
     def for_layer(cls, layer) -> SoftmaxWindowTerm | None:
@@ -73,9 +78,8 @@ class SoftmaxWindowTerm(Term):
         layer = self.layer
         weight = layer.q_proj.weight
         like = {"dtype": weight.dtype, "device": weight.device}
-        initial = {
-            "memory_bias": torch.full((layer.num_heads,), initial_memory_bias(self.head_dim, self.window.size), **like)
-        }
+        bias = initial_memory_bias(self.head_dim, layer.settings.local_window)
+        initial = {"memory_bias": torch.full((layer.num_heads,), bias, **like)}
         if self.memory_map == "hedgehog":
             eye = torch.eye(self.head_dim, **like)
             initial["memory_feature_map_q"] = eye.repeat(layer.num_heads, 1, 1)
