@@ -175,11 +175,13 @@ def _runs_on_triton(
     graph_inputs: tuple[torch.Tensor | None, ...],
     state: LinearAttentionState | None = None,
 ) -> bool:
-    """The decision for one call, with the fallback said once. ``graph_inputs`` (and ``state``'s tensors) are
-    read for autograd only where it matters: a forward-only kernel, under grad mode."""
+    """The decision for one call, with the fallback said once. ``graph_inputs`` (and ``state``'s tensors, and the
+    memory's ``log λ``) are read for autograd only where it matters: a forward-only kernel, under grad mode."""
     needs_grad = op in FORWARD_ONLY and torch.is_grad_enabled()
     if needs_grad:
-        needs_grad = needs_autograd(*graph_inputs, *(() if state is None else state.tensors().values()))
+        log_decay = None if memory is None else memory.log_decay
+        state_tensors = () if state is None else state.tensors().values()
+        needs_grad = needs_autograd(*graph_inputs, log_decay, *state_tensors)
     chosen = route(op, device, memory=memory, local_kernel=local_kernel, needs_grad=needs_grad)
     if chosen.fallback:
         _announce(chosen)

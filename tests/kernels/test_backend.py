@@ -24,6 +24,8 @@ from linspec.ops.memory import GlobalMemory
 from linspec.ops.triton.capabilities import ATTENTION_OPS, FORWARD_ONLY, OPS
 
 DECAYED = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]))
+RECOMMENDED = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm="mean")  # the stable and window presets'
+KEY_NORMED = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm="key")  # the one memory the kernels lack
 
 
 @pytest.fixture(autouse=True)
@@ -82,18 +84,20 @@ def test_cuda_without_triton_installed_falls_back_and_says_so(monkeypatch):
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_cuda_tensors_of_the_paper_preset_go_to_the_kernels(op):
-    for memory in (None, GlobalMemory()):
-        for local_kernel in ("relu2", "identity"):
+def test_cuda_tensors_of_the_paper_and_the_recommended_memories_go_to_the_kernels(op):
+    """The paper's plain sum, a decay, the "mean" normaliser and both, under every in-group kernel — "none" is
+    the softmax window's layer, whose grouped term (memory and conv) the kernels serve."""
+    memories = (None, GlobalMemory(), DECAYED, GlobalMemory(norm="mean"), RECOMMENDED)
+    for memory in memories:
+        for local_kernel in ("relu2", "identity", "none"):
             chosen = route(op, torch.device("cuda", 0), memory=memory, local_kernel=local_kernel)
             assert chosen.triton and not chosen.fallback, chosen
 
 
 SETTINGS = [  # (memory, local_kernel, the setting the reason must name)
-    (DECAYED, "relu2", "global_decay"),
-    (GlobalMemory(norm="mean"), "relu2", "global_norm 'mean'"),
-    (GlobalMemory(norm="key"), "identity", "global_norm 'key'"),
-    (None, "none", "local_kernel 'softmax'"),
+    (KEY_NORMED, "identity", "global_norm 'key'"),
+    (GlobalMemory(norm="key"), "none", "global_norm 'key'"),
+    (RECOMMENDED, "softmax", "local_kernel 'softmax'"),  # the ops name the window's layer "none"
 ]
 
 
@@ -121,28 +125,29 @@ def test_only_the_forward_only_kernels_hand_graphs_to_pytorch(op):
         assert chosen.fallback and "forward-only" in chosen.reason
 
 
-def test_plan_names_every_missing_setting_of_the_window_preset():
+def test_plan_sends_every_op_of_the_window_preset_to_the_kernels():
     routes = {r.op: r for r in plan(LinspecConfig.from_preset("window"), "cuda")}
-    assert set(routes) == set(OPS) == set(SERVES) and routes["causal_depthwise_conv"].triton
-    for op in ATTENTION_OPS:
-        assert routes[op].fallback
-        for setting in ("global_decay", "global_norm 'mean'", "local_kernel 'softmax'"):
-            assert setting in routes[op].reason, routes[op]
-        assert str(routes[op]).startswith(f"{op} ({SERVES[op]}) → PyTorch: global_decay")
+    assert set(routes) == set(OPS) == set(SERVES)
+    for op in OPS:
+        assert routes[op].triton and not routes[op].fallback, routes[op]
+        assert str(routes[op]) == f"{op} ({SERVES[op]}) → Triton: CUDA tensors, and the kernels implement this call"
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_plan_sends_a_preset_to_the_kernels_exactly_when_they_carry_its_settings(preset):
     settings = LinspecConfig.from_preset(preset)
-    carried = not settings.global_decay and settings.global_norm == "none" and not settings.softmax_window
+    carried = settings.global_norm != "key"  # the one setting of a shipped preset the kernels lack
     for chosen in plan(settings, "cuda"):
         assert chosen.triton == (carried or chosen.op == "causal_depthwise_conv"), chosen
+        if not chosen.triton:
+            assert chosen.fallback and "global_norm 'key' is not implemented" in chosen.reason, chosen
 
 
 def test_a_fallback_warns_once_with_its_reason_and_a_cpu_call_under_auto_not_at_all():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=gen) for _ in range(3))
-    args = (q, k, v, torch.randn(2, 3, generator=gen), torch.tensor(0.5), 4, "relu2", DECAYED)
+    q, k = q.abs(), k.abs()  # non-negative features: "key" divides by q̂ᵀz
+    args = (q, k, v, torch.randn(2, 3, generator=gen), torch.tensor(0.5), 4, "relu2", KEY_NORMED)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto on CPU: PyTorch is the plan, nothing to say
         expected = chunked_attention(*args)
@@ -153,4 +158,4 @@ def test_a_fallback_warns_once_with_its_reason_and_a_cpu_call_under_auto_not_at_
     assert torch.equal(first, expected) and torch.equal(second, expected)  # PyTorch ran
     assert [w.category for w in caught] == [KernelFallbackWarning]
     assert "chunked_attention (training and prefill) runs on PyTorch" in str(caught[0].message)
-    assert "global_decay is not implemented in the Triton kernels" in str(caught[0].message)
+    assert "global_norm 'key' is not implemented in the Triton kernels" in str(caught[0].message)

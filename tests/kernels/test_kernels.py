@@ -218,12 +218,12 @@ def test_extend_runs_on_the_kernels():
     assert_states_close(results["triton"][1], results["torch"][1], "extend state")
 
 
-@pytest.mark.parametrize("norm", ["none", "mean", "key"])
-def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
-    """The attention kernels carry the paper's memory only: any other memory runs their modes on PyTorch even
-    under a forced Triton backend — the kernels are never entered — and gives PyTorch's result (the conv, which
-    does not touch the memory, still runs on its kernel inside extend)."""
-    memory = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm=norm)
+@pytest.mark.parametrize("decay", [None, [-0.1, -0.5]])
+def test_a_key_normalised_memory_falls_back_to_pytorch(decay, monkeypatch):
+    """The attention kernels do not carry the "key" normaliser (q̂ᵀz): such a memory runs their modes on PyTorch
+    even under a forced Triton backend — the kernels are never entered — and gives PyTorch's result (the conv,
+    which does not touch the memory, still runs on its kernel inside extend)."""
+    memory = GlobalMemory(log_decay=None if decay is None else torch.tensor(decay), norm="key")
     q, k, v, w, gamma = make_inputs(1, 4, 2, 21, 16, 3, seed=12)
     q, k = q.abs(), k.abs()  # non-negative features: "key" divides by q̂ᵀz
     parents = torch.tensor([[-1, 0, 1, 0, 3]])
@@ -254,7 +254,7 @@ def test_decayed_or_normalised_memories_fall_back_to_pytorch(norm, monkeypatch):
         for module, names in kernels.items():
             for name in names:
                 monkeypatch.setattr(module, name, None)  # entering a kernel would fail
-        with pytest.warns(KernelFallbackWarning, match="global_decay.* not implemented in the Triton kernels"):
+        with pytest.warns(KernelFallbackWarning, match="global_norm 'key' is not implemented in the Triton kernels"):
             results = every_mode()
     for got, want, mode in zip(results, expected, ["chunked", "extend", "recurrent", "verify"], strict=True):
         assert_close(got, want, mode)
@@ -296,11 +296,11 @@ def test_a_triton_route_enters_its_kernel_in_every_mode(monkeypatch):
 def test_the_kernels_refuse_a_call_they_do_not_implement():
     """Called directly (not through the dispatch), a kernel raises instead of computing another layer."""
     q, k, v, w, gamma = make_inputs(1, 2, 2, 8, 16, 3, seed=14)
-    decayed = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]))
-    with pytest.raises(ValueError, match="global_decay is not implemented"):
-        linspec.ops.triton.chunked.chunked_attention(q, k, v, w, gamma, 4, "relu2", decayed)
+    key_normed = GlobalMemory(log_decay=torch.tensor([-0.1, -0.5]), norm="key")
+    with pytest.raises(ValueError, match="global_norm 'key' is not implemented"):
+        linspec.ops.triton.chunked.chunked_attention(q, k, v, w, gamma, 4, "relu2", key_normed)
     with pytest.raises(ValueError, match="local_kernel 'softmax'"):
-        linspec.ops.triton.chunked.grouped_terms(q, k, v, 4, "none")
+        linspec.ops.triton.chunked.grouped_terms(q, k, v, 4, "softmax")
     token = (q[:, :, :1].requires_grad_(), k[:, :, :1], v[:, :, :1], w, gamma, fresh_state(k, v, 4, 3))
     with pytest.raises(ValueError, match="recurrent_step kernel is forward-only"):
         linspec.ops.triton.recurrent.recurrent_step(*token)

@@ -16,11 +16,13 @@ ATTENTION_OPS = ("chunked_attention", "grouped_terms", "recurrent_step", "verify
 OPS = (*ATTENTION_OPS, "causal_depthwise_conv")
 # Kernels without a backward: a call that records a graph runs on PyTorch.
 FORWARD_ONLY = ("grouped_terms", "recurrent_step", "verify_attention")
-# In-group kernels κ the attention kernels carry; "none" (no in-group term: the softmax window's layer) is not one.
-LOCAL_KERNELS = ("relu2", "identity")
-# The global memory the attention kernels carry: the paper's plain sum (no decay, no normaliser).
-GLOBAL_NORMS = ("none",)
-GLOBAL_DECAY = False
+# In-group kernels κ the attention kernels carry; "none" is the softmax window's layer, whose grouped term is the
+# memory and the conv alone (the window itself runs on scaled-dot-product attention, ``linspec.ops.window``).
+LOCAL_KERNELS = ("relu2", "identity", "none")
+# The global memories the attention kernels carry: the paper's plain sum, a per-kv-head decay folded once per group,
+# and the "mean" normaliser (a decay-weighted count of folded tokens). Not "key" (q̂ᵀz needs z in the state).
+GLOBAL_NORMS = ("none", "mean")
+GLOBAL_DECAY = True
 
 
 def memory_features(memory: GlobalMemory | None) -> tuple[bool, str]:
@@ -42,9 +44,7 @@ def missing(
             lacking.append("global_decay")
         if norm not in GLOBAL_NORMS:
             lacking.append(f"global_norm {norm!r}")
-        if local_kernel == "none":
-            lacking.append("local_kernel 'softmax' (the window's layer: 'none' in linspec.ops)")
-        elif local_kernel not in LOCAL_KERNELS:
+        if local_kernel not in LOCAL_KERNELS:
             lacking.append(f"local_kernel {local_kernel!r}")
     reasons = []
     if lacking:

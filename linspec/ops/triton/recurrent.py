@@ -3,7 +3,9 @@
 Twin of ``linspec.ops.recurrent.recurrent_step``. One program per (row, kv head, Dv tile) loads that kv head's
 state once and serves its R query heads, then writes the new state: the group buffer with the new (k̂, v) in
 its slot, the running ``Σ k̂ vᵀ`` (folded into S when the group completes) and the shifted ring. The input state
-is only read, so a caller can still branch from it. Decode is launch-bound, so fusing beats tiling here.
+is only read, so a caller can still branch from it. A decayed memory folds S as ``λ S + ΣkvGroup``; the "mean"
+normaliser scales the readout by ``1 / (n_g + eps)`` of the row's group count. Decode is launch-bound, so
+fusing beats tiling here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from linspec.ops.memory import GlobalMemory
 from linspec.ops.state import LinearAttentionState
 
 from .capabilities import check_supported
+from .memory_operands import group_scales, row_log_decay
 from .utils import block, check_inputs, full_block, total
 
 
@@ -32,6 +35,8 @@ def recurrent_step_kernel(
     group_values,
     ring,
     position,
+    decay,
+    scale,
     o,
     kv_out,
     group_kv_out,
@@ -49,7 +54,12 @@ def recurrent_step_kernel(
     BV: tl.constexpr,
     BP: tl.constexpr,
     RELU2: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
+    """The output ``local + γ·c·q̂ᵀS + conv`` of each query head and the state after the token; S folds as
+    ``λ S + ΣkvGroup`` when the group completes (``c``, ``λ``: the memory's normaliser and decay, 1 without)."""
     i_v, i_bkv = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv_heads = H // R
     i_b, i_kvh = i_bkv // kv_heads, i_bkv % kv_heads
@@ -78,25 +88,32 @@ def recurrent_step_kernel(
     b_window = tl.load(p_ring, mask=(o_p < P - 1)[:, None] & m_v[None, :], other=0.0).to(tl.float32)  # [BP, BV]
     b_window = tl.where((o_p == P - 1)[:, None], b_v[None, :], b_window)
     b_gamma = tl.load(gamma).to(tl.float32)
+    if HAS_SCALE:
+        b_gamma = b_gamma * tl.load(scale + i_bkv)  # γ·c: the normaliser of this row's group count
 
     for i_r in range(R):
         i_h = i_kvh * R + i_r
         i_bh = i_b * H + i_h
         b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-        b_s = total(b_keys * b_q[None, :], 1)  # [BG]
-        if RELU2:
-            b_s = tl.maximum(b_s, 0.0)
-            b_s = b_s * b_s
-        b_s = tl.where(o_g <= slot, b_s, 0.0)
-        b_local = total(b_s[:, None] * b_values, 0)  # [BV]
         b_global = total(b_q[:, None] * b_kv, 0)  # [BV]
         b_w = tl.load(w + i_h * P + (P - 1 - o_p), mask=o_p < P, other=0.0).to(tl.float32)  # [BP], reversed taps
         b_conv = total(b_w[:, None] * b_window, 0)  # [BV]
-        b_o = b_local + b_gamma * b_global + b_conv
+        b_o = b_gamma * b_global + b_conv
+        if HAS_LOCAL:
+            b_s = total(b_keys * b_q[None, :], 1)  # [BG]
+            if RELU2:
+                b_s = tl.maximum(b_s, 0.0)
+                b_s = b_s * b_s
+            b_s = tl.where(o_g <= slot, b_s, 0.0)
+            b_o += total(b_s[:, None] * b_values, 0)  # [BV]
         tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
     b_group_kv += b_k[:, None] * b_v[None, :]
-    tl.store(kv_out + o_h, tl.where(finished, b_kv + b_group_kv, b_kv).to(kv_out.dtype.element_ty), mask=m_h)
+    b_folded = b_kv
+    if HAS_DECAY:
+        b_folded = b_folded * tl.load(decay + i_bkv)
+    b_folded += b_group_kv
+    tl.store(kv_out + o_h, tl.where(finished, b_folded, b_kv).to(kv_out.dtype.element_ty), mask=m_h)
     b_group_kv = tl.where(finished, 0.0, b_group_kv)
     tl.store(group_kv_out + o_h, b_group_kv.to(group_kv_out.dtype.element_ty), mask=m_h)
     p_values_out = group_values_out + i_bkv * G * V + o_g[:, None] * V + o_v[None, :]
@@ -121,12 +138,12 @@ def recurrent_step(
     local_kernel: str = "relu2",
     memory: GlobalMemory | None = None,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
-    """Triton twin of ``linspec.ops.recurrent.recurrent_step`` for the paper's memory (forward only: a call that
-    records a graph raises; the dispatch sends those to PyTorch)."""
+    """Triton twin of ``linspec.ops.recurrent.recurrent_step`` (forward only: a call that records a graph raises;
+    the dispatch sends those to PyTorch). The memory's λ and "mean" normaliser are per-row scalars computed here."""
     global_scale = torch.as_tensor(global_scale, device=q.device)
-    graph_inputs = (q, k, v, conv_weight, global_scale, *state.tensors().values())
+    log_decay = None if memory is None else memory.log_decay
+    graph_inputs = (q, k, v, conv_weight, global_scale, log_decay, *state.tensors().values())
     check_supported("recurrent_step", memory, local_kernel, *graph_inputs)
-    relu2 = local_kernel == "relu2"
     check_inputs(q, k, v, conv_weight, global_scale, state.kv)
     batch, num_heads, _, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
@@ -135,6 +152,9 @@ def recurrent_step(
     state_out = state_in.map(torch.empty_like)  # contiguous, as the kernel writes it
     out = torch.empty(batch, num_heads, 1, value_dim, dtype=v.dtype, device=v.device)
     block_v = block(value_dim)
+    row_decay = row_log_decay(memory, batch, kv_heads)
+    row_decay = None if row_decay is None else torch.exp(row_decay)
+    scale = group_scales(memory, (state.position // state.group_size).view(batch, 1), state.group_size, kv_heads)
     recurrent_step_kernel[(triton.cdiv(value_dim, block_v), batch * kv_heads)](
         q.contiguous(),
         k.contiguous(),
@@ -147,6 +167,8 @@ def recurrent_step(
         state_in.group_values,
         state_in.ring,
         state_in.position,
+        out if row_decay is None else row_decay.contiguous(),
+        out if scale is None else scale.contiguous(),
         out,
         state_out.kv,
         state_out.group_kv,
@@ -163,7 +185,10 @@ def recurrent_step(
         BK=full_block(key_dim),
         BV=block_v,
         BP=triton.next_power_of_2(taps),
-        RELU2=relu2,
+        RELU2=local_kernel == "relu2",
+        HAS_LOCAL=local_kernel != "none",
+        HAS_DECAY=row_decay is not None,
+        HAS_SCALE=scale is not None,
         num_warps=8,  # a kv head's whole state tile sits in registers
     )
     state_out.position = state.position + 1

@@ -5,7 +5,9 @@ Twin of ``linspec.ops.verify.verify_attention``. One program per (row, head, Dv 
 κ(q̂·k̂) on ancestors in the same group, γ·(q̂·k̂) on ancestors in earlier groups, and the conv unfolded along
 the ancestor path — ``W[a, m] = w[depth(a) − depth(m)]`` for each ancestor ``m`` within P − 1 steps, which is
 the img2col gather of the reference written as a matmul. Taps reaching past the root read the committed ring
-(``w[depth(a) + P − 1 − r]`` for ring row ``r``). Groups follow each node's true position, exactly.
+(``w[depth(a) + P − 1 − r]`` for ring row ``r``). Groups follow each node's true position, exactly. A decayed
+memory weighs each memory read by λ to the number of folds since it was written (``linspec.ops.verify``'s
+``_memory_global``), and the "mean" normaliser scales each node's memory terms by its group's ``1 / (n_g + eps)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from linspec.ops.memory import GlobalMemory
 from linspec.ops.state import LinearAttentionState
 
 from .capabilities import check_supported
+from .memory_operands import group_scales, row_log_decay
 from .utils import block, check_inputs, dot_precision, full_block
 
 
@@ -36,6 +39,8 @@ def verify_kernel(
     position,
     ancestors,
     depth,
+    log_decay,
+    scale,
     o,
     N,
     H,
@@ -50,6 +55,9 @@ def verify_kernel(
     BV: tl.constexpr,
     BR: tl.constexpr,
     RELU2: tl.constexpr,
+    HAS_LOCAL: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -84,11 +92,15 @@ def verify_kernel(
         b_kv = tl.load(kv + o_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(b_q.dtype)  # [BK, BV]
         b_gkv = tl.load(group_kv + o_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(b_q.dtype)
         b_s += tl.dot(b_q, tl.trans(b_kn), input_precision=PRECISION)  # [BN, BN]
-        b_bs += tl.dot(b_q, tl.trans(b_gk), input_precision=PRECISION)  # [BN, BG]
+        if HAS_LOCAL:
+            b_bs += tl.dot(b_q, tl.trans(b_gk), input_precision=PRECISION)  # [BN, BG]
         b_global += tl.dot(b_q, b_kv, input_precision=PRECISION)  # [BN, BV]
         b_past += tl.dot(b_q, b_gkv, input_precision=PRECISION)  # [BN, BV]
 
-    b_gamma = tl.load(gamma).to(tl.float32)
+    # γ per node, times its group's "mean" normaliser 1 / (n_g + eps) where the memory has one
+    b_row = tl.full([BN], 1.0, dtype=tl.float32) * tl.load(gamma).to(tl.float32)
+    if HAS_SCALE:
+        b_row = b_row * tl.load(scale + i_bkv * N + o_n, mask=m_n, other=0.0)
     if RELU2:
         b_ks = tl.maximum(b_s, 0.0)
         b_ks = b_ks * b_ks
@@ -100,18 +112,32 @@ def verify_kernel(
     lag = b_depth[:, None] - b_depth[None, :]
     m_conv = b_anc & (lag < P)
     b_conv = tl.load(w + i_h * P + lag, mask=m_conv, other=0.0).to(tl.float32)  # unfolded conv on the tree
-    b_nodes = tl.where(b_anc & same_group, b_ks, 0.0) + b_gamma * tl.where(b_anc & before_group, b_s, 0.0) + b_conv
+    # ancestors in earlier groups are in the memory: folded grp(a) − 1 − grp(m) times since their group ended
+    b_far = tl.where(b_anc & before_group, b_s, 0.0)
+    committed_group = b_start // G
+    if HAS_DECAY:
+        b_log_decay = tl.load(log_decay + i_bkv)
+        b_age = tl.maximum(b_grp[:, None] - 1 - b_grp[None, :], 0).to(tl.float32)
+        b_far = b_far * tl.exp(b_log_decay * b_age)
+    b_nodes = b_row[:, None] * b_far + b_conv
+    if HAS_LOCAL:
+        b_nodes += tl.where(b_anc & same_group, b_ks, 0.0)
     b_vn = tl.load(v + i_bkv * N * V + o_n[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)
     b_o = tl.dot(b_nodes.to(b_vn.dtype), b_vn, input_precision=PRECISION)  # [BN, BV]
 
     # committed part of the current group: local while a node is still in that group, global once past it
-    committed_group = b_start // G
-    in_committed = b_grp == committed_group
-    m_buffer = in_committed[:, None] & (o_g[None, :] < b_start % G)
-    p_gv = group_values + i_bkv * G * V + o_g[:, None] * V + o_v[None, :]
-    b_gv = tl.load(p_gv, mask=m_g[:, None] & m_v[None, :], other=0.0).to(b_vn.dtype)  # [BG, BV]
-    b_o += tl.dot(tl.where(m_buffer, b_kbs, 0.0).to(b_vn.dtype), b_gv, input_precision=PRECISION)
-    b_o += b_gamma * (b_global + tl.where((b_grp > committed_group)[:, None], b_past, 0.0))
+    if HAS_LOCAL:
+        in_committed = b_grp == committed_group
+        m_buffer = in_committed[:, None] & (o_g[None, :] < b_start % G)
+        p_gv = group_values + i_bkv * G * V + o_g[:, None] * V + o_v[None, :]
+        b_gv = tl.load(p_gv, mask=m_g[:, None] & m_v[None, :], other=0.0).to(b_vn.dtype)  # [BG, BV]
+        b_o += tl.dot(tl.where(m_buffer, b_kbs, 0.0).to(b_vn.dtype), b_gv, input_precision=PRECISION)
+    b_past = tl.where((b_grp > committed_group)[:, None], b_past, 0.0)
+    if HAS_DECAY:  # S is folded grp − c more times for a node in group grp, the committed buffer one fewer
+        b_folds = (b_grp - committed_group).to(tl.float32)
+        b_global = b_global * tl.exp(b_log_decay * b_folds)[:, None]
+        b_past = b_past * tl.exp(b_log_decay * tl.maximum(b_folds - 1.0, 0.0))[:, None]
+    b_o += b_row[:, None] * (b_global + b_past)
 
     # conv taps past the root: ring row r (oldest first) sits at lag depth + P - 1 - r
     o_r = tl.arange(0, BR)
@@ -152,12 +178,12 @@ def verify_attention(
     local_kernel: str = "relu2",
     memory: GlobalMemory | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``linspec.ops.verify.verify_attention`` for the paper's memory, ``parents`` as a ``[B, N]``
-    tensor (forward only: a call that records a graph raises; the dispatch sends those to PyTorch)."""
+    """Triton twin of ``linspec.ops.verify.verify_attention``, ``parents`` as a ``[B, N]`` tensor (forward only: a
+    call that records a graph raises; the dispatch sends those to PyTorch)."""
     global_scale = torch.as_tensor(global_scale, device=q.device)
-    graph_inputs = (q, k, v, conv_weight, global_scale, *state.tensors().values())
+    log_decay = None if memory is None else memory.log_decay
+    graph_inputs = (q, k, v, conv_weight, global_scale, log_decay, *state.tensors().values())
     check_supported("verify_attention", memory, local_kernel, *graph_inputs)
-    relu2 = local_kernel == "relu2"
     check_inputs(q, k, v, conv_weight, global_scale, state.kv, parents)
     batch, num_heads, num_nodes, key_dim = q.shape
     kv_heads, value_dim = k.shape[1], v.shape[-1]
@@ -168,6 +194,9 @@ def verify_attention(
     ancestors, depth = tree_ancestors(parents)
     state_in = state.map(torch.Tensor.contiguous)
     block_v = block(value_dim)
+    row_decay = row_log_decay(memory, batch, kv_heads)
+    node_groups = (state.position[:, None] + depth) // state.group_size  # (B, N): each node's complete groups
+    scale = group_scales(memory, node_groups, state.group_size, kv_heads)
     verify_kernel[(triton.cdiv(value_dim, block_v), batch * num_heads)](
         q.contiguous(),
         k.contiguous(),
@@ -182,6 +211,8 @@ def verify_attention(
         state_in.position,
         ancestors.to(torch.uint8),
         depth.contiguous(),
+        out if row_decay is None else row_decay.contiguous(),
+        out if scale is None else scale.contiguous(),
         out,
         num_nodes,
         num_heads,
@@ -195,7 +226,10 @@ def verify_attention(
         BK=block(key_dim),
         BV=block_v,
         BR=full_block(max(taps - 1, 1)),
-        RELU2=relu2,
+        RELU2=local_kernel == "relu2",
+        HAS_LOCAL=local_kernel != "none",
+        HAS_DECAY=row_decay is not None,
+        HAS_SCALE=scale is not None,
         PRECISION=dot_precision(q.dtype),
         num_warps=8,  # the N×N and N×G score tiles of the whole tree
     )
