@@ -19,19 +19,29 @@ def _frozen(projection: torch.nn.Module) -> torch.nn.Module:
     return getattr(projection, "base_layer", projection)
 
 
+def parent_projections(
+    module: LinspecAttention, hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D])`` of the parent: pretrained projections and q/k
+    norms, before RoPE (attention transfer on the far memory rotates them itself, sink queries included)."""
+    batch, length, _ = hidden_states.shape
+    shape = (batch, length, -1, module.head_dim)
+    q = _frozen(module.q_proj)(hidden_states).view(shape)
+    k = _frozen(module.k_proj)(hidden_states).view(shape)
+    v = _frozen(module.v_proj)(hidden_states).view(shape).transpose(1, 2)
+    if module.q_norm is not None:
+        q, k = module.q_norm(q), module.k_norm(k)
+    return q.transpose(1, 2), k.transpose(1, 2), v
+
+
 def softmax_attention(
     module: LinspecAttention, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """``[B, T, hidden]``: the original causal softmax attention with the module's pretrained weights."""
     batch, length, _ = hidden_states.shape
-    shape = (batch, length, -1, module.head_dim)
-    q = _frozen(module.q_proj)(hidden_states).view(shape)
-    k = _frozen(module.k_proj)(hidden_states).view(shape)
-    v = _frozen(module.v_proj)(hidden_states).view(shape).transpose(1, 2)  # (B, Hkv, T, D)
-    if module.q_norm is not None:
-        q, k = module.q_norm(q), module.k_norm(k)
+    q, k, v = parent_projections(module, hidden_states)
     cos, sin = position_embeddings
-    q, k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, Hkv, T, D)
+    q, k = hf.apply_rotary_pos_emb(q, k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=module.num_heads != module.num_kv_heads)
     return _frozen(module.o_proj)(out.transpose(1, 2).reshape(batch, length, -1))
 

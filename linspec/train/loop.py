@@ -97,8 +97,21 @@ class Objective:
         return contextlib.nullcontext()
 
 
-def make_optimizer(stage: Stage, parameters: list[torch.nn.Parameter]):
-    """``(AdamW, its LambdaLR schedule)`` over ``parameters`` with the stage's settings."""
+def parameter_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
+    """The model's trainable parameters as AdamW groups: one, or with ``optimizer.memory_bias_lr`` the far
+    memory's biases ``b_h`` in a group of their own (a bias has to move nats where a map's entries move little)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    bias_lr = stage.optimizer.memory_bias_lr
+    if bias_lr is None:
+        return [{"params": [p for _, p in named]}]
+    biases = [p for name, p in named if name.endswith("memory_bias")]
+    rest = [p for name, p in named if not name.endswith("memory_bias")]
+    return [group for group in ({"params": rest}, {"params": biases, "lr": bias_lr}) if group["params"]]
+
+
+def make_optimizer(stage: Stage, parameters: list[torch.nn.Parameter] | list[dict]):
+    """``(AdamW, its LambdaLR schedule)`` over ``parameters`` (or parameter groups, each with an lr of its own
+    or the stage's) with the stage's settings; the schedule scales every group's peak lr alike."""
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(
         parameters, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
@@ -225,7 +238,7 @@ def optimise(ctx: TrainingRun, index: int, stage: Stage, model, forward, objecti
     recipe, env, log = ctx.recipe, ctx.env, ctx.log
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = stage.optimizer
-    optimizer, scheduler = make_optimizer(stage, trainable)
+    optimizer, scheduler = make_optimizer(stage, parameter_groups(model, stage))
     per_process = stage.batch_size // env.world
     if per_process * env.world != stage.batch_size or per_process % stage.micro_batch_size:
         raise LinspecError(

@@ -30,7 +30,7 @@ from linspec.utils.validation import check_number, check_seed
 
 TRAINABLE = ("gamma", "conv", "embeddings", "norms", "lm_head", "feature_map", "far_memory", "all")
 DEFAULT_TRAINABLE = ["gamma", "conv"]
-Loss = Literal["next_token", "distill", "mse", "draft"]
+Loss = Literal["next_token", "distill", "mse", "far_attention", "draft"]
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a bigger file is the wrong file
 # Upper bounds far beyond any real run that stop absurd sizes before they allocate anything.
 MAX_STEPS = 10**8
@@ -103,6 +103,7 @@ class Optimizer:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
     eps: float = 1e-8  # Adam ε
     grad_clip: float | None = 1.0  # max global gradient norm (null: no clipping)
+    memory_bias_lr: float | None = None  # peak lr of the far memory's bias b_h (null: lr); it moves nats, maps less
 
 
 @dataclass
@@ -137,15 +138,18 @@ class DrafterSettings:
 @dataclass
 class Stage:
     """One training stage. kind: attention_transfer (stage 1: per-layer MSE between the frozen softmax output
-    and the linear output), lora (stage 2: LoRA via peft), full (every parameter trains), drafter (a drafter for
-    the model so far, which stays frozen; the last stage)."""
+    and the linear output, or with a far memory the KL of the attention past the window), lora (stage 2: LoRA via
+    peft), full (every parameter trains), drafter (a drafter for the model so far, which stays frozen; the last
+    stage)."""
 
     name: str = ""  # label in logs, checkpoints and metrics (default: the kind)
     kind: Literal["attention_transfer", "lora", "full", "drafter"] = "lora"  # what trains and against what
     steps: int = 100  # optimiser steps
     batch_size: int = 8  # sequences per optimiser step, across all processes (drafter: positions per step)
     micro_batch_size: int | None = None  # per forward pass and process, accumulating the rest (null: 1, drafter: all)
-    loss: Loss = "next_token"  # lora/full: next_token or distill; attention_transfer: mse; drafter: draft
+    loss: Loss = "next_token"  # lora/full: next_token, distill; attention_transfer: mse, far_attention; drafter: draft
+    output_mse_weight: float = 0.0  # loss far_attention: weight of the output MSE added to the far attention KL
+    window_sizes: list[int] = field(default_factory=list)  # attention_transfer: window sizes, one drawn per step
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
     trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map far_memory all (null: γ conv)
     lora: Lora | None = None  # adapter for this stage (null: none)
@@ -371,6 +375,7 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.batch_size % stage.micro_batch_size:
             raise LinspecError(f"recipe key {key}.batch_size: must be a multiple of micro_batch_size")
         _check_loss(stage, key)
+        _check_far_attention(stage, key, recipe)
         for j, name in enumerate(stage.trainable or ()):
             if name not in TRAINABLE:
                 raise LinspecError(f"recipe key {key}.trainable[{j}]: expected one of {', '.join(TRAINABLE)}")
@@ -476,12 +481,49 @@ def _check_drafter(settings: DrafterSettings, key: str) -> None:
 def _check_loss(stage: Stage, key: str) -> None:
     """Each kind has its loss; the field's default (next_token) becomes the kind's own where it has only one."""
     own = {"attention_transfer": "mse", "drafter": "draft"}.get(stage.kind)
+    if stage.kind == "attention_transfer" and stage.loss == "far_attention":
+        return
     if own is not None and stage.loss != own:
         if stage.loss != "next_token":  # next_token is the field default; anything else is a mistake
             raise LinspecError(f"recipe key {key}.loss: {stage.kind} trains with {own}, got {stage.loss!r}")
         stage.loss = own
-    if own is None and stage.loss in ("mse", "draft"):
+    if own is None and stage.loss in ("mse", "far_attention", "draft"):
         raise LinspecError(f"recipe key {key}.loss: {stage.loss} is for another stage kind; use next_token or distill")
+
+
+def _check_far_attention(stage: Stage, key: str, recipe: Recipe) -> None:
+    """The far attention KL and stochastic windows need a softmax window (with a far memory, for the KL) and
+    sequences that reach past it, else a step has no row to learn from."""
+    _positive(stage.output_mse_weight, f"{key}.output_mse_weight", allow_zero=True)
+    if stage.output_mse_weight and stage.loss != "far_attention":
+        raise LinspecError(f"recipe key {key}.output_mse_weight: only adds to loss far_attention, not {stage.loss}")
+    if stage.window_sizes and stage.kind != "attention_transfer":
+        raise LinspecError(f"recipe key {key}.window_sizes: only an attention_transfer stage trains with other windows")
+    if stage.loss != "far_attention" and not stage.window_sizes and stage.optimizer.memory_bias_lr is None:
+        return
+    settings = recipe.conversion.settings() if recipe.conversion is not None else None
+    if settings is None or not settings.softmax_window:
+        raise LinspecError(f"recipe key {key}: far_attention, window_sizes and memory_bias_lr need a softmax window "
+                           "(preset window or window-hedgehog)")  # fmt: skip
+    has_memory = settings.memory_feature_map != "none"
+    if not has_memory and (stage.loss == "far_attention" or stage.optimizer.memory_bias_lr is not None):
+        what = "loss far_attention" if stage.loss == "far_attention" else "optimizer.memory_bias_lr"
+        raise LinspecError(f"recipe key {key}: {what} needs a far memory (preset window-hedgehog)")
+    for j, size in enumerate(stage.window_sizes):
+        if not 1 <= size <= settings.local_window:
+            raise LinspecError(
+                f"recipe key {key}.window_sizes[{j}]: must be in 1..{settings.local_window} (the model's window), "
+                f"got {size}"
+            )
+    if stage.loss == "far_attention":
+        reach = max(stage.window_sizes or [settings.local_window]) + settings.sink_tokens
+        for seq_len in stage.seq_lens(recipe.data.seq_len):
+            if seq_len <= reach:
+                raise LinspecError(
+                    f"recipe key {key}: loss far_attention learns from tokens past the window; sequences of "
+                    f"{seq_len} tokens never leave a window of {reach - settings.sink_tokens} + "
+                    f"{settings.sink_tokens} sinks (raise data.seq_len or the curriculum's seq_len)"
+                )
 
 
 def _check_chat(chat: Chat, data: Data) -> None:
@@ -541,6 +583,7 @@ def _check_optimizer(opt: Optimizer, key: str) -> None:
     _positive(opt.weight_decay, f"{key}.weight_decay", allow_zero=True)
     _positive(opt.eps, f"{key}.eps")
     _positive(opt.grad_clip, f"{key}.grad_clip")
+    _positive(opt.memory_bias_lr, f"{key}.memory_bias_lr")
     if len(opt.betas) != 2:
         raise LinspecError(f"recipe key {key}.betas: expected two numbers")
     for j, beta in enumerate(opt.betas):
