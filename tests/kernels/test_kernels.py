@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from kernel_cases import assert_close, assert_states_close, fresh_state, make_inputs
 
 import linspec.ops.triton.chunked
 import linspec.ops.triton.conv
@@ -20,7 +20,6 @@ import linspec.ops.triton.verify
 from linspec.ops import (
     causal_depthwise_conv,
     chunked_attention,
-    empty_state,
     extend_attention,
     recurrent_step,
     reference_attention,
@@ -31,30 +30,6 @@ from linspec.ops.backend import KernelFallbackWarning, backend, grouped_terms, r
 from linspec.ops.memory import GlobalMemory
 from linspec.ops.triton import utils as kernel_utils
 from linspec.ops.triton.capabilities import OPS
-
-TOL = 3e-5  # relative to the largest expected magnitude; float32 sums over a few hundred terms
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    assert actual.shape == expected.shape, what
-    assert actual.dtype == torch.float32, what
-    scale = max(1.0, expected.abs().max().item())
-    error = (actual.double() - expected.double()).abs().max().item()  # NaN (unwritten) fails here too
-    assert error <= TOL * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
-
-
-def make_inputs(batch, heads, kv_heads, length, key_dim, taps, seed, value_dim=None):
-    """Fresh float32 inputs per case: unit-norm q̂/k̂ (the paper's φ), random values, conv taps and γ."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen)
-
-    q = F.normalize(randn(batch, heads, length, key_dim), dim=-1)
-    k = F.normalize(randn(batch, kv_heads, length, key_dim), dim=-1)
-    v = randn(batch, kv_heads, length, value_dim or key_dim)
-    return q, k, v, 0.5 * randn(heads, taps), torch.tensor(0.8)
-
 
 # (batch, heads, kv_heads, length, head_dim, group, taps)
 CHUNK_SHAPES = [
@@ -142,18 +117,6 @@ def test_conv_forward_and_gradients(with_history):
     expected_grads = torch.autograd.grad(expected, exact, grad_out.double())
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert_close(grad, expected_grad, "conv grad")
-
-
-def fresh_state(k, v, group, taps):
-    return empty_state(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], group, taps, k.dtype)
-
-
-def assert_states_close(actual, expected, what):
-    for name, tensor in actual.tensors().items():
-        if name == "position":
-            assert torch.equal(tensor, expected.position), what
-        else:
-            assert_close(tensor, expected.tensors()[name].float(), f"{what}: {name}")
 
 
 def test_recurrent_steps_through_a_group_completion():
