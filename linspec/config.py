@@ -22,6 +22,12 @@ SINK_POSITIONS = ("absolute", "adjacent")
 # The far memory's feature map (``linspec.ops.far_memory``): none, Hedgehog's learnable one, or its parameter-free
 # form (Liger). It is a column of the softmax window, so it needs ``local_kernel: softmax``.
 MEMORY_FEATURE_MAPS = ("none", "hedgehog", "softmax")
+# How the sparse cache (``linspec.ops.sparse_cache``) picks the evicted tokens it keeps exactly: those the far memory
+# recalls worst (LoLA), the most recent, or a fixed pseudo-random choice (the last two: baselines at equal memory).
+SPARSE_CACHE_POLICIES = ("recall-error", "recency", "random")
+MAX_SPARSE_CACHE = 65536
+# Settings that hold a name (checked for text before anything else reads them).
+_NAMED_SETTINGS = ("feature_map", "local_kernel", "global_norm", "sink_positions", "memory_feature_map")
 # Maps whose q̂·k̂ is never negative, so the "key" normaliser q̂ᵀz cannot vanish or flip sign.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 _PAPER = {"feature_map": "l2norm", "local_kernel": "relu2", "group_size": 64, "conv_taps": 32}
@@ -109,6 +115,14 @@ class LinspecConfig:
     ``softmax``: ``A = I``, no parameters. Inside the window nothing is evicted, so the layer there is the window
     alone. The ``window-hedgehog`` preset is the ``window`` preset with it.
 
+    The sparse cache (``sparse_cache`` K, ``linspec.ops.sparse_cache``; softmax window only; LoLA, McDermott et al.
+    2025): per kv head, the K evicted tokens chosen by ``sparse_cache_policy`` (``recall-error``: those the far
+    memory recalls worst, ``‖v‖²`` without one; ``recency``; ``random``) stay as exact keys and values, read with
+    the window's own logits in its softmax; the others fold into the far memory (or are dropped without one).
+    Training-free: the training forward (training mode, no decode cache) ignores the cache (the layer trains as
+    the window and its memory alone); every other forward follows it exactly. It adds ``K · (Dk + Dv + 2)``
+    numbers per kv head and layer to the decode state, whatever the context length.
+
     Recommended: the ``window`` preset — the softmax window (512 tokens, 4 adjacent sinks) with the ``stable``
     memory. The ``stable`` preset keeps the paper's φ and κ (so conversion and local attention are unchanged)
     with decay *and* mean. The mean keeps the global term the size of one value at every length, for any
@@ -133,10 +147,13 @@ class LinspecConfig:
     sink_tokens: int = 0
     sink_positions: str = "absolute"
     memory_feature_map: str = "none"
+    sparse_cache: int = 0
+    sparse_cache_policy: str = "recall-error"
 
     def __post_init__(self) -> None:
         self._check_global_memory()
         self._check_window()
+        self._check_sparse_cache()
         check_count(self.group_size, "group_size", 1, MAX_GROUP_SIZE)
         check_count(self.conv_taps, "conv_taps", 1, MAX_CONV_TAPS)
         if self.feature_map not in FEATURE_MAPS:
@@ -175,6 +192,23 @@ class LinspecConfig:
     def heads_of(self, layer: int) -> tuple[int, ...]:
         """The kv heads of linear layer ``layer`` kept as softmax attention (``softmax_heads``), sorted."""
         return tuple(head for at, head in self.softmax_heads if at == layer)
+
+    def _check_sparse_cache(self) -> None:
+        check_count(self.sparse_cache, "sparse_cache", 0, MAX_SPARSE_CACHE)
+        if self.sparse_cache_policy not in SPARSE_CACHE_POLICIES:
+            raise LinspecError(
+                f"sparse_cache_policy must be one of {', '.join(SPARSE_CACHE_POLICIES)}; "
+                f"got {self.sparse_cache_policy!r:.40}"
+            )
+        if self.sparse_cache and self.local_kernel != "softmax":
+            raise LinspecError(
+                f"sparse_cache needs local_kernel 'softmax' (the cached tokens are columns of the window's softmax); "
+                f"got local_kernel {self.local_kernel!r}"
+            )
+        if not self.sparse_cache and self.sparse_cache_policy != "recall-error":
+            raise LinspecError(
+                f"sparse_cache_policy {self.sparse_cache_policy!r} needs sparse_cache >= 1 (tokens kept per kv head)"
+            )
 
     def _check_window(self) -> None:
         check_count(self.local_window, "local_window", 0, MAX_LOCAL_WINDOW)
@@ -262,7 +296,15 @@ class LinspecConfig:
         unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise LinspecError(f"unknown linspec setting(s): {', '.join(unknown)[:200]}")
-        for name in ("feature_map", "local_kernel", "global_norm", "sink_positions", "memory_feature_map"):
+        names = (
+            "feature_map",
+            "local_kernel",
+            "global_norm",
+            "sink_positions",
+            "memory_feature_map",
+            "sparse_cache_policy",
+        )
+        for name in names:
             if name in data and not isinstance(data[name], str):
                 raise LinspecError(f"{name} must be a name (text), got {data[name]!r:.40}")
         for name in ("softmax_layers", "softmax_heads"):

@@ -23,7 +23,7 @@ have left the window's ring); the tokens a query reads beyond it form a contiguo
 (positions ``p − W + 1 … p − 1``, oldest first) followed by the new tokens. Query ``r`` of an extend (position
 ``p + r``) reads the run's first ``r`` entries, so extend, decode and the whole-sequence form (the same from an
 empty state, where the run is the keys shifted by ``W − 1``) are one strictly causal linear attention over the
-run with the state's memory as its initial state (``_run_readout``, chunked: ``O(T)``), and the state after ``c``
+run with the state's memory as its initial state (``run_readout``, chunked: ``O(T)``), and the state after ``c``
 tokens folds the run's first ``c`` entries. A tree node at depth ``d`` reads the first ``min(d, W − 1)`` ring
 entries — the same for every node at that depth — and, once ``d ≥ W``, its own ancestors at depth ``≤ d − W``.
 """
@@ -134,7 +134,7 @@ def far_memory_reference(
     return torch.softmax(logits.masked_fill(~(visible | evicted), float("-inf")), dim=-1) @ values
 
 
-def _column(readout: torch.Tensor, bias: torch.Tensor) -> MemoryColumn:
+def memory_column(readout: torch.Tensor, bias: torch.Tensor) -> MemoryColumn:
     """The softmax column of a readout ``[B, H, T, Dv + 1]`` (``φ_qᵀS``, ``φ_qᵀz``): logit ``b + log φ_qᵀz`` and
     value ``φ_qᵀS / φ_qᵀz``. A zero ``φ_qᵀz`` (nothing folded yet, or features that share no support) is raised
     to the dtype's smallest normal: its numerator is zero too, so the column weighs nothing and reads zero."""
@@ -161,7 +161,7 @@ def _run(
     return memory.key_features(run_keys) * valid, with_ones(run_values) * valid
 
 
-def _run_readout(
+def run_readout(
     features: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, initial: torch.Tensor | None
 ) -> torch.Tensor:
     """``[B, H, L, Dv + 1]``: query ``r`` (``features [B, H, L, F]``) reads ``initial [B, Hkv, F, Dv + 1]`` (None:
@@ -203,7 +203,7 @@ def far_memory_chunked(
     )
     start = torch.zeros(batch, dtype=torch.long, device=k.device)
     keys, values = _run(*ring, start, k, v, length, window, memory)
-    return _column(_run_readout(memory.query_features(q), keys, values, None), memory.bias)
+    return memory_column(run_readout(memory.query_features(q), keys, values, None), memory.bias)
 
 
 def _folded(state: WindowWithMemory, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -233,7 +233,7 @@ def far_memory_extend(
         real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
         count = token_mask.sum(dim=1)
     keys, values = _run(state.keys, state.values, position, real_k, real_v, length, window, memory)
-    column = _column(_run_readout(memory.query_features(real_q), keys, values, state.far_memory), memory.bias)
+    column = memory_column(run_readout(memory.query_features(real_q), keys, values, state.far_memory), memory.bias)
     if token_mask is not None:  # back to the columns the tokens came in
         column = column.map(lambda x: gather_tokens(x, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)))
     return column, _folded(state, keys, values, count)
@@ -268,7 +268,7 @@ def far_memory_verify(
     features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, nodes, -1)
     scores = (features @ keys[:, :, None].transpose(-1, -2)).masked_fill(~read, 0.0)
     readout = scores @ values[:, :, None] + features @ state.far_memory[:, :, None]
-    return _column(readout.reshape(batch, num_heads, nodes, -1), memory.bias)
+    return memory_column(readout.reshape(batch, num_heads, nodes, -1), memory.bias)
 
 
 def far_memory_commit(

@@ -7,6 +7,10 @@ With ``memory_feature_map`` it also keeps the far memory of the tokens that leav
 its state rides in the window's slice (``WindowWithMemory``) and its column joins each mode's one softmax. Its
 parameters live on the layer: ``memory_bias`` (``[num_heads]``, ``b_h``) and, for ``hedgehog``,
 ``memory_feature_map_q`` (``[num_heads, D, D]``) and ``memory_feature_map_k`` (``[num_kv_heads, D, D]``).
+
+With ``sparse_cache`` it also keeps the K evicted tokens per kv head its policy picks (``linspec.ops.sparse_cache``),
+in the same slice (``WindowWithCache``) and the same column. Training-free: the training forward (training mode,
+no decode cache) ignores the cache and reads the far memory of every evicted token instead.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from linspec.ops.far_memory import (
     far_memory_extend,
     far_memory_verify,
     initial_memory_bias,
+)
+from linspec.ops.sparse_cache import (
+    SparseCache,
+    empty_cache,
+    sparse_cache_chunked,
+    sparse_cache_commit,
+    sparse_cache_extend,
+    sparse_cache_verify,
 )
 from linspec.ops.window import (
     SoftmaxWindow,
@@ -58,6 +70,10 @@ class SoftmaxWindowTerm(Term):
         self.num_kv_heads = layer.num_kv_heads
         self.head_dim = layer.head_dim
         self.memory_map = layer.settings.memory_feature_map
+        settings = layer.settings
+        self.sparse = (
+            SparseCache(settings.sparse_cache, settings.sparse_cache_policy) if settings.sparse_cache else None
+        )
         for name, value in self._initial_parameters().items():
             setattr(layer, name, nn.Parameter(value))
 
@@ -109,17 +125,31 @@ class SoftmaxWindowTerm(Term):
 
     def empty(self, batch: int, dtype: torch.dtype, device: torch.device) -> WindowState:
         window = empty_window(batch, self.num_kv_heads, self.head_dim, self.head_dim, self.window, dtype, device)
-        return window if self.memory_map == "none" else empty_memory(window, self.head_dim)
+        with_memory = window if self.memory_map == "none" else empty_memory(window, self.head_dim)
+        if self.sparse is None:
+            return with_memory
+        return empty_cache(window, getattr(with_memory, "far_memory", None), self.sparse)
 
     def chunked(self, x: TermInputs) -> torch.Tensor:
         memory = self.far_memory(x.q.dtype)
         column = None
-        if memory is not None and self.layer.far_memory_on:
+        if self.sparse is not None and not self.layer.training and self.layer.far_memory_on:
+            empty = self.empty(x.q.shape[0], x.q.dtype, x.q.device)
+            column = sparse_cache_chunked(x.q, x.k, x.v, self.window, self.sparse, memory, empty)
+        elif memory is not None and self.layer.far_memory_on:
             column = far_memory_chunked(x.q, x.k, x.v, self.window, memory)
         return window_attention(x.q, x.k, x.v, self.window, x.sink_q, column)
 
     def extend(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
+        if self.sparse is not None:
+            column, fields = sparse_cache_extend(
+                x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory, x.token_mask
+            )
+            out, after = window_extend(
+                x.q, x.k, x.v, part, state.position, self.window, x.token_mask, x.sink_q, self._read(column)
+            )
+            return out, replace(after, **fields)
         if memory is None:
             return window_extend(x.q, x.k, x.v, part, state.position, self.window, x.token_mask, x.sink_q)
         column, folded = far_memory_extend(x.q, x.k, x.v, part, state.position, self.window, memory, x.token_mask)
@@ -130,6 +160,10 @@ class SoftmaxWindowTerm(Term):
 
     def step(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
+        if self.sparse is not None:
+            column, fields = sparse_cache_extend(x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory)
+            out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
+            return out, replace(after, **fields)
         if memory is None:
             return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q)
         column, folded = far_memory_extend(x.q, x.k, x.v, part, state.position, self.window, memory)
@@ -139,7 +173,12 @@ class SoftmaxWindowTerm(Term):
     def verify(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, KeptRawNodes]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
         column = None
-        if memory is not None and self.layer.far_memory_on:
+        if self.sparse is not None:
+            column = sparse_cache_verify(
+                x.q, x.k, x.v, part, state.position, x.layout, self.window, self.sparse, memory
+            )
+            column = self._read(column)
+        elif memory is not None and self.layer.far_memory_on:
             column = far_memory_verify(x.q, x.k, x.v, part, state.position, x.layout, self.window, memory)
         out = window_verify(x.q, x.k, x.v, part, state.position, x.layout, self.window, x.sink_q, column)
         return out, KeptRawNodes(x.k, x.v, memory)
@@ -150,6 +189,11 @@ class SoftmaxWindowTerm(Term):
         part = state.slices[self.name]
         keys, values = gather_tokens(kept.keys, path), gather_tokens(kept.values, path)
         after = window_append(part, state.position, keys, values, path_mask)
+        if self.sparse is not None:
+            fields = sparse_cache_commit(
+                part, state.position, keys, values, self.window, self.sparse, kept.memory, path_mask
+            )
+            return replace(after, **fields)
         if kept.memory is None:
             return after
         folded = far_memory_commit(part, state.position, keys, values, self.window, kept.memory, path_mask)
