@@ -10,8 +10,16 @@ one side. Precedence: the ``backend(name)`` context manager, then ``set_backend(
 ``LINSPEC_BACKEND`` environment variable. Forcing ``triton`` on CPU tensors runs the kernels through Triton's
 interpreter — slow, and meant for tests.
 
-A call the kernels do not implement (``linspec.ops.triton.capabilities``: a decayed or normalised memory, the
-softmax window's layer, a graph through a forward-only kernel) runs on PyTorch whatever the backend says, so every
+What runs where for the recommended ``window`` preset on CUDA: the softmax window (its last ``local_window``
+tokens and sinks) is ``linspec.ops.window``, on PyTorch's fused scaled-dot-product attention in every mode; the
+layer's grouped term — the decayed, mean-normalised global memory and the conv, with no in-group κ
+(``local_kernel`` "none") — runs on the kernels here: the chunked form with its backward (training, prefill from
+position 0; gradients reach q, k, v, the conv, γ and ``log λ``), ``grouped_terms`` and the conv (prefill on a
+state, extend), the recurrent step (decode) and verify (speculative trees). The paper's and the ``stable`` preset's
+layers run wholly on the kernels.
+
+A call the kernels do not implement (``linspec.ops.triton.capabilities``: the "key" normaliser, a graph through a
+forward-only kernel — e.g. ``log λ`` requiring grad in decode) runs on PyTorch whatever the backend says, so every
 option works on every device. Where Triton was wanted — a CUDA tensor under ``auto``, or a forced ``triton`` — that
 is a fallback, and the first call of each op for each reason emits one ``KernelFallbackWarning`` that names the
 setting. ``route`` answers the same question for one call without running anything, and ``plan`` for every op of
