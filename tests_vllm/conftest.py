@@ -43,3 +43,21 @@ def softmax_heads_model(tmp_path_factory) -> Path:
         check=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Builds tiny converted models (``tiny.build``) on demand, each once per session, by a name of the test's."""
+    from tiny import build
+
+    from linspec.sources.demo_models import demo_model_dir
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[str, Path] = {}
+
+    def model(name: str, arch: str, *convert_flags: str, **overrides) -> Path:
+        if name not in built:
+            built[name] = build(arch, root / name, demo_model_dir("smollm2-135m"), *convert_flags, **overrides)
+        return built[name]
+
+    return model

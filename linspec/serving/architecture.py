@@ -14,6 +14,8 @@ from __future__ import annotations
 from vllm.model_executor.models.config import MambaModelConfig
 from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
 
+from linspec.serving.sharding import parallel_refusal
+
 HYBRID_ARCHITECTURE = "LinspecHybridForCausalLM"
 
 
@@ -37,15 +39,11 @@ SPECULATIVE_REFUSAL = (
     "layers only for its own Mamba2, GDN, Bailing and ShortConv backends); serve without --speculative-config"
 )
 
-PARALLEL_REFUSAL = (
-    "linspec's vLLM plugin runs each model on one rank: its layers and state are not sharded over kv heads yet; "
-    "serve with --tensor-parallel-size 1 --pipeline-parallel-size 1"
-)
-
 
 class LinspecModelConfig(MambaModelConfig):
     """vLLM's configuration hook for every linspec model: the state block size as for any model with constant-size
-    state; speculative decoding and tensor or pipeline parallelism refused while the engine starts.
+    state; speculative decoding, pipeline parallelism and tensor-parallel sizes that do not split the kv heads
+    evenly (``linspec.serving.sharding``) refused while the engine starts.
 
     With speculative decoding vLLM feeds each request its last token and the draft tokens in one step and keeps
     only the accepted ones; a state layer must keep a state per draft token and restart from the last accepted
@@ -59,16 +57,36 @@ class LinspecModelConfig(MambaModelConfig):
         if vllm_config.speculative_config is not None:
             raise NotImplementedError(SPECULATIVE_REFUSAL)
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise NotImplementedError(PARALLEL_REFUSAL)
+        config = vllm_config.model_config.hf_config
+        refusal = parallel_refusal(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+        if refusal is not None:
+            raise NotImplementedError(refusal)
         super().verify_and_update_config(vllm_config)
 
 
+def served_layer_types(config) -> list[str] | None:
+    """A linspec config's ``layer_types`` as vLLM must read them: the linear layers named ``linear_attention``,
+    the softmax layers keeping their own kind; None for architectures without ``layer_types`` (Llama, Mistral).
+
+    Qwen2 and Qwen3 configs name every layer ``full_attention``, and vLLM takes a hybrid class whose layers are all
+    attention for a plain attention model (``ModelConfig.is_hybrid``), which would leave its state pages unsized.
+    """
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None:
+        return None
+    softmax = set(config.linspec_settings.softmax_layers)
+    return [kind if index in softmax else "linear_attention" for index, kind in enumerate(kinds)]
+
+
 class HybridConfig(LinspecModelConfig):
-    """vLLM's configuration hook for a linspec hybrid: as for every linspec model, and the hybrid class named where
-    vLLM's loader looks it up."""
+    """vLLM's configuration hook for a linspec hybrid: as for every linspec model, the hybrid class named where
+    vLLM's loader looks it up, and the linear layers named as such in ``layer_types`` (``served_layer_types``)."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
         super().verify_and_update_config(vllm_config)
-        vllm_config.model_config.hf_config.architectures = [HYBRID_ARCHITECTURE]
+        config = vllm_config.model_config.hf_config
+        config.architectures = [HYBRID_ARCHITECTURE]
+        kinds = served_layer_types(config)
+        if kinds is not None:
+            config.layer_types = kinds

@@ -16,18 +16,19 @@ state's shapes and dtypes, receives the pages vLLM allocates, is how the engine 
 (``LinearAttentionMetadata``), and during a forward stands in the decoder layer for linspec's attention module to
 cut the flat run into segments. An all-linear model is attention-free for vLLM (``LinspecForCausalLM``); a hybrid
 is vLLM's kind of hybrid (``LinspecHybridForCausalLM``), whose attention pages vLLM sizes to hold a state page.
+Under tensor parallelism each rank runs its own kv heads' part of the model (``linspec.serving.sharding``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree, IsHybrid
@@ -39,6 +40,7 @@ from linspec.models.context import ExecutionContext
 from linspec.models.modeling import linspec_classes_of
 from linspec.models.terms.heads import SoftmaxHeadsTerm
 from linspec.serving.architecture import keeps_softmax
+from linspec.serving.sharding import rank_config, reduce_row_parallel_outputs, shard
 from linspec.serving.softmax import PagedHeadsTerm, route_softmax_layers
 from linspec.serving.state import (
     compute_dtype,
@@ -172,8 +174,10 @@ class _LinspecCausalLM(nn.Module, HasInnerState):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        # a copy: the softmax layers' attention is routed through it, vLLM's own reading stays as it was
-        config = copy.deepcopy(vllm_config.model_config.hf_config)
+        # this rank's part (a copy: the softmax layers' attention is routed through it, vLLM's reading stays)
+        self.tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
+        self.rank = get_tensor_model_parallel_rank() if self.tensor_parallel > 1 else 0
+        config = rank_config(vllm_config.model_config.hf_config, self.tensor_parallel, self.rank)
         if keeps_softmax(config) != bool(getattr(self, "is_hybrid", False)):
             raise ValueError(f"{type(self).__name__} does not serve this linspec model (softmax parts: "
                              f"{keeps_softmax(config)}); register linspec's vLLM plugin")  # fmt: skip
@@ -181,6 +185,8 @@ class _LinspecCausalLM(nn.Module, HasInnerState):
         self.config = config
         self.dtype = vllm_config.model_config.dtype
         self.hf_model = model_class(config).to(self.dtype).eval()
+        if self.tensor_parallel > 1:
+            reduce_row_parallel_outputs(self.hf_model, tensor_model_parallel_all_reduce)
         self.parts = hf.DecoderParts(self.hf_model)
         base = f"{prefix}." if prefix else ""
         linear = linear_attentions(self.hf_model)
@@ -266,8 +272,13 @@ class _LinspecCausalLM(nn.Module, HasInnerState):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The saved directory's tensors, under the Hugging Face class's own names (``global_scale``,
-        ``conv_weight``, ``decay_logit`` included); a tied head comes with the embedding."""
-        tensors = dict(weights)
+        ``conv_weight``, ``decay_logit`` included), each cut to this rank's part; a tied head comes with the
+        embedding."""
+        shapes = {name: tensor.shape for name, tensor in self.hf_model.state_dict().items()}
+        tensors = {
+            name: shard(name, tensor, shapes[name], self.tensor_parallel, self.rank) if name in shapes else tensor
+            for name, tensor in weights
+        }
         result = self.hf_model.load_state_dict(tensors, strict=False)
         tied = {name for name in result.missing_keys if name == "lm_head.weight" and self.config.tie_word_embeddings}
         missing = sorted(set(result.missing_keys) - tied)
@@ -289,10 +300,15 @@ class LinspecHybridForCausalLM(_LinspecCausalLM, IsHybrid):
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, ...], ...]:
-        model_config = vllm_config.model_config
-        return config_state_layout(model_config.hf_config, model_config.dtype)[0]
+        return _rank_state_layout(vllm_config)[0]
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
-        model_config = vllm_config.model_config
-        return config_state_layout(model_config.hf_config, model_config.dtype)[1]
+        return _rank_state_layout(vllm_config)[1]
+
+
+def _rank_state_layout(vllm_config: VllmConfig):
+    """One rank's state layout (every rank holds the same shapes: the kv heads split evenly)."""
+    model_config = vllm_config.model_config
+    config = rank_config(model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size, 0)
+    return config_state_layout(config, model_config.dtype)
