@@ -263,6 +263,14 @@ class LinspecConfig:
             return ""
         return f"{self.local_window} tokens + {self.sink_tokens} {self.sink_positions} sinks"
 
+    @property
+    def sparse_cache_summary(self) -> str:
+        """``"64 tokens per kv head (recall-error)"`` for a sparse cache (a summary line, a model card); empty
+        without one."""
+        if not self.sparse_cache:
+            return ""
+        return f"{self.sparse_cache} tokens per kv head ({self.sparse_cache_policy})"
+
     def _check_global_memory(self) -> None:
         if not isinstance(self.global_decay, bool):
             raise LinspecError(f"global_decay must be true or false, got {self.global_decay!r}")

@@ -70,6 +70,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quality cannot drift with context; absolute: their true distance",
     )
     parser.add_argument(
+        "--sparse-cache",
+        type=int,
+        help="K evicted tokens per kv head the softmax window keeps exactly (LoLA; default 0: none); a K-entry "
+        "decode state per kv head and layer, constant in context length",
+    )
+    parser.add_argument(
+        "--sparse-cache-policy",
+        help="which evicted tokens --sparse-cache keeps: recall-error (default: those the far memory recalls worst), "
+        "recency or random",
+    )
+    parser.add_argument(
         "--softmax-layers",
         type=choice_arg(parse_softmax_layers),
         default=(),
@@ -110,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             "local_window",
             "sink_tokens",
             "sink_positions",
+            "sparse_cache",
+            "sparse_cache_policy",
         )
         if getattr(args, name) is not None
     }
@@ -136,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     window = f", window {settings.window_summary}" if settings.softmax_window else ""
+    window += f", sparse cache {settings.sparse_cache_summary}" if settings.sparse_cache else ""
     print(
         f"wrote {out} ({settings.feature_map}/{settings.local_kernel}{window}, G={settings.group_size}, "
         f"P={settings.conv_taps}, softmax layers: {list(settings.softmax_layers) or 'none'}"

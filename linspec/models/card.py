@@ -166,6 +166,15 @@ class ModelCard:
                 if settings.far_memory
                 else []
             ),
+            *(
+                [
+                    f"| sparse cache | {settings.sparse_cache_summary}: evicted tokens attended exactly in the "
+                    f"window's softmax, {settings.sparse_cache} keys and values (and their scores and positions) "
+                    "per kv head and layer in the decode state, at any context length |"
+                ]
+                if settings.sparse_cache
+                else []
+            ),
             f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
             f"| softmax layers kept | {layers} |",
             *([f"| softmax kv heads kept (layer:head) | {heads} |"] if settings.softmax_heads else []),

@@ -203,7 +203,8 @@ def _cache_readout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ℓ [B, H, T, 1], o [B, H, T, Dv])``: the log-normaliser (−inf where nothing is cached) and the output of
     the softmax over the pool entries each query ``q`` (at schedule index ``query_index [B, T]``) finds in the
-    cache, in blocks of ``QUERY_BLOCK`` queries over the columns a block can see."""
+    cache, in blocks of ``QUERY_BLOCK`` queries over the columns a block can see (the old cache's and the run
+    entries cached at some time the block spans)."""
     batch, num_heads, length, key_dim = q.shape
     kv_heads, size = keys.shape[1], plan.slots.shape[-1]
     repeats = num_heads // kv_heads
@@ -212,11 +213,10 @@ def _cache_readout(
     for start in range(0, length, QUERY_BLOCK):
         index = query_index[:, start : start + QUERY_BLOCK]
         first, last = int(index.min()), int(index.max())
-        alive = (plan.leave[..., size:] >= first).any(dim=0).any(dim=0)  # run entries some query here may see
-        alive[max(last, 0) :] = False  # run entry u is seen only from query u + 1 on
-        live = alive.nonzero()
-        lo, hi = (int(live[0]), int(live[-1]) + 1) if live.numel() else (0, 0)
-        columns = torch.cat([torch.arange(size, device=q.device), size + torch.arange(lo, hi, device=q.device)])
+        # the run entries some query of the block may see (in the cache at some time between its first and last)
+        seen_here = (plan.enter[..., size:] < last) & (plan.leave[..., size:] >= first)
+        live = seen_here.flatten(0, 1).any(dim=0).nonzero()[:, 0]
+        columns = torch.cat([torch.arange(size, device=q.device), size + live])
         at = index[:, None, :, None]
         seen = (plan.enter[..., None, columns] < at) & (at <= plan.leave[..., None, columns])  # (B, Hkv, T', C)
         block = query[:, :, :, start : start + QUERY_BLOCK]
