@@ -16,7 +16,9 @@ layer's grouped term — the decayed, mean-normalised global memory and the conv
 (``local_kernel`` "none") — runs on the kernels here: the chunked form with its backward (training, prefill from
 position 0; gradients reach q, k, v, the conv, γ and ``log λ``), ``grouped_terms`` and the conv (prefill on a
 state, extend), the recurrent step (decode) and verify (speculative trees). The paper's and the ``stable`` preset's
-layers run wholly on the kernels.
+layers run wholly on the kernels. A far memory (``window-hedgehog``) reads its run through ``run_readout``'s kernel,
+which ``linspec.ops.far_memory`` asks for with ``far_readout_on_triton``; its feature maps and softmax column are
+PyTorch ops.
 
 A call the kernels do not implement (``linspec.ops.triton.capabilities``: the "key" normaliser, a graph through a
 forward-only kernel — e.g. ``log λ`` requiring grad in decode) runs on PyTorch whatever the backend says, so every
@@ -60,6 +62,7 @@ SERVES = {
     "recurrent_step": "one-token decode",
     "verify_attention": "speculative verification",
     "causal_depthwise_conv": "the conv of extend_attention",
+    "run_readout": "the far memory's readout",
 }
 
 
@@ -162,10 +165,12 @@ def _decide(
 
 def plan(settings: LinspecConfig, device: torch.device | str) -> list[Route]:
     """Where each op runs for a model converted with ``settings`` on ``device`` (inference: no autograd graph
-    through the forward-only kernels; training's ``chunked_attention`` has a Triton backward either way)."""
+    through the forward-only kernels; training's ``chunked_attention`` has a Triton backward either way).
+    ``run_readout`` is listed only for settings with a far memory, the only layers that call it."""
     features = (settings.global_decay, settings.global_norm, settings.in_group_kernel, False)
     name, available, device_type = current_backend(), triton_available(), torch.device(device).type
-    return [_decide(op, device_type, *features, name, available) for op in OPS]
+    ops = [op for op in OPS if op != "run_readout" or settings.far_memory]
+    return [_decide(op, device_type, *features, name, available) for op in ops]
 
 
 def _announce(chosen: Route) -> None:
@@ -245,6 +250,13 @@ def causal_depthwise_conv(
     else:
         implementation = conv.causal_depthwise_conv
     return implementation(v, conv_weight, history)
+
+
+def far_readout_on_triton(features: torch.Tensor) -> bool:
+    """Whether a call of the far memory's ``run_readout`` (``linspec.ops.far_memory``) on ``features``' device runs
+    on its Triton twin, ``linspec.ops.triton.readout.run_readout`` (which has a backward, so any call can). The far
+    memory module holds the PyTorch side and asks here, so the one dispatch decides without importing it."""
+    return _runs_on_triton("run_readout", features.device, None, "identity", ())
 
 
 def recurrent_step(

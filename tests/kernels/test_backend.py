@@ -127,8 +127,8 @@ def test_only_the_forward_only_kernels_hand_graphs_to_pytorch(op):
 
 def test_plan_sends_every_op_of_the_window_preset_to_the_kernels():
     routes = {r.op: r for r in plan(LinspecConfig.from_preset("window"), "cuda")}
-    assert set(routes) == set(OPS) == set(SERVES)
-    for op in OPS:
+    assert set(OPS) == set(SERVES) and set(routes) == set(OPS) - {"run_readout"}  # no far memory: never read
+    for op in routes:
         assert routes[op].triton and not routes[op].fallback, routes[op]
         assert str(routes[op]) == f"{op} ({SERVES[op]}) → Triton: CUDA tensors, and the kernels implement this call"
 

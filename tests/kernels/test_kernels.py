@@ -253,7 +253,7 @@ def test_a_triton_route_enters_its_kernel_in_every_mode(monkeypatch):
         _, state = extend_attention(q[:, :, :6], k[:, :, :6], v[:, :, :6], w, gamma, state)
         recurrent_step(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], w, gamma, state)
         verify_attention(q[:, :, 6:9], k[:, :, 6:9], v[:, :, 6:9], w, gamma, state, torch.tensor([[-1, 0, 0]]))
-    assert sorted(set(entered)) == sorted(OPS)
+    assert sorted(set(entered)) == sorted(set(OPS) - {"run_readout"})  # the far memory's: its own test
 
 
 def test_the_kernels_refuse_a_call_they_do_not_implement():

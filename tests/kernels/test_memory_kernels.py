@@ -325,7 +325,7 @@ def test_every_mode_of_the_window_preset_enters_its_kernel(monkeypatch):
         recurrent_step(q[:, :, 6:7], k[:, :, 6:7], v[:, :, 6:7], w, gamma, state, "none", memory)
         tree = torch.tensor([[-1, 0, 0]])
         verify_attention(q[:, :, 6:9], k[:, :, 6:9], v[:, :, 6:9], w, gamma, state, tree, "none", memory)
-    assert sorted(set(entered)) == sorted(OPS)
+    assert sorted(set(entered)) == sorted(set(OPS) - {"run_readout"})  # the far memory's: its own test
 
 
 def test_a_graph_through_log_decay_keeps_autograd_by_handing_decode_to_pytorch():

@@ -13,7 +13,7 @@ from linspec.ops.memory import GlobalMemory
 
 # Every op with a Triton twin, by the name it has in ``linspec.ops`` (and in ``linspec.ops.backend``).
 ATTENTION_OPS = ("chunked_attention", "grouped_terms", "recurrent_step", "verify_attention")
-OPS = (*ATTENTION_OPS, "causal_depthwise_conv")
+OPS = (*ATTENTION_OPS, "causal_depthwise_conv", "run_readout")
 # Kernels without a backward: a call that records a graph runs on PyTorch.
 FORWARD_ONLY = ("grouped_terms", "recurrent_step", "verify_attention")
 # In-group kernels κ the attention kernels carry; "none" is the softmax window's layer, whose grouped term is the

@@ -179,6 +179,7 @@ def chunk_states_bwd_kernel(
     scale,
     decay,
     dh,
+    dh0,
     readout,
     ddecay,
     T,
@@ -193,12 +194,14 @@ def chunk_states_bwd_kernel(
     BV: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_DECAY: tl.constexpr,
+    HAS_DH0: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Walks the groups in reverse with ``D_g``, the gradient reaching ``S_g``: ``D_NG = 0``,
     ``D_g = γ c_g P_g + λ D_{g+1}`` where ``P_g = Σ_r Q_{r,g}ᵀ dO_{r,g}``. Stores ``dh[g] = D_{g+1}`` (what
     group g's keys and values receive), ``readout[g] = Σ P_g ⊙ S_g`` per tile (``dγ`` and ``dc_g`` follow
-    from it) and, with ``HAS_DECAY``, the partial ``dλ = Σ_g Σ D_{g+1} ⊙ S_g``."""
+    from it), with ``HAS_DECAY`` the partial ``dλ = Σ_g Σ D_{g+1} ⊙ S_g`` and with ``HAS_DH0`` the initial
+    state's gradient ``D_0``."""
     i_k, i_v, i_bkv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     kv_heads = H // R
     i_b, i_kvh = i_bkv // kv_heads, i_bkv % kv_heads
@@ -239,6 +242,8 @@ def chunk_states_bwd_kernel(
         b_dh += b_c * b_p
     if HAS_DECAY:
         tl.store(ddecay + i_bkv * num_tiles + i_tile, total(total(b_ddecay, 1), 0))
+    if HAS_DH0:
+        tl.store(dh0 + i_bkv * K * V + o_h, b_dh, mask=m_h)
 
 
 @triton.jit
@@ -557,9 +562,12 @@ def chunk_backward(
     local_kernel: str,
     decay: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    conv_grad: bool = True,
+    initial_grad: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv, dw, dγ, dλ, dc)`` of ``chunked_attention`` for the output gradient ``do``; ``dλ``
-    (``[B·Hkv]``) and ``dc`` (``[B·Hkv, NG]``) are None where ``decay`` or ``scale`` is."""
+    """``(dq, dk, dv, dw, dγ, dλ, dc, dh0)`` of ``chunked_attention`` for the output gradient ``do``; ``dλ``
+    (``[B·Hkv]``) and ``dc`` (``[B·Hkv, NG]``) are None where ``decay`` or ``scale`` is, ``dw`` unless
+    ``conv_grad``, ``dh0`` (the initial state's, ``[B, Hkv, Dk, Dv]`` fp32) unless ``initial_grad``."""
     s = _shapes(q, k, v, group_size)
     num_k, num_v = triton.cdiv(s["K"], s["BK"]), triton.cdiv(s["V"], s["BV"])
     dims = {"K": s["K"], "V": s["V"], "G": group_size, "BG": s["BG"], "BK": s["BK"], "BV": s["BV"]}
@@ -570,6 +578,7 @@ def chunk_backward(
     dh = torch.empty(s["B"], s["Hkv"], s["NG"], s["K"], s["V"], dtype=torch.float32, device=q.device)
     readout = torch.empty(rows, s["NG"], num_k * num_v, dtype=torch.float32, device=q.device)
     ddecay = torch.empty(rows, num_k * num_v, dtype=torch.float32, device=q.device) if decay is not None else None
+    dh0 = torch.empty(s["B"], s["Hkv"], s["K"], s["V"], dtype=torch.float32, device=q.device) if initial_grad else None
     scale = None if scale is None else scale.detach().contiguous()
     chunk_states_bwd_kernel[(num_k, num_v, rows)](
         q,
@@ -579,6 +588,7 @@ def chunk_backward(
         dh if scale is None else scale,
         dh if decay is None else decay.detach().contiguous(),
         dh,
+        dh if dh0 is None else dh0,
         readout,
         dh if ddecay is None else ddecay,
         s["T"],
@@ -588,6 +598,7 @@ def chunk_backward(
         **dims,
         HAS_SCALE=scale is not None,
         HAS_DECAY=decay is not None,
+        HAS_DH0=initial_grad,
         PRECISION=precision,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -629,12 +640,12 @@ def chunk_backward(
         **local,
         PRECISION=precision,
     )
-    dw = conv_weight_grad(do, v, None, taps)
+    dw = conv_weight_grad(do, v, None, taps) if conv_grad else None
     readout = readout.sum(-1)  # (B·Hkv, NG): Σ P_g ⊙ S_g, the γ-free, c-free readout's gradient
     gamma = global_scale.float()
     dgamma = readout.sum() if scale is None else (readout * scale).sum()
     dscale = None if scale is None else gamma * readout
-    return dq, dk, dv, dw, dgamma, None if ddecay is None else ddecay.sum(-1), dscale
+    return dq, dk, dv, dw, dgamma, None if ddecay is None else ddecay.sum(-1), dscale, dh0
 
 
 class ChunkedAttentionFunction(torch.autograd.Function):
@@ -652,7 +663,7 @@ class ChunkedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         q, k, v, conv_weight, global_scale, states, decay, scale = ctx.saved_tensors
-        dq, dk, dv, dw, dgamma, ddecay, dscale = chunk_backward(
+        dq, dk, dv, dw, dgamma, ddecay, dscale, _ = chunk_backward(
             q, k, v, conv_weight, global_scale, states, do.contiguous(), ctx.group_size, ctx.local_kernel, decay,
             scale,
         )  # fmt: skip
