@@ -1,11 +1,17 @@
 """``linspec bench kernels``: the Triton chunked kernels on a GPU vs flash-linear-attention and SDPA (flash).
 
-Three ops on the same bf16 ``[B, H, T, D]`` inputs (H = Hkv; GQA does not change the per-head work):
+Ops on the same bf16 ``[B, H, T, D]`` inputs (H = Hkv; GQA does not change the per-head work), chosen by ``--ops``:
 
 * ``linspec``: ``linspec.ops.triton.chunked.chunked_attention`` — the paper preset, G = 64, P = 32 taps.
+* ``linspec-window``: the same kernel on the ``window`` preset's grouped term — the memory decayed per head once
+  per group and normalised by the decayed token count ("mean"), the conv, no in-group term (the preset's softmax
+  window is SDPA's, timed as ``sdpa-flash`` would be on its 512 tokens, not here).
+* ``torch-window``: the PyTorch path of that same term (``linspec.ops.chunked``), what runs without the kernels.
 * ``fla``: flash-linear-attention's ``chunk_linear_attn`` (chunk 64, no normaliser) — plain causal linear
-  attention, the closest operation fla ships: the same KV-state recurrence and in-chunk products, no relu², no
-  conv. Skipped with a note when fla is not installed.
+  attention: the same KV-state recurrence and in-chunk products, no relu², no conv.
+* ``fla-simple-gla``: fla's ``chunk_simple_gla`` with a constant per-head decay — the closest op to the window
+  preset's memory (a decayed state; fla decays per token where linspec decays per group of 64).
+  The fla ops are skipped with a note when fla is not installed.
 * ``sdpa-flash``: ``scaled_dot_product_attention(is_causal=True)`` restricted to the flash backend.
 
 Median time from ``triton.testing.do_bench``; achieved TB/s and TFLOP/s come from the analytic byte and FLOP
@@ -32,6 +38,8 @@ from linspec.utils.results import markdown_table, record_bench
 EXAMPLE = "example: linspec bench kernels --lengths 2048 8192 32768 --batch-heads 1x16 8x32 --head-dims 64 128"
 DEFAULT_LENGTHS = [2048, 4096, 8192, 16384, 32768]
 DEFAULT_BATCH_HEADS = ["2x16", "8x16", "8x32"]
+OPS = ("linspec", "linspec-window", "torch-window", "fla", "fla-simple-gla", "sdpa-flash")
+FLA_OPS = ("fla", "fla-simple-gla")
 GROUP_SIZE, TAPS, FLA_CHUNK = 64, 32, 64
 ELEMENT = 2  # bytes per bf16 value
 
@@ -59,9 +67,11 @@ def cost(op: str, mode: str, batch_heads: int, length: int, head_dim: int) -> tu
         io = ELEMENT * tokens * 4 * d  # q, k, v in, o out
         states = 0.0
     else:
-        chunk = GROUP_SIZE if op == "linspec" else FLA_CHUNK
-        conv = 2.0 * chunk * d if op == "linspec" else 0.0  # the window of taps before each group
-        flops = tokens * (4.0 * chunk * d + 4.0 * d * d + conv)  # in-chunk qkᵀ and Av, state build and q·S
+        ours = op.startswith(("linspec", "torch"))
+        chunk = GROUP_SIZE if ours else FLA_CHUNK
+        conv = 2.0 * chunk * d if ours else 0.0  # the window of taps before each group (with in-group taps)
+        in_chunk = 2.0 * chunk * d if op.endswith("window") else 4.0 * chunk * d  # no qkᵀ without κ: taps·v only
+        flops = tokens * (in_chunk + 4.0 * d * d + conv)  # in-chunk qkᵀ and Av, state build and q·S
         io = ELEMENT * tokens * 4 * d
         states = 2.0 * 4 * batch_heads * (-(-length // chunk)) * d * d  # fp32 S per chunk, written then read
     if mode == "fwd+bwd":
@@ -87,38 +97,79 @@ def measure_ceilings() -> dict[str, float]:
     return {"copy_bytes_per_s": 2 * source.numel() * ELEMENT / copy_s, "matmul_flop_per_s": 2 * n**3 / matmul_s}
 
 
-def fla_linear_attention() -> Callable | None:
-    """fla's chunked linear attention taking ``[B, H, T, D]``, or ``None`` when fla is not installed."""
-    try:
-        from fla.ops.linear_attn import chunk_linear_attn
-    except ImportError:
-        return None
-    extra = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
+def _fla_call(function: Callable, **fixed) -> Callable:
+    """An fla op on ``[B, H, T, D]`` tensors (fla takes ``[B, T, H, D]``), returning the output only."""
+    extra = {"head_first": False} if "head_first" in inspect.signature(function).parameters else {}
 
-    def run(q, k, v):
-        out = chunk_linear_attn(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0, normalize=False, **extra
-        )
+    def run(q, k, v, **per_call):
+        out = function(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **fixed, **extra, **per_call)
         return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
 
     return run
 
 
-def ops(fla: Callable | None) -> dict[str, Callable]:
+def fla_ops() -> dict[str, Callable]:
+    """fla's ops by bench name (``chunk_linear_attn``; ``chunk_simple_gla`` where this fla has it), empty when fla
+    is not installed."""
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return {}
+    table = {"fla": _fla_call(chunk_linear_attn, scale=1.0, normalize=False)}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return table
+    simple_gla = _fla_call(chunk_simple_gla, scale=1.0)
+    if "g_gamma" in inspect.signature(chunk_simple_gla).parameters:  # a constant per-head log decay
+
+        def decayed(q, k, v):
+            return simple_gla(q, k, v, g_gamma=window_log_decay(q.shape[1], q.device) / GROUP_SIZE)
+
+    else:  # older fla: the same decay as a per-token log decay [B, T, H]
+
+        def decayed(q, k, v):
+            per_token = window_log_decay(q.shape[1], q.device) / GROUP_SIZE
+            return simple_gla(q, k, v, g=per_token.expand(q.shape[0], q.shape[2], -1).contiguous())
+
+    table["fla-simple-gla"] = decayed
+    return table
+
+
+def window_log_decay(heads: int, device: torch.device | str) -> torch.Tensor:
+    """``log λ`` per head of a fresh ``window`` conversion (``initial_decay_logits``: horizons of 4 to 256 groups),
+    fp32: the decay both ``linspec-window`` and ``fla-simple-gla`` apply (fla per token, so divided by G)."""
+    from linspec.models.terms.grouped import initial_decay_logits
+
+    return F.logsigmoid(initial_decay_logits(heads)).float().to(device)
+
+
+def ops(fla: dict[str, Callable]) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from linspec.ops.chunked import chunked_attention as torch_chunked
+    from linspec.ops.memory import GlobalMemory
     from linspec.ops.triton.chunked import chunked_attention
 
     def linspec_op(q, k, v, conv_weight, gamma):
         return chunked_attention(q, k, v, conv_weight, gamma, GROUP_SIZE)
 
+    def window_memory(q) -> GlobalMemory:
+        return GlobalMemory(log_decay=window_log_decay(q.shape[1], q.device), norm="mean")
+
+    def linspec_window(q, k, v, conv_weight, gamma):
+        return chunked_attention(q, k, v, conv_weight, gamma, GROUP_SIZE, "none", window_memory(q))
+
+    def torch_window(q, k, v, conv_weight, gamma):
+        return torch_chunked(q, k, v, conv_weight, gamma, GROUP_SIZE, "none", window_memory(q))
+
     def sdpa_op(q, k, v, conv_weight, gamma):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    table = {"linspec": linspec_op, "sdpa-flash": sdpa_op}
-    if fla is not None:
-        table["fla"] = lambda q, k, v, conv_weight, gamma: fla(q, k, v)
+    table = {"linspec": linspec_op, "linspec-window": linspec_window, "torch-window": torch_window}
+    table |= {name: (lambda q, k, v, conv_weight, gamma, fn=fn: fn(q, k, v)) for name, fn in fla.items()}
+    table["sdpa-flash"] = sdpa_op
     return table
 
 
@@ -164,6 +215,16 @@ def measure_one(op: str, fn: Callable, mode: str, batch: int, heads: int, length
     )
 
 
+def speedups(results: list[KernelResult], ours: str, theirs: str) -> list[float]:
+    """``theirs.ms / ours.ms`` for every case both ops were timed on (above 1: ours is faster)."""
+
+    def case(r: KernelResult) -> tuple:
+        return r.mode, r.batch, r.heads, r.length, r.head_dim
+
+    timed = {case(r): r.ms for r in results if r.op == theirs}
+    return [timed[case(r)] / r.ms for r in results if r.op == ours and case(r) in timed]
+
+
 def default_preset_routes() -> str:
     """Markdown lines: which side runs each op of the default preset on CUDA, and why."""
     from linspec.config import DEFAULT_PRESET, LinspecConfig
@@ -191,6 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="head dims (default 64 128)")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument(
+        "--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to time (default: all; fla's when installed)"
+    )
     add_output_arguments(parser)
 
 
@@ -209,8 +273,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise LinspecError("linspec bench kernels needs triton: pip install 'linspec[gpu]'") from error
     ceilings = measure_ceilings()
-    fla = fla_linear_attention()
-    table = ops(fla)
+    fla = fla_ops()
+    table = {name: fn for name, fn in ops(fla).items() if name in args.ops}
     from itertools import product
 
     from linspec.utils.progress import progress_bar, show_item
@@ -230,27 +294,26 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     headers = ["op", "mode", "B×H", "T", "d", "median ms", "TB/s", "of copy", "TFLOP/s", "of matmul"]
     device = torch.cuda.get_device_name(0)
-    speedups = [
-        r_sdpa.ms / r.ms
-        for r in results
-        if r.op == "linspec"
-        for r_sdpa in results
-        if r_sdpa.op == "sdpa-flash"
-        and (r_sdpa.mode, r_sdpa.batch, r_sdpa.heads, r_sdpa.length, r_sdpa.head_dim)
-        == (r.mode, r.batch, r.heads, r.length, r.head_dim)
+    comparisons = [
+        ("linspec vs SDPA flash", "linspec", "sdpa-flash"),
+        ("window preset's memory: kernels vs its PyTorch path", "linspec-window", "torch-window"),
+        ("window preset's memory vs fla chunk_simple_gla", "linspec-window", "fla-simple-gla"),
+    ]
+    summary = [
+        f"- {label}, median speed-up over all cases: **{statistics.median(ratios):.2f}×**"
+        for label, ours, theirs in comparisons
+        if (ratios := speedups(results, ours, theirs))
     ]
     text = (
         f"## Triton kernels vs fla and SDPA flash (`linspec bench kernels`, {device}, bf16)\n\n"
         f"Measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
         f"{ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s."
         f"{'' if fla else ' flash-linear-attention is not installed: no fla rows.'}\n\n"
-        f"{markdown_table(headers, rows)}\n\n"
-        f"- linspec vs SDPA flash, median speed-up over all cases: **{statistics.median(speedups):.2f}×**\n"
-        f"{default_preset_routes()}"
+        f"{markdown_table(headers, rows)}\n\n" + "".join(line + "\n" for line in summary) + default_preset_routes()
     )
     print(text)
     if out_dir is not None:
-        payload = {"device": device, "ceilings": ceilings, "fla_installed": fla is not None}
+        payload = {"device": device, "ceilings": ceilings, "fla_installed": bool(fla)}
         path = record_bench(
             "kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir
         )

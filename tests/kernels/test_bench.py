@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from linspec.bench import kernels as kernels_bench
 from linspec.bench import prefill as prefill_bench
@@ -35,6 +36,35 @@ def test_kernel_benchmark_cost_model_orders_the_ops():
     assert kernels_bench.cost("linspec", "fwd+bwd", 16, 32768, 128)[1] == 3 * linspec_flops
     with pytest.raises(argparse.ArgumentTypeError):
         kernels_bench.parse_batch_heads("16")
+
+
+def test_the_window_ops_of_the_kernel_benchmark_time_one_and_the_same_term():
+    """``linspec-window`` (the kernels) and ``torch-window`` (the PyTorch path) are the window preset's grouped term
+    with the same decays; run here through the interpreter on small CPU tensors, they agree, and differ from the
+    paper's op. The cost model counts no in-group scores for them."""
+    table = kernels_bench.ops({})
+    assert [name for name in kernels_bench.OPS if name in table] == ["linspec", "linspec-window", "torch-window",
+                                                                     "sdpa-flash"]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 4, 150, 16, generator=gen), dim=-1) for _ in range(2))
+    v, conv_weight = torch.randn(1, 4, 150, 16, generator=gen), 0.1 * torch.randn(4, 32, generator=gen)
+    inputs = (q, k, v, conv_weight, torch.tensor(0.5))
+    kernel, reference = table["linspec-window"](*inputs), table["torch-window"](*inputs)
+    assert (kernel - reference).abs().max() < 1e-5
+    assert (table["linspec"](*inputs) - reference).abs().max() > 1e-2
+    window_flops = kernels_bench.cost("linspec-window", "fwd", 16, 8192, 128)[1]
+    assert window_flops < kernels_bench.cost("linspec", "fwd", 16, 8192, 128)[1]
+    assert window_flops == kernels_bench.cost("torch-window", "fwd", 16, 8192, 128)[1]
+
+
+def test_speedups_pair_the_same_cases_only():
+    def result(op, length, ms):
+        return kernels_bench.KernelResult(op, "fwd", 1, 16, length, 64, ms, 0.0, 0.0, 0.0, 0.0)
+
+    results = [result("linspec-window", 2048, 1.0), result("fla-simple-gla", 2048, 1.5),
+               result("linspec-window", 4096, 2.0)]  # fmt: skip
+    assert kernels_bench.speedups(results, "linspec-window", "fla-simple-gla") == [1.5]
+    assert kernels_bench.speedups(results, "linspec-window", "sdpa-flash") == []
 
 
 def test_prefill_benchmark_runs_and_records(tmp_path, capsys):
