@@ -59,29 +59,51 @@ def config_state_layout(config, model_dtype: torch.dtype) -> StateLayout:
     return layouts.pop()
 
 
+def _run_start(slots: torch.Tensor) -> int | None:
+    """The first slot when ``slots`` are one ascending run (``first, first + 1, ...``), else None."""
+    first = int(slots[0])
+    if slots.shape[0] == 1 or bool((slots == torch.arange(first, first + slots.shape[0], device=slots.device)).all()):
+        return first
+    return None
+
+
+def _rows(page: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Page rows ``slots``: a view when they are one ascending run (always for one request), else a gathered copy."""
+    first = _run_start(slots)
+    return page.index_select(0, slots) if first is None else page[first : first + slots.shape[0]]
+
+
 def read_states(attention, pages: tuple[torch.Tensor, ...], slots: torch.Tensor, positions: torch.Tensor) -> LayerState:
     """The ``LayerState`` of a batch of requests: row ``b`` from page slot ``slots[b]``, at ``positions[b]`` tokens
-    seen; a row at position 0 is a new request and starts from the empty state, whatever its page held before."""
-    batch = slots.shape[0]
-    empty = attention.empty_state(batch, pages[0].dtype, pages[0].device)
+    seen; a row at position 0 is a new request and starts from the empty state, whatever its page held before.
+
+    Every decode step reads each request's whole state (the window's keys and values of every layer), so the rows
+    are views into the pages where the slots allow it, and the empty state is only made for batches with a new
+    request."""
     slots = slots.long()
-    stored = [page.index_select(0, slots) for page in pages]
+    stored = [_rows(page, slots) for page in pages]
     fresh = positions == 0
     if bool(fresh.any()):
-        empties = _state_tensors(empty)
+        empties = _state_tensors(attention.empty_state(slots.shape[0], pages[0].dtype, pages[0].device))
         stored = [torch.where(fresh.view(-1, *[1] * (s.dim() - 1)), e, s) for s, e in zip(stored, empties, strict=True)]
     given = iter([positions.to(torch.long), *stored])
-    state = empty.map(lambda _: next(given))
+    state = attention.empty_state(0, pages[0].dtype, pages[0].device).map(lambda _: next(given))
     if next(given, None) is not None:
         raise RuntimeError("the state pages hold more tensors than this layer's state")
     return state
 
 
 def write_states(state: LayerState, pages: tuple[torch.Tensor, ...], slots: torch.Tensor) -> None:
-    """Store each row of ``state`` into its request's page slot ``slots[b]``."""
+    """Store each row of ``state`` into its request's page slot ``slots[b]``. A tensor that is still the view
+    ``read_states`` gave (a part the step left as it was, such as filled sinks) is in its page already."""
     tensors = _state_tensors(state)
     if len(tensors) != len(pages):
         raise RuntimeError(f"this layer's state has {len(tensors)} tensors, its pages {len(pages)}")
     slots = slots.long()
+    first = _run_start(slots)
     for page, tensor in zip(pages, tensors, strict=True):
+        if first is not None and tensor.data_ptr() == page[first].data_ptr() and tensor.stride() == page.stride():
+            continue
+        if tensor.untyped_storage().data_ptr() == page.untyped_storage().data_ptr():
+            tensor = tensor.clone()  # another part of the page itself: never copy a page onto itself
         page.index_copy_(0, slots, tensor.to(page.dtype))
