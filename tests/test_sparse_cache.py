@@ -475,3 +475,17 @@ def test_the_cache_is_in_the_decode_state_and_constant(memory_map):
     assert measured_cache_growth(model).per_token == 0
     cache.select_rows(torch.tensor([0, 0]))  # rows copied with the rest of the state
     assert cache.linear_state(0).slices["window"].cache_keys.shape[0] == 2
+
+
+@torch.no_grad()
+def test_the_card_says_what_the_cache_is_and_how_to_rebuild_it():
+    from linspec.conversion.card import conversion_card
+
+    model = cache_model(sparse_cache_policy="recency").float()
+    settings = model.config.linspec_settings
+    card = conversion_card(
+        "base", "out", settings, model, dtype=torch.float32, max_shard_size="2GB", allow_pickle=False,
+        trust_remote_code=False,
+    ).render()  # fmt: skip
+    assert "| sparse cache | 3 tokens per kv head (recency)" in card
+    assert "--sparse-cache 3 --sparse-cache-policy recency" in card
