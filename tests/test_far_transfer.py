@@ -106,9 +106,8 @@ def test_a_window_override_changes_only_positions_past_it_and_is_restored():
     assert torch.equal(plain[:, :unchanged], narrow[:, :unchanged])
     assert (plain[:, unchanged:] - narrow[:, unchanged:]).abs().amax(dim=-1).min() > 1e-6
     assert torch.equal(plain, again)
-    with pytest.raises(ValueError):
-        with window_size(0):
-            pass
+    with pytest.raises(ValueError), window_size(0):
+        pass
 
 
 def test_window_sizes_are_drawn_from_the_seed_and_the_step():
