@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from linspec.ops import backend
 from linspec.ops.extend import gather_tokens, real_first
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
@@ -166,7 +167,12 @@ def run_readout(
 ) -> torch.Tensor:
     """``[B, H, L, Dv + 1]``: query ``r`` (``features [B, H, L, F]``) reads ``initial [B, Hkv, F, Dv + 1]`` (None:
     zero) plus the run's entries ``u < r`` (``keys [B, Hkv, L, F]``, ``values [B, Hkv, L, Dv + 1]``), in blocks of
-    ``CHUNK``: in-block pairs as masked scores, earlier blocks through their summed ``φ_k [v, 1]ᵀ``."""
+    ``CHUNK``: in-block pairs as masked scores, earlier blocks through their summed ``φ_k [v, 1]ᵀ``. The one
+    dispatch (``linspec.ops.backend``) may send the call to its Triton twin, which computes the same."""
+    if backend.far_readout_on_triton(features):
+        from linspec.ops.triton.readout import run_readout as readout_kernel  # imports triton: only when routed
+
+        return readout_kernel(features, keys, values, initial)
     batch, num_heads, length, width = features.shape
     kv_heads, value_width = keys.shape[1], values.shape[-1]
     chunk = max(min(CHUNK, length), 1)

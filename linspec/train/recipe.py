@@ -47,7 +47,9 @@ class Conversion:
     """How the base model is linearised (docs/design.md §2); unset values come from the preset. ``conversion: null``
     keeps the base as it is, for a recipe whose only stage trains a drafter for it."""
 
-    preset: str = DEFAULT_PRESET  # window (recommended), window-hedgehog, stable, paper (exact), decay, mean, normalized, elu
+    preset: str = (
+        DEFAULT_PRESET  # window (recommended), window-hedgehog, stable, paper (exact), decay, mean, normalized, elu
+    )
     group_size: int | None = None  # tokens per group G (paper: 64; default: the preset's)
     conv_taps: int | None = None  # causal depthwise-conv taps P (paper: 32; default: the preset's)
     feature_map: str | None = None  # φ for q/k: l2norm (paper), elu1, relu (default: the preset's)

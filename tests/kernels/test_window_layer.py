@@ -1,6 +1,7 @@
 """A converted model of the ``window`` preset on the kernels: its softmax window stays on PyTorch's scaled-dot-product
-attention, its grouped term (decayed, mean-normalised memory and the conv) runs on Triton — in training (forward and
-backward, through to the decay logits) and in cached decoding — and gives the PyTorch path's result."""
+attention, its grouped term (decayed, mean-normalised memory and the conv) and the far memory's readout run on
+Triton — in training (forward and backward, through to the decay logits) and in cached decoding — and gives the
+PyTorch path's result."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ WINDOW = {
 }
 
 
-@pytest.fixture(scope="module")
-def window_model():
+@pytest.fixture(scope="module", params=["window", "window-hedgehog"])
+def window_model(request):
     """Built before the function-scoped ``poisoned_outputs`` patch, whose ``torch.empty`` would escape the meta
-    device that conversion builds on."""
-    return tiny_linspec("llama", seed=3, group_size=4, conv_taps=3, **WINDOW).float()
+    device that conversion builds on. ``window-hedgehog`` adds the far memory, whose readout has its own kernel."""
+    far = {"memory_feature_map": "hedgehog"} if request.param == "window-hedgehog" else {}
+    return tiny_linspec("llama", seed=3, group_size=4, conv_taps=3, **WINDOW, **far).float()
 
 
 def test_the_window_preset_trains_and_decodes_on_the_kernels(window_model):
