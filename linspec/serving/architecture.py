@@ -54,8 +54,8 @@ class LinspecModelConfig(MambaModelConfig):
     With speculative decoding vLLM feeds each request its last token and the draft tokens in one step and keeps only the
     accepted ones; a state layer must keep a state per draft token and restart from the last accepted one. vLLM 0.32
     passes the accepted counts and per-draft state slots only to the metadata builders of its own Mamba2, GDN,
-    Bailing-linear and ShortConv layers (``GPUModelRunner``, ``extra_attn_metadata_args``), so a linspec layer would fold
-    rejected drafts into its state and decode differently from plain decoding."""
+    Bailing-linear and ShortConv layers (``GPUModelRunner``, ``extra_attn_metadata_args``), so a linspec layer would
+    fold rejected drafts into its state and decode differently from plain decoding."""
 
     @classmethod
     def verify_and_update_config(cls, vllm_config) -> None:
