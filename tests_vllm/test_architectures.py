@@ -1,4 +1,4 @@
-"""Qwen2 (q/k/v biases) and Qwen3 (q/k norms) conversions served by vLLM: greedy tokens equal linspec's own
+"""Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral conversions served by vLLM: greedy tokens equal linspec's own
 generation for concurrent prompts some past the 64-token window, with chunked prefill mixing prefills and decodes,
 all-linear and hybrid. Their configs name every layer in ``layer_types``, which vLLM reads to tell a hybrid from a
 plain attention model: a hybrid must still be served as one."""
@@ -14,6 +14,7 @@ MODELS = {
     "qwen2-softmax-layers": ("qwen2", ("--softmax-layers", "1")),
     "qwen3-all-linear": ("qwen3", ("--preset", "window-hedgehog")),
     "qwen3-softmax-heads": ("qwen3", ("--softmax-heads", "1:0")),
+    "mistral-all-linear": ("mistral", ("--preset", "window")),
 }
 
 
