@@ -38,6 +38,24 @@ def real_first(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     return _scatter_tokens(x, torch.where(token_mask, rank, length), length)
 
 
+def real_tokens_first(
+    token_mask: torch.Tensor | None, position: torch.Tensor, *xs: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([x with each row's real tokens first, ...], count [B])`` for ``xs [B, heads, T, ·]`` of rows at ``position
+    [B]``: the packing every extend-style op computes on. Without a mask every token is real and nothing moves."""
+    if token_mask is None:
+        return list(xs), torch.full_like(position, xs[0].shape[2])
+    token_mask = token_mask.bool()
+    return [real_first(x, token_mask) for x in xs], token_mask.sum(dim=1)
+
+
+def input_columns(token_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: for each input column, the index of its token among the row's packed real tokens (what
+    ``gather_tokens`` takes to put results computed on ``real_first`` tensors back in the input's column order; a
+    padding column maps to any real one)."""
+    return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The last ``old.shape[2]`` entries of ``[old ; each row's first count real entries]`` (``[B, heads, ·, D]``):
     a fixed-size history (the conv ring, a softmax window) after appending a row's real tokens."""

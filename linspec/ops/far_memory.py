@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from linspec.ops import backend
-from linspec.ops.extend import gather_tokens, real_first
+from linspec.ops.extend import gather_tokens, input_columns, real_first, real_tokens_first
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import MemoryColumn, SoftmaxWindow, WindowState
@@ -231,17 +231,11 @@ def far_memory_extend(
     """``(column, far memory after)`` for ``T`` new tokens (padding allowed) on rows at ``position [B]``; the column
     is in the input's column order (a padding column's is any finite value). One token without a mask is decoding."""
     length = q.shape[2]
-    if token_mask is None:
-        real_q, real_k, real_v = q, k, v
-        count = torch.full_like(position, length)
-    else:
-        token_mask = token_mask.bool()
-        real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
-        count = token_mask.sum(dim=1)
+    (real_q, real_k, real_v), count = real_tokens_first(token_mask, position, q, k, v)
     keys, values = _run(state.keys, state.values, position, real_k, real_v, length, window, memory)
     column = memory_column(run_readout(memory.query_features(real_q), keys, values, state.far_memory), memory.bias)
     if token_mask is not None:  # back to the columns the tokens came in
-        column = column.map(lambda x: gather_tokens(x, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)))
+        column = column.map(lambda x: gather_tokens(x, input_columns(token_mask)))
     return column, _folded(state, keys, values, count)
 
 

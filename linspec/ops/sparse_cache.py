@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from linspec.errors import LinspecError
-from linspec.ops.extend import gather_tokens, real_first
+from linspec.ops.extend import gather_tokens, input_columns, real_first, real_tokens_first
 from linspec.ops.far_memory import FarMemory, memory_column, memory_weights, run_readout, spiky_features
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
@@ -337,18 +337,12 @@ def sparse_cache_extend(
     length = q.shape[2]
     if length == 0:
         return MemoryColumn(q.new_zeros(*q.shape[:3], 1), q.new_zeros(*q.shape[:3], v.shape[-1])), {}
-    if token_mask is None:
-        real_q, real_k, real_v = q, k, v
-        count = torch.full_like(position, length)
-    else:
-        token_mask = token_mask.bool()
-        real_q, real_k, real_v = (real_first(x, token_mask) for x in (q, k, v))
-        count = token_mask.sum(dim=1)
+    (real_q, real_k, real_v), count = real_tokens_first(token_mask, position, q, k, v)
     call = _call(state, position, real_k, real_v, count, length, length, window, cache, memory)
     query_index = torch.arange(length, device=q.device).expand(q.shape[0], length)
     column = _column(real_q, state, call, query_index, window, memory, run_readout)
     if token_mask is not None:
-        column = column.map(lambda x: gather_tokens(x, (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)))
+        column = column.map(lambda x: gather_tokens(x, input_columns(token_mask)))
     return column, call.after(state)
 
 
