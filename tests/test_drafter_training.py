@@ -3,7 +3,8 @@ stages, and what the drafter trainer of before wrote (tests/golden/legacy-drafte
 
 The fixture's drafter was trained by that trainer, uninterrupted; its interrupted run stopped after step 3 of 6.
 Batches are a function of the seed and the step and the schedule is the same, so today's stage must give that
-drafter bit for bit, both from the old recipe and by resuming the old run.
+drafter, both from the old recipe and by resuming the old run, within rounding: the fixture's CPU went unrecorded
+and other CPU models round differently.
 """
 
 from __future__ import annotations
@@ -42,10 +43,20 @@ def weights(drafter: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
+    """Bit for bit: two runs of today's code on this machine."""
     first, second = weights(a), weights(b)
     assert sorted(first) == sorted(second)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def assert_fixture_weights(drafter: Path) -> None:
+    """The fixture's drafter within float32 rounding of six optimiser steps: its writer's CPU went unrecorded, and
+    other CPU models round differently (``tests/arithmetic.py``)."""
+    first, second = weights(drafter), weights(LEGACY / "drafter")
+    assert sorted(first) == sorted(second)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def records(run: Path) -> list[dict]:
@@ -66,7 +77,7 @@ def test_an_old_format_recipe_is_read_as_one_drafter_stage_and_trains_the_same_d
 
     assert main(["train", "recipe.yaml", "output=fresh"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "wrote fresh/drafter"
-    assert_same_weights(Path("fresh/drafter"), LEGACY / "drafter")
+    assert_fixture_weights(Path("fresh/drafter"))
     old_rows = (LEGACY / "interrupted" / "metrics.jsonl").read_text().splitlines()
     old_losses = [json.loads(line)["loss"] for line in old_rows]
     new_losses = [r["loss"] for r in records(Path("fresh")) if r["event"] == "step"]
@@ -103,7 +114,7 @@ def test_an_interrupted_old_run_resumes_to_the_drafter_of_the_uninterrupted_run(
     assert "differs from the one" in capsys.readouterr().err
     assert main(["train", "recipe.yaml", "--resume"]) == 0
     assert "resuming at step 3" in capsys.readouterr().out
-    assert_same_weights(run / "drafter", LEGACY / "drafter")
+    assert_fixture_weights(run / "drafter")
     assert not (run / "run.json").exists() and (run / "recipe.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["drafter"]  # the old ones were read
     steps = [(r["event"], r["step"]) for r in records(run)]
@@ -111,6 +122,30 @@ def test_an_interrupted_old_run_resumes_to_the_drafter_of_the_uninterrupted_run(
                      ("step", 6), ("eval", 6)]  # fmt: skip
     config = json.loads((run / "drafter" / "drafter.json").read_text())
     assert config["training"]["recipe"]["stages"][0]["kind"] == "drafter"
+
+
+def test_a_drafter_stage_cut_by_ctrl_c_resumes_to_the_uninterrupted_drafter_bit_for_bit(legacy):
+    """Today's drafter stage, interrupted between checkpoints and resumed on this machine, gives the drafter of
+    its uninterrupted run exactly (the old run above pins only what rounding across CPU models allows)."""
+    import os
+    import signal
+
+    from linspec.train.run import TrainingInterrupted, train
+
+    train(load_recipe("recipe.yaml", ["output=straight"]))
+
+    def interrupt(stage, step, loss):
+        if step == 2:  # seen at the end of step 3, after the checkpoint of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = load_recipe("recipe.yaml", ["output=cut"])
+    with pytest.raises(TrainingInterrupted, match="drafter step 3"):
+        train(recipe, on_step=interrupt)
+    train(recipe, resume=True)
+    assert_same_weights(Path("cut/drafter"), Path("straight/drafter"))
+    cut, straight = ([(r["step"], r["loss"]) for r in records(Path(run)) if r["event"] == "step"]
+                     for run in ("cut", "straight"))  # fmt: skip
+    assert cut == straight
 
 
 def test_an_old_trained_drafter_loads_and_keeps_greedy_output_exact(legacy, capsys):

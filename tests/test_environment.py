@@ -43,7 +43,8 @@ def test_env_command_prints_versions_device_and_lock_status(capsys):
     assert report["dev/eval tools"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kernels = {key: value for key, value in report.items() if key.endswith(f"(window, {device})")}
-    assert {key.split()[0] for key in kernels} == set(OPS)  # where every op of the default preset runs, and why
+    window_ops = set(OPS) - {"run_readout"}  # the window preset has no far memory, whose readout is the last op
+    assert {key.split()[0] for key in kernels} == window_ops  # where every op of the default preset runs, and why
     assert all(value.startswith(("torch: ", "triton: ")) and len(value) > len("torch: ") for value in kernels.values())
     assert main(["env"]) == 0
     assert "tested set" in capsys.readouterr().out

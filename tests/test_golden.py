@@ -7,8 +7,9 @@ greedy and seeded-sampling tokens of speculative generation with each drafter ki
 refactor that reorders one sum fails here, so moving code around is proven to be only a move.
 
 The file ``golden/outputs.safetensors`` was written by ``LINSPEC_WRITE_GOLDEN=1 pytest tests/test_golden.py``.
-Bit-identity is asserted where the machine computes as the writer's did (same torch and CPU capability, recorded
-in the file); elsewhere vector units may round differently, so float64 agreement to 1e-12 is asserted instead.
+Bit-identity is asserted where the machine computes as the writer's did (same torch, vector unit and CPU model,
+recorded in the file: ``tests/arithmetic.py``); elsewhere kernels may round differently, so float64 agreement to
+1e-12 is asserted instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from arithmetic import assert_reproduced, machine
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_base, tiny_linspec
 
@@ -40,10 +42,6 @@ MODELS = {
     "hybrid": dict(preset="window", local_window=12, sink_tokens=2, softmax_layers=(1,), softmax_heads=((0, 1),)),
 }
 PARENTS = [-1, 0, 0, 1, 3, 2, 5]  # a tree whose branches cross a group boundary (G = 8) after a 21-token prompt
-
-
-def machine() -> str:
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def build(kind: str):
@@ -142,10 +140,7 @@ def test_every_mode_gives_the_golden_logits(kind, golden):
     expected, written_on = golden
     for name, logits in mode_outputs(kind).items():
         assert logits.dtype == torch.float64 and logits.shape == expected[name].shape, name
-        if written_on == machine():
-            assert torch.equal(logits, expected[name]), f"{name}: not bit-identical to the golden logits"
-        else:
-            torch.testing.assert_close(logits, expected[name], rtol=0, atol=1e-12, msg=name)
+        assert_reproduced(logits, expected[name], written_on, rtol=0, atol=1e-12, name=name)
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

@@ -71,7 +71,8 @@ def check_same_recipe(path: Path, recipe: Recipe) -> None:
         stored = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise LinspecError(f"{path} is damaged ({type(error).__name__}); start over with --force") from None
-    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    stored = _with_defaults(stored)
+    current = _plain(recipe)
     changed = [key for key in _differences(stored, current) if key.split(".")[0] not in RESUMABLE_CHANGES]
     extended = f"stages.{len(recipe.stages) - 1}.steps"
     if extended in changed and _stage_steps(stored, len(recipe.stages) - 1) <= recipe.stages[-1].steps:
@@ -88,6 +89,23 @@ def check_same_recipe(path: Path, recipe: Recipe) -> None:
             f"the recipe differs from the one {path.parent} was started with ({shown}); resume with the same "
             "recipe, or start over with --force"
         )
+
+
+def _plain(recipe: Recipe):
+    """A recipe as the plain YAML structure ``recipe.yaml`` holds."""
+    return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+
+
+def _with_defaults(stored):
+    """A stored recipe with the keys added since it was written set to their defaults: a run started before a
+    key existed computed what that key's default computes, so resuming it under the default is no change (and
+    under any other value is). A stored recipe that no longer builds is compared as it is."""
+    if not isinstance(stored, dict):
+        return stored
+    try:
+        return _plain(build_recipe(stored))
+    except LinspecError:
+        return stored
 
 
 def _stage_steps(stored, index: int) -> int:
