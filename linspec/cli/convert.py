@@ -70,6 +70,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quality cannot drift with context; absolute: their true distance",
     )
     parser.add_argument(
+        "--memory-length-scaling",
+        action="store_true",
+        default=None,
+        help="with a far memory (window-hedgehog): weigh its softmax column by N^-a per head, N the tokens that left "
+        "the window, a learnt by training (0 at conversion)",
+    )
+    parser.add_argument(
         "--sparse-cache",
         type=int,
         help="K evicted tokens per kv head the softmax window keeps exactly (LoLA; default 0: none); a K-entry "
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             "local_window",
             "sink_tokens",
             "sink_positions",
+            "memory_length_scaling",
             "sparse_cache",
             "sparse_cache_policy",
         )

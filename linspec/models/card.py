@@ -151,6 +151,7 @@ class ModelCard:
         settings = self.settings
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
         heads = ", ".join(f"{layer}:{head}" for layer, head in settings.softmax_heads)
+        scaling = ", weighed by N^-a per head (N: the tokens past the window)" if settings.memory_length_scaling else ""
         lines = [
             "## Conversion",
             "",
@@ -162,7 +163,7 @@ class ModelCard:
             f"| local kernel | {settings.local_kernel} |",
             *([f"| softmax window | {settings.window_summary} |"] if settings.softmax_window else []),
             *(
-                [f"| far memory | {settings.memory_feature_map} feature map, in the window's softmax |"]
+                [f"| far memory | {settings.memory_feature_map} feature map, in the window's softmax{scaling} |"]
                 if settings.far_memory
                 else []
             ),

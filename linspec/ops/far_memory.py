@@ -12,6 +12,9 @@ an evicted token weighs ``e^{b_h} φ_q(q)ᵀφ_k(k_j)`` (``memory_weights``) whe
 the mass a plain window drops. Unlike a separately averaged memory added on top, its share competes with the
 window's tokens for the same probability mass, so a query that matches a far token strongly can single it out.
 A query with nothing evicted (``t < W + n``) has no column: there the layer is the window alone, exactly.
+With length scaling (``LinspecConfig.memory_length_scaling``) the logit is ``b_h − a_h log N_t + log φ_q(q)ᵀz_g``,
+``N_t`` the count of tokens query ``t`` has evicted (``FarMemory.log_bias``): a function of the query's position
+alone, so every mode computes it the same way and the state does not change.
 
 Feature maps (``LinspecConfig.memory_feature_map``): ``φ(x) = [softmax(xA), softmax(−xA)]`` over the head
 dimension — positive, and as spiky as the exp they stand in for — with ``A`` learnable per head, separately for
@@ -69,12 +72,24 @@ def spiky_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Te
 
 @dataclass(frozen=True)
 class FarMemory:
-    """The memory's parameters in the compute dtype: ``bias [H]`` (``b_h``) and, for learnable maps, the
-    projections ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map)."""
+    """The memory's parameters in the compute dtype: ``bias [H]`` (``b_h``), for learnable maps the projections
+    ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map), and with length scaling
+    ``length_exponent [H]`` (``a_h``; None: without)."""
 
     bias: torch.Tensor
     query_map: torch.Tensor | None = None
     key_map: torch.Tensor | None = None
+    length_exponent: torch.Tensor | None = None
+
+    def log_bias(self, positions: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
+        """The column's bias for queries at ``positions [B or 1, T]``: ``b_h − a_h log N_t`` as ``[B or 1, H, T, 1]``,
+        where ``N_t = t − W − n + 1`` tokens have left query ``t``'s window (at least 1: a query with none reads no
+        column). Without length scaling ``b_h`` alone, ``[1, H, 1, 1]``."""
+        bias = self.bias.view(1, -1, 1, 1)
+        if self.length_exponent is None:
+            return bias
+        evicted = (positions - (window.size + window.sinks - 1)).clamp_min(1).to(self.bias.dtype)
+        return bias - self.length_exponent.view(1, -1, 1, 1) * torch.log(evicted)[:, None, :, None]
 
     def query_features(self, q: torch.Tensor) -> torch.Tensor:
         return spiky_features(q, self.query_map)
@@ -99,13 +114,16 @@ def empty_memory(window: WindowState, value_dim: int) -> WindowWithMemory:
     return WindowWithMemory(window.keys, window.values, window.sink_keys, window.sink_values, memory)
 
 
-def memory_weights(q: torch.Tensor, k: torch.Tensor, memory: FarMemory) -> torch.Tensor:
-    """``e^{b_h} φ_q(q_t)ᵀφ_k(k_j)`` for every query ``t`` of ``q [B, H, Tq, D]`` and key ``j`` of ``k [B, Hkv, Tk,
-    D]``: ``[B, H, Tq, Tk]``, the unnormalised weight the memory gives an evicted key where the parent's softmax
-    gave ``exp(q·k/√d)`` (what attention transfer fits φ and b to)."""
+def memory_weights(
+    q: torch.Tensor, k: torch.Tensor, memory: FarMemory, positions: torch.Tensor, window: SoftmaxWindow
+) -> torch.Tensor:
+    """``e^{b_h − a_h log N_t} φ_q(q_t)ᵀφ_k(k_j)`` for every query ``t`` of ``q [B, H, Tq, D]`` (at ``positions
+    [B or 1, Tq]``) and key ``j`` of ``k [B, Hkv, Tk, D]``: ``[B, H, Tq, Tk]``, the unnormalised weight the memory
+    gives an evicted key where the parent's softmax gave ``exp(q·k/√d)`` (what attention transfer fits φ, b and a
+    to)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     features = memory.key_features(k).repeat_interleave(heads // kv_heads, dim=1)
-    return memory.bias.exp().view(1, -1, 1, 1) * (memory.query_features(q) @ features.transpose(-1, -2))
+    return memory.log_bias(positions, window).exp() * (memory.query_features(q) @ features.transpose(-1, -2))
 
 
 def far_memory_reference(
@@ -131,16 +149,18 @@ def far_memory_reference(
     if sink_q is not None:
         far = visible & outside & (t[:, None] > window.last_true_position)
         scores = torch.where(far, sink_q @ keys.transpose(-1, -2), scores)
-    logits = torch.where(evicted, torch.log(memory_weights(q, k, memory)), scores * window.scale)
+    weights = memory_weights(q, k, memory, t[None], window)
+    logits = torch.where(evicted, torch.log(weights), scores * window.scale)
     return torch.softmax(logits.masked_fill(~(visible | evicted), float("-inf")), dim=-1) @ values
 
 
-def memory_column(readout: torch.Tensor, bias: torch.Tensor) -> MemoryColumn:
-    """The softmax column of a readout ``[B, H, T, Dv + 1]`` (``φ_qᵀS``, ``φ_qᵀz``): logit ``b + log φ_qᵀz`` and
-    value ``φ_qᵀS / φ_qᵀz``. A zero ``φ_qᵀz`` (nothing folded yet, or features that share no support) is raised
-    to the dtype's smallest normal: its numerator is zero too, so the column weighs nothing and reads zero."""
+def memory_column(readout: torch.Tensor, log_bias: torch.Tensor) -> MemoryColumn:
+    """The softmax column of a readout ``[B, H, T, Dv + 1]`` (``φ_qᵀS``, ``φ_qᵀz``): logit ``log_bias + log φ_qᵀz``
+    (``FarMemory.log_bias`` of the queries' positions) and value ``φ_qᵀS / φ_qᵀz``. A zero ``φ_qᵀz`` (nothing
+    folded yet, or features that share no support) is raised to the dtype's smallest normal: its numerator is zero
+    too, so the column weighs nothing and reads zero."""
     den = readout[..., -1:].clamp_min(torch.finfo(readout.dtype).tiny)
-    return MemoryColumn(bias.view(1, -1, 1, 1) + torch.log(den), readout[..., :-1] / den)
+    return MemoryColumn(log_bias + torch.log(den), readout[..., :-1] / den)
 
 
 def _run(
@@ -209,7 +229,8 @@ def far_memory_chunked(
     )
     start = torch.zeros(batch, dtype=torch.long, device=k.device)
     keys, values = _run(*ring, start, k, v, length, window, memory)
-    return memory_column(run_readout(memory.query_features(q), keys, values, None), memory.bias)
+    log_bias = memory.log_bias(torch.arange(length, device=q.device)[None], window)
+    return memory_column(run_readout(memory.query_features(q), keys, values, None), log_bias)
 
 
 def _folded(state: WindowWithMemory, keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -233,7 +254,8 @@ def far_memory_extend(
     length = q.shape[2]
     (real_q, real_k, real_v), count = real_tokens_first(token_mask, position, q, k, v)
     keys, values = _run(state.keys, state.values, position, real_k, real_v, length, window, memory)
-    column = memory_column(run_readout(memory.query_features(real_q), keys, values, state.far_memory), memory.bias)
+    log_bias = memory.log_bias(position[:, None] + torch.arange(length, device=q.device), window)  # real first
+    column = memory_column(run_readout(memory.query_features(real_q), keys, values, state.far_memory), log_bias)
     if token_mask is not None:  # back to the columns the tokens came in
         column = column.map(lambda x: gather_tokens(x, input_columns(token_mask)))
     return column, _folded(state, keys, values, count)
@@ -268,7 +290,8 @@ def far_memory_verify(
     features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, nodes, -1)
     scores = (features @ keys[:, :, None].transpose(-1, -2)).masked_fill(~read, 0.0)
     readout = scores @ values[:, :, None] + features @ state.far_memory[:, :, None]
-    return memory_column(readout.reshape(batch, num_heads, nodes, -1), memory.bias)
+    log_bias = memory.log_bias(position[:, None] + depth, window)
+    return memory_column(readout.reshape(batch, num_heads, nodes, -1), log_bias)
 
 
 def far_memory_commit(

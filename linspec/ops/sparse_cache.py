@@ -309,14 +309,16 @@ def _call(
 
 
 def _column(
-    q: torch.Tensor, state: WindowWithCache, call: _Call, query_index: torch.Tensor, window: SoftmaxWindow,
-    memory: FarMemory | None, memory_readout,
+    q: torch.Tensor, state: WindowWithCache, call: _Call, position: torch.Tensor, query_index: torch.Tensor,
+    window: SoftmaxWindow, memory: FarMemory | None, memory_readout,
 ) -> MemoryColumn:  # fmt: skip
+    """The cache's and the far memory's column for queries ``q`` at ``position[b] + query_index[b, i]``."""
     cache_part = _cache_readout(q, call.keys, call.values, call.plan, query_index, window.scale)
     far = None
     if memory is not None:
         keys, values = call.folded()
-        far = memory_column(memory_readout(memory.query_features(q), keys, values, state.far_memory), memory.bias)
+        readout = memory_readout(memory.query_features(q), keys, values, state.far_memory)
+        far = memory_column(readout, memory.log_bias(position[:, None] + query_index, window))
     return _joined(cache_part, far)
 
 
@@ -340,7 +342,7 @@ def sparse_cache_extend(
     (real_q, real_k, real_v), count = real_tokens_first(token_mask, position, q, k, v)
     call = _call(state, position, real_k, real_v, count, length, length, window, cache, memory)
     query_index = torch.arange(length, device=q.device).expand(q.shape[0], length)
-    column = _column(real_q, state, call, query_index, window, memory, run_readout)
+    column = _column(real_q, state, call, position, query_index, window, memory, run_readout)
     if token_mask is not None:
         column = column.map(lambda x: gather_tokens(x, input_columns(token_mask)))
     return column, call.after(state)
@@ -400,7 +402,7 @@ def sparse_cache_verify(
     ring = window.size - 1
     none = torch.zeros_like(position)
     call = _call(state, position, k[:, :, :0], v[:, :, :0], none + ring, ring, deepest, window, cache, memory)
-    return _column(q, state, call, depth, window, memory, lambda f, key, val, init: _indexed_readout(
+    return _column(q, state, call, position, depth, window, memory, lambda f, key, val, init: _indexed_readout(
         f, key, val, init, depth))  # fmt: skip
 
 
@@ -475,7 +477,7 @@ def sparse_cache_reference(
         scores = torch.where(far, sink_q @ keys.transpose(-1, -2), scores)
     logits = (scores * window.scale).masked_fill(~(visible | cached), float("-inf"))
     if memory is not None:
-        logits = torch.where(folded, torch.log(memory_weights(q, k, memory)), logits)
+        logits = torch.where(folded, torch.log(memory_weights(q, k, memory, t[None], window)), logits)
     return torch.softmax(logits, dim=-1) @ values
 
 

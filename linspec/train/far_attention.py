@@ -112,15 +112,16 @@ def _row_constants(
 
 
 def _column_logits(q: torch.Tensor, k: torch.Tensor, first: int, window: SoftmaxWindow, memory: FarMemory):
-    """``b_h + log φ_q(q_t)ᵀz_t`` for rows ``t ≥ first`` (``q [B, H, R, D]``): ``z_t`` sums ``φ_k`` over the
-    tokens ``n ≤ j ≤ t − W``, a cumulative sum over the keys."""
+    """``b_h − a_h log N_t + log φ_q(q_t)ᵀz_t`` for rows ``t ≥ first`` (``q [B, H, R, D]``): ``z_t`` sums ``φ_k``
+    over the ``N_t`` tokens ``n ≤ j ≤ t − W``, a cumulative sum over the keys."""
     heads, kv_heads, length = q.shape[1], k.shape[1], k.shape[2]
     features = memory.key_features(k)
     folded = (torch.arange(length, device=k.device) >= window.sinks)[:, None]
     sums = (features * folded).cumsum(dim=2)[:, :, window.sinks : length - window.size]  # z for t = first …
     sums = sums.repeat_interleave(heads // kv_heads, dim=1)
     reads = (memory.query_features(q) * sums).sum(dim=-1)
-    return memory.bias.view(1, -1, 1) + torch.log(reads.clamp_min(torch.finfo(reads.dtype).tiny))
+    log_bias = memory.log_bias(first + torch.arange(q.shape[2], device=q.device)[None], window)[..., 0]
+    return log_bias + torch.log(reads.clamp_min(torch.finfo(reads.dtype).tiny))
 
 
 def _cross_term(
@@ -142,5 +143,5 @@ def _cross_term(
     with torch.no_grad():
         scores = q @ far_keys.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2) * window.scale
         p = torch.exp(scores - parent_logz[..., None]).masked_fill(~evicted, 0.0)
-    weights = memory_weights(q, far_keys, memory).clamp_min(torch.finfo(q.dtype).tiny)
+    weights = memory_weights(q, far_keys, memory, t.view(1, -1), window).clamp_min(torch.finfo(q.dtype).tiny)
     return (p * torch.log(weights)).sum()

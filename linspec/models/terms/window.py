@@ -5,8 +5,9 @@ It scores the RoPE'd queries and keys before any feature map, with the module's 
 With ``memory_feature_map`` it also keeps the far memory of the tokens that leave the window
 (``linspec.ops.far_memory``): the memory is one more column of the window's softmax, so the window term owns it —
 its state rides in the window's slice (``WindowWithMemory``) and its column joins each mode's one softmax. Its
-parameters live on the layer: ``memory_bias`` (``[num_heads]``, ``b_h``) and, for ``hedgehog``,
-``memory_feature_map_q`` (``[num_heads, D, D]``) and ``memory_feature_map_k`` (``[num_kv_heads, D, D]``).
+parameters live on the layer: ``memory_bias`` (``[num_heads]``, ``b_h``), for ``hedgehog``
+``memory_feature_map_q`` (``[num_heads, D, D]``) and ``memory_feature_map_k`` (``[num_kv_heads, D, D]``), and with
+``memory_length_scaling`` ``memory_length_exponent`` (``[num_heads]``, ``a_h``, 0 at conversion).
 
 With ``sparse_cache`` it also keeps the K evicted tokens per kv head its policy picks (``linspec.ops.sparse_cache``),
 in the same slice (``WindowWithCache``) and the same column. Training-free: the training forward (training mode,
@@ -96,6 +97,8 @@ class SoftmaxWindowTerm(Term):
         like = {"dtype": weight.dtype, "device": weight.device}
         bias = initial_memory_bias(self.head_dim, layer.settings.local_window)
         initial = {"memory_bias": torch.full((layer.num_heads,), bias, **like)}
+        if layer.settings.memory_length_scaling:
+            initial["memory_length_exponent"] = torch.zeros(layer.num_heads, **like)
         if self.memory_map == "hedgehog":
             eye = torch.eye(self.head_dim, **like)
             initial["memory_feature_map_q"] = eye.repeat(layer.num_heads, 1, 1)
@@ -112,11 +115,12 @@ class SoftmaxWindowTerm(Term):
         if self.memory_map == "none":
             return None
         layer = self.layer
+        exponent = getattr(layer, "memory_length_exponent", None)
+        exponent = None if exponent is None else exponent.to(dtype)
         if self.memory_map == "softmax":
-            return FarMemory(layer.memory_bias.to(dtype))
-        return FarMemory(
-            layer.memory_bias.to(dtype), layer.memory_feature_map_q.to(dtype), layer.memory_feature_map_k.to(dtype)
-        )
+            return FarMemory(layer.memory_bias.to(dtype), length_exponent=exponent)
+        maps = layer.memory_feature_map_q.to(dtype), layer.memory_feature_map_k.to(dtype)
+        return FarMemory(layer.memory_bias.to(dtype), *maps, exponent)
 
     def _read(self, column):
         """The column the window reads: none while the layer's ``far_memory_on`` is off (the ablation), which still
