@@ -113,10 +113,10 @@ class LinspecConfig:
     the window's ``exp(q·k/√d)`` — one shared normaliser, as LoLCATs does, instead of a separately averaged term.
     ``hedgehog``: ``φ(x) = [softmax(xA), softmax(−xA)]`` with ``A`` learnable per head (identity at conversion);
     ``softmax``: ``A = I``, no parameters. Inside the window nothing is evicted, so the layer there is the window
-    alone. The ``window-hedgehog`` preset is the ``window`` preset with it. ``memory_length_scaling`` adds a
-    learnable per-head exponent ``a_h`` (0 at conversion) to the column's logit, ``− a_h log N_t`` with ``N_t`` the
-    number of tokens query ``t`` has evicted: the parent's attention to far tokens falls with distance, so its far
-    mass grows like ``N^(1−a)`` rather than ``N``, and a memory fitted on short sequences keeps its weight right on
+    alone. The ``window-hedgehog`` preset is the ``window`` preset with it. ``memory_distance_decay`` weighs the
+    column as if each far token weighed ``d^(−α_h)`` by its distance ``d`` (``α_h`` learnt per head, 0 at
+    conversion): the parent's attention to far tokens falls with distance, so its far mass grows with the context
+    far slower than the count of folded tokens, and a memory fitted on short sequences keeps its weight right on
     long ones.
 
     The sparse cache (``sparse_cache`` K, ``linspec.ops.sparse_cache``; softmax window only; LoLA, McDermott et al.
@@ -151,7 +151,7 @@ class LinspecConfig:
     sink_tokens: int = 0
     sink_positions: str = "absolute"
     memory_feature_map: str = "none"
-    memory_length_scaling: bool = False
+    memory_distance_decay: bool = False
     sparse_cache: int = 0
     sparse_cache_policy: str = "recall-error"
 
@@ -236,10 +236,10 @@ class LinspecConfig:
                 f"memory_feature_map must be one of {', '.join(MEMORY_FEATURE_MAPS)}; "
                 f"got {self.memory_feature_map!r:.40}"
             )
-        if not isinstance(self.memory_length_scaling, bool):
-            raise LinspecError(f"memory_length_scaling must be true or false, got {self.memory_length_scaling!r:.40}")
-        if self.memory_length_scaling and self.memory_feature_map == "none":
-            raise LinspecError("memory_length_scaling scales the far memory's column; it needs a memory_feature_map")
+        if not isinstance(self.memory_distance_decay, bool):
+            raise LinspecError(f"memory_distance_decay must be true or false, got {self.memory_distance_decay!r:.40}")
+        if self.memory_distance_decay and self.memory_feature_map == "none":
+            raise LinspecError("memory_distance_decay scales the far memory's column; it needs a memory_feature_map")
         if self.memory_feature_map != "none" and self.local_kernel != "softmax":
             raise LinspecError(
                 f"memory_feature_map {self.memory_feature_map!r} needs local_kernel 'softmax' (the far memory is a "

@@ -55,18 +55,18 @@ def inputs(length: int, batch: int = 2, seed: int = 0):
     return rand(HEADS), rand(KV_HEADS), rand(KV_HEADS)
 
 
-def far_memory(learnable: bool, seed: int = 3, scaled: bool = False) -> FarMemory:
-    """Random parameters: the maps away from the identity and biases per head (with ``scaled``, length exponents
-    too, some negative), so a mix-up of heads or positions shows."""
+def far_memory(learnable: bool, seed: int = 3, decayed: bool = False) -> FarMemory:
+    """Random parameters: the maps away from the identity and biases per head (with ``decayed``, distance exponents
+    too, around 1), so a mix-up of heads or positions shows."""
     generator = torch.Generator().manual_seed(seed)
 
     def near_identity(heads: int) -> torch.Tensor:
         return torch.eye(DIM, dtype=torch.float64) + 0.5 * torch.randn(heads, DIM, DIM, generator=generator).double()
 
     bias = torch.randn(HEADS, generator=generator, dtype=torch.float64) + 1.0
-    exponent = torch.randn(HEADS, generator=generator, dtype=torch.float64) if scaled else None
+    exponent = 1.0 + torch.randn(HEADS, generator=generator, dtype=torch.float64) if decayed else None
     if not learnable:
-        return FarMemory(bias, length_exponent=exponent)
+        return FarMemory(bias, distance_exponent=exponent)
     return FarMemory(bias, near_identity(HEADS), near_identity(KV_HEADS), exponent)
 
 
@@ -97,11 +97,33 @@ def step(q, k, v, state, position, window, memory, sink_q=None):
 WINDOWS = [(1, 0), (3, 0), (3, 2), (5, 1), (4, 9), (8, 3)]
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_the_reference_is_the_definition_written_as_a_loop(scaled):
-    """Token ``t``: the window's logits for its window and sinks, ``log(e^{b − a log N_t} φ_qᵀφ_k)`` for every token
-    that has left it (``t − j ≥ W``, ``j ≥ n``; ``N_t`` of them), one softmax."""
-    window, memory = SoftmaxWindow(3, 2, 0.45), far_memory(True, scaled=scaled)
+def mean_distance_weight(window: int, count: int, alpha: float) -> float:
+    """``log(∫_W^{W+N} d^(−α) dd / N)`` by the trapezoid rule on a fine grid: the closed form's specification."""
+    d = torch.linspace(window, window + count, 200001, dtype=torch.float64)
+    return math.log(float(torch.trapezoid(d ** (-alpha), d)) / count)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 1.0 + 1e-6, 2.5, -0.7])
+def test_the_distance_decay_is_the_mean_weight_of_the_folded_distances(alpha):
+    """``log f`` for every query of a long sequence, including ``α`` at and next to 1 (the closed form's 0/0)."""
+    window = SoftmaxWindow(16, 3, 1.0)
+    bias = torch.tensor([0.25, -1.0], dtype=torch.float64)
+    memory = FarMemory(bias, distance_exponent=torch.tensor([alpha, 0.0], dtype=torch.float64))
+    positions = torch.arange(19, 400)[None]
+    log_bias = memory.log_bias(positions, window)[0, :, :, 0]  # (H, T)
+    for t in (19, 20, 47, 399):
+        count = t - 16 - 3 + 1
+        expected = 0.25 + mean_distance_weight(16, count, alpha)
+        assert float(log_bias[0, t - 19]) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    torch.testing.assert_close(log_bias[1], bias[1].expand(log_bias.shape[1]), rtol=0, atol=1e-12)  # α = 0: the count
+    assert torch.equal(memory.log_bias(torch.tensor([[5]]), window), memory.log_bias(torch.tensor([[18]]), window))
+
+
+@pytest.mark.parametrize("decayed", [False, True])
+def test_the_reference_is_the_definition_written_as_a_loop(decayed):
+    """Token ``t``: the window's logits for its window and sinks, ``log(e^b f(N_t) φ_qᵀφ_k)`` for every token that has
+    left it (``t − j ≥ W``, ``j ≥ n``; ``N_t`` of them), one softmax."""
+    window, memory = SoftmaxWindow(3, 2, 0.45), far_memory(True, decayed=decayed)
     q, k, v = inputs(12, batch=1)
     weights = memory_weights(q, k, memory, torch.arange(12)[None], window)
     expected = torch.zeros_like(q)
@@ -119,10 +141,10 @@ def test_the_reference_is_the_definition_written_as_a_loop(scaled):
     torch.testing.assert_close(far_memory_reference(q, k, v, window, memory), expected)
     one = torch.tensor(1.0, dtype=torch.float64)
     features = memory.query_features(q[:, :1, :1])[0, 0, 0], memory.key_features(k[:, :1, 5:6])[0, 0, 0]
-    torch.testing.assert_close(weights[0, 0, 0, 5], memory.bias[0].exp() * features[0] @ features[1])
-    t, evicted = 9, 9 - 3 - 2 + 1  # query 9 has evicted tokens 2 … 6
-    exponent = memory.length_exponent[0] if scaled else 0.0
-    log_bias = memory.bias[0] - exponent * math.log(evicted)
+    if not decayed:
+        torch.testing.assert_close(weights[0, 0, 0, 5], memory.bias[0].exp() * features[0] @ features[1])
+    t = 9  # query 9 has evicted tokens 2 … 6, at distances 3 … 7
+    log_bias = memory.bias[0] + (mean_distance_weight(3, 5, float(memory.distance_exponent[0])) if decayed else 0.0)
     features = memory.query_features(q[:, :1, t : t + 1])[0, 0, 0], memory.key_features(k[:, :1, 4:5])[0, 0, 0]
     torch.testing.assert_close(weights[0, 0, t, 4], log_bias.exp() * features[0] @ features[1])
     torch.testing.assert_close(features[0][:DIM].sum(), one)  # each half of φ is a softmax
@@ -133,9 +155,9 @@ def test_the_reference_is_the_definition_written_as_a_loop(scaled):
 @pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), WINDOWS)
 @pytest.mark.parametrize("length", [5, 23, 70])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_whole_sequence_equals_reference(size, sinks, length, adjacent, learnable, scaled):
-    window, memory = SoftmaxWindow(size, sinks, 0.3), far_memory(learnable, scaled=scaled)
+@pytest.mark.parametrize("decayed", [False, True])
+def test_whole_sequence_equals_reference(size, sinks, length, adjacent, learnable, decayed):
+    window, memory = SoftmaxWindow(size, sinks, 0.3), far_memory(learnable, decayed=decayed)
     q, k, v = inputs(length)
     sink_q = sink_queries(q) if adjacent else None
     torch.testing.assert_close(
@@ -169,13 +191,13 @@ def test_query_blocks_smaller_than_the_window(monkeypatch):
 
 @pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), WINDOWS)
-@pytest.mark.parametrize("scaled", [False, True])
-def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent, scaled, monkeypatch):
+@pytest.mark.parametrize("decayed", [False, True])
+def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent, decayed, monkeypatch):
     """Rows advance by different, padded pieces and end where the reference does; the state equals one extend."""
     import linspec.ops.window as window_module
 
     monkeypatch.setattr(window_module, "EXTEND_SLICE", 5)  # pieces longer than a slice too
-    window, memory = SoftmaxWindow(size, sinks, 0.5), far_memory(True, scaled=scaled)
+    window, memory = SoftmaxWindow(size, sinks, 0.5), far_memory(True, decayed=decayed)
     length = 25
     q, k, v = inputs(length)
     sink_q = sink_queries(q) if adjacent else None
@@ -210,11 +232,11 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent, s
 
 @pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), WINDOWS)
-@pytest.mark.parametrize("scaled", [False, True])
-def test_decode_steps_equal_reference_and_extend(size, sinks, adjacent, scaled):
+@pytest.mark.parametrize("decayed", [False, True])
+def test_decode_steps_equal_reference_and_extend(size, sinks, adjacent, decayed):
     """``window_step`` with the memory, one token at a time from the start, the rows of the batch at different
     positions (the second row starts later): outputs equal the reference and the state equals extend's."""
-    window, memory = SoftmaxWindow(size, sinks, 0.3), far_memory(False, scaled=scaled)
+    window, memory = SoftmaxWindow(size, sinks, 0.3), far_memory(False, decayed=decayed)
     q, k, v = inputs(24)
     sink_q = sink_queries(q) if adjacent else None
     expected = far_memory_reference(q, k, v, window, memory, sink_q)
@@ -256,9 +278,9 @@ def decode_path(q, k, v, state, position, window, memory, nodes, sink_q=None):
 @pytest.mark.parametrize("adjacent", [False, True])
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 0), (3, 2), (4, 9), (40, 4)])
 @pytest.mark.parametrize("committed", [0, 2, 5, 13])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent, scaled):
-    window, memory = SoftmaxWindow(size, sinks, 0.7), far_memory(True, scaled=scaled)
+@pytest.mark.parametrize("decayed", [False, True])
+def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent, decayed):
+    window, memory = SoftmaxWindow(size, sinks, 0.7), far_memory(True, decayed=decayed)
     prefix = inputs(committed, batch=1, seed=1)
     state = extend(*prefix, fresh(1, window), torch.zeros(1, dtype=torch.long), window, memory)[1]
     position = torch.tensor([committed])
@@ -277,9 +299,9 @@ def test_verify_equals_decoding_each_path(size, sinks, committed, adjacent, scal
 
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (4, 1)])
 @pytest.mark.parametrize("committed", [0, 3, 9])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_commit_of_an_accepted_path_equals_decoding_it(size, sinks, committed, scaled):
-    window, memory = SoftmaxWindow(size, sinks, 0.7), far_memory(True, scaled=scaled)
+@pytest.mark.parametrize("decayed", [False, True])
+def test_commit_of_an_accepted_path_equals_decoding_it(size, sinks, committed, decayed):
+    window, memory = SoftmaxWindow(size, sinks, 0.7), far_memory(True, decayed=decayed)
     prefix = inputs(committed, batch=2, seed=1)
     state = extend(*prefix, fresh(2, window), torch.zeros(2, dtype=torch.long), window, memory)[1]
     position = torch.full((2,), committed)
@@ -302,8 +324,8 @@ def test_commit_of_an_accepted_path_equals_decoding_it(size, sinks, committed, s
 def test_gradients_equal_reference_and_reach_the_memory_parameters():
     window = SoftmaxWindow(5, 2, 0.6)
     q, k, v = inputs(29)
-    base = far_memory(True, scaled=True)
-    parameters = (base.bias, base.query_map, base.key_map, base.length_exponent)
+    base = far_memory(True, decayed=True)
+    parameters = (base.bias, base.query_map, base.key_map, base.distance_exponent)
     tensors = [x.clone().requires_grad_() for x in (q, k, v, sink_queries(q), *parameters)]
     weights = torch.randn(2, HEADS, 29, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     grads = []
@@ -321,9 +343,9 @@ def test_gradients_equal_reference_and_reach_the_memory_parameters():
 def test_gradcheck_on_a_tiny_case():
     window = SoftmaxWindow(2, 1, 0.5)
     q, k, v = inputs(7, batch=1)
-    memory = far_memory(True, scaled=True)
+    memory = far_memory(True, decayed=True)
     parameters = [x.clone().requires_grad_() for x in (memory.bias, memory.query_map, memory.key_map,
-                                                       memory.length_exponent)]  # fmt: skip
+                                                       memory.distance_exponent)]  # fmt: skip
     assert torch.autograd.gradcheck(
         lambda b, a_q, a_k, a, q, k: chunked(q, k, v, window, FarMemory(b, a_q, a_k, a)),
         (*parameters, q.clone().requires_grad_(), k.clone().requires_grad_()),
@@ -341,7 +363,7 @@ def memory_model(seed: int = 4, **overrides):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.linspec_modules():
-            for name in ("memory_feature_map_q", "memory_feature_map_k", "memory_bias", "memory_length_exponent"):
+            for name in ("memory_feature_map_q", "memory_feature_map_k", "memory_bias", "memory_distance_exponent"):
                 parameter = getattr(module, name, None)
                 if parameter is not None:
                     parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64))
@@ -363,10 +385,10 @@ def test_the_settings_are_checked_and_the_preset_keeps_the_window():
         LinspecConfig(memory_feature_map="softmax")
     with pytest.raises(LinspecError, match="memory_feature_map must be a name"):
         LinspecConfig.from_dict({**PRESETS["window"], "memory_feature_map": 3})
-    with pytest.raises(LinspecError, match="memory_length_scaling scales the far memory's column"):
-        LinspecConfig(**{**PRESETS["window"], "memory_length_scaling": True})
-    with pytest.raises(LinspecError, match="memory_length_scaling must be true or false"):
-        LinspecConfig(**{**SETTINGS, "memory_length_scaling": "yes"})
+    with pytest.raises(LinspecError, match="memory_distance_decay scales the far memory's column"):
+        LinspecConfig(**{**PRESETS["window"], "memory_distance_decay": True})
+    with pytest.raises(LinspecError, match="memory_distance_decay must be true or false"):
+        LinspecConfig(**{**SETTINGS, "memory_distance_decay": "yes"})
 
 
 def test_conversion_initialises_the_memory_parameters():
@@ -381,18 +403,18 @@ def test_conversion_initialises_the_memory_parameters():
                             LinspecConfig(**{**SETTINGS, "memory_feature_map": "softmax"}))  # fmt: skip
     names = {name.rsplit(".", 1)[-1] for name, _ in plain.named_parameters()}
     assert "memory_bias" in names and "memory_feature_map_q" not in names  # the parameter-free map
-    assert "memory_length_exponent" not in names
-    scaled = linspec.convert(tiny_base("qwen3", 1), LinspecConfig(**{**SETTINGS, "memory_length_scaling": True}))
-    for module in scaled.linspec_modules():  # a_h = 0: the memory of a fresh conversion is unscaled
-        assert torch.equal(module.memory_length_exponent.detach(), torch.zeros(module.num_heads))
+    assert "memory_distance_exponent" not in names
+    decayed = linspec.convert(tiny_base("qwen3", 1), LinspecConfig(**{**SETTINGS, "memory_distance_decay": True}))
+    for module in decayed.linspec_modules():  # α_h = 0: a fresh conversion weighs its far tokens by their count
+        assert torch.equal(module.memory_distance_exponent.detach(), torch.zeros(module.num_heads))
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("feature_map", "scaled"), [("hedgehog", False), ("softmax", False), ("hedgehog", True)])
-def test_every_mode_of_the_model_agrees(feature_map, scaled):
+@pytest.mark.parametrize(("feature_map", "decayed"), [("hedgehog", False), ("softmax", False), ("hedgehog", True)])
+def test_every_mode_of_the_model_agrees(feature_map, decayed):
     """A left-padded prefill, decode steps and an extend agree with each row's whole-sequence forward; a tree
     equals decoding its paths; after a commit a tree sees exactly the committed context — past the window."""
-    model = memory_model(memory_feature_map=feature_map, memory_length_scaling=scaled)
+    model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed)
     ids = random_ids(2, 19, seed=5)
     window_only = tiny_linspec("qwen3", seed=4, **{**SETTINGS, "memory_feature_map": "none"}).double()
     assert not torch.allclose(model(ids).logits[:, 7:], window_only(ids).logits[:, 7:], atol=1e-4)
@@ -458,13 +480,13 @@ def test_the_parameters_survive_save_and_load_and_reset(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    model = memory_model(memory_length_scaling=True).float()
+    model = memory_model(memory_distance_decay=True).float()
     ids = random_ids(1, 16)
     model.save_pretrained(tmp_path / "model")
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert any(name.endswith("memory_feature_map_q") for name in saved)
     assert any(name.endswith("memory_bias") for name in saved)
-    assert any(name.endswith("memory_length_exponent") for name in saved)
+    assert any(name.endswith("memory_distance_exponent") for name in saved)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     module = loaded.linspec_modules()[1]

@@ -56,9 +56,9 @@ def brute_force_kl(module, hidden: torch.Tensor, positions) -> torch.Tensor:
     return per_row[:, :, window.size + window.sinks :].mean()
 
 
-@pytest.mark.parametrize(("sink_positions", "scaled"), [("adjacent", False), ("absolute", False), ("adjacent", True)])
-def test_the_loss_is_the_kl_of_the_spec_rows_over_rows_past_the_window(sink_positions, scaled):
-    model = memory_model(sink_positions=sink_positions, memory_length_scaling=scaled)
+@pytest.mark.parametrize(("sink_positions", "decayed"), [("adjacent", False), ("absolute", False), ("adjacent", True)])
+def test_the_loss_is_the_kl_of_the_spec_rows_over_rows_past_the_window(sink_positions, decayed):
+    model = memory_model(sink_positions=sink_positions, memory_distance_decay=decayed)
     calls = layer_calls(model, random_ids(2, 23))
     for module, hidden, positions in calls:
         expected = brute_force_kl(module, hidden, positions)
@@ -79,11 +79,11 @@ def test_nothing_to_learn_before_the_first_eviction():
     assert far_attention_loss(module, hidden, positions) is None
 
 
-def test_gradients_reach_both_maps_the_bias_and_the_length_exponent():
-    model = memory_model(memory_length_scaling=True)
+def test_gradients_reach_both_maps_the_bias_and_the_distance_exponent():
+    model = memory_model(memory_distance_decay=True)
     module, hidden, positions = layer_calls(model, random_ids(2, 23))[0]
     far_attention_loss(module, hidden, positions).backward()
-    for name in ("memory_feature_map_q", "memory_feature_map_k", "memory_bias", "memory_length_exponent"):
+    for name in ("memory_feature_map_q", "memory_feature_map_k", "memory_bias", "memory_distance_exponent"):
         grad = getattr(module, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert module.q_proj.weight.grad is None  # the parent's projections stay out of it

@@ -47,7 +47,8 @@ def inputs(length: int, batch: int = 2, seed: int = 0):
 
 
 def far_memory(kind: str, seed: int = 3) -> FarMemory | None:
-    """None, the parameter-free map or learnable maps away from the identity, with biases per head."""
+    """None, the parameter-free map or learnable maps away from the identity, with biases per head (``decayed``:
+    the learnable maps with distance exponents around 1)."""
     if kind == "none":
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -58,7 +59,10 @@ def far_memory(kind: str, seed: int = 3) -> FarMemory | None:
     def near_identity(heads: int) -> torch.Tensor:
         return torch.eye(DIM, dtype=torch.float64) + 0.5 * torch.randn(heads, DIM, DIM, generator=generator).double()
 
-    return FarMemory(bias, near_identity(HEADS), near_identity(KV_HEADS))
+    maps = near_identity(HEADS), near_identity(KV_HEADS)
+    if kind == "decayed":
+        return FarMemory(bias, *maps, 1.0 + torch.randn(HEADS, generator=generator, dtype=torch.float64))
+    return FarMemory(bias, *maps)
 
 
 def fresh(batch: int, window: SoftmaxWindow, cache: SparseCache, memory: FarMemory | None) -> WindowWithCache:
@@ -164,7 +168,7 @@ def test_the_policies_keep_different_tokens_and_the_outputs_show_it():
 # --- every mode equals the reference -------------------------------------------------------------------------
 
 WINDOWS = [(1, 0), (3, 0), (3, 2), (5, 1), (4, 9)]
-MEMORIES = ["none", "softmax", "hedgehog"]
+MEMORIES = ["none", "softmax", "hedgehog", "decayed"]
 
 
 @pytest.mark.parametrize("memory_kind", MEMORIES)
@@ -198,7 +202,7 @@ def test_small_query_blocks_and_memory_chunks(monkeypatch):
         )
 
 
-@pytest.mark.parametrize("memory_kind", ["none", "hedgehog"])
+@pytest.mark.parametrize("memory_kind", ["none", "hedgehog", "decayed"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (4, 9)])
 def test_extend_in_pieces_with_padding_equals_reference(size, sinks, policy, memory_kind, monkeypatch):
@@ -235,7 +239,7 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, policy, mem
     assert state.cache_keys.shape == (2, KV_HEADS, 2, DIM) and state.cache_positions.dtype == torch.long
 
 
-@pytest.mark.parametrize("memory_kind", ["none", "hedgehog"])
+@pytest.mark.parametrize("memory_kind", ["none", "hedgehog", "decayed"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (5, 1)])
 def test_decode_steps_equal_reference_and_extend(size, sinks, policy, memory_kind):
@@ -274,7 +278,7 @@ def decode_path(q, k, v, state, position, window, cache, memory, nodes):
     return torch.cat(outs, dim=2), state
 
 
-@pytest.mark.parametrize("memory_kind", ["none", "hedgehog"])
+@pytest.mark.parametrize("memory_kind", ["none", "hedgehog", "decayed"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("size", "sinks"), [(5, 0), (6, 2), (9, 1)])
 @pytest.mark.parametrize("committed", [0, 4, 9, 17])
@@ -307,7 +311,7 @@ def test_trees_as_deep_as_the_window_are_refused():
         sparse_cache_verify(q, k, v, state, torch.tensor([9]), layout, window, cache, None)
 
 
-@pytest.mark.parametrize("memory_kind", ["none", "hedgehog"])
+@pytest.mark.parametrize("memory_kind", ["none", "hedgehog", "decayed"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (4, 1)])
 @pytest.mark.parametrize("committed", [0, 3, 11])

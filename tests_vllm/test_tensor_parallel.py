@@ -1,5 +1,5 @@
 """Tensor parallelism over kv heads on vLLM's CPU backend (two ranks, one core each): greedy tokens at TP 2 equal
-those at TP 1 and linspec's own generation, for an all-linear model (window, sinks, a length-scaled far memory,
+those at TP 1 and linspec's own generation, for an all-linear model (window, sinks, a distance-decayed far memory,
 decayed global memory, conv; biases on every projection, so row-parallel biases too) and a hybrid (a softmax layer
 on vLLM's paged attention), for concurrent prompts some past the 64-token window with chunked prefill; and each
 rank holds half of every state tensor and of the softmax layer's KV."""
@@ -13,7 +13,7 @@ LENGTHS = (3, 17, 40, 70, 130, 300)
 MODELS = {
     "all-linear": (
         "llama",
-        ("--preset", "window-hedgehog", "--memory-length-scaling"),
+        ("--preset", "window-hedgehog", "--memory-distance-decay"),
         {"attention_bias": True, "mlp_bias": True},
     ),
     "hybrid": ("qwen3", ("--softmax-layers", "1"), {}),

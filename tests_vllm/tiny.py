@@ -60,7 +60,7 @@ def _randomized(tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.
             tensor = 0.3 * noise
         elif name.endswith("norm.weight"):
             tensor = tensor + 0.2 * noise
-        elif name.endswith(("decay_logit", "memory_bias", "memory_length_exponent")):
+        elif name.endswith(("decay_logit", "memory_bias", "memory_distance_exponent")):
             tensor = tensor + noise
         elif name.endswith(("memory_feature_map_q", "memory_feature_map_k")):
             tensor = tensor + 0.1 * noise

@@ -70,11 +70,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quality cannot drift with context; absolute: their true distance",
     )
     parser.add_argument(
-        "--memory-length-scaling",
+        "--memory-distance-decay",
         action="store_true",
         default=None,
-        help="with a far memory (window-hedgehog): weigh its softmax column by N^-a per head, N the tokens that left "
-        "the window, a learnt by training (0 at conversion)",
+        help="with a far memory (window-hedgehog): weigh its far tokens as if by distance^-α per head, α learnt by "
+        "training (0 at conversion), so the memory's weight follows the context length",
     )
     parser.add_argument(
         "--sparse-cache",
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             "local_window",
             "sink_tokens",
             "sink_positions",
-            "memory_length_scaling",
+            "memory_distance_decay",
             "sparse_cache",
             "sparse_cache_policy",
         )

@@ -151,7 +151,7 @@ class ModelCard:
         settings = self.settings
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
         heads = ", ".join(f"{layer}:{head}" for layer, head in settings.softmax_heads)
-        scaling = ", weighed by N^-a per head (N: the tokens past the window)" if settings.memory_length_scaling else ""
+        scaling = ", far tokens weighed by distance^-α per head" if settings.memory_distance_decay else ""
         lines = [
             "## Conversion",
             "",

@@ -12,9 +12,14 @@ an evicted token weighs ``e^{b_h} φ_q(q)ᵀφ_k(k_j)`` (``memory_weights``) whe
 the mass a plain window drops. Unlike a separately averaged memory added on top, its share competes with the
 window's tokens for the same probability mass, so a query that matches a far token strongly can single it out.
 A query with nothing evicted (``t < W + n``) has no column: there the layer is the window alone, exactly.
-With length scaling (``LinspecConfig.memory_length_scaling``) the logit is ``b_h − a_h log N_t + log φ_q(q)ᵀz_g``,
-``N_t`` the count of tokens query ``t`` has evicted (``FarMemory.log_bias``): a function of the query's position
-alone, so every mode computes it the same way and the state does not change.
+With distance decay (``LinspecConfig.memory_distance_decay``) the column also weighs its ``N_t`` tokens, which sit
+at distances ``W … W + N_t − 1`` from the query, as if each weighed ``d^(−α_h)`` (``α_h`` learnt per head, 0 at
+conversion): the logit gains ``log f = log(∫_W^{W+N} d^(−α) dd / N)`` (``FarMemory.log_bias``), the mean
+distance weight of the folded tokens. The parent's attention to a far token falls with its distance, so the far
+mass grows with the context far slower than the count of folded tokens; ``f`` follows it for any window and
+length (a window override in training moves the near end, the context the far end), where a weight fitted to
+one count would be too heavy at longer contexts. ``f`` is a function of the query's position alone, so every mode
+computes it the same way and the state does not change.
 
 Feature maps (``LinspecConfig.memory_feature_map``): ``φ(x) = [softmax(xA), softmax(−xA)]`` over the head
 dimension — positive, and as spiky as the exp they stand in for — with ``A`` learnable per head, separately for
@@ -73,23 +78,32 @@ def spiky_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Te
 @dataclass(frozen=True)
 class FarMemory:
     """The memory's parameters in the compute dtype: ``bias [H]`` (``b_h``), for learnable maps the projections
-    ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map), and with length scaling
-    ``length_exponent [H]`` (``a_h``; None: without)."""
+    ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map), and with distance decay
+    ``distance_exponent [H]`` (``α_h``; None: without)."""
 
     bias: torch.Tensor
     query_map: torch.Tensor | None = None
     key_map: torch.Tensor | None = None
-    length_exponent: torch.Tensor | None = None
+    distance_exponent: torch.Tensor | None = None
 
     def log_bias(self, positions: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
-        """The column's bias for queries at ``positions [B or 1, T]``: ``b_h − a_h log N_t`` as ``[B or 1, H, T, 1]``,
-        where ``N_t = t − W − n + 1`` tokens have left query ``t``'s window (at least 1: a query with none reads no
-        column). Without length scaling ``b_h`` alone, ``[1, H, 1, 1]``."""
+        """The column's bias for queries at ``positions [B or 1, T]``, ``[B or 1, H, T, 1]``: ``b_h``, plus with
+        distance decay ``log f_h(N_t)``, where ``N_t = t − W − n + 1`` tokens (at least 1: a query with none reads
+        no column) have left query ``t``'s window. With ``L = log(1 + N/W)`` and ``x = (1 − α) L``,
+        ``∫_W^{W+N} d^(−α) dd = W^(1−α) · L · expm1(x)/x``, so ``log f = (1 − α) log W + log L + log(expm1(x)/x) −
+        log N``: 0 at ``α = 0`` (the plain count), ``log(L W / N)`` at ``α = 1``. Without it ``[1, H, 1, 1]``."""
         bias = self.bias.view(1, -1, 1, 1)
-        if self.length_exponent is None:
+        if self.distance_exponent is None:
             return bias
-        evicted = (positions - (window.size + window.sinks - 1)).clamp_min(1).to(self.bias.dtype)
-        return bias - self.length_exponent.view(1, -1, 1, 1) * torch.log(evicted)[:, None, :, None]
+        dtype = self.bias.dtype
+        count = (positions - (window.size + window.sinks - 1)).clamp_min(1).to(dtype)[:, None, :, None]
+        span = torch.log1p(count / window.size)  # L
+        slope = 1.0 - self.distance_exponent.view(1, -1, 1, 1)  # 1 − α
+        x = slope * span
+        small = x.abs() < 1e-4
+        safe = torch.where(small, torch.ones_like(x), x)
+        log_ratio = torch.where(small, x / 2, torch.log(torch.expm1(safe) / safe))  # log(expm1(x)/x)
+        return bias + slope * math.log(window.size) + torch.log(span) + log_ratio - torch.log(count)
 
     def query_features(self, q: torch.Tensor) -> torch.Tensor:
         return spiky_features(q, self.query_map)
@@ -117,10 +131,10 @@ def empty_memory(window: WindowState, value_dim: int) -> WindowWithMemory:
 def memory_weights(
     q: torch.Tensor, k: torch.Tensor, memory: FarMemory, positions: torch.Tensor, window: SoftmaxWindow
 ) -> torch.Tensor:
-    """``e^{b_h − a_h log N_t} φ_q(q_t)ᵀφ_k(k_j)`` for every query ``t`` of ``q [B, H, Tq, D]`` (at ``positions
-    [B or 1, Tq]``) and key ``j`` of ``k [B, Hkv, Tk, D]``: ``[B, H, Tq, Tk]``, the unnormalised weight the memory
-    gives an evicted key where the parent's softmax gave ``exp(q·k/√d)`` (what attention transfer fits φ, b and a
-    to)."""
+    """``e^{b_h} f_h(N_t) φ_q(q_t)ᵀφ_k(k_j)`` (``FarMemory.log_bias``) for every query ``t`` of ``q [B, H, Tq, D]``
+    (at ``positions [B or 1, Tq]``) and key ``j`` of ``k [B, Hkv, Tk, D]``: ``[B, H, Tq, Tk]``, the unnormalised
+    weight the memory gives an evicted key where the parent's softmax gave ``exp(q·k/√d)`` (what attention
+    transfer fits φ, b and α to)."""
     heads, kv_heads = q.shape[1], k.shape[1]
     features = memory.key_features(k).repeat_interleave(heads // kv_heads, dim=1)
     return memory.log_bias(positions, window).exp() * (memory.query_features(q) @ features.transpose(-1, -2))

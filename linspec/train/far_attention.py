@@ -112,8 +112,8 @@ def _row_constants(
 
 
 def _column_logits(q: torch.Tensor, k: torch.Tensor, first: int, window: SoftmaxWindow, memory: FarMemory):
-    """``b_h − a_h log N_t + log φ_q(q_t)ᵀz_t`` for rows ``t ≥ first`` (``q [B, H, R, D]``): ``z_t`` sums ``φ_k``
-    over the ``N_t`` tokens ``n ≤ j ≤ t − W``, a cumulative sum over the keys."""
+    """``b_h + log f_h(N_t) + log φ_q(q_t)ᵀz_t`` (``FarMemory.log_bias``) for rows ``t ≥ first`` (``q [B, H, R,
+    D]``): ``z_t`` sums ``φ_k`` over the ``N_t`` tokens ``n ≤ j ≤ t − W``, a cumulative sum over the keys."""
     heads, kv_heads, length = q.shape[1], k.shape[1], k.shape[2]
     features = memory.key_features(k)
     folded = (torch.arange(length, device=k.device) >= window.sinks)[:, None]

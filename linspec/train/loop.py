@@ -99,13 +99,13 @@ class Objective:
 
 def parameter_groups(model: torch.nn.Module, stage: Stage) -> list[dict]:
     """The model's trainable parameters as AdamW groups: one, or with ``optimizer.memory_bias_lr`` the far
-    memory's biases ``b_h`` and length exponents ``a_h`` in a group of their own (both set the column's logit, in
+    memory's biases ``b_h`` and distance exponents ``α_h`` in a group of their own (both set the column's logit, in
     nats, and have to move nats where a map's entries move little)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     bias_lr = stage.optimizer.memory_bias_lr
     if bias_lr is None:
         return [{"params": [p for _, p in named]}]
-    logit_terms = ("memory_bias", "memory_length_exponent")
+    logit_terms = ("memory_bias", "memory_distance_exponent")
     biases = [p for name, p in named if name.endswith(logit_terms)]
     rest = [p for name, p in named if not name.endswith(logit_terms)]
     return [group for group in ({"params": rest}, {"params": biases, "lr": bias_lr}) if group["params"]]

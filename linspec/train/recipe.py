@@ -57,7 +57,7 @@ class Conversion:
     local_window: int | None = None  # tokens the softmax window covers (window preset: 512)
     sink_tokens: int | None = None  # first tokens the softmax window always sees (window preset: 4)
     sink_positions: str | None = None  # adjacent: sinks scored as if right before the window (window preset); absolute
-    memory_length_scaling: bool | None = None  # far memory's column weighed by N^-a_h, a_h learnt (default: off)
+    memory_distance_decay: bool | None = None  # far tokens weighed by distance^-α_h, α_h learnt (default: off)
     sparse_cache: int | None = None  # K evicted tokens per kv head kept exactly beside the window (default: 0, none)
     sparse_cache_policy: str | None = None  # which: recall-error (default), recency, random
     softmax_layers: list[int] | str = field(default_factory=list)  # layers kept softmax (a hybrid); auto:N measures
@@ -108,7 +108,7 @@ class Optimizer:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
     eps: float = 1e-8  # Adam ε
     grad_clip: float | None = 1.0  # max global gradient norm (null: no clipping)
-    memory_bias_lr: float | None = None  # peak lr of the far memory's b_h and a_h (null: lr); they move nats
+    memory_bias_lr: float | None = None  # peak lr of the far memory's b_h and α_h (null: lr); they move nats
 
 
 @dataclass

@@ -18,7 +18,7 @@ TRAINABLE_PATTERNS = {
     "norms": ("norm.weight", "layernorm.weight"),
     "lm_head": ("lm_head",),
     "feature_map": ("feature_map",),
-    "far_memory": ("memory_feature_map", "memory_bias", "memory_length_exponent"),
+    "far_memory": ("memory_feature_map", "memory_bias", "memory_distance_exponent"),
 }
 # Keywords whose parameters exist only with some conversions: asking for them elsewhere is a recipe mistake.
 ABSENT_MESSAGES = {

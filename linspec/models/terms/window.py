@@ -7,7 +7,7 @@ With ``memory_feature_map`` it also keeps the far memory of the tokens that leav
 its state rides in the window's slice (``WindowWithMemory``) and its column joins each mode's one softmax. Its
 parameters live on the layer: ``memory_bias`` (``[num_heads]``, ``b_h``), for ``hedgehog``
 ``memory_feature_map_q`` (``[num_heads, D, D]``) and ``memory_feature_map_k`` (``[num_kv_heads, D, D]``), and with
-``memory_length_scaling`` ``memory_length_exponent`` (``[num_heads]``, ``a_h``, 0 at conversion).
+``memory_distance_decay`` ``memory_distance_exponent`` (``[num_heads]``, ``α_h``, 0 at conversion).
 
 With ``sparse_cache`` it also keeps the K evicted tokens per kv head its policy picks (``linspec.ops.sparse_cache``),
 in the same slice (``WindowWithCache``) and the same column. Training-free: the training forward (training mode,
@@ -97,8 +97,8 @@ class SoftmaxWindowTerm(Term):
         like = {"dtype": weight.dtype, "device": weight.device}
         bias = initial_memory_bias(self.head_dim, layer.settings.local_window)
         initial = {"memory_bias": torch.full((layer.num_heads,), bias, **like)}
-        if layer.settings.memory_length_scaling:
-            initial["memory_length_exponent"] = torch.zeros(layer.num_heads, **like)
+        if layer.settings.memory_distance_decay:
+            initial["memory_distance_exponent"] = torch.zeros(layer.num_heads, **like)
         if self.memory_map == "hedgehog":
             eye = torch.eye(self.head_dim, **like)
             initial["memory_feature_map_q"] = eye.repeat(layer.num_heads, 1, 1)
@@ -115,10 +115,10 @@ class SoftmaxWindowTerm(Term):
         if self.memory_map == "none":
             return None
         layer = self.layer
-        exponent = getattr(layer, "memory_length_exponent", None)
+        exponent = getattr(layer, "memory_distance_exponent", None)
         exponent = None if exponent is None else exponent.to(dtype)
         if self.memory_map == "softmax":
-            return FarMemory(layer.memory_bias.to(dtype), length_exponent=exponent)
+            return FarMemory(layer.memory_bias.to(dtype), distance_exponent=exponent)
         maps = layer.memory_feature_map_q.to(dtype), layer.memory_feature_map_k.to(dtype)
         return FarMemory(layer.memory_bias.to(dtype), *maps, exponent)
 
