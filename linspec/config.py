@@ -114,10 +114,10 @@ class LinspecConfig:
     ``hedgehog``: ``φ(x) = [softmax(xA), softmax(−xA)]`` with ``A`` learnable per head (identity at conversion);
     ``softmax``: ``A = I``, no parameters. Inside the window nothing is evicted, so the layer there is the window
     alone. The ``window-hedgehog`` preset is the ``window`` preset with it. ``memory_distance_decay`` weighs the
-    column as if each far token weighed ``d^(−α_h)`` by its distance ``d`` (``α_h`` learnt per head, 0 at
-    conversion): the parent's attention to far tokens falls with distance, so its far mass grows with the context
-    far slower than the count of folded tokens, and a memory fitted on short sequences keeps its weight right on
-    long ones.
+    column as if each far token weighed ``(d / local_window)^(−α_h)`` by its distance ``d`` (``α_h`` learnt per
+    head, 0 at conversion): the parent's attention to far tokens changes with distance, so its far mass grows with
+    the context otherwise than the count of folded tokens, and a memory fitted on short sequences can keep its
+    weight right on long ones.
 
     The sparse cache (``sparse_cache`` K, ``linspec.ops.sparse_cache``; softmax window only; LoLA, McDermott et al.
     2025): per kv head, the K evicted tokens chosen by ``sparse_cache_policy`` (``recall-error``: those the far

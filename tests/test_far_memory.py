@@ -97,26 +97,31 @@ def step(q, k, v, state, position, window, memory, sink_q=None):
 WINDOWS = [(1, 0), (3, 0), (3, 2), (5, 1), (4, 9), (8, 3)]
 
 
-def mean_distance_weight(window: int, count: int, alpha: float) -> float:
-    """``log(∫_W^{W+N} d^(−α) dd / N)`` by the trapezoid rule on a fine grid: the closed form's specification."""
+def mean_distance_weight(window: int, count: int, alpha: float, reference: int | None = None) -> float:
+    """``log(∫_W^{W+N} (d/W₀)^(−α) dd / N)`` by the trapezoid rule on a fine grid: the closed form's specification."""
     d = torch.linspace(window, window + count, 200001, dtype=torch.float64)
-    return math.log(float(torch.trapezoid(d ** (-alpha), d)) / count)
+    return math.log(float(torch.trapezoid((d / (reference or window)) ** (-alpha), d)) / count)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 1.0 + 1e-6, 2.5, -0.7])
-def test_the_distance_decay_is_the_mean_weight_of_the_folded_distances(alpha):
-    """``log f`` for every query of a long sequence, including ``α`` at and next to 1 (the closed form's 0/0)."""
+@pytest.mark.parametrize("reference", [None, 64])
+def test_the_distance_decay_is_the_mean_weight_of_the_folded_distances(alpha, reference):
+    """``log f`` for every query of a long sequence, including ``α`` at and next to 1 (the closed form's 0/0), for
+    the configured window and for a training-time override of it (``W = 16`` under ``W₀ = 64``)."""
     window = SoftmaxWindow(16, 3, 1.0)
     bias = torch.tensor([0.25, -1.0], dtype=torch.float64)
-    memory = FarMemory(bias, distance_exponent=torch.tensor([alpha, 0.0], dtype=torch.float64))
+    exponents = torch.tensor([alpha, 0.0], dtype=torch.float64)
+    memory = FarMemory(bias, distance_exponent=exponents, reference_window=reference)
     positions = torch.arange(19, 400)[None]
     log_bias = memory.log_bias(positions, window)[0, :, :, 0]  # (H, T)
     for t in (19, 20, 47, 399):
         count = t - 16 - 3 + 1
-        expected = 0.25 + mean_distance_weight(16, count, alpha)
+        expected = 0.25 + mean_distance_weight(16, count, alpha, reference)
         assert float(log_bias[0, t - 19]) == pytest.approx(expected, rel=1e-6, abs=1e-8)
     torch.testing.assert_close(log_bias[1], bias[1].expand(log_bias.shape[1]), rtol=0, atol=1e-12)  # α = 0: the count
     assert torch.equal(memory.log_bias(torch.tensor([[5]]), window), memory.log_bias(torch.tensor([[18]]), window))
+    if reference is None:  # at the configured window, α only shapes the growth: the first far token weighs e^b
+        assert float(log_bias[0, 0]) == pytest.approx(0.25, abs=abs(alpha) * 0.05 + 1e-12)
 
 
 @pytest.mark.parametrize("decayed", [False, True])

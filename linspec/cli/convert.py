@@ -73,8 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--memory-distance-decay",
         action="store_true",
         default=None,
-        help="with a far memory (window-hedgehog): weigh its far tokens as if by distance^-α per head, α learnt by "
-        "training (0 at conversion), so the memory's weight follows the context length",
+        help="with a far memory (window-hedgehog): weigh its far tokens as if by (distance / window)^-α per head, α "
+        "learnt by training (0 at conversion), so the memory's weight can follow the context length",
     )
     parser.add_argument(
         "--sparse-cache",

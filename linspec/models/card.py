@@ -151,7 +151,7 @@ class ModelCard:
         settings = self.settings
         layers = ", ".join(map(str, settings.softmax_layers)) or "none (all linear)"
         heads = ", ".join(f"{layer}:{head}" for layer, head in settings.softmax_heads)
-        scaling = ", far tokens weighed by distance^-α per head" if settings.memory_distance_decay else ""
+        scaling = ", far tokens weighed by (distance / window)^-α per head" if settings.memory_distance_decay else ""
         lines = [
             "## Conversion",
             "",

@@ -13,13 +13,15 @@ the mass a plain window drops. Unlike a separately averaged memory added on top,
 window's tokens for the same probability mass, so a query that matches a far token strongly can single it out.
 A query with nothing evicted (``t < W + n``) has no column: there the layer is the window alone, exactly.
 With distance decay (``LinspecConfig.memory_distance_decay``) the column also weighs its ``N_t`` tokens, which sit
-at distances ``W … W + N_t − 1`` from the query, as if each weighed ``d^(−α_h)`` (``α_h`` learnt per head, 0 at
-conversion): the logit gains ``log f = log(∫_W^{W+N} d^(−α) dd / N)`` (``FarMemory.log_bias``), the mean
-distance weight of the folded tokens. The parent's attention to a far token falls with its distance, so the far
-mass grows with the context far slower than the count of folded tokens; ``f`` follows it for any window and
-length (a window override in training moves the near end, the context the far end), where a weight fitted to
-one count would be too heavy at longer contexts. ``f`` is a function of the query's position alone, so every mode
-computes it the same way and the state does not change.
+at distances ``W … W + N_t − 1`` from the query, as if each weighed ``(d / W₀)^(−α_h)`` (``α_h`` learnt per head, 0
+at conversion; ``W₀`` the configured window): the logit gains ``log f``, the mean of that weight over the folded
+distances (``FarMemory.log_bias``). The parent's attention to a far token changes with its distance, so its far
+mass grows with the context otherwise than the count of folded tokens; ``f`` follows it for any window and
+length (a window override in training moves the near end, the context the far end). Relative to ``W₀``, ``α``
+changes nothing for the first tokens past the configured window (``b_h`` sets their weight) and only shapes the
+growth: measured from distance 1, ``α`` would also shift every weight by ``α log W`` and train as a second, far
+steeper bias. ``f`` is a function of the query's position alone, so every mode computes it the same way and the
+state does not change.
 
 Feature maps (``LinspecConfig.memory_feature_map``): ``φ(x) = [softmax(xA), softmax(−xA)]`` over the head
 dimension — positive, and as spiky as the exp they stand in for — with ``A`` learnable per head, separately for
@@ -79,31 +81,36 @@ def spiky_features(x: torch.Tensor, projection: torch.Tensor | None) -> torch.Te
 class FarMemory:
     """The memory's parameters in the compute dtype: ``bias [H]`` (``b_h``), for learnable maps the projections
     ``query_map [H, D, D]`` and ``key_map [Hkv, D, D]`` (None: the parameter-free map), and with distance decay
-    ``distance_exponent [H]`` (``α_h``; None: without)."""
+    ``distance_exponent [H]`` (``α_h``; None: without) and ``reference_window`` (``W₀``, the configured window;
+    None: the window of the call)."""
 
     bias: torch.Tensor
     query_map: torch.Tensor | None = None
     key_map: torch.Tensor | None = None
     distance_exponent: torch.Tensor | None = None
+    reference_window: int | None = None
 
     def log_bias(self, positions: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
         """The column's bias for queries at ``positions [B or 1, T]``, ``[B or 1, H, T, 1]``: ``b_h``, plus with
         distance decay ``log f_h(N_t)``, where ``N_t = t − W − n + 1`` tokens (at least 1: a query with none reads
         no column) have left query ``t``'s window. With ``L = log(1 + N/W)`` and ``x = (1 − α) L``,
-        ``∫_W^{W+N} d^(−α) dd = W^(1−α) · L · expm1(x)/x``, so ``log f = (1 − α) log W + log L + log(expm1(x)/x) −
-        log N``: 0 at ``α = 0`` (the plain count), ``log(L W / N)`` at ``α = 1``. Without it ``[1, H, 1, 1]``."""
+        ``∫_W^{W+N} (d/W₀)^(−α) dd = W₀^α W^(1−α) · L · expm1(x)/x``, so ``log f = log W + α log(W₀/W) + log L +
+        log(expm1(x)/x) − log N``: 0 at ``α = 0`` (the plain count) and, at ``W = W₀``, near 0 while ``N ≪ W``.
+        Without it ``[1, H, 1, 1]``."""
         bias = self.bias.view(1, -1, 1, 1)
         if self.distance_exponent is None:
             return bias
         dtype = self.bias.dtype
         count = (positions - (window.size + window.sinks - 1)).clamp_min(1).to(dtype)[:, None, :, None]
         span = torch.log1p(count / window.size)  # L
-        slope = 1.0 - self.distance_exponent.view(1, -1, 1, 1)  # 1 − α
-        x = slope * span
+        alpha = self.distance_exponent.view(1, -1, 1, 1)
+        x = (1.0 - alpha) * span
         small = x.abs() < 1e-4
         safe = torch.where(small, torch.ones_like(x), x)
         log_ratio = torch.where(small, x / 2, torch.log(torch.expm1(safe) / safe))  # log(expm1(x)/x)
-        return bias + slope * math.log(window.size) + torch.log(span) + log_ratio - torch.log(count)
+        reference = self.reference_window or window.size
+        shift = alpha * math.log(reference / window.size)
+        return bias + math.log(window.size) + shift + torch.log(span) + log_ratio - torch.log(count)
 
     def query_features(self, q: torch.Tensor) -> torch.Tensor:
         return spiky_features(q, self.query_map)

@@ -117,10 +117,11 @@ class SoftmaxWindowTerm(Term):
         layer = self.layer
         exponent = getattr(layer, "memory_distance_exponent", None)
         exponent = None if exponent is None else exponent.to(dtype)
+        reference = layer.settings.local_window  # W₀: a training-time window override moves W, not W₀
         if self.memory_map == "softmax":
-            return FarMemory(layer.memory_bias.to(dtype), distance_exponent=exponent)
+            return FarMemory(layer.memory_bias.to(dtype), distance_exponent=exponent, reference_window=reference)
         maps = layer.memory_feature_map_q.to(dtype), layer.memory_feature_map_k.to(dtype)
-        return FarMemory(layer.memory_bias.to(dtype), *maps, exponent)
+        return FarMemory(layer.memory_bias.to(dtype), *maps, exponent, reference)
 
     def _read(self, column):
         """The column the window reads: none while the layer's ``far_memory_on`` is off (the ablation), which still
