@@ -53,11 +53,12 @@ PRESETS = {
         "global_decay": True, "global_norm": "mean",
     },
     # The window with a far memory under its softmax: the tokens that leave the window fold into a linear memory
-    # with Hedgehog feature maps, read as one more column of the window's softmax (LoLCATs). The maps start at the
-    # identity; they and the per-head bias are what attention transfer trains.
+    # with Hedgehog feature maps, read as one more column of the window's softmax (LoLCATs), its tokens weighed by
+    # their distance. The maps start at the identity and the distance exponent at 0; they and the per-head bias
+    # are what attention transfer trains.
     "window-hedgehog": {
         **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
-        "global_decay": True, "global_norm": "mean", "memory_feature_map": "hedgehog",
+        "global_decay": True, "global_norm": "mean", "memory_feature_map": "hedgehog", "memory_distance_decay": True,
     },
     # The paper's layer with a learnable per-head decay of S only.
     "decay": {**_PAPER, "global_decay": True},

@@ -360,6 +360,7 @@ def test_gradcheck_on_a_tiny_case():
 # --- the model -----------------------------------------------------------------------------------------------
 
 SETTINGS = {**PRESETS["window-hedgehog"], "local_window": 4, "sink_tokens": 2}
+WINDOW_ONLY = {**SETTINGS, "memory_feature_map": "none", "memory_distance_decay": False}
 
 
 def memory_model(seed: int = 4, **overrides):
@@ -382,6 +383,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def test_the_settings_are_checked_and_the_preset_keeps_the_window():
     preset = LinspecConfig.from_preset("window-hedgehog")
     assert preset.far_memory and preset.softmax_window and preset.memory_feature_map == "hedgehog"
+    assert preset.memory_distance_decay  # α = 0 at conversion: the same model as without it until trained
     assert LinspecConfig.from_dict(preset.to_dict()) == preset
     assert not LinspecConfig.from_preset("window").far_memory  # the default preset is unchanged
     with pytest.raises(LinspecError, match="memory_feature_map must be one of"):
@@ -408,7 +410,8 @@ def test_conversion_initialises_the_memory_parameters():
                             LinspecConfig(**{**SETTINGS, "memory_feature_map": "softmax"}))  # fmt: skip
     names = {name.rsplit(".", 1)[-1] for name, _ in plain.named_parameters()}
     assert "memory_bias" in names and "memory_feature_map_q" not in names  # the parameter-free map
-    assert "memory_distance_exponent" not in names
+    undecayed = linspec.convert(tiny_base("qwen3", 1), LinspecConfig(**{**SETTINGS, "memory_distance_decay": False}))
+    assert not any(name.endswith("memory_distance_exponent") for name, _ in undecayed.named_parameters())
     decayed = linspec.convert(tiny_base("qwen3", 1), LinspecConfig(**{**SETTINGS, "memory_distance_decay": True}))
     for module in decayed.linspec_modules():  # α_h = 0: a fresh conversion weighs its far tokens by their count
         assert torch.equal(module.memory_distance_exponent.detach(), torch.zeros(module.num_heads))
@@ -421,7 +424,7 @@ def test_every_mode_of_the_model_agrees(feature_map, decayed):
     equals decoding its paths; after a commit a tree sees exactly the committed context — past the window."""
     model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed)
     ids = random_ids(2, 19, seed=5)
-    window_only = tiny_linspec("qwen3", seed=4, **{**SETTINGS, "memory_feature_map": "none"}).double()
+    window_only = tiny_linspec("qwen3", seed=4, **WINDOW_ONLY).double()
     assert not torch.allclose(model(ids).logits[:, 7:], window_only(ids).logits[:, 7:], atol=1e-4)
     mask = torch.ones(2, 19, dtype=torch.bool)
     mask[1, :4] = False
@@ -467,7 +470,7 @@ def test_the_memory_is_in_the_decode_state_and_its_size():
     from linspec.models.cache_size import measured_cache_growth
 
     model = memory_model().float()
-    window_only = tiny_linspec("qwen3", seed=4, **{**SETTINGS, "memory_feature_map": "none"})
+    window_only = tiny_linspec("qwen3", seed=4, **WINDOW_ONLY)
     cache = model.new_cache()
     model(random_ids(1, 12), **hf.cache_kwargs(cache))
     state = cache.linear_state(0)
@@ -511,7 +514,7 @@ def test_the_far_memory_ablation_is_the_window_alone():
     with ablated(model, components):
         off = model(ids).logits
     torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0)  # restored
-    without = memory_model(memory_feature_map="none")
+    without = memory_model(memory_feature_map="none", memory_distance_decay=False)
     torch.testing.assert_close(off, without(ids).logits, rtol=0, atol=1e-12)
     with ablated(model, ablation_components("window-only", model)):
         assert "far_memory" in ABLATE_CHOICES["window-only"]
