@@ -70,6 +70,10 @@ def test_the_converted_model_uses_the_preset_asked_for(tmp_path):
     assert window.cache_bytes - paper.cache_bytes == extra
     longer = measure_one(str(tmp_path / "tiny"), "converted", 40, 1, preset="window")
     assert longer.cache_bytes == window.cache_bytes
+    cached, cached_longer = (
+        measure_one(str(tmp_path / "tiny"), "converted", n, 1, preset="window", sparse_cache=8) for n in (12, 40)
+    )
+    assert cached.cache_bytes > window.cache_bytes and cached_longer.cache_bytes == cached.cache_bytes
 
 
 def test_speculative_bench_rows_for_a_trained_drafter_and_the_only_filter():

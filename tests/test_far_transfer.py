@@ -12,6 +12,7 @@ from test_far_memory import memory_model, random_ids
 
 from linspec.errors import LinspecError
 from linspec.models import hf
+from linspec.models.attention import LinspecAttention
 from linspec.models.context import window_size, window_size_override
 from linspec.ops.far_memory import far_memory_reference
 from linspec.train.far_attention import far_attention_kl
@@ -19,7 +20,7 @@ from linspec.train.recipe import load_recipe
 from linspec.train.run import train
 from linspec.train.stages.attention_transfer import drawn_window_size
 from linspec.train.tiny import make_tiny_base
-from linspec.train.transfer import far_attention_loss
+from linspec.train.transfer import AttentionTransfer, far_attention_loss
 
 
 def layer_calls(model, ids: torch.Tensor) -> list[tuple]:
@@ -87,6 +88,30 @@ def test_gradients_reach_both_maps_the_bias_and_the_distance_exponent():
         grad = getattr(module, name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert module.q_proj.weight.grad is None  # the parent's projections stay out of it
+
+
+def test_the_kl_alone_runs_only_the_parent_attention_and_records_the_same_losses(monkeypatch):
+    """With the far attention KL alone no layer output is read, so the layers' own attention is not run; the
+    losses are those of the path that runs it."""
+    model = memory_model(memory_distance_decay=True)
+    ids = random_ids(2, 29)
+    own_calls = []
+    forward = LinspecAttention.forward
+    monkeypatch.setattr(
+        LinspecAttention, "forward", lambda self, *a, **k: own_calls.append(1) or forward(self, *a, **k)
+    )
+
+    def losses(output_mse_weight: float) -> list[float]:
+        with AttentionTransfer(model, "far_attention", output_mse_weight) as transfer, torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+            return [loss.item() for loss in transfer.losses]
+
+    parent_only = losses(0.0)
+    assert parent_only and not own_calls
+    with_outputs = losses(1e-300)  # reads the layers' outputs; adds nothing a float64 sum can see
+    assert len(own_calls) == len(model.linspec_modules())
+    assert parent_only == pytest.approx(with_outputs, rel=1e-12)
+    assert "forward" not in model.linspec_modules()[0].__dict__  # the class's forward is back
 
 
 def test_a_window_override_changes_only_positions_past_it_and_is_restored():

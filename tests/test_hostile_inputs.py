@@ -411,6 +411,12 @@ BENCH_AND_DEMO = [
     Case("bench-decode-steps-zero", "bench decode --steps 0 --no-record", "must be positive"),
     Case("bench-decode-context-negative", "bench decode --contexts -1 --no-record", "must be positive"),
     Case("bench-decode-steps-absurd", "bench decode --steps 100000 --no-record", "at most 10000"),
+    Case("bench-decode-sparse-cache-negative", "bench decode --sparse-cache -1 --no-record", "sparse_cache must be"),
+    Case(
+        "bench-decode-sparse-cache-without-window",
+        "bench decode --preset paper --sparse-cache 8 --no-record",
+        "needs local_kernel 'softmax'",
+    ),
     Case(
         "bench-decode-context-past-positions",
         "bench decode --model {linspec} --contexts 100000 --no-record",

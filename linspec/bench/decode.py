@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from linspec.bench.report import add_output_arguments, output_dir
-from linspec.config import PRESETS
+from linspec.config import PRESETS, LinspecConfig
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
 from linspec.utils.devices import add_placement_arguments, placement
@@ -78,6 +78,7 @@ def measure_one(
     dtype: str = "float32",
     seed: int = 0,
     preset: str = "window",
+    sparse_cache: int = 0,
 ) -> DecodeResult:
     """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
     import linspec
@@ -86,7 +87,7 @@ def measure_one(
     target, weights = placement(device, dtype)
     model, _ = load_source(source, progress=False, dtype=weights)
     if which == "converted":
-        model = linspec.convert(model, linspec.LinspecConfig.from_preset(preset))
+        model = linspec.convert(model, linspec.LinspecConfig.from_preset(preset, sparse_cache=sparse_cache))
     model = model.to(target)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(target)
@@ -98,7 +99,13 @@ def measure_one(
 
 
 def measure(
-    source: str, contexts: list[int], steps: int, device: str = "cpu", dtype: str = "float32", preset: str = "window"
+    source: str,
+    contexts: list[int],
+    steps: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    preset: str = "window",
+    sparse_cache: int = 0,
 ) -> list[DecodeResult]:
     """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
@@ -117,6 +124,7 @@ def measure(
                 device,
                 dtype,
                 preset,
+                str(sparse_cache),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -171,6 +179,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="window", help="the converted model's preset (default window)"
     )
+    parser.add_argument(
+        "--sparse-cache",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the converted model keeps K evicted tokens per kv head exactly (recall-error; default 0: none)",
+    )
     add_placement_arguments(parser)
     add_output_arguments(parser)
 
@@ -181,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
         raise LinspecError(f"--steps and --contexts must be positive (and --steps at most {MAX_STEPS})")
+    settings = LinspecConfig.from_preset(args.preset, sparse_cache=args.sparse_cache)  # a bad K: refused here
     out_dir = output_dir(args, "decode")
     device, dtype = placement(args.device, args.dtype)
     model, _ = load_source(args.model)  # fetch/check once here, so workers start from the cache
@@ -189,7 +205,9 @@ def run(args: argparse.Namespace) -> int:
         raise LinspecError(f"--contexts up to {max(args.contexts)} exceed the model's {positions} positions")
     del model
     weights = str(dtype).removeprefix("torch.")
-    results = measure(args.model, sorted(args.contexts), args.steps, str(device), weights, args.preset)
+    results = measure(
+        args.model, sorted(args.contexts), args.steps, str(device), weights, args.preset, settings.sparse_cache
+    )
     summary = summarise(results)
     rows = [
         [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
@@ -199,10 +217,11 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(["context", "model", "ms/token", "tokens/s", "cache MiB", "peak RSS MiB", "prefill s"], rows)
     lo, hi = min(args.contexts), max(args.contexts)
     speedups = ", ".join(f"{c}: {s:.2f}×" for c, s in summary["speedup_by_context"].items())
+    cache = f", sparse cache {settings.sparse_cache_summary}" if settings.sparse_cache else ""
     text = (
         f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n"
-        f"*converted* is the raw conversion with the `{args.preset}` preset (untrained): this table measures speed, "
-        f"which does not depend on the weights; the quality behind it at each length is in the quality tables. "
+        f"*converted* is the raw conversion with the `{args.preset}` preset{cache} (untrained): this table measures "
+        f"speed, which does not depend on the weights; the quality behind it at each length is in the quality tables. "
         f"{device}, {str(dtype).removeprefix('torch.')}, batch 1; *prefill s* is the whole model's prefill of the "
         f"context.\n\n{table}\n\n"
         f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
@@ -221,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE PRESET
-    source, which, context, steps, device, dtype, preset = sys.argv[1:8]
-    print(json.dumps(asdict(measure_one(source, which, int(context), int(steps), device, dtype, preset=preset))))
+if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE PRESET K
+    source, which, context, steps, device, dtype, preset, sparse = sys.argv[1:9]
+    result = measure_one(
+        source, which, int(context), int(steps), device, dtype, preset=preset, sparse_cache=int(sparse)
+    )
+    print(json.dumps(asdict(result)))

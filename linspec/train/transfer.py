@@ -9,12 +9,14 @@ residual stream carries no gradient: backward only runs through each layer's own
 Two losses per layer: the relative MSE of the layer's output (``mse``, every position, every parameter the stage
 trains), and for a window with a far memory the KL divergence of its attention rows over the evicted tokens
 (``far_attention``, ``linspec.train.far_attention``), which aims at exactly the mass the memory must carry and,
-alone, needs no gradient through the layer's own forward. ``output_mse_weight`` adds the MSE to the KL.
+alone, reads nothing of the layer's own forward: with it alone, each layer runs only its parent's attention.
+``output_mse_weight`` adds the MSE to the KL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -41,37 +43,60 @@ class AttentionTransfer:
 
     @property
     def needs_layer_outputs(self) -> bool:
-        """Whether the loss reads the layers' own outputs (else their forward can run without a graph)."""
+        """Whether the loss reads the layers' own outputs (else they are not computed, and the forward keeps no
+        graph)."""
         return self.mse_weight > 0
 
     def _hook(self, module, args, kwargs, output):
         hidden, positions = hf.attention_call_inputs(args, kwargs)
+        return (self._record(module, hidden, positions, output[0]), *output[1:])
+
+    def _parent_only(self, module: LinspecAttention, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        """The layer's forward while the loss reads no layer output (the far attention KL alone): its own
+        attention would be computed only to be replaced, so only the parent's runs."""
+        hidden, positions = hf.attention_call_inputs(args, kwargs)
+        return self._record(module, hidden, positions, None), None
+
+    def _record(
+        self,
+        module: LinspecAttention,
+        hidden: torch.Tensor,
+        positions: tuple[torch.Tensor, torch.Tensor],
+        linear: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Records the layer's loss (``linear``: its own output, read by the MSE) and returns the softmax output
+        that the next layer reads."""
         with torch.no_grad():
             target = softmax_attention(module, hidden, positions).float()
         loss = None
         if self.far_attention:
             loss = far_attention_loss(module, hidden, positions)
         if self.mse_weight > 0:
-            linear = output[0].float()
-            mse = (linear - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+            mse = (linear.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
             loss = self.mse_weight * mse if loss is None else loss + self.mse_weight * mse
         if loss is not None:
             self.losses.append(loss)
-        return (target.to(output[0].dtype), *output[1:])
+        return target.to(hidden.dtype if linear is None else linear.dtype)
 
     def __enter__(self) -> AttentionTransfer:
-        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+        if self.needs_layer_outputs:
+            self.handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in self.modules]
+        else:  # an instance attribute shadows the class's forward; nn.Module.__call__ still calls it
+            for module in self.modules:
+                module.forward = functools.partial(self._parent_only, module)
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for module in self.modules:
+            module.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def paused(self):
-        """Hooks off for the duration: evaluating mid-stage must measure the linear model, not the softmax
-        outputs the hooks pass on."""
+        """The layers' own forward back for the duration: evaluating mid-stage must measure the linear model, not
+        the softmax outputs passed on while the transfer is active."""
         self.__exit__()
         try:
             yield

@@ -45,7 +45,7 @@ class TransferObjective(Objective):
         return super().batch(ctx, stage, step, phase)
 
     def loss(self, forward, batch):
-        # The KL alone reads no layer output: the forward (whose outputs the hooks replace) keeps no graph.
+        # The KL alone reads no layer output: the forward runs the parents' attention alone and keeps no graph.
         graph = contextlib.nullcontext() if self.transfer.needs_layer_outputs else torch.no_grad()
         window = contextlib.nullcontext() if self.size is None else window_size(self.size)
         with graph, window:
