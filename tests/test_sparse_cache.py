@@ -25,6 +25,7 @@ from linspec.ops.sparse_cache import (
     sparse_cache_commit,
     sparse_cache_extend,
     sparse_cache_reference,
+    sparse_cache_step,
     sparse_cache_verify,
 )
 from linspec.ops.verify import TreeLayout
@@ -83,7 +84,7 @@ def extend(q, k, v, state, position, window, cache, memory, token_mask=None, sin
 
 
 def step(q, k, v, state, position, window, cache, memory, sink_q=None):
-    column, after_cache = sparse_cache_extend(q, k, v, state, position, window, cache, memory)
+    column, after_cache = sparse_cache_step(q, k, v, state, position, window, cache, memory)
     out, after = window_step(q, k, v, state, position, window, sink_q, column)
     return out, replace(after, **after_cache)
 

@@ -348,6 +348,92 @@ def sparse_cache_extend(
     return column, call.after(state)
 
 
+def sparse_cache_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WindowWithCache,
+    position: torch.Tensor,
+    window: SoftmaxWindow,
+    cache: SparseCache,
+    memory: FarMemory | None,
+) -> tuple[MemoryColumn, dict[str, torch.Tensor | None]]:
+    """``sparse_cache_extend`` for one real token per row (decode), without its pool and schedule: the query
+    reads the cache and the far memory as they are (the ring's oldest token is still in its window), then that
+    token is the call's one candidate and the cache's fields are updated in place of a replay."""
+    batch, num_heads, _, key_dim = q.shape
+    kv_heads = state.cache_keys.shape[1]
+    query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)
+    scores = (query @ state.cache_keys.transpose(-1, -2)) * window.scale  # (B, Hkv, R, K)
+    scores = scores.masked_fill((state.cache_positions < 0)[:, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    anything = torch.isfinite(lse)
+    out = torch.exp(scores - torch.where(anything, lse, 0.0)) @ state.cache_values
+    cache_part = (lse.view(batch, num_heads, 1, 1), out.view(batch, num_heads, 1, -1))
+    far = None
+    if memory is not None:
+        features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, -1)
+        readout = (features @ state.far_memory).view(batch, num_heads, 1, -1)
+        far = memory_column(readout, memory.log_bias(position[:, None], window))
+    return _joined(cache_part, far), _step_event(state, k, v, position, window, cache, memory)
+
+
+def _step_event(
+    state: WindowWithCache,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: torch.Tensor,
+    window: SoftmaxWindow,
+    cache: SparseCache,
+    memory: FarMemory | None,
+) -> dict[str, torch.Tensor | None]:
+    """The cache's and far memory's fields after the ring's oldest token (at ``position − W + 1``; the new token
+    ``k``, ``v`` itself when ``W = 1`` and the ring is empty) leaves the window: ``schedule``'s rule for one
+    event."""
+    size = cache.size
+    at = position - (window.size - 1)  # (B,)
+    valid = (at >= window.sinks)[:, None]  # (B, 1): an evicted token, not a sink or an empty ring slot
+    ring_keys, ring_values = (state.keys, state.values) if state.keys.shape[2] else (k, v)
+    key, value = ring_keys[:, :, 0], ring_values[:, :, 0]  # (B, Hkv, D)
+    features = None if memory is None else memory.key_features(key[:, :, None])[:, :, 0]
+    if state.far_memory is not None and features is None:
+        raise ValueError("a state with a far memory needs the memory's parameters")
+    kv_heads = key.shape[1]
+    if cache.policy == "recency":
+        candidate = at[:, None].expand(-1, kv_heads).to(value.dtype)
+    elif cache.policy == "random":
+        candidate = random_scores(at[:, None], kv_heads, value.dtype)[..., 0]
+    else:
+        candidate = recall_error(features, value, state.far_memory)  # recall-error
+    slot_scores, slot_positions = state.cache_scores, state.cache_positions
+    filled = (slot_positions >= 0).sum(dim=-1)
+    full = filled >= size
+    lowest = slot_scores.min(dim=-1).values
+    ties = slot_scores == lowest[..., None]
+    lowest_slot = torch.where(ties, slot_positions, torch.iinfo(torch.long).max).argmin(dim=-1)
+    enters = valid & (~full | (candidate > lowest))
+    target = torch.where(full, lowest_slot, filled.clamp(max=size - 1))
+    hit = (torch.arange(size, device=key.device) == target[..., None]) & enters[..., None]  # (B, Hkv, K)
+    fields = {
+        "cache_keys": torch.where(hit[..., None], key[:, :, None], state.cache_keys),
+        "cache_values": torch.where(hit[..., None], value[:, :, None], state.cache_values),
+        "cache_scores": torch.where(hit, candidate[..., None], slot_scores),
+        "cache_positions": torch.where(hit, at[:, None, None], slot_positions),
+    }
+    if state.far_memory is not None:
+        slot = target[..., None, None]
+        leaving_key = torch.where(
+            enters[..., None], state.cache_keys.gather(2, slot.expand(-1, -1, 1, key.shape[-1]))[:, :, 0], key
+        )
+        leaving_value = torch.where(
+            enters[..., None], state.cache_values.gather(2, slot.expand(-1, -1, 1, value.shape[-1]))[:, :, 0], value
+        )
+        taken = (valid & full)[..., None, None]
+        fold = memory.key_features(leaving_key[:, :, None]).transpose(-1, -2) @ with_ones(leaving_value[:, :, None])
+        fields["far_memory"] = state.far_memory + fold * taken
+    return fields
+
+
 def sparse_cache_chunked(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -38,6 +38,7 @@ from linspec.ops.sparse_cache import (
     sparse_cache_chunked,
     sparse_cache_commit,
     sparse_cache_extend,
+    sparse_cache_step,
     sparse_cache_verify,
 )
 from linspec.ops.window import (
@@ -166,7 +167,7 @@ class SoftmaxWindowTerm(Term):
     def step(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
         if self.sparse is not None:
-            column, fields = sparse_cache_extend(x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory)
+            column, fields = sparse_cache_step(x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory)
             out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
             return out, replace(after, **fields)
         if memory is None:
