@@ -148,7 +148,6 @@ def schedule(
         scores = recall_error(None, run_values, None)
     slots = torch.arange(size, device=device).expand(batch, kv_heads, size)
     slot_scores, slot_positions = state.cache_scores, state.cache_positions
-    filled = (slot_positions >= 0).sum(dim=-1)  # (B, Hkv): slots fill in order and never empty
     never = torch.full((batch, kv_heads), -1, dtype=torch.long, device=device)
     entered, folds = [], []
     live = valid[:, :events].any(dim=0).tolist()
@@ -163,19 +162,13 @@ def schedule(
             candidate = recall_error(pool_features[:, :, size + u], run_values[:, :, u], memory)
         else:
             candidate = scores[:, :, u]
-        full = filled >= size
-        lowest = slot_scores.min(dim=-1).values
-        ties = slot_scores == lowest[..., None]
-        lowest_slot = torch.where(ties, slot_positions, torch.iinfo(torch.long).max).argmin(dim=-1)
-        enters = ok & (~full | (candidate > lowest))
-        target = torch.where(full, lowest_slot, filled.clamp(max=size - 1))
+        enters, target, full = admission(candidate, ok, slot_scores, slot_positions)
         leaving = torch.where(enters, slots.gather(-1, target[..., None])[..., 0], size + u)
         folded = torch.where(ok & full, leaving, never)
         hit = (slot_index == target[..., None]) & enters[..., None]
         slots = torch.where(hit, size + u, slots)
         slot_scores = torch.where(hit, candidate[..., None], slot_scores)
         slot_positions = torch.where(hit, run_positions[:, None, u, None], slot_positions)
-        filled = filled + (ok & ~full).long()
         entered.append(enters)
         folds.append(folded)
         if tracks_memory:
@@ -196,6 +189,23 @@ def schedule(
     leave = torch.full((batch, kv_heads, size + length + 1), big, dtype=torch.long, device=device)
     leave.scatter_(-1, torch.where(fold >= 0, fold, size + length), run.expand(batch, kv_heads, length).clone())
     return Schedule(enter, leave[..., :-1], fold, slots, slot_scores, slot_positions)
+
+
+def admission(
+    candidate: torch.Tensor, ok: torch.Tensor, slot_scores: torch.Tensor, slot_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule of one eviction, per row and kv head: ``(enters, target slot, full)`` for a ``candidate`` score
+    (``ok``: an evicted token) against the slots' scores and positions (−1: empty). While a slot is free the
+    candidate enters the first one (slots fill in order and never empty); once full it must beat the smallest
+    score strictly, and replaces that entry (of equal smallest scores, the oldest token's)."""
+    size = slot_scores.shape[-1]
+    filled = (slot_positions >= 0).sum(dim=-1)
+    full = filled >= size
+    lowest = slot_scores.min(dim=-1).values
+    ties = slot_scores == lowest[..., None]
+    lowest_slot = torch.where(ties, slot_positions, torch.iinfo(torch.long).max).argmin(dim=-1)
+    enters = ok & (~full | (candidate > lowest))
+    return enters, torch.where(full, lowest_slot, filled.clamp(max=size - 1)), full
 
 
 def _cache_readout(
@@ -406,13 +416,7 @@ def _step_event(
     else:
         candidate = recall_error(features, value, state.far_memory)  # recall-error
     slot_scores, slot_positions = state.cache_scores, state.cache_positions
-    filled = (slot_positions >= 0).sum(dim=-1)
-    full = filled >= size
-    lowest = slot_scores.min(dim=-1).values
-    ties = slot_scores == lowest[..., None]
-    lowest_slot = torch.where(ties, slot_positions, torch.iinfo(torch.long).max).argmin(dim=-1)
-    enters = valid & (~full | (candidate > lowest))
-    target = torch.where(full, lowest_slot, filled.clamp(max=size - 1))
+    enters, target, full = admission(candidate, valid, slot_scores, slot_positions)
     hit = (torch.arange(size, device=key.device) == target[..., None]) & enters[..., None]  # (B, Hkv, K)
     fields = {
         "cache_keys": torch.where(hit[..., None], key[:, :, None], state.cache_keys),
