@@ -9,6 +9,7 @@ run, so repeated runs never overwrite one another; the project's docs/ only when
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import platform
@@ -23,13 +24,29 @@ BENCHMARKS = "benchmarks.md"
 
 
 def default_out_dir() -> Path:
-    """A fresh folder for one evaluation run: ``runs/eval-<time>``."""
-    return Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    """A fresh folder for one evaluation run, created: ``runs/eval-<time>`` (``fresh_folder``)."""
+    return fresh_folder(Path("runs"), time.strftime("eval-%Y%m%d-%H%M%S"))
 
 
 def bench_out_dir(name: str) -> Path:
-    """A fresh folder for one run of benchmark ``name``: ``runs/bench/<name>-<time>``."""
-    return Path("runs") / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A fresh folder for one run of benchmark ``name``, created: ``runs/bench/<name>-<time>`` (``fresh_folder``)."""
+    return fresh_folder(Path("runs") / "bench", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def fresh_folder(parent: Path, stem: str) -> Path:
+    """``parent/stem``, or ``stem-2``, ``stem-3``, … when that is taken, created here and only here: the time in a
+    name has a resolution of one second, and two runs started in the same second (two evaluations side by side, a
+    script that loops) must not write into one folder, where the second would replace the first's results.
+    Creating the folder is the claim (``mkdir`` fails on an existing one), so two processes cannot both get it."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        folder = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def machine_summary() -> dict[str, Any]:
