@@ -494,3 +494,42 @@ def test_the_card_says_what_the_cache_is_and_how_to_rebuild_it():
     ).render()  # fmt: skip
     assert "| sparse cache | 3 tokens per kv head (recency)" in card
     assert "--sparse-cache 3 --sparse-cache-policy recency" in card
+
+
+@torch.no_grad()
+def test_the_memory_readout_ablation_keeps_the_cache_the_memory_chose():
+    """Without its readout the memory still chooses the cache (the same tokens at every step), its own share is
+    gone (the output changes, and is not the window-only one), the decode path agrees with the whole-sequence
+    forward, and the bias is restored on exit."""
+    from linspec.evaluation.perplexity import ablated, ablation_components, variant_name
+
+    model = cache_model(memory_feature_map="hedgehog", memory_distance_decay=True)
+    with torch.no_grad():  # a memory with weight: b_h well above its initial value
+        for module in model.linspec_modules():
+            module.memory_bias.add_(2.0)
+    ids = random_ids(1, 24, seed=8)
+    components = ablation_components("memory-readout", model)
+    assert variant_name(model, components) == "no-memory-readout"
+
+    def positions_and_logits():
+        cache = model.new_cache()
+        steps = [model(ids[:, :10], **hf.cache_kwargs(cache)).logits]
+        steps += [model(ids[:, t : t + 1], **hf.cache_kwargs(cache)).logits for t in range(10, 24)]
+        state = cache.linear_state(0).slices["window"]
+        return state.cache_positions.clone(), torch.cat(steps, dim=1)
+
+    full = model(ids).logits
+    full_positions, _ = positions_and_logits()
+    with ablated(model, components):
+        ablated_logits = model(ids).logits
+        positions, decoded = positions_and_logits()
+    assert torch.equal(positions, full_positions)
+    torch.testing.assert_close(decoded, ablated_logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ablated_logits[:, :8], full[:, :8], rtol=0, atol=1e-12)  # nothing folded yet
+    assert not torch.allclose(ablated_logits[:, 12:], full[:, 12:], atol=1e-4)
+    with ablated(model, ablation_components("far-memory", model)):
+        assert not torch.allclose(ablated_logits[:, 12:], model(ids).logits[:, 12:], atol=1e-4)  # the cache stays
+    torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0)  # restored
+    without = cache_model(sparse_cache=0, memory_feature_map="none")
+    with pytest.raises(LinspecError, match="memory-readout needs"):
+        ablation_components("memory-readout", without)

@@ -34,9 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-tokens", type=count_arg(2, 1 << 40), help="score only the first N tokens of the text")
     ppl.add_argument(
         "--ablate",
-        choices=["gamma", "conv", "far-memory", "both", "window-only"],
-        help="zero γ, the conv, or both, or stop the window reading its far memory (both and window-only turn off "
-        "every memory and the conv; window-only on a model with a softmax window); with --lengths, one more curve",
+        choices=["gamma", "conv", "far-memory", "memory-readout", "both", "window-only"],
+        help="zero γ, the conv, or both, or stop the window reading its far memory and sparse cache (far-memory) or "
+        "only the memory's share, the cache kept as the memory chooses it (memory-readout); both and window-only "
+        "turn off every memory and the conv (window-only on a model with a softmax window); with --lengths, one "
+        "more curve",
     )
     ppl.add_argument(
         "--ablations",

@@ -326,8 +326,9 @@ def run_ppl_curve(args: argparse.Namespace) -> int:
     ablations = sorted({v for v in variants.values() if v not in ("model", "reference")})
     explained = (
         f" Ablated variants of the model ({', '.join(ablations)}) turn components off in every linear layer: "
-        "no-gamma the global memory (γ = 0), no-conv the conv, window-only / local-only both — the same window "
-        "and sinks with the memory off."
+        "no-gamma the global memory (γ = 0), no-conv the conv, no-far-memory the window's far memory and sparse "
+        "cache, no-memory-readout the far memory's own share (the sparse cache kept as the memory chooses it), "
+        "window-only / local-only both — the same window and sinks with the memory off."
         if ablations
         else ""
     )

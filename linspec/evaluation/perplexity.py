@@ -22,7 +22,9 @@ from linspec.errors import LinspecError
 from linspec.utils.validation import MAX_LENGTH, check_count
 
 # The variants ``--ablations`` runs. ``far_memory`` is the softmax window's far memory (``memory_feature_map``): off,
-# the window reads no memory column (a model without one is unchanged by it).
+# the window reads no memory column (a model without one is unchanged by it), and no sparse cache either (both
+# join the softmax as one column). ``memory_readout`` keeps the sparse cache as the memory chooses it and drops only
+# the memory's own share: the memory's two roles, choosing the exact tokens and summarising the rest, measured apart.
 ABLATIONS = {
     "full": (),
     "no-gamma": ("gamma",),
@@ -30,11 +32,17 @@ ABLATIONS = {
     "local-only": ("gamma", "conv", "far_memory"),
 }
 # Variants only ``--ablate`` asks for, by the name results show.
-NAMED_VARIANTS = {**ABLATIONS, "no-far-memory": ("far_memory",)}
+NAMED_VARIANTS = {**ABLATIONS, "no-far-memory": ("far_memory",), "no-memory-readout": ("memory_readout",)}
 # What ``local-only`` is called on a model whose local term is a softmax window: the same window and sinks with
 # every memory and the conv off — the baseline every long-context curve of such a model is read against.
 WINDOW_ONLY = "window-only"
 FAR_MEMORY = "far-memory"
+MEMORY_READOUT = "memory-readout"
+# What the memory-readout ablation subtracts from each head's memory bias ``b_h``: ``e^{b_h}`` then underflows to
+# exactly 0 in float32 and float64, so the column's memory part weighs nothing, while the cache's choice (the
+# self-recall error, which does not read ``b_h``) is unchanged. A finite shift rather than −∞, which would turn
+# an empty cache's share of the column into 0/0.
+READOUT_OFF_SHIFT = 1e4
 
 
 def has_softmax_window(model) -> bool:
@@ -54,6 +62,7 @@ ABLATE_CHOICES = {
     "gamma": ("gamma",),
     "conv": ("conv",),
     FAR_MEMORY: ("far_memory",),
+    MEMORY_READOUT: ("memory_readout",),
     "both": ABLATIONS["local-only"],
     WINDOW_ONLY: ABLATIONS["local-only"],
 }
@@ -68,8 +77,8 @@ def ablation_components(choice: str, model) -> tuple[str, ...]:
             "window-only needs a linspec model with a softmax window (local_kernel softmax); "
             "--ablate both turns off the memory and the conv of any linspec model"
         )
-    if choice == FAR_MEMORY and not has_far_memory(model):
-        raise LinspecError("far-memory needs a linspec model whose window keeps a far memory (memory_feature_map)")
+    if choice in (FAR_MEMORY, MEMORY_READOUT) and not has_far_memory(model):
+        raise LinspecError(f"{choice} needs a linspec model whose window keeps a far memory (memory_feature_map)")
     return ABLATE_CHOICES[choice]
 
 
@@ -195,11 +204,15 @@ def _result(total: float, count: int, seconds: float) -> Perplexity:
 @contextlib.contextmanager
 def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
     """Temporarily zero γ (``gamma``) and/or the conv (``conv``) and/or stop the window reading its far memory
-    (``far_memory``) in every linear layer; restored on exit."""
+    (``far_memory``: the memory and the sparse cache) or only the memory's share of that column
+    (``memory_readout``: the cache stays as the memory chooses it) in every linear layer; restored on exit."""
     modules = model.linspec_modules() if hasattr(model, "linspec_modules") else []
     if components and not modules:
         raise LinspecError("ablations need a linspec model (this one has no linear attention layers)")
-    saved = [(m.global_scale.detach().clone(), m.conv_weight.detach().clone(), m.far_memory_on) for m in modules]
+    saved = [
+        (m.global_scale.detach().clone(), m.conv_weight.detach().clone(), m.far_memory_on, _memory_bias(m))
+        for m in modules
+    ]
     try:
         with torch.no_grad():
             for module in modules:
@@ -209,13 +222,23 @@ def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
                     module.conv_weight.zero_()
                 if "far_memory" in components:
                     module.far_memory_on = False
+                if "memory_readout" in components and _memory_bias(module) is not None:
+                    module.memory_bias.sub_(READOUT_OFF_SHIFT)
         yield
     finally:
         with torch.no_grad():
-            for module, (gamma, conv, far_memory_on) in zip(modules, saved, strict=True):
+            for module, (gamma, conv, far_memory_on, bias) in zip(modules, saved, strict=True):
                 module.global_scale.copy_(gamma)
                 module.conv_weight.copy_(conv)
                 module.far_memory_on = far_memory_on
+                if bias is not None:
+                    module.memory_bias.copy_(bias)
+
+
+def _memory_bias(module) -> torch.Tensor | None:
+    """A copy of a layer's far-memory bias ``b_h``, or None for a layer without a far memory."""
+    bias = getattr(module, "memory_bias", None)
+    return None if bias is None else bias.detach().clone()
 
 
 @contextlib.contextmanager
