@@ -11,7 +11,8 @@ from linspec.utils import results
 def test_runs_started_in_the_same_second_write_to_different_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(results.time, "strftime", lambda pattern: "eval-20261206-213917")
-    first, second = results.default_out_dir(), results.default_out_dir()
+    assert not Path("runs").exists()  # naming a folder creates nothing: a refused command leaves none behind
+    first, second = results.claim_fresh(results.default_out_dir()), results.claim_fresh(results.default_out_dir())
     assert (first, second) == (Path("runs/eval-20261206-213917"), Path("runs/eval-20261206-213917-2"))
     results.write_results(first, "ppl-length", {"model": "a"})
     results.write_results(second, "ppl-length", {"model": "b"})
@@ -22,7 +23,7 @@ def test_runs_started_in_the_same_second_write_to_different_folders(tmp_path, mo
 def test_concurrent_claims_of_one_name_get_one_folder_each(tmp_path):
     with ThreadPoolExecutor(max_workers=8) as pool:
         folders = list(
-            pool.map(lambda _: results.fresh_folder(tmp_path / "bench", "decode-20261206-213917"), range(16))
+            pool.map(lambda _: results.claim_fresh(tmp_path / "bench" / "decode-20261206-213917"), range(16))
         )
     assert len(set(folders)) == 16
     assert all(folder.is_dir() for folder in folders)
@@ -30,6 +31,6 @@ def test_concurrent_claims_of_one_name_get_one_folder_each(tmp_path):
 
 def test_a_file_in_the_way_is_skipped_not_replaced(tmp_path):
     (tmp_path / "eval-x").write_text("someone's notes")
-    folder = results.fresh_folder(tmp_path, "eval-x")
+    folder = results.claim_fresh(tmp_path / "eval-x")
     assert folder == tmp_path / "eval-x-2" and folder.is_dir()
     assert (tmp_path / "eval-x").read_text() == "someone's notes"

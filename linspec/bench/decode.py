@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from linspec.bench.report import add_output_arguments, output_dir
+from linspec.bench.report import add_output_arguments, output_dir, results_folder
 from linspec.config import PRESETS, LinspecConfig
 from linspec.models import hf
 from linspec.models.cache import cache_nbytes, new_cache_for
@@ -234,7 +234,11 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         payload = {"model": args.model, "steps": args.steps, "device": str(device), "dtype": str(dtype)}
         path = record_bench(
-            "decode", {**payload, "results": [asdict(r) for r in results], **summary}, text, plot(results), out_dir
+            "decode",
+            {**payload, "results": [asdict(r) for r in results], **summary},
+            text,
+            plot(results),
+            results_folder(args, out_dir),
         )
         print(f"wrote {path}")
     return 0

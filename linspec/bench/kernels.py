@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import add_output_arguments, output_dir
+from linspec.bench.report import add_output_arguments, output_dir, results_folder
 from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench kernels --lengths 2048 8192 32768 --batch-heads 1x16 8x32 --head-dims 64 128"
@@ -315,7 +315,11 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         payload = {"device": device, "ceilings": ceilings, "fla_installed": bool(fla)}
         path = record_bench(
-            "kernels", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir
+            "kernels",
+            {**payload, "results": [asdict(r) for r in results]},
+            text,
+            plot(results),
+            results_folder(args, out_dir),
         )
         print(f"wrote {path}")
     return 0

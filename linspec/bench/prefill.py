@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from linspec.bench.report import add_output_arguments, output_dir
+from linspec.bench.report import add_output_arguments, output_dir, results_folder
 from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench prefill --lengths 512 2048 8192 --repeats 5 --threads 2"
@@ -150,7 +150,11 @@ def run(args: argparse.Namespace) -> int:
     if out_dir is not None:
         payload = {"repeats": args.repeats, "threads": torch.get_num_threads(), "shapes": SHAPES}
         path = record_bench(
-            "prefill", {**payload, "results": [asdict(r) for r in results]}, text, plot(results), out_dir
+            "prefill",
+            {**payload, "results": [asdict(r) for r in results]},
+            text,
+            plot(results),
+            results_folder(args, out_dir),
         )
         print(f"wrote {path}")
     return 0

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from linspec.errors import LinspecError
-from linspec.utils.results import bench_out_dir
+from linspec.utils.results import bench_out_dir, claim_fresh
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def output_dir(args: argparse.Namespace, name: str) -> Path | None:
-    """The folder ``args`` ask for (None: record nothing), checked before any measuring starts."""
+    """The folder ``args`` ask for (None: record nothing), checked before any measuring starts; without ``--out``
+    or ``--update-docs`` only the name of a fresh one, which ``results_folder`` claims once there are results."""
     if args.no_record and (args.out or args.update_docs):
         raise LinspecError("--no-record writes nothing; drop --out / --update-docs, or drop --no-record")
     if args.out and args.update_docs:
@@ -53,3 +54,9 @@ def output_dir(args: argparse.Namespace, name: str) -> Path | None:
     if folder.exists() and not folder.is_dir():
         raise LinspecError(f"--out {folder} exists and is not a folder")
     return folder
+
+
+def results_folder(args: argparse.Namespace, folder: Path) -> Path:
+    """Where to write now that the results exist: the folder the user named (``--out``, ``--update-docs``), else
+    the fresh one ``output_dir`` named, claimed (``linspec.utils.results.claim_fresh``)."""
+    return folder if args.out or args.update_docs else claim_fresh(folder)

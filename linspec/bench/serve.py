@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from linspec.bench.report import add_output_arguments, output_dir
+from linspec.bench.report import add_output_arguments, output_dir, results_folder
 from linspec.config import PRESETS
 from linspec.errors import LinspecError
 from linspec.utils.progress import progress_bar, show_item
@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
                         for label, e in engines.items()},
         }  # fmt: skip
         path = record_bench(NAME, {**payload, "results": [asdict(r) for r in results], **summary}, text,
-                            plot(results), out_dir)  # fmt: skip
+                            plot(results), results_folder(args, out_dir))  # fmt: skip
         print(f"wrote {path}")
     if not parity:
         print("greedy parity failed: the converted model's tokens from vLLM differ from linspec's", file=sys.stderr)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.console import Console
 
-from linspec.bench.report import add_output_arguments, output_dir
+from linspec.bench.report import add_output_arguments, output_dir, results_folder
 from linspec.errors import LinspecError
 from linspec.utils.devices import add_placement_arguments, placement
 from linspec.utils.progress import progress_bar, show_item
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     data = {"settings": options | {"prompts": [p[0] for p in prompts]}, "runs": [asdict(r) for r in runs]}
     console.print(section)
     if out_dir is not None:
-        console.print(f"wrote {record_bench('speculative', data, section, figure, out_dir)}")
+        console.print(f"wrote {record_bench('speculative', data, section, figure, results_folder(args, out_dir))}")
     return 0
 
 

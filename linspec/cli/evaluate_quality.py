@@ -240,10 +240,10 @@ def _load(name: str, args: argparse.Namespace):
 def _finish(args: argparse.Namespace, name: str, data: dict, section: str, figure=None) -> None:
     """Write ``OUT/name.json`` (+ png), print the table, and record it when --record-bench asks."""
     from linspec.bench.report import project_docs_dir
-    from linspec.utils.results import default_out_dir, record_bench, write_results
+    from linspec.utils.results import claim_fresh, default_out_dir, record_bench, write_results
 
     print(section)
-    out = Path(args.out) if args.out else default_out_dir()
+    out = Path(args.out) if args.out else claim_fresh(default_out_dir())
     path = write_results(out, name, data, figure)
     print(f"wrote {path}")
     if args.record_bench:

@@ -222,7 +222,7 @@ def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
                     module.conv_weight.zero_()
                 if "far_memory" in components:
                     module.far_memory_on = False
-                if "memory_readout" in components and _memory_bias(module) is not None:
+                if "memory_readout" in components and getattr(module, "memory_bias", None) is not None:
                     module.memory_bias.sub_(READOUT_OFF_SHIFT)
         yield
     finally:

@@ -24,28 +24,30 @@ BENCHMARKS = "benchmarks.md"
 
 
 def default_out_dir() -> Path:
-    """A fresh folder for one evaluation run, created: ``runs/eval-<time>`` (``fresh_folder``)."""
-    return fresh_folder(Path("runs"), time.strftime("eval-%Y%m%d-%H%M%S"))
+    """The name of a fresh folder for one evaluation run, ``runs/eval-<time>``; ``claim_fresh`` takes it when the
+    results are written (a command refused before that leaves no folder behind)."""
+    return Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
 
 
 def bench_out_dir(name: str) -> Path:
-    """A fresh folder for one run of benchmark ``name``, created: ``runs/bench/<name>-<time>`` (``fresh_folder``)."""
-    return fresh_folder(Path("runs") / "bench", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """The name of a fresh folder for one run of benchmark ``name``, ``runs/bench/<name>-<time>``; taken by
+    ``claim_fresh`` when the results are written."""
+    return Path("runs") / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def fresh_folder(parent: Path, stem: str) -> Path:
-    """``parent/stem``, or ``stem-2``, ``stem-3``, … when that is taken, created here and only here: the time in a
-    name has a resolution of one second, and two runs started in the same second (two evaluations side by side, a
-    script that loops) must not write into one folder, where the second would replace the first's results.
+def claim_fresh(folder: Path) -> Path:
+    """``folder``, or ``folder-2``, ``folder-3``, … when that is taken, created here and only here: the time in a
+    default name has a resolution of one second, and two runs that write in the same second (two evaluations side
+    by side, a script that loops) must not share a folder, where the second would replace the first's results.
     Creating the folder is the claim (``mkdir`` fails on an existing one), so two processes cannot both get it."""
-    parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     for attempt in itertools.count(1):
-        folder = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+        candidate = folder if attempt == 1 else folder.with_name(f"{folder.name}-{attempt}")
         try:
-            folder.mkdir()
+            candidate.mkdir()
         except FileExistsError:
             continue
-        return folder
+        return candidate
     raise AssertionError("unreachable")  # itertools.count never ends
 
 
@@ -94,10 +96,11 @@ def write_results(out_dir: str | Path, name: str, data: dict[str, Any], figure=N
 def record_bench(
     name: str, data: dict[str, Any], section_markdown: str, figure=None, where: str | Path | None = None
 ) -> Path:
-    """Benchmark ``name``'s results as ``<name>.json`` (+ png) in ``where`` (None: a fresh ``runs/bench`` folder),
+    """Benchmark ``name``'s results as ``<name>.json`` (+ png) in ``where`` (None: a fresh ``runs/bench`` folder,
+    claimed),
     and its section of ``where/benchmarks.md`` replaced (the other benchmarks' sections stay); the JSON's path."""
     check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
-    folder = Path(where) if where is not None else bench_out_dir(name)
+    folder = Path(where) if where is not None else claim_fresh(bench_out_dir(name))
     path = write_results(folder, name, {"benchmark": name, **data}, figure)
     _replace_section(folder / BENCHMARKS, name, section_markdown, has_plot=figure is not None)
     return path
