@@ -11,8 +11,9 @@ from linspec.utils import results
 def test_runs_started_in_the_same_second_write_to_different_folders(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(results.time, "strftime", lambda pattern: "eval-20261206-213917")
+    name = results.default_out_dir()
     assert not Path("runs").exists()  # naming a folder creates nothing: a refused command leaves none behind
-    first, second = results.claim_fresh(results.default_out_dir()), results.claim_fresh(results.default_out_dir())
+    first, second = results.claim_fresh(name), results.claim_fresh(results.default_out_dir())
     assert (first, second) == (Path("runs/eval-20261206-213917"), Path("runs/eval-20261206-213917-2"))
     results.write_results(first, "ppl-length", {"model": "a"})
     results.write_results(second, "ppl-length", {"model": "b"})
