@@ -504,9 +504,8 @@ def test_the_memory_readout_ablation_keeps_the_cache_the_memory_chose():
     from linspec.evaluation.perplexity import ablated, ablation_components, variant_name
 
     model = cache_model(memory_feature_map="hedgehog", memory_distance_decay=True)
-    with torch.no_grad():  # a memory with weight: b_h well above its initial value
-        for module in model.linspec_modules():
-            module.memory_bias.add_(2.0)
+    for module in model.linspec_modules():  # a memory with weight: b_h well above its initial value
+        module.memory_bias.add_(2.0)
     ids = random_ids(1, 24, seed=8)
     components = ablation_components("memory-readout", model)
     assert variant_name(model, components) == "no-memory-readout"

@@ -97,8 +97,8 @@ def record_bench(
     name: str, data: dict[str, Any], section_markdown: str, figure=None, where: str | Path | None = None
 ) -> Path:
     """Benchmark ``name``'s results as ``<name>.json`` (+ png) in ``where`` (None: a fresh ``runs/bench`` folder,
-    claimed),
-    and its section of ``where/benchmarks.md`` replaced (the other benchmarks' sections stay); the JSON's path."""
+    claimed), and its section of ``where/benchmarks.md`` replaced (the other benchmarks' sections stay); the JSON's
+    path."""
     check_name(name, "benchmark name")  # it becomes <name>.json, <name>.png and a section marker
     folder = Path(where) if where is not None else claim_fresh(bench_out_dir(name))
     path = write_results(folder, name, {"benchmark": name, **data}, figure)
