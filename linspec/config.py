@@ -56,9 +56,11 @@ PRESETS = {
     # with Hedgehog feature maps, read as one more column of the window's softmax (LoLCATs), its tokens weighed by
     # their distance. The maps start at the identity and the distance exponent at 0; they and the per-head bias
     # are what attention transfer trains.
+    # The grouped term (γ·S and the conv) is left out: beside a far memory it never earned its place (trained with
+    # it, γ and the conv stay at zero), and its state and decode time go to the sparse cache instead.
     "window-hedgehog": {
         **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
-        "global_decay": True, "global_norm": "mean", "memory_feature_map": "hedgehog", "memory_distance_decay": True,
+        "memory_feature_map": "hedgehog", "memory_distance_decay": True, "grouped_term": False,
     },
     # The paper's layer with a learnable per-head decay of S only.
     "decay": {**_PAPER, "global_decay": True},
@@ -120,6 +122,11 @@ class LinspecConfig:
     the context otherwise than the count of folded tokens, and a memory fitted on short sequences can keep its
     weight right on long ones.
 
+    ``grouped_term`` false leaves the paper's grouped linear attention (γ·S, the conv; ``linspec.models.terms.
+    grouped``) out of a layer whose local term is the softmax window: the window, its far memory and its sparse
+    cache are then the whole layer, with no ``global_scale``, ``conv_weight`` or ``decay_logit`` and no state of
+    theirs. The ``window-hedgehog`` preset does so: there the far memory is the layer's linear attention.
+
     The sparse cache (``sparse_cache`` K, ``linspec.ops.sparse_cache``; softmax window only; LoLA, McDermott et al.
     2025): per kv head, the K evicted tokens chosen by ``sparse_cache_policy`` (``recall-error``: those the far
     memory recalls worst, ``‖v‖²`` without one; ``recency``; ``random``) stay as exact keys and values, read with
@@ -153,6 +160,7 @@ class LinspecConfig:
     sink_positions: str = "absolute"
     memory_feature_map: str = "none"
     memory_distance_decay: bool = False
+    grouped_term: bool = True
     sparse_cache: int = 0
     sparse_cache_policy: str = "recall-error"
 
@@ -241,6 +249,17 @@ class LinspecConfig:
             raise LinspecError(f"memory_distance_decay must be true or false, got {self.memory_distance_decay!r:.40}")
         if self.memory_distance_decay and self.memory_feature_map == "none":
             raise LinspecError("memory_distance_decay scales the far memory's column; it needs a memory_feature_map")
+        if not isinstance(self.grouped_term, bool):
+            raise LinspecError(f"grouped_term must be true or false, got {self.grouped_term!r:.40}")
+        if not self.grouped_term and self.local_kernel != "softmax":
+            raise LinspecError(
+                f"grouped_term false needs local_kernel 'softmax' (the window is then the layer's only term); "
+                f"got local_kernel {self.local_kernel!r}"
+            )
+        if not self.grouped_term and (self.global_decay or self.global_norm != "none"):
+            raise LinspecError(
+                "global_decay and global_norm shape the grouped term's memory; with grouped_term false there is none"
+            )
         if self.memory_feature_map != "none" and self.local_kernel != "softmax":
             raise LinspecError(
                 f"memory_feature_map {self.memory_feature_map!r} needs local_kernel 'softmax' (the far memory is a "

@@ -5,6 +5,7 @@ memory in its decode state."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import fields, replace
 
@@ -396,6 +397,41 @@ def test_the_settings_are_checked_and_the_preset_keeps_the_window():
         LinspecConfig(**{**PRESETS["window"], "memory_distance_decay": True})
     with pytest.raises(LinspecError, match="memory_distance_decay must be true or false"):
         LinspecConfig(**{**SETTINGS, "memory_distance_decay": "yes"})
+    assert not preset.grouped_term and LinspecConfig.from_preset("window").grouped_term
+    with pytest.raises(LinspecError, match="grouped_term must be true or false"):
+        LinspecConfig.from_dict({**preset.to_dict(), "grouped_term": "no"})
+    with pytest.raises(LinspecError, match="grouped_term false needs local_kernel 'softmax'"):
+        LinspecConfig(grouped_term=False)
+    with pytest.raises(LinspecError, match="global_decay and global_norm shape the grouped term"):
+        LinspecConfig(**{**PRESETS["window"], "grouped_term": False})
+
+
+@torch.no_grad()
+def test_without_the_grouped_term_the_layer_is_its_window_and_far_memory():
+    """``grouped_term`` false: no γ, conv or decay parameters and no state of theirs, and the output is exactly
+    that of the same layer with the grouped term at γ = 0 and a zero conv (its term adds nothing there)."""
+    base = tiny_base("qwen3", 1)
+    lean = linspec.convert(copy.deepcopy(base), LinspecConfig(**SETTINGS)).double()
+    grouped_settings = {**SETTINGS, "grouped_term": True, "global_decay": True, "global_norm": "mean"}
+    grouped = linspec.convert(copy.deepcopy(base), LinspecConfig(**grouped_settings)).double()
+    grouped_names = {"global_scale", "conv_weight", "decay_logit"}
+    assert not grouped_names & {name.rsplit(".", 1)[-1] for name, _ in lean.named_parameters()}
+    assert grouped_names <= {name.rsplit(".", 1)[-1] for name, _ in grouped.named_parameters()}
+    for a, b in zip(lean.linspec_modules(), grouped.linspec_modules(), strict=True):
+        for name in ("memory_bias", "memory_feature_map_q", "memory_feature_map_k", "memory_distance_exponent"):
+            getattr(a, name).add_(0.3)  # a memory away from its initial values, the same in both
+            getattr(b, name).copy_(getattr(a, name))
+    ids = random_ids(1, 17, seed=2)
+    torch.testing.assert_close(lean(ids).logits, grouped(ids).logits, rtol=0, atol=1e-12)
+    cache = lean.new_cache()
+    lean(ids[:, :9], **hf.cache_kwargs(cache))
+    state = cache.linear_state(0)
+    assert set(state.slices) == {"window"} and not any(k.startswith("grouped.") for k in state.tensors())
+    grouped_cache = grouped.new_cache()
+    grouped(ids[:, :9], **hf.cache_kwargs(grouped_cache))
+    grouped_state = grouped_cache.linear_state(0)
+    kept = sum(t.numel() * t.element_size() for k, t in grouped_state.tensors().items() if k.startswith("grouped."))
+    assert kept > 0 and state.nbytes() == grouped_state.nbytes() - kept
 
 
 def test_conversion_initialises_the_memory_parameters():
@@ -418,11 +454,16 @@ def test_conversion_initialises_the_memory_parameters():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("feature_map", "decayed"), [("hedgehog", False), ("softmax", False), ("hedgehog", True)])
-def test_every_mode_of_the_model_agrees(feature_map, decayed):
+@pytest.mark.parametrize(
+    ("feature_map", "decayed", "grouped"),
+    [("hedgehog", False, False), ("softmax", False, False), ("hedgehog", True, False), ("hedgehog", True, True)],
+)
+def test_every_mode_of_the_model_agrees(feature_map, decayed, grouped):
     """A left-padded prefill, decode steps and an extend agree with each row's whole-sequence forward; a tree
-    equals decoding its paths; after a commit a tree sees exactly the committed context — past the window."""
-    model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed)
+    equals decoding its paths; after a commit a tree sees exactly the committed context — past the window. With
+    ``grouped`` the layer also keeps the grouped term (random γ and conv) beside the window and its memory."""
+    extra = {"grouped_term": True, "global_decay": True, "global_norm": "mean"} if grouped else {}
+    model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed, **extra)
     ids = random_ids(2, 19, seed=5)
     window_only = tiny_linspec("qwen3", seed=4, **WINDOW_ONLY).double()
     assert not torch.allclose(model(ids).logits[:, 7:], window_only(ids).logits[:, 7:], atol=1e-4)
@@ -522,3 +563,21 @@ def test_the_far_memory_ablation_is_the_window_alone():
             torch.testing.assert_close(model(ids).logits, without(ids).logits, rtol=0, atol=1e-12)
     with pytest.raises(LinspecError, match="far memory"):
         ablation_components("far-memory", without)
+
+
+@torch.no_grad()
+def test_a_model_without_the_grouped_term_refuses_gamma_and_conv_ablations_and_keeps_window_only():
+    from linspec.evaluation.perplexity import ABLATIONS, ablated, ablation_components, ablation_variants
+
+    model = memory_model()
+    assert ablation_variants(model) == [ABLATIONS["full"], ABLATIONS["local-only"]]
+    for choice in ("gamma", "conv"):
+        with pytest.raises(LinspecError, match=f"{choice} needs the grouped term"):
+            ablation_components(choice, model)
+    ids = random_ids(1, 17, seed=3)
+    full = model(ids).logits
+    window_only = tiny_linspec("qwen3", seed=4, **WINDOW_ONLY).double()
+    with ablated(model, ablation_components("window-only", model)):
+        torch.testing.assert_close(model(ids).logits, window_only(ids).logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(ids).logits, full, rtol=0, atol=0)  # restored
+    assert len(ablation_variants(memory_model(grouped_term=True, global_decay=True, global_norm="mean"))) == 4

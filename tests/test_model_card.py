@@ -101,6 +101,24 @@ def test_the_state_size_is_measured_on_the_real_cache_and_matches_the_softmax_kv
     assert f"grows by {layer.per_token / 1024:.1f} KiB per token" in card
 
 
+def test_a_card_without_the_grouped_term_describes_the_window_its_memory_and_its_cache():
+    settings = linspec.LinspecConfig.from_preset("window-hedgehog", sparse_cache=8, local_window=8)
+    model = linspec.convert(tiny_base("llama"), settings).eval()
+    card = ModelCard(
+        source=describe_source("smollm2-135m"),
+        settings=settings,
+        location="out",
+        cache=measured_cache_growth(model),
+        original_cache=softmax_cache_growth(model.config, torch.float32),
+    ).render()
+    assert "replaced by the pretrained softmax over the last 8 tokens" in card
+    assert "hedgehog feature maps in the same softmax, and a sparse cache" in card
+    assert "| grouped term | none" in card and "| conv taps |" not in card and "| global memory |" not in card
+    assert "γ and the convolution start at zero" not in card and "its far memory starts untrained" in card
+    grouped = linspec.LinspecConfig.from_preset("window")
+    assert "| grouped term | none" not in ModelCard(describe_source("smollm2-135m"), grouped, "out").render()
+
+
 def test_base_models_are_hub_ids_and_local_sources_are_named_plainly(tmp_path):
     for name, spec in DEMO_MODELS.items():  # every built-in source names the hub repository it is a copy of
         demo = describe_source(name)

@@ -429,7 +429,19 @@ def test_far_memory_trains_the_hedgehog_maps_and_memory_bias_only(tmp_path, tiny
     assert not torch.equal(layers[0].memory_feature_map_k.detach()[0], eye)
     for name, tensor in untrained.items():
         assert torch.equal(tensor, trained[name]), name
-    assert all(float(m.global_scale.detach()) == 0 for m in layers)  # γ stays closed
+    assert not any(n.endswith(("global_scale", "conv_weight", "decay_logit")) for n in trained)  # no grouped term
+
+
+def test_without_the_grouped_term_a_stage_opens_the_far_memory_by_default_and_refuses_gamma(tmp_path, tiny_base):
+    """A stage that names no ``trainable`` trains what the conversion has (the far memory, not γ and the conv);
+    naming γ where there is no grouped term is one line that says so."""
+    conversion = {"preset": "window-hedgehog", "local_window": 8, "sink_tokens": 1}
+    stage = {"kind": "attention_transfer", "loss": "far_attention", "steps": 1, "batch_size": 2}
+    recipe = load_recipe(recipe_file(tmp_path, tiny_base, conversion=conversion, stages=[stage]))
+    assert recipe.stages[0].trainable == ["far_memory"]
+    path = recipe_file(tmp_path, tiny_base, conversion=conversion, stages=[{**stage, "trainable": ["gamma"]}])
+    with pytest.raises(LinspecError, match=r"trainable lists gamma but this conversion has no grouped term"):
+        train(load_recipe(path, ["eval.baselines=false"]))
 
 
 def test_far_memory_without_a_far_memory_is_one_line_naming_the_preset(tmp_path, tiny_base):

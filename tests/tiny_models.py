@@ -47,10 +47,13 @@ def tiny_base(arch: str, seed: int = 0, **overrides):
 
 
 def randomize_linspec_parameters(model, seed: int = 0, scale: float = 0.3) -> None:
-    """Give γ and the conv non-zero values so tests exercise the global path and the conv, not just local."""
+    """Give γ and the conv non-zero values so tests exercise the global path and the conv, not just local (layers
+    without the grouped term have neither)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.linspec_modules():
+            if getattr(module, "global_scale", None) is None:
+                continue
             module.global_scale.fill_(0.5 + torch.rand((), generator=gen).item())
             module.conv_weight.copy_(scale * torch.randn(module.conv_weight.shape, generator=gen))
 

@@ -43,8 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument(
         "--ablations",
         action="store_true",
-        help="run full, no-gamma, no-conv and local-only (window-only on a windowed model); with --lengths, "
-        "a curve each",
+        help="run full, no-gamma, no-conv and local-only (window-only on a windowed model; a model without the "
+        "grouped term has only full and window-only); with --lengths, a curve each",
     )
     add_placement_arguments(ppl)
     ppl.set_defaults(func=run_ppl)
@@ -167,9 +167,9 @@ def check_data(source: str) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
     from linspec.evaluation.perplexity import (
-        ABLATIONS,
         ablated,
         ablation_components,
+        ablation_variants,
         perplexity_of_ids,
         read_text_ids,
         variant_name,
@@ -191,7 +191,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     if len(ids) < 2:
         raise LinspecError(f"{args.data} holds fewer than two tokens of text; nothing to score")
     if args.ablations:
-        variants = list(ABLATIONS.values())
+        variants = ablation_variants(model)
     else:
         variants = [ablation_components(args.ablate, model) if args.ablate else ()]
     rows = []

@@ -284,10 +284,10 @@ def _command(args: argparse.Namespace) -> str:
 def curve_ablations(args: argparse.Namespace, model) -> list[tuple[str, ...]]:
     """The ablated variants of the model drawn beside it: those --ablate/--ablations name, and for a model with a
     softmax window its window-only variant unless --no-baselines — the curve the memory has to beat."""
-    from linspec.evaluation.perplexity import ABLATIONS, ablation_components, has_softmax_window
+    from linspec.evaluation.perplexity import ABLATIONS, ablation_components, ablation_variants, has_softmax_window
 
     if args.ablations:
-        chosen = [components for components in ABLATIONS.values() if components]
+        chosen = [components for components in ablation_variants(model) if components]
     else:
         chosen = [ablation_components(args.ablate, model)] if args.ablate else []
     if not args.no_baselines and has_softmax_window(model) and ABLATIONS["local-only"] not in chosen:

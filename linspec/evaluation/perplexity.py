@@ -51,6 +51,20 @@ def has_softmax_window(model) -> bool:
     return settings is not None and settings.softmax_window and bool(getattr(model, "linspec_modules", list)())
 
 
+def has_grouped_term(model) -> bool:
+    """Whether ``model`` is a linspec model whose linear layers keep the grouped term (γ and the conv)."""
+    settings = getattr(model.config, "linspec_settings", None)
+    return settings is not None and settings.grouped_term and bool(getattr(model, "linspec_modules", list)())
+
+
+def ablation_variants(model) -> list[tuple[str, ...]]:
+    """What ``--ablations`` runs: ``ABLATIONS``, or for a model without the grouped term the full model and the
+    window alone (it has no γ or conv to take away)."""
+    if has_grouped_term(model) or not has_softmax_window(model):
+        return list(ABLATIONS.values())
+    return [ABLATIONS["full"], ABLATIONS["local-only"]]
+
+
 def has_far_memory(model) -> bool:
     """Whether ``model`` is a linspec model whose softmax window keeps a far memory (``memory_feature_map``)."""
     settings = getattr(model.config, "linspec_settings", None)
@@ -76,6 +90,11 @@ def ablation_components(choice: str, model) -> tuple[str, ...]:
         raise LinspecError(
             "window-only needs a linspec model with a softmax window (local_kernel softmax); "
             "--ablate both turns off the memory and the conv of any linspec model"
+        )
+    if set(ABLATE_CHOICES[choice]) <= {"gamma", "conv"} and has_softmax_window(model) and not has_grouped_term(model):
+        raise LinspecError(
+            f"{choice} needs the grouped term (γ and the conv); this model has none (grouped_term false): "
+            "try far-memory, memory-readout or window-only"
         )
     if choice in (FAR_MEMORY, MEMORY_READOUT) and not has_far_memory(model):
         raise LinspecError(f"{choice} needs a linspec model whose window keeps a far memory (memory_feature_map)")
@@ -205,21 +224,21 @@ def _result(total: float, count: int, seconds: float) -> Perplexity:
 def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
     """Temporarily zero γ (``gamma``) and/or the conv (``conv``) and/or stop the window reading its far memory
     (``far_memory``: the memory and the sparse cache) or only the memory's share of that column
-    (``memory_readout``: the cache stays as the memory chooses it) in every linear layer; restored on exit."""
+    (``memory_readout``: the cache stays as the memory chooses it) in every linear layer; restored on exit. A
+    layer without a grouped term has no γ or conv to zero (``ablation_components`` refuses to ask for them)."""
     modules = model.linspec_modules() if hasattr(model, "linspec_modules") else []
     if components and not modules:
         raise LinspecError("ablations need a linspec model (this one has no linear attention layers)")
-    saved = [
-        (m.global_scale.detach().clone(), m.conv_weight.detach().clone(), m.far_memory_on, _memory_bias(m))
-        for m in modules
-    ]
+    grouped = [m for m in modules if getattr(m, "global_scale", None) is not None]
+    saved = [(_copy(m, "global_scale"), _copy(m, "conv_weight"), m.far_memory_on, _memory_bias(m)) for m in modules]
     try:
         with torch.no_grad():
-            for module in modules:
+            for module in grouped:
                 if "gamma" in components:
                     module.global_scale.zero_()
                 if "conv" in components:
                     module.conv_weight.zero_()
+            for module in modules:
                 if "far_memory" in components:
                     module.far_memory_on = False
                 if "memory_readout" in components and getattr(module, "memory_bias", None) is not None:
@@ -228,11 +247,18 @@ def ablated(model, components: tuple[str, ...]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for module, (gamma, conv, far_memory_on, bias) in zip(modules, saved, strict=True):
-                module.global_scale.copy_(gamma)
-                module.conv_weight.copy_(conv)
+                if gamma is not None:
+                    module.global_scale.copy_(gamma)
+                    module.conv_weight.copy_(conv)
                 module.far_memory_on = far_memory_on
                 if bias is not None:
                     module.memory_bias.copy_(bias)
+
+
+def _copy(module, name: str) -> torch.Tensor | None:
+    """A copy of a layer's parameter ``name``, or None for a layer without it (no grouped term)."""
+    parameter = getattr(module, name, None)
+    return None if parameter is None else parameter.detach().clone()
 
 
 def _memory_bias(module) -> torch.Tensor | None:

@@ -140,10 +140,23 @@ class ModelCard:
         ]
         kept = [part for part in kept if part]
         hybrid = f" It keeps the original softmax attention in {' and '.join(kept)}." if kept else ""
+        if settings.grouped_term:
+            layer = (
+                f"augmented grouped linear attention ({local}, a global memory across groups, and a causal "
+                "depthwise convolution on V)"
+            )
+        else:
+            far = (
+                f", a linear memory of the tokens that leave it read through {settings.memory_feature_map} feature "
+                "maps in the same softmax"
+                if settings.far_memory
+                else ""
+            )
+            cache = ", and a sparse cache of evicted tokens attended exactly" if settings.sparse_cache else ""
+            layer = f"{local}{far}{cache}"
         return [
-            f"Converted from {self.source.text}: its softmax attention replaced by augmented grouped linear "
-            f"attention ({local}, a global memory across groups, and a causal depthwise convolution on V), "
-            f"reusing its pretrained q/k/v/o weights.{hybrid}",
+            f"Converted from {self.source.text}: its softmax attention replaced by {layer}, reusing its pretrained "
+            f"q/k/v/o weights.{hybrid}",
             "",
         ]
 
@@ -157,9 +170,15 @@ class ModelCard:
             "",
             "| setting | value |",
             "|---|---|",
-            f"| group size | {settings.group_size} |",
-            f"| conv taps | {settings.conv_taps} |",
-            f"| feature map | {settings.feature_map} |",
+            *(
+                [
+                    f"| group size | {settings.group_size} |",
+                    f"| conv taps | {settings.conv_taps} |",
+                    f"| feature map | {settings.feature_map} |",
+                ]
+                if settings.grouped_term
+                else ["| grouped term | none (no global memory across groups, no convolution) |"]
+            ),
             f"| local kernel | {settings.local_kernel} |",
             *([f"| softmax window | {settings.window_summary} |"] if settings.softmax_window else []),
             *(
@@ -176,7 +195,11 @@ class ModelCard:
                 if settings.sparse_cache
                 else []
             ),
-            f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |",
+            *(
+                [f"| global memory | decay {'on' if settings.global_decay else 'off'}, norm {settings.global_norm} |"]
+                if settings.grouped_term
+                else []
+            ),
             f"| softmax layers kept | {layers} |",
             *([f"| softmax kv heads kept (layer:head) | {heads} |"] if settings.softmax_heads else []),
             "",
@@ -206,6 +229,14 @@ class ModelCard:
                 if self.settings.softmax_window
                 else "is local grouped attention only"
             )
+            if not self.settings.grouped_term:
+                start = (
+                    "its far memory starts untrained (identity feature maps), so until it is trained (`linspec "
+                    "train`) it is close to its softmax window alone"
+                    if self.settings.far_memory
+                    else "it attends only within its softmax window and what its sparse cache keeps"
+                )
+                return [*lines, f"None: a raw conversion; {start}.", ""]
             return [
                 *lines,
                 "None: a raw conversion. γ and the convolution start at zero, so until it is trained (`linspec "
@@ -224,10 +255,11 @@ class ModelCard:
             where, reference = shlex.quote(self.location), shlex.quote(self.source.given)
             limit = self.max_positions or 2048
             lengths = [n for n in (256, 1024, 2048) if n <= limit] or [limit]
+            earners = "global memory and convolution earn" if self.settings.grouped_term else "far memory earns"
             return [
                 *lines,
-                "Not measured. Perplexity by context length against the original, and the share of it the global "
-                "memory and convolution earn (`--ablations`):",
+                f"Not measured. Perplexity by context length against the original, and the share of it the {earners} "
+                "(`--ablations`):",
                 "",
                 "```bash",
                 f"linspec eval ppl {where} --data builtin:wiki-en-eval --lengths {' '.join(map(str, lengths))} "

@@ -48,6 +48,7 @@ def model_card(model, location: str):
     trained = any(
         bool(module.global_scale.detach().any()) or bool(module.conv_weight.detach().any())
         for module in model.linspec_modules()
+        if getattr(module, "global_scale", None) is not None
     )
     return ModelCard(
         source=source,

@@ -18,7 +18,7 @@ position 0; gradients reach q, k, v, the conv, γ and ``log λ``), ``grouped_ter
 state, extend), the recurrent step (decode) and verify (speculative trees). The paper's and the ``stable`` preset's
 layers run wholly on the kernels. A far memory (``window-hedgehog``) reads its run through ``run_readout``'s kernel,
 which ``linspec.ops.far_memory`` asks for with ``far_readout_on_triton``; its feature maps and softmax column are
-PyTorch ops.
+PyTorch ops (``window-hedgehog`` has no grouped term, so the readout is its one kernel).
 
 A call the kernels do not implement (``linspec.ops.triton.capabilities``: the "key" normaliser, a graph through a
 forward-only kernel — e.g. ``log λ`` requiring grad in decode) runs on PyTorch whatever the backend says, so every
@@ -166,10 +166,11 @@ def _decide(
 def plan(settings: LinspecConfig, device: torch.device | str) -> list[Route]:
     """Where each op runs for a model converted with ``settings`` on ``device`` (inference: no autograd graph
     through the forward-only kernels; training's ``chunked_attention`` has a Triton backward either way).
-    ``run_readout`` is listed only for settings with a far memory, the only layers that call it."""
+    ``run_readout`` is listed only for settings with a far memory, the only layers that call it, and the grouped
+    term's ops only for settings that keep it (``grouped_term``)."""
     features = (settings.global_decay, settings.global_norm, settings.in_group_kernel, False)
     name, available, device_type = current_backend(), triton_available(), torch.device(device).type
-    ops = [op for op in OPS if op != "run_readout" or settings.far_memory]
+    ops = [op for op in OPS if (settings.far_memory if op == "run_readout" else settings.grouped_term)]
     return [_decide(op, device_type, *features, name, available) for op in ops]
 
 

@@ -156,7 +156,8 @@ class Stage:
     output_mse_weight: float = 0.0  # loss far_attention: weight of the output MSE added to the far attention KL
     window_sizes: list[int] = field(default_factory=list)  # attention_transfer: window sizes, one drawn per step
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
-    trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map far_memory all (null: γ conv)
+    trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map far_memory all; null:
+    # γ and the conv, or the far memory where the conversion has no grouped term (default_trainable)
     lora: Lora | None = None  # adapter for this stage (null: none)
     drafter: DrafterSettings | None = None  # kind drafter: the drafter and its self-distillation data
     optimizer: Optimizer = field(default_factory=Optimizer)
@@ -374,7 +375,7 @@ def validate(recipe: Recipe) -> Recipe:
         if stage.micro_batch_size is None:
             stage.micro_batch_size = stage.batch_size if stage.kind == "drafter" else 1
         if stage.trainable is None and stage.kind != "drafter":
-            stage.trainable = list(DEFAULT_TRAINABLE)
+            stage.trainable = default_trainable(recipe.conversion.settings() if recipe.conversion else None)
         for name in ("batch_size", "micro_batch_size"):
             _positive(getattr(stage, name), f"{key}.{name}", limit=MAX_BATCH)
         if stage.batch_size % stage.micro_batch_size:
@@ -481,6 +482,14 @@ def _check_drafter(settings: DrafterSettings, key: str) -> None:
     limits = {"num_prompts": 1 << 20, "eval_prompts": 1 << 16, "max_new_tokens": 1 << 14, "batch_size": 1 << 12}
     for name, limit in limits.items():
         _positive(getattr(data, name), f"{key}.data.{name}", limit=limit)
+
+
+def default_trainable(settings: LinspecConfig | None) -> list[str]:
+    """What a stage that names no ``trainable`` opens: γ and the conv, or, for a conversion without the grouped
+    term (``grouped_term`` false), its far memory if it has one and nothing else (LoRA alone)."""
+    if settings is None or settings.grouped_term:
+        return list(DEFAULT_TRAINABLE)
+    return ["far_memory"] if settings.far_memory else []
 
 
 def _check_loss(stage: Stage, key: str) -> None:

@@ -22,6 +22,8 @@ TRAINABLE_PATTERNS = {
 }
 # Keywords whose parameters exist only with some conversions: asking for them elsewhere is a recipe mistake.
 ABSENT_MESSAGES = {
+    "gamma": "this conversion has no grouped term (grouped_term false, as in preset window-hedgehog)",
+    "conv": "this conversion has no grouped term (grouped_term false, as in preset window-hedgehog)",
     "feature_map": "this feature map has no parameters",
     "far_memory": "this conversion has no far memory (preset window-hedgehog has one)",
 }

@@ -12,6 +12,7 @@ import linspec.ops.triton.readout
 from linspec.config import LinspecConfig
 from linspec.ops.backend import backend, far_readout_on_triton, plan
 from linspec.ops.far_memory import run_readout
+from linspec.ops.triton.capabilities import OPS
 
 
 def run_inputs(batch, heads, kv_heads, length, feature_dim, value_dim, seed):
@@ -72,4 +73,7 @@ def test_the_first_entry_is_read_by_later_queries_only():
 def test_plan_lists_the_readout_for_far_memory_presets_only():
     assert "run_readout" not in {r.op for r in plan(LinspecConfig.from_preset("window"), "cuda")}
     routes = {r.op: r for r in plan(LinspecConfig.from_preset("window-hedgehog"), "cuda")}
+    assert list(routes) == ["run_readout"]  # the preset has no grouped term: its readout is its one kernel
     assert routes["run_readout"].triton and not routes["run_readout"].fallback
+    grouped = LinspecConfig.from_preset("window-hedgehog", grouped_term=True, global_decay=True, global_norm="mean")
+    assert {r.op for r in plan(grouped, "cuda")} == set(OPS)

@@ -8,6 +8,8 @@ buffer — the chunked and verify forms put κ's weights and the conv taps insid
 plain memory's in-tree part in that matrix too — so splitting them would change the order of the float sums that
 every mode is pinned to.
 
+A layer whose settings have ``grouped_term`` false has no grouped term (its softmax window is the layer).
+
 Its parameters start at zero (γ, conv), so a fresh conversion is the local term alone; with ``global_decay`` it
 also has ``decay_logit`` (``[num_key_value_heads]``, λ = sigmoid(logit) per kv head: S is stored per kv head).
 """
@@ -106,8 +108,9 @@ class GroupedTerm(Term):
             layer.decay_logit = nn.Parameter(logits.to(dtype=weight.dtype, device=weight.device))
 
     @classmethod
-    def for_layer(cls, layer) -> GroupedTerm:
-        return cls(layer)
+    def for_layer(cls, layer) -> GroupedTerm | None:
+        """The term, or None where the settings leave it out (``grouped_term`` false: the window is the layer)."""
+        return cls(layer) if layer.settings.grouped_term else None
 
     def reset_parameters(self) -> None:
         """γ = 0, conv = 0 and the initial decays."""
