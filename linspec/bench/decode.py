@@ -224,9 +224,13 @@ def run(args: argparse.Namespace) -> int:
         f"speed, which does not depend on the weights; the quality behind it at each length is in the quality tables. "
         f"{device}, {str(dtype).removeprefix('torch.')}, batch 1; *prefill s* is the whole model's prefill of the "
         f"context.\n\n{table}\n\n"
-        f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
-        f"(original: {summary['original_growth']:.2f}×)\n"
-        f"- converted speed-up over the original by context: {speedups}\n"
+        + (
+            f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
+            f"(original: {summary['original_growth']:.2f}×)\n"
+            if hi != lo
+            else ""
+        )
+        + f"- converted speed-up over the original by context: {speedups}\n"
         f"- cache at {hi} tokens: original / converted = {summary['cache_ratio_longest']:.1f}×\n"
         f"- whole-model prefill at {hi} tokens: original / converted = {summary['prefill_ratio_longest']:.2f}×"
     )
