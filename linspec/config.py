@@ -293,6 +293,12 @@ class LinspecConfig:
         return f"{self.local_window} tokens + {self.sink_tokens} {self.sink_positions} sinks"
 
     @property
+    def grouped_summary(self) -> str:
+        """``"G=64, P=32"``: the grouped term's group size and conv taps for a summary line, or ``"no grouped
+        term"`` where the settings leave it out (its G and P then mean nothing)."""
+        return f"G={self.group_size}, P={self.conv_taps}" if self.grouped_term else "no grouped term"
+
+    @property
     def sparse_cache_summary(self) -> str:
         """``"64 tokens per kv head (recall-error)"`` for a sparse cache (a summary line, a model card); empty
         without one."""

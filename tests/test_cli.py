@@ -47,13 +47,22 @@ def test_convert_writes_a_loadable_linspec_dir(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, _ = run_cli("convert", str(tiny_dir), str(out), "--group-size", "8", "--conv-taps", "4",
                               "--softmax-layers", "1", capsys=capsys)  # fmt: skip
-    assert code == 0 and "wrote" in stdout
+    assert code == 0 and "wrote" in stdout and "G=8, P=4" in stdout
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LinspecQwen3ForCausalLM"
     assert model.config.linspec["group_size"] == 8 and model.config.linspec["softmax_layers"] == [1]
     assert (out / "linspec.json").exists() and leftovers(tmp_path) == []
     ids = torch.randint(3, 97, (1, 12))
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
+
+
+def test_convert_says_what_a_layer_without_the_grouped_term_keeps(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli("convert", str(tiny_dir), str(out), "--preset", "window-hedgehog", "--local-window",
+                              "8", "--sparse-cache", "4", capsys=capsys)  # fmt: skip
+    assert code == 0 and "(softmax, window 8 tokens + 4 adjacent sinks, far memory hedgehog, sparse cache 4" in stdout
+    assert "no grouped term" in stdout and "G=" not in stdout
+    assert AutoModelForCausalLM.from_pretrained(out).config.linspec["grouped_term"] is False
 
 
 def test_existing_output_is_kept_without_force_and_replaced_with_it(tiny_dir, tmp_path, capsys):

@@ -53,7 +53,7 @@ def record_benchmark(
         f"### Recovering quality by training: `{recipe.base}`, {kind}\n\n"
         f"`{command}`. Held-out perplexity on `{recipe.data.eval}` "
         f"({recipe.data.max_eval_sequences} packed sequences of {recipe.data.seq_len} tokens, never trained on); "
-        f"quality preset `{recipe.conversion.preset}`, G={conversion.group_size}, P={conversion.conv_taps}, "
+        f"quality preset `{recipe.conversion.preset}`, {conversion.grouped_summary}, "
         "softmax layers: "
         f"{list(conversion.softmax_layers) or 'none (all-linear)'}"
         + (f", softmax kv heads (layer:head): {' '.join(f'{a}:{b}' for a, b in heads)}" if heads else "")
