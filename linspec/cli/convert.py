@@ -156,12 +156,12 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
     )
-    kernels = f"{settings.feature_map}/{settings.local_kernel}" if settings.grouped_term else settings.local_kernel
+    maps = f"{settings.feature_map}/{settings.local_kernel}" if settings.grouped_term else settings.local_kernel
     window = f", window {settings.window_summary}" if settings.softmax_window else ""
     window += f", far memory {settings.memory_feature_map}" if settings.far_memory else ""
     window += f", sparse cache {settings.sparse_cache_summary}" if settings.sparse_cache else ""
     print(
-        f"wrote {out} ({kernels}{window}, {settings.grouped_summary}, "
+        f"wrote {out} ({maps}{window}, {settings.grouped_summary}, "
         f"softmax layers: {list(settings.softmax_layers) or 'none'}{heads_summary(settings)})"
     )
     return 0

@@ -45,16 +45,22 @@ MEMORY_READOUT = "memory-readout"
 READOUT_OFF_SHIFT = 1e4
 
 
+def _linear_settings(model):
+    """The ``LinspecConfig`` of a linspec model that has linear layers, else None."""
+    settings = getattr(model.config, "linspec_settings", None)
+    return settings if settings is not None and getattr(model, "linspec_modules", list)() else None
+
+
 def has_softmax_window(model) -> bool:
     """Whether ``model`` is a linspec model whose linear layers attend through a softmax window (and sinks)."""
-    settings = getattr(model.config, "linspec_settings", None)
-    return settings is not None and settings.softmax_window and bool(getattr(model, "linspec_modules", list)())
+    settings = _linear_settings(model)
+    return settings is not None and settings.softmax_window
 
 
 def has_grouped_term(model) -> bool:
     """Whether ``model`` is a linspec model whose linear layers keep the grouped term (γ and the conv)."""
-    settings = getattr(model.config, "linspec_settings", None)
-    return settings is not None and settings.grouped_term and bool(getattr(model, "linspec_modules", list)())
+    settings = _linear_settings(model)
+    return settings is not None and settings.grouped_term
 
 
 def ablation_variants(model) -> list[tuple[str, ...]]:
@@ -67,8 +73,8 @@ def ablation_variants(model) -> list[tuple[str, ...]]:
 
 def has_far_memory(model) -> bool:
     """Whether ``model`` is a linspec model whose softmax window keeps a far memory (``memory_feature_map``)."""
-    settings = getattr(model.config, "linspec_settings", None)
-    return has_softmax_window(model) and settings.far_memory
+    settings = _linear_settings(model)
+    return settings is not None and settings.softmax_window and settings.far_memory
 
 
 # ``--ablate`` choices: what each turns off (``both``: the memories and the conv, as ``window-only``).

@@ -21,9 +21,10 @@ TRAINABLE_PATTERNS = {
     "far_memory": ("memory_feature_map", "memory_bias", "memory_distance_exponent"),
 }
 # Keywords whose parameters exist only with some conversions: asking for them elsewhere is a recipe mistake.
+_NO_GROUPED_TERM = "this conversion has no grouped term (grouped_term false, as in preset window-hedgehog)"
 ABSENT_MESSAGES = {
-    "gamma": "this conversion has no grouped term (grouped_term false, as in preset window-hedgehog)",
-    "conv": "this conversion has no grouped term (grouped_term false, as in preset window-hedgehog)",
+    "gamma": _NO_GROUPED_TERM,
+    "conv": _NO_GROUPED_TERM,
     "feature_map": "this feature map has no parameters",
     "far_memory": "this conversion has no far memory (preset window-hedgehog has one)",
 }
