@@ -127,6 +127,34 @@ def test_entries_enter_and_leave_when_the_definition_says(policy, expected):
     assert sorted(state.cache_scores[0, 0].tolist()) == ([9.0, 16.0] if policy == "recall-error" else [8.0, 9.0])
 
 
+@pytest.mark.parametrize("memory_kind", ["none", "hedgehog"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_filling_cache_is_placed_at_once_as_the_loop_would(policy, memory_kind, monkeypatch):
+    """The evictions that find a free slot in every row are placed without the loop: the same schedule, column
+    and state as the loop's, event by event, on rows whose caches fill at different times (a padded second row)
+    and across calls that start with the cache part-filled, filling and then full."""
+    import linspec.ops.sparse_cache as sparse_cache_module
+
+    window, cache, memory = SoftmaxWindow(3, 1, 0.5), SparseCache(5, policy), far_memory(memory_kind)
+    q, k, v = inputs(30, seed=7)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :4] = False
+    results = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(sparse_cache_module, "_filling_events", lambda *args: 0)
+        state, position, outputs = fresh(2, window, cache, memory), torch.zeros(2, dtype=torch.long), []
+        for lo in range(0, 30, 10):
+            piece = [x[:, :, lo : lo + 10] for x in (q, k, v)]
+            out, state = extend(*piece, state, position, window, cache, memory, mask if lo == 0 else None)
+            outputs.append(out)
+            position = position + (mask.sum(1) if lo == 0 else 10)
+        results[fast] = (torch.cat(outputs, dim=2), state)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    assert_same_state(results[True][1], results[False][1])
+    assert bool((results[True][1].cache_positions >= 0).all())  # the calls did fill the cache
+
+
 def test_recall_error_reads_the_memory_at_eviction_time():
     """With a far memory the score is the memory's recall error when the token leaves: a token whose key and value
     repeat one already folded is recalled perfectly (score 0) and never displaces an entry."""

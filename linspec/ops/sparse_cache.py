@@ -148,18 +148,29 @@ def schedule(
         scores = recall_error(None, run_values, None)
     slots = torch.arange(size, device=device).expand(batch, kv_heads, size)
     slot_scores, slot_positions = state.cache_scores, state.cache_positions
+    filling = _filling_events(slot_positions, valid, events)
+    if filling:
+        if tracks_memory:  # nothing has folded while the cache fills: the memory is the call's first
+            fill_scores = recall_error(pool_features[:, :, size : size + filling], run_values[:, :, :filling],
+                                       memory[:, :, None])  # fmt: skip
+        else:
+            fill_scores = scores[:, :, :filling]
+        slots, slot_scores, slot_positions = _fill(
+            slots, slot_scores, slot_positions, fill_scores, run_positions[:, :filling], valid[:, :filling], size
+        )
+    folding = _Folding(memory, pool_features, pool_values) if tracks_memory else None
     never = torch.full((batch, kv_heads), -1, dtype=torch.long, device=device)
     entered, folds = [], []
     live = valid[:, :events].any(dim=0).tolist()
     slot_index = torch.arange(size, device=device)
-    for u in range(events):
+    for u in range(filling, events):
         if not live[u]:
             entered.append(torch.zeros_like(never, dtype=torch.bool))
             folds.append(never)
             continue
         ok = valid[:, u, None]  # (B, 1)
         if tracks_memory:
-            candidate = recall_error(pool_features[:, :, size + u], run_values[:, :, u], memory)
+            candidate = recall_error(pool_features[:, :, size + u], run_values[:, :, u], folding.memory)
         else:
             candidate = scores[:, :, u]
         enters, target, full = admission(candidate, ok, slot_scores, slot_positions)
@@ -172,23 +183,82 @@ def schedule(
         entered.append(enters)
         folds.append(folded)
         if tracks_memory:
-            taken = (folded >= 0)[..., None]
-            index = folded.clamp(min=0)[..., None, None]
-            feature = pool_features.gather(2, index.expand(-1, -1, 1, pool_features.shape[-1])) * taken[..., None]
-            value = with_ones(pool_values.gather(2, index.expand(-1, -1, 1, pool_values.shape[-1])))
-            memory = memory + feature.transpose(-1, -2) @ value
+            folding.fold(folded)
     big = size + length + 1
     run = torch.arange(length, device=device)
     entered_at = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=device)
     fold = torch.full((batch, kv_heads, length), -1, dtype=torch.long, device=device)
-    if events:
-        entered_at[:, :, :events] = torch.stack(entered, dim=-1)
-        fold[:, :, :events] = torch.stack(folds, dim=-1)
+    entered_at[:, :, :filling] = valid[:, None, :filling]
+    if events > filling:
+        entered_at[:, :, filling:events] = torch.stack(entered, dim=-1)
+        fold[:, :, filling:events] = torch.stack(folds, dim=-1)
     old = torch.where(state.cache_positions >= 0, -1, big)
     enter = torch.cat([old, torch.where(entered_at, run, big)], dim=-1)
     leave = torch.full((batch, kv_heads, size + length + 1), big, dtype=torch.long, device=device)
     leave.scatter_(-1, torch.where(fold >= 0, fold, size + length), run.expand(batch, kv_heads, length).clone())
     return Schedule(enter, leave[..., :-1], fold, slots, slot_scores, slot_positions)
+
+
+class _Folding:
+    """The far memory as ``schedule``'s loop folds pool entries into it, one per event: updated in place (the loop
+    is a long chain of tiny steps, so each step allocates nothing), the pool's ``φ_k`` and ``[v, 1]`` laid out
+    once for the row-wise pick of the folded entry."""
+
+    def __init__(self, memory: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
+        batch, kv_heads, pool, width = features.shape
+        self.flat = memory.reshape(batch * kv_heads, width, -1).clone()
+        self.memory = self.flat.view(memory.shape)  # [B, Hkv, F, Dv + 1], the same storage
+        self.features = features.reshape(batch * kv_heads, pool, width)
+        self.values = with_ones(values).reshape(batch * kv_heads, pool, -1)
+        self.rows = torch.arange(batch * kv_heads, device=features.device)
+
+    def fold(self, entry: torch.Tensor) -> None:
+        """Fold pool entry ``entry [B, Hkv]`` of each row and head (−1: none) into the memory."""
+        index = entry.flatten()
+        taken = (index >= 0).to(self.features.dtype)[:, None, None]
+        index = index.clamp(min=0)
+        feature = self.features[self.rows, index][:, :, None] * taken  # (B·Hkv, F, 1)
+        self.flat.baddbmm_(feature, self.values[self.rows, index][:, None, :])
+
+
+def _filling_events(slot_positions: torch.Tensor, valid: torch.Tensor, events: int) -> int:
+    """How many of a call's first ``events`` evictions find a free slot in every row (or are no evictions there).
+    Such an eviction enters the next free slot, displaces nothing and folds nothing (``admission``), so those
+    events need no loop: ``_fill`` places them at once, and the far memory is unchanged throughout them."""
+    free = (slot_positions < 0).sum(dim=-1).min(dim=-1).values  # (B,): the fewest free slots of a row's heads
+    arrivals = valid[:, :events].long().cumsum(dim=1)
+    overflow = (valid[:, :events] & (arrivals > free[:, None])).any(dim=0)
+    return int(overflow.long().argmax()) if bool(overflow.any()) else events
+
+
+def _fill(
+    slots: torch.Tensor,
+    slot_scores: torch.Tensor,
+    slot_positions: torch.Tensor,
+    scores: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The slots after events ``0 … U − 1`` that all find a free slot (``_filling_events``): each row's evictions
+    take the free slots in order. ``scores [B, Hkv, U]`` are theirs, ``positions``/``valid [B, U]`` the run
+    entries' positions and which are evictions; pool entry ``size + u`` is event ``u``'s token."""
+    batch, kv_heads, _ = slots.shape
+    count = positions.shape[1]
+    filled = (slot_positions >= 0).sum(dim=-1)  # (B, Hkv)
+    order = valid.long().cumsum(dim=1) - 1
+    target = torch.where(valid[:, None], filled[..., None] + order[:, None], size)  # ``size``: a slot dropped after
+
+    def placed(current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        spare = current.new_zeros(batch, kv_heads, 1)
+        return torch.cat([current, spare], dim=-1).scatter(-1, target, new)[..., :size]
+
+    entries = size + torch.arange(count, device=slots.device).expand(batch, kv_heads, count)
+    return (
+        placed(slots, entries),
+        placed(slot_scores, scores.to(slot_scores.dtype)),
+        placed(slot_positions, positions[:, None].expand(batch, kv_heads, count)),
+    )
 
 
 def admission(
