@@ -58,8 +58,11 @@ PRESETS = {
     # are what attention transfer trains.
     # The grouped term (γ·S and the conv) is left out: beside a far memory it never earned its place (trained with
     # it, γ and the conv stay at zero), and its state and decode time go to the sparse cache instead.
+    # The sinks keep their true distance: this layer reads tokens past the window (the memory by their distance, a
+    # sparse cache at their true positions), and sinks scored as if right before the window would outbid every one
+    # of them — half the passkey reads at 2048 tokens lost (docs/training.md).
     "window-hedgehog": {
-        **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "adjacent",
+        **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "absolute",
         "memory_feature_map": "hedgehog", "memory_distance_decay": True, "grouped_term": False,
     },
     # The paper's layer with a learnable per-head decay of S only.
@@ -107,8 +110,9 @@ class LinspecConfig:
     ``sink_tokens`` (``linspec.ops.window``), so a fresh conversion keeps the parent's attention wherever the context
     fits in the window. ``sink_positions`` ``"adjacent"`` scores the sinks that have left the window as if they
     sat right before it (their RoPE distance frozen), which makes the window term the same at every position past
-    ``local_window + sink_tokens`` — the perplexity curve cannot drift upwards with context; ``"absolute"`` keeps
-    their true distance (the models written before the option existed).
+    ``local_window + sink_tokens`` — the perplexity curve of a window whose memory carries little cannot drift
+    upwards with context; ``"absolute"`` keeps their true distance, which a layer that reads evicted tokens (a far
+    memory, a sparse cache: ``window-hedgehog``) needs, or its sinks, nearer than any of them, outbid them.
 
     The far memory (``memory_feature_map``, ``linspec.ops.far_memory``; softmax window only): the tokens that
     leave the window (sinks excepted) fold into ``S = Σ φ(k) vᵀ`` and ``z = Σ φ(k)`` per kv head, and each query

@@ -60,7 +60,7 @@ def test_convert_says_what_a_layer_without_the_grouped_term_keeps(tiny_dir, tmp_
     out = tmp_path / "out"
     code, stdout, _ = run_cli("convert", str(tiny_dir), str(out), "--preset", "window-hedgehog", "--local-window",
                               "8", "--sparse-cache", "4", capsys=capsys)  # fmt: skip
-    assert code == 0 and "(softmax, window 8 tokens + 4 adjacent sinks, far memory hedgehog, sparse cache 4" in stdout
+    assert code == 0 and "(softmax, window 8 tokens + 4 absolute sinks, far memory hedgehog, sparse cache 4" in stdout
     assert "no grouped term" in stdout and "G=" not in stdout
     assert AutoModelForCausalLM.from_pretrained(out).config.linspec["grouped_term"] is False
 

@@ -398,6 +398,7 @@ def test_the_settings_are_checked_and_the_preset_keeps_the_window():
     with pytest.raises(LinspecError, match="memory_distance_decay must be true or false"):
         LinspecConfig(**{**SETTINGS, "memory_distance_decay": "yes"})
     assert not preset.grouped_term and LinspecConfig.from_preset("window").grouped_term
+    assert preset.sink_positions == "absolute" and LinspecConfig.from_preset("window").sink_positions == "adjacent"
     with pytest.raises(LinspecError, match="grouped_term must be true or false"):
         LinspecConfig.from_dict({**preset.to_dict(), "grouped_term": "no"})
     with pytest.raises(LinspecError, match="grouped_term false needs local_kernel 'softmax'"):
@@ -455,15 +456,18 @@ def test_conversion_initialises_the_memory_parameters():
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    ("feature_map", "decayed", "grouped"),
-    [("hedgehog", False, False), ("softmax", False, False), ("hedgehog", True, False), ("hedgehog", True, True)],
-)
-def test_every_mode_of_the_model_agrees(feature_map, decayed, grouped):
+    ("feature_map", "decayed", "grouped", "sinks"),
+    [("hedgehog", False, False, "absolute"), ("softmax", False, False, "absolute"),
+     ("hedgehog", True, False, "absolute"), ("hedgehog", True, True, "absolute"),
+     ("hedgehog", True, False, "adjacent")],
+)  # fmt: skip
+def test_every_mode_of_the_model_agrees(feature_map, decayed, grouped, sinks):
     """A left-padded prefill, decode steps and an extend agree with each row's whole-sequence forward; a tree
     equals decoding its paths; after a commit a tree sees exactly the committed context — past the window. With
-    ``grouped`` the layer also keeps the grouped term (random γ and conv) beside the window and its memory."""
+    ``grouped`` the layer also keeps the grouped term (random γ and conv) beside the window and its memory; with
+    adjacent sinks the out-of-window sinks are scored from the frozen position in every mode."""
     extra = {"grouped_term": True, "global_decay": True, "global_norm": "mean"} if grouped else {}
-    model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed, **extra)
+    model = memory_model(memory_feature_map=feature_map, memory_distance_decay=decayed, sink_positions=sinks, **extra)
     ids = random_ids(2, 19, seed=5)
     window_only = tiny_linspec("qwen3", seed=4, **WINDOW_ONLY).double()
     assert not torch.allclose(model(ids).logits[:, 7:], window_only(ids).logits[:, 7:], atol=1e-4)

@@ -67,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sink-positions",
         help="adjacent (window preset): sinks outside the window are scored as if they sat right before it, so "
-        "quality cannot drift with context; absolute: their true distance",
+        "quality cannot drift with context; absolute (window-hedgehog): their true distance, as the tokens a far "
+        "memory or sparse cache reads",
     )
     parser.add_argument(
         "--memory-distance-decay",

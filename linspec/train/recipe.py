@@ -56,7 +56,7 @@ class Conversion:
     local_kernel: str | None = None  # relu2 (paper) or identity inside a group, softmax: a window (default: preset's)
     local_window: int | None = None  # tokens the softmax window covers (window preset: 512)
     sink_tokens: int | None = None  # first tokens the softmax window always sees (window preset: 4)
-    sink_positions: str | None = None  # adjacent: sinks scored as if right before the window (window preset); absolute
+    sink_positions: str | None = None  # adjacent: as if right before the window (window); absolute (window-hedgehog)
     memory_distance_decay: bool | None = None  # far tokens weighed by (d/W)^-α_h, α_h learnt (default: off)
     sparse_cache: int | None = None  # K evicted tokens per kv head kept exactly beside the window (default: 0, none)
     sparse_cache_policy: str | None = None  # which: recall-error (default), recency, random
