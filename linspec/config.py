@@ -60,7 +60,8 @@ PRESETS = {
     # it, γ and the conv stay at zero), and its state and decode time go to the sparse cache instead.
     # The sinks keep their true distance: this layer reads tokens past the window (the memory by their distance, a
     # sparse cache at their true positions), and sinks scored as if right before the window would outbid every one
-    # of them — half the passkey reads at 2048 tokens lost (docs/training.md).
+    # of them: with adjacent sinks the far-memory recipe lost 2 of the 9 passkeys the original reads at 2048 tokens
+    # (docs/training.md).
     "window-hedgehog": {
         **_PAPER, "local_kernel": "softmax", "local_window": 512, "sink_tokens": 4, "sink_positions": "absolute",
         "memory_feature_map": "hedgehog", "memory_distance_decay": True, "grouped_term": False,
