@@ -158,7 +158,7 @@ def schedule(
         slots, slot_scores, slot_positions = _fill(
             slots, slot_scores, slot_positions, fill_scores, run_positions[:, :filling], valid[:, :filling], size
         )
-    folding = _Folding(memory, pool_features, pool_values) if tracks_memory else None
+    folding = _Folding(memory, pool_features, pool_values) if tracks_memory and events > filling else None
     never = torch.full((batch, kv_heads), -1, dtype=torch.long, device=device)
     entered, folds = [], []
     live = valid[:, :events].any(dim=0).tolist()
