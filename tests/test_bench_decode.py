@@ -97,3 +97,21 @@ def test_speculative_bench_rows_for_a_trained_drafter_and_the_only_filter():
     kept = [r for r in rows if _wanted(r, ["lookup+"])]
     assert {r.kind for r in kept if not r.name.startswith("lookup+")} == {"plain-hf"}  # the baselines stay
     assert len([r for r in kept if r.kind == "plain-hf"]) == 2 and [r for r in rows if _wanted(r, None)] == rows
+
+
+def test_a_batch_decodes_every_row_from_the_repeated_cache(tmp_path, capsys):
+    """``--batch B``: one prefilled row's cache repeated to B rows, each with its own state (B times the bytes of
+    one row), a step timed over all of them; the table says so and adds the step's time."""
+    from linspec.bench.decode import measure_one
+
+    tiny_base("llama").save_pretrained(tmp_path / "tiny")
+    for which in ("original", "converted"):
+        one, three = (measure_one(str(tmp_path / "tiny"), which, 12, 1, batch=b) for b in (1, 3))
+        assert three.batch == 3 and three.cache_bytes == 3 * one.cache_bytes, which
+        assert abs(three.ms_per_step - 3 * three.ms_per_token) < 1e-9
+    assert main(["bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "12", "--steps", "1",
+                 "--batch", "2", "--no-record"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| context | model | ms/step | ms/token |" in out and "repeated to 2 rows" in out
+    assert main(["bench", "decode", "--model", str(tmp_path / "tiny"), "--batch", "0", "--no-record"]) == 2
+    assert "--batch must be between 1 and" in capsys.readouterr().err

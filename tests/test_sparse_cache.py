@@ -83,8 +83,8 @@ def extend(q, k, v, state, position, window, cache, memory, token_mask=None, sin
     return out, replace(after, **after_cache)
 
 
-def step(q, k, v, state, position, window, cache, memory, sink_q=None):
-    column, after_cache = sparse_cache_step(q, k, v, state, position, window, cache, memory)
+def step(q, k, v, state, position, window, cache, memory, sink_q=None, in_place=False):
+    column, after_cache = sparse_cache_step(q, k, v, state, position, window, cache, memory, in_place)
     out, after = window_step(q, k, v, state, position, window, sink_q, column)
     return out, replace(after, **after_cache)
 
@@ -273,7 +273,8 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, policy, mem
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (5, 1)])
 def test_decode_steps_equal_reference_and_extend(size, sinks, policy, memory_kind):
     """Decoding token by token after a padded prefill (the second row starts later): outputs equal the reference,
-    and each step's state equals extend's."""
+    and each step's state equals extend's. A step leaves its input state as it was, and writes the same fields
+    into the input's own tensors when asked to work in place."""
     window, cache, memory = SoftmaxWindow(size, sinks, 0.3), SparseCache(2, policy), far_memory(memory_kind)
     q, k, v = inputs(24)
     expected = sparse_cache_reference(q, k, v, window, cache, memory)
@@ -283,7 +284,16 @@ def test_decode_steps_equal_reference_and_extend(size, sinks, policy, memory_kin
     position = torch.tensor([5, 2])
     for t in range(5, 24):
         args = tuple(x[:, :, t : t + 1] for x in (q, k, v))
+        before = replace(state, **{name: field.clone() for name, field in vars(state).items() if field is not None})
         out, next_state = step(*args, state, position, window, cache, memory)
+        assert_same_state(state, before)
+        written = replace(before, **{name: field.clone() for name, field in vars(before).items() if field is not None})
+        in_place_out, in_place = step(*args, written, position, window, cache, memory, in_place=True)
+        torch.testing.assert_close(in_place_out, out, rtol=0, atol=0)
+        assert_same_state(in_place, next_state)
+        for name in ("cache_keys", "cache_values", "cache_scores", "cache_positions", "far_memory"):
+            if getattr(written, name) is not None:
+                assert getattr(in_place, name) is getattr(written, name), name
         torch.testing.assert_close(out[0, :, 0], expected[0, :, t])
         reference_out, reference_state = extend(*args, state, position, window, cache, memory)
         torch.testing.assert_close(out, reference_out)
@@ -483,6 +493,33 @@ def test_the_window_only_ablation_drops_the_cache():
         ablated(without, ablation_components("window-only", without)),
     ):
         torch.testing.assert_close(model(ids).logits, without(ids).logits, rtol=0, atol=1e-12)
+
+
+def test_a_decode_step_writes_into_its_cache_only_where_nothing_else_reads_the_state():
+    """Inside inference mode a step writes the cache's event into the state's own tensors; under no_grad with
+    tensors made in inference mode (PyTorch refuses to update those outside it) and with autograd on, it makes
+    new ones. The logits are the same either way."""
+    model = cache_model(memory_feature_map="softmax")
+    ids = random_ids(1, 24)
+
+    def cache_keys(cache):
+        return cache.linear_state(0).slices["window"].cache_keys
+
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model(ids[:, :20], **hf.cache_kwargs(cache))
+        keys = cache_keys(cache)
+        written = model(ids[:, 20:21], **hf.cache_kwargs(cache)).logits
+        assert cache_keys(cache) is keys
+    with torch.no_grad():
+        model(ids[:, 21:22], **hf.cache_kwargs(cache))
+        assert cache_keys(cache) is not keys
+    copies = model.new_cache()
+    model(ids[:, :20], **hf.cache_kwargs(copies))
+    keys = cache_keys(copies)
+    copied = model(ids[:, 20:21], **hf.cache_kwargs(copies)).logits
+    assert cache_keys(copies) is not keys
+    torch.testing.assert_close(copied, written, rtol=0, atol=0)
 
 
 @torch.no_grad()

@@ -4,6 +4,11 @@ Both models see the same random prompt of each context length, are prefilled on 
 ``--steps`` greedy tokens one forward at a time; the median step time is reported. Each (model, context) pair
 runs in its own process, so its peak RSS is its own and not the high-water mark of earlier pairs. The converted
 model keeps γ = 0 and conv = 0 from conversion, which costs the same as trained values.
+
+With ``--batch B`` the one prefilled row's cache is repeated to ``B`` rows (a step's cost depends on the state's
+size, not on what it holds, and prefilling ``B`` prompts would take ``B`` times as long) and every step advances
+all of them: a server's view, where the weights are read once per step for every row while each row reads its
+own cache — a growing KV cache for the original, a constant state for the converted model.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from linspec.utils.results import markdown_table, record_bench
 
 EXAMPLE = "example: linspec bench decode --model smollm2-135m --contexts 128 1024 8192 --steps 32"
 MAX_STEPS = 10_000
+MAX_BATCH = 1024
 DEFAULT_CONTEXTS = [128, 512, 1024, 2048, 4096, 8192]
 
 
@@ -41,17 +47,25 @@ class DecodeResult:
     tokens_per_s: float
     cache_bytes: int
     peak_rss_bytes: int
+    batch: int = 1
+    ms_per_step: float | None = None  # one forward that advances every row by a token (ms_per_token × batch)
 
 
 @torch.inference_mode()
-def time_decode(model, prompt: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, list[float], int]:
-    """``(prefill seconds, per-step seconds, cache bytes after the last step)`` on a fresh cache."""
+def time_decode(
+    model, prompt: torch.Tensor, steps: int, warmup: int = 2, batch: int = 1
+) -> tuple[float, list[float], int]:
+    """``(prefill seconds, per-step seconds, cache bytes after the last step)`` on a fresh cache; with ``batch``
+    > 1 the prefilled cache (of one row) is repeated to ``batch`` rows before decoding."""
     cache = new_cache_for(model)
     start = time.perf_counter()
     logits = model(prompt, **hf.cache_kwargs(cache), use_cache=True).logits
     _synchronize(logits)
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+        token = token.repeat_interleave(batch, dim=0)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
@@ -79,6 +93,7 @@ def measure_one(
     seed: int = 0,
     preset: str = "window",
     sparse_cache: int = 0,
+    batch: int = 1,
 ) -> DecodeResult:
     """One (model, context) measurement in this process: load, prefill, decode; peak RSS of the process."""
     import linspec
@@ -92,10 +107,11 @@ def measure_one(
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
     prompt = prompt.to(target)
     time_decode(model, prompt[:, :16], steps=2, warmup=0)  # first-call costs (allocator, kernels) stay out
-    prefill, times, nbytes = time_decode(model, prompt, steps)
+    prefill, times, nbytes = time_decode(model, prompt, steps, batch=batch)
     median = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return DecodeResult(which, context, prefill, 1e3 * median, 1 / median, nbytes, peak)
+    per_token = median / batch
+    return DecodeResult(which, context, prefill, 1e3 * per_token, 1 / per_token, nbytes, peak, batch, 1e3 * median)
 
 
 def measure(
@@ -106,6 +122,7 @@ def measure(
     dtype: str = "float32",
     preset: str = "window",
     sparse_cache: int = 0,
+    batch: int = 1,
 ) -> list[DecodeResult]:
     """Every (context, model) pair in a fresh process, so each peak RSS is that pair's own."""
     results = []
@@ -125,6 +142,7 @@ def measure(
                 dtype,
                 preset,
                 str(sparse_cache),
+                str(batch),
             ]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -186,6 +204,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="the converted model keeps K evicted tokens per kv head exactly (recall-error; default 0: none)",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="rows decoded together, each with its own cache of the context (default 1); ms/token is a step's "
+        "time over B",
+    )
     add_placement_arguments(parser)
     add_output_arguments(parser)
 
@@ -196,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
         raise LinspecError(f"--steps and --contexts must be positive (and --steps at most {MAX_STEPS})")
+    if not 0 < args.batch <= MAX_BATCH:
+        raise LinspecError(f"--batch must be between 1 and {MAX_BATCH}, not {args.batch}")
     settings = LinspecConfig.from_preset(args.preset, sparse_cache=args.sparse_cache)  # a bad K: refused here
     out_dir = output_dir(args, "decode")
     device, dtype = placement(args.device, args.dtype)
@@ -206,24 +234,39 @@ def run(args: argparse.Namespace) -> int:
     del model
     weights = str(dtype).removeprefix("torch.")
     results = measure(
-        args.model, sorted(args.contexts), args.steps, str(device), weights, args.preset, settings.sparse_cache
+        args.model,
+        sorted(args.contexts),
+        args.steps,
+        str(device),
+        weights,
+        args.preset,
+        settings.sparse_cache,
+        args.batch,
     )
     summary = summarise(results)
+    step = [] if args.batch == 1 else ["ms/step"]
     rows = [
-        [r.context, r.model, r.ms_per_token, r.tokens_per_s, r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20,
-         r.prefill_s]
+        [r.context, r.model, *([] if args.batch == 1 else [r.ms_per_step]), r.ms_per_token, r.tokens_per_s,
+         r.cache_bytes / 2**20, r.peak_rss_bytes / 2**20, r.prefill_s]
         for r in results
     ]  # fmt: skip
-    table = markdown_table(["context", "model", "ms/token", "tokens/s", "cache MiB", "peak RSS MiB", "prefill s"], rows)
+    headers = ["context", "model", *step, "ms/token", "tokens/s", "cache MiB", "peak RSS MiB", "prefill s"]
+    table = markdown_table(headers, rows)
     lo, hi = min(args.contexts), max(args.contexts)
     speedups = ", ".join(f"{c}: {s:.2f}×" for c, s in summary["speedup_by_context"].items())
     cache = f", sparse cache {settings.sparse_cache_summary}" if settings.sparse_cache else ""
+    batched = (
+        ""
+        if args.batch == 1
+        else f" (one prefilled row's cache repeated to {args.batch} rows; a step advances them all, *ms/token* is "
+        f"its time over {args.batch}, *cache MiB* covers every row)"
+    )
     text = (
         f"## Decode speed vs context ({args.model}, `linspec bench decode`)\n\n"
         f"*converted* is the raw conversion with the `{args.preset}` preset{cache} (untrained): this table measures "
         f"speed, which does not depend on the weights; the quality behind it at each length is in the quality tables. "
-        f"{device}, {str(dtype).removeprefix('torch.')}, batch 1; *prefill s* is the whole model's prefill of the "
-        f"context.\n\n{table}\n\n"
+        f"{device}, {str(dtype).removeprefix('torch.')}, batch {args.batch}{batched}; *prefill s* is the whole "
+        f"model's prefill of the context (one row).\n\n{table}\n\n"
         + (
             f"- converted per-token time at {hi} vs {lo} tokens: **{summary['converted_flatness']:.3f}×** "
             f"(original: {summary['original_growth']:.2f}×)\n"
@@ -236,7 +279,13 @@ def run(args: argparse.Namespace) -> int:
     )
     print(text)
     if out_dir is not None:
-        payload = {"model": args.model, "steps": args.steps, "device": str(device), "dtype": str(dtype)}
+        payload = {
+            "model": args.model,
+            "steps": args.steps,
+            "batch": args.batch,
+            "device": str(device),
+            "dtype": str(dtype),
+        }
         path = record_bench(
             "decode",
             {**payload, "results": [asdict(r) for r in results], **summary},
@@ -248,9 +297,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE PRESET K
-    source, which, context, steps, device, dtype, preset, sparse = sys.argv[1:9]
+if __name__ == "__main__":  # worker: python -m linspec.bench.decode SOURCE WHICH CONTEXT STEPS DEVICE DTYPE PRESET K B
+    source, which, context, steps, device, dtype, preset, sparse, batch = sys.argv[1:10]
     result = measure_one(
-        source, which, int(context), int(steps), device, dtype, preset=preset, sparse_cache=int(sparse)
+        source,
+        which,
+        int(context),
+        int(steps),
+        device,
+        dtype,
+        preset=preset,
+        sparse_cache=int(sparse),
+        batch=int(batch),
     )
     print(json.dumps(asdict(result)))

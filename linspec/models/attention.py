@@ -11,6 +11,8 @@ memory too, parameters ``memory_bias`` and ``memory_feature_map_q``/``_k``), and
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -90,10 +92,12 @@ class LinspecAttention(nn.Module):
     def _rotation_at(self, position: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of the decoder's rotary embedding at one fixed ``position``, ``[1, 1, 1, D]``; computed
         once per dtype, device and rotary frequencies (a dynamic RoPE that rescales them gets fresh ones), since
-        every forward of every layer needs them on the decode path."""
+        every forward of every layer needs them on the decode path. Ones made in inference mode are not reused
+        outside it (autograd refuses inference tensors)."""
         rotary = self._rotary[0]
         frequencies = rotary.inv_freq
-        key = (position, like.dtype, like.device, frequencies.data_ptr(), frequencies._version)
+        inference = torch.is_inference_mode_enabled()
+        key = (position, like.dtype, like.device, frequencies.data_ptr(), frequencies._version, inference)
         cached = getattr(self, "_rotation_cache", None)
         if cached is None or cached[0] != key:
             cos, sin = rotary(like, torch.full((1, 1), position, device=like.device))
@@ -142,8 +146,12 @@ class LinspecAttention(nn.Module):
         if mode is Mode.VERIFY:
             results = [(term, *term.verify(x, state)) for term in self.terms]
             context.tree.keep(self.layer_idx, {term: kept for term, _, kept in results if kept is not None})
+        elif mode is Mode.STEP:
+            x = replace(x, state_writable=_writable(state))
+            results = [(term, *term.step(x, state)) for term in self.terms]
         else:
-            results = [(term, *(term.step if mode is Mode.STEP else term.extend)(x, state)) for term in self.terms]
+            results = [(term, *term.extend(x, state)) for term in self.terms]
+        if mode is not Mode.VERIFY:
             real = x.q.shape[2] if x.token_mask is None else x.token_mask.bool().sum(dim=1)  # new real tokens per row
             state = state.advanced({term.name: part for term, _, part in results if part is not None}, real)
         if cache is not None:
@@ -166,3 +174,12 @@ class LinspecAttention(nn.Module):
             for heads, out in alone:
                 total[:, heads] = out.to(total.dtype)
         return total
+
+
+def _writable(state: LayerState) -> bool:
+    """Whether a decode step may write into ``state``'s tensors (the state its layer replaces in the cache, or a
+    fresh one): with autograd off, and for inference tensors only inside inference mode (PyTorch refuses to
+    update them in place outside it)."""
+    if torch.is_grad_enabled():
+        return False
+    return torch.is_inference_mode_enabled() or not any(t.is_inference() for t in state.tensors().values())

@@ -437,10 +437,16 @@ def sparse_cache_step(
     window: SoftmaxWindow,
     cache: SparseCache,
     memory: FarMemory | None,
+    in_place: bool = False,
 ) -> tuple[MemoryColumn, dict[str, torch.Tensor | None]]:
     """``sparse_cache_extend`` for one real token per row (decode), without its pool and schedule: the query
     reads the cache and the far memory as they are (the ring's oldest token is still in its window), then that
-    token is the call's one candidate and the cache's fields are updated in place of a replay."""
+    token is the call's one candidate and the cache's fields are updated in place of a replay.
+
+    ``in_place``: write the event into ``state``'s own tensors (one slot per row and kv head, and the far
+    memory's fold) instead of new copies of them: a decode step then moves a few hundred bytes per kv head
+    instead of the whole cache. Only for a state nothing else will read again (a cache's, advanced by its
+    owner, with autograd off)."""
     batch, num_heads, _, key_dim = q.shape
     kv_heads = state.cache_keys.shape[1]
     query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)
@@ -455,7 +461,7 @@ def sparse_cache_step(
         features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, -1)
         readout = (features @ state.far_memory).view(batch, num_heads, 1, -1)
         far = memory_column(readout, memory.log_bias(position[:, None], window))
-    return _joined(cache_part, far), _step_event(state, k, v, position, window, cache, memory)
+    return _joined(cache_part, far), _step_event(state, k, v, position, window, cache, memory, in_place)
 
 
 def _step_event(
@@ -466,16 +472,17 @@ def _step_event(
     window: SoftmaxWindow,
     cache: SparseCache,
     memory: FarMemory | None,
+    in_place: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """The cache's and far memory's fields after the ring's oldest token (at ``position − W + 1``; the new token
     ``k``, ``v`` itself when ``W = 1`` and the ring is empty) leaves the window: ``schedule``'s rule for one
-    event."""
-    size = cache.size
+    event. Only the target slot of each row and kv head changes (its old content is written back where nothing
+    enters), so the write is one scatter per field, into ``state``'s tensors when ``in_place``."""
     at = position - (window.size - 1)  # (B,)
     valid = (at >= window.sinks)[:, None]  # (B, 1): an evicted token, not a sink or an empty ring slot
     ring_keys, ring_values = (state.keys, state.values) if state.keys.shape[2] else (k, v)
-    key, value = ring_keys[:, :, 0], ring_values[:, :, 0]  # (B, Hkv, D)
-    features = None if memory is None else memory.key_features(key[:, :, None])[:, :, 0]
+    key, value = ring_keys[:, :, :1], ring_values[:, :, :1]  # (B, Hkv, 1, D)
+    features = None if memory is None else memory.key_features(key)
     if state.far_memory is not None and features is None:
         raise ValueError("a state with a far memory needs the memory's parameters")
     kv_heads = key.shape[1]
@@ -484,27 +491,35 @@ def _step_event(
     elif cache.policy == "random":
         candidate = random_scores(at[:, None], kv_heads, value.dtype)[..., 0]
     else:
-        candidate = recall_error(features, value, state.far_memory)  # recall-error
-    slot_scores, slot_positions = state.cache_scores, state.cache_positions
-    enters, target, full = admission(candidate, valid, slot_scores, slot_positions)
-    hit = (torch.arange(size, device=key.device) == target[..., None]) & enters[..., None]  # (B, Hkv, K)
+        candidate = recall_error(None if features is None else features[:, :, 0], value[:, :, 0], state.far_memory)
+    enters, target, full = admission(candidate, valid, state.cache_scores, state.cache_positions)
+    slot = target[..., None]  # (B, Hkv, 1)
+    inside = enters[..., None]
+
+    def written(field: torch.Tensor, entry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(field with entry in each row's target slot where it enters, the slot's content before)``."""
+        index = slot if field.dim() == 3 else slot[..., None].expand(-1, -1, -1, field.shape[-1])
+        before = field.gather(2, index)
+        into = field if in_place else field.clone()
+        return into.scatter_(
+            2, index, torch.where(inside if field.dim() == 3 else inside[..., None], entry, before)
+        ), before
+
+    cache_keys, old_key = written(state.cache_keys, key)
+    cache_values, old_value = written(state.cache_values, value)
     fields = {
-        "cache_keys": torch.where(hit[..., None], key[:, :, None], state.cache_keys),
-        "cache_values": torch.where(hit[..., None], value[:, :, None], state.cache_values),
-        "cache_scores": torch.where(hit, candidate[..., None], slot_scores),
-        "cache_positions": torch.where(hit, at[:, None, None], slot_positions),
+        "cache_keys": cache_keys,
+        "cache_values": cache_values,
+        "cache_scores": written(state.cache_scores, candidate[..., None])[0],
+        "cache_positions": written(state.cache_positions, at[:, None, None].expand(-1, kv_heads, 1))[0],
     }
     if state.far_memory is not None:
-        slot = target[..., None, None]
-        leaving_key = torch.where(
-            enters[..., None], state.cache_keys.gather(2, slot.expand(-1, -1, 1, key.shape[-1]))[:, :, 0], key
-        )
-        leaving_value = torch.where(
-            enters[..., None], state.cache_values.gather(2, slot.expand(-1, -1, 1, value.shape[-1]))[:, :, 0], value
-        )
-        taken = (valid & full)[..., None, None]
-        fold = memory.key_features(leaving_key[:, :, None]).transpose(-1, -2) @ with_ones(leaving_value[:, :, None])
-        fields["far_memory"] = state.far_memory + fold * taken
+        displaced = inside[..., None]
+        leaving_key = torch.where(displaced, old_key, key)  # the displaced entry, or the candidate that stayed out
+        leaving_value = torch.where(displaced, old_value, value)
+        fold = memory.key_features(leaving_key).transpose(-1, -2) @ with_ones(leaving_value)
+        fold = fold * (valid & full)[..., None, None]
+        fields["far_memory"] = state.far_memory.add_(fold) if in_place else state.far_memory + fold
     return fields
 
 

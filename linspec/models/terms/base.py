@@ -28,6 +28,8 @@ class TermInputs:
     position ``P`` for adjacent sinks, else None. ``token_mask [B, T]``: the real columns (None: all of them).
     ``layout``: the candidate tree of a verification pass. ``attention_mask`` and ``cache``: what the model
     passed for its softmax layers (a term with growing KV columns keeps them in the cache and masks them so).
+    ``state_writable``: a step may write the state's new slice into the old one's tensors rather than copies
+    (the layer replaces the state in its cache and nothing else reads the old one; autograd off).
     """
 
     q: torch.Tensor
@@ -38,6 +40,7 @@ class TermInputs:
     layout: TreeLayout | None = None
     attention_mask: torch.Tensor | None = None
     cache: Any = None
+    state_writable: bool = False
 
 
 def slice_tensors(part: Any) -> dict[str, torch.Tensor]:

@@ -167,7 +167,9 @@ class SoftmaxWindowTerm(Term):
     def step(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
         if self.sparse is not None:
-            column, fields = sparse_cache_step(x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory)
+            column, fields = sparse_cache_step(
+                x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory, x.state_writable
+            )
             out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
             return out, replace(after, **fields)
         if memory is None:
