@@ -26,6 +26,7 @@ from linspec.ops.far_memory import (
     far_memory_commit,
     far_memory_extend,
     far_memory_reference,
+    far_memory_step,
     far_memory_verify,
     memory_weights,
 )
@@ -89,8 +90,8 @@ def extend(q, k, v, state, position, window, memory, token_mask=None, sink_q=Non
     return out, replace(after, far_memory=folded)
 
 
-def step(q, k, v, state, position, window, memory, sink_q=None):
-    column, folded = far_memory_extend(q, k, v, state, position, window, memory)
+def step(q, k, v, state, position, window, memory, sink_q=None, in_place=False):
+    column, folded = far_memory_step(q, k, v, state, position, window, memory, in_place)
     out, after = window_step(q, k, v, state, position, window, sink_q, column)
     return out, replace(after, far_memory=folded)
 
@@ -241,7 +242,8 @@ def test_extend_in_pieces_with_padding_equals_reference(size, sinks, adjacent, d
 @pytest.mark.parametrize("decayed", [False, True])
 def test_decode_steps_equal_reference_and_extend(size, sinks, adjacent, decayed):
     """``window_step`` with the memory, one token at a time from the start, the rows of the batch at different
-    positions (the second row starts later): outputs equal the reference and the state equals extend's."""
+    positions (the second row starts later): outputs equal the reference and the state equals extend's. A step
+    leaves its input state as it was, and folds into the input's own memory when asked to work in place."""
     window, memory = SoftmaxWindow(size, sinks, 0.3), far_memory(False, decayed=decayed)
     q, k, v = inputs(24)
     sink_q = sink_queries(q) if adjacent else None
@@ -254,7 +256,14 @@ def test_decode_steps_equal_reference_and_extend(size, sinks, adjacent, decayed)
         one = slice(t, t + 1)
         args = (q[:, :, one], k[:, :, one], v[:, :, one])
         sink = None if sink_q is None else sink_q[:, :, one]
+        before = state.far_memory.clone()
         out, next_state = step(*args, state, position, window, memory, sink)
+        torch.testing.assert_close(state.far_memory, before, rtol=0, atol=0)
+        written = replace(state, far_memory=before)
+        in_place_out, in_place = step(*args, written, position, window, memory, sink, in_place=True)
+        torch.testing.assert_close(in_place_out, out, rtol=0, atol=0)
+        torch.testing.assert_close(in_place.far_memory, next_state.far_memory, rtol=0, atol=0)
+        assert in_place.far_memory is before
         torch.testing.assert_close(out[0, :, 0], expected[0, :, t])
         reference_out, reference_state = extend(*args, state, position, window, memory, None, sink)
         torch.testing.assert_close(out, reference_out)

@@ -282,6 +282,37 @@ def far_memory_extend(
     return column, _folded(state, keys, values, count)
 
 
+def step_column(
+    q: torch.Tensor, far_memory: torch.Tensor, position: torch.Tensor, window: SoftmaxWindow, memory: FarMemory
+) -> MemoryColumn:
+    """The column of one query per row (``q [B, H, 1, D]`` at ``position [B]``, decode) that reads ``far_memory``
+    as it is: no run entry precedes a step's only query."""
+    batch, num_heads, _, _ = q.shape
+    kv_heads = far_memory.shape[1]
+    features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, -1)
+    readout = (features @ far_memory).view(batch, num_heads, 1, -1)
+    return memory_column(readout, memory.log_bias(position[:, None], window))
+
+
+def far_memory_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WindowWithMemory,
+    position: torch.Tensor,
+    window: SoftmaxWindow,
+    memory: FarMemory,
+    in_place: bool = False,
+) -> tuple[MemoryColumn, torch.Tensor]:
+    """``far_memory_extend`` for one real token per row (decode): the query reads the memory as it is (the ring's
+    oldest token is still in its window), then that token folds — one entry, where extend's run would copy the
+    whole ring. ``in_place``: fold into ``state.far_memory`` itself (a state nothing else reads again)."""
+    column = step_column(q, state.far_memory, position, window, memory)  # read before the fold writes
+    keys, values = _run(state.keys[:, :, :1], state.values[:, :, :1], position, k, v, 1, window, memory)
+    fold = keys.transpose(-1, -2) @ values
+    return column, state.far_memory.add_(fold) if in_place else state.far_memory + fold
+
+
 def far_memory_verify(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -38,7 +38,14 @@ import torch
 
 from linspec.errors import LinspecError
 from linspec.ops.extend import gather_tokens, input_columns, real_first, real_tokens_first
-from linspec.ops.far_memory import FarMemory, memory_column, memory_weights, run_readout, spiky_features
+from linspec.ops.far_memory import (
+    FarMemory,
+    memory_column,
+    memory_weights,
+    run_readout,
+    spiky_features,
+    step_column,
+)
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import MemoryColumn, SoftmaxWindow, WindowState
@@ -456,11 +463,7 @@ def sparse_cache_step(
     anything = torch.isfinite(lse)
     out = torch.exp(scores - torch.where(anything, lse, 0.0)) @ state.cache_values
     cache_part = (lse.view(batch, num_heads, 1, 1), out.view(batch, num_heads, 1, -1))
-    far = None
-    if memory is not None:
-        features = memory.query_features(q).view(batch, kv_heads, num_heads // kv_heads, -1)
-        readout = (features @ state.far_memory).view(batch, num_heads, 1, -1)
-        far = memory_column(readout, memory.log_bias(position[:, None], window))
+    far = None if memory is None else step_column(q, state.far_memory, position, window, memory)
     return _joined(cache_part, far), _step_event(state, k, v, position, window, cache, memory, in_place)
 
 

@@ -29,6 +29,7 @@ from linspec.ops.far_memory import (
     far_memory_chunked,
     far_memory_commit,
     far_memory_extend,
+    far_memory_step,
     far_memory_verify,
     initial_memory_bias,
 )
@@ -174,7 +175,7 @@ class SoftmaxWindowTerm(Term):
             return out, replace(after, **fields)
         if memory is None:
             return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q)
-        column, folded = far_memory_extend(x.q, x.k, x.v, part, state.position, self.window, memory)
+        column, folded = far_memory_step(x.q, x.k, x.v, part, state.position, self.window, memory, x.state_writable)
         out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
         return out, replace(after, far_memory=folded)
 
