@@ -23,9 +23,10 @@ from linspec.ops.sparse_cache import (
     random_scores,
     sparse_cache_chunked,
     sparse_cache_commit,
+    sparse_cache_event,
     sparse_cache_extend,
+    sparse_cache_reads,
     sparse_cache_reference,
-    sparse_cache_step,
     sparse_cache_verify,
 )
 from linspec.ops.verify import TreeLayout
@@ -84,9 +85,9 @@ def extend(q, k, v, state, position, window, cache, memory, token_mask=None, sin
 
 
 def step(q, k, v, state, position, window, cache, memory, sink_q=None, in_place=False):
-    column, after_cache = sparse_cache_step(q, k, v, state, position, window, cache, memory, in_place)
-    out, after = window_step(q, k, v, state, position, window, sink_q, column)
-    return out, replace(after, **after_cache)
+    exact, far = sparse_cache_reads(q, state, position, window, memory)
+    out, after = window_step(q, k, v, state, position, window, sink_q, far, exact)
+    return out, replace(after, **sparse_cache_event(state, k, v, position, window, cache, memory, in_place))
 
 
 def assert_same_state(a: WindowWithCache, b: WindowWithCache) -> None:

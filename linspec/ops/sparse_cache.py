@@ -48,7 +48,7 @@ from linspec.ops.far_memory import (
 )
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
-from linspec.ops.window import MemoryColumn, SoftmaxWindow, WindowState
+from linspec.ops.window import ExactColumns, MemoryColumn, SoftmaxWindow, WindowState
 
 # The seed of the ``random`` policy's hash (any fixed number: the choice must repeat across modes and runs).
 RANDOM_SEED = 0x5EED
@@ -435,39 +435,22 @@ def sparse_cache_extend(
     return column, call.after(state)
 
 
-def sparse_cache_step(
+def sparse_cache_reads(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     state: WindowWithCache,
     position: torch.Tensor,
     window: SoftmaxWindow,
-    cache: SparseCache,
     memory: FarMemory | None,
-    in_place: bool = False,
-) -> tuple[MemoryColumn, dict[str, torch.Tensor | None]]:
-    """``sparse_cache_extend`` for one real token per row (decode), without its pool and schedule: the query
-    reads the cache and the far memory as they are (the ring's oldest token is still in its window), then that
-    token is the call's one candidate and the cache's fields are updated in place of a replay.
-
-    ``in_place``: write the event into ``state``'s own tensors (one slot per row and kv head, and the far
-    memory's fold) instead of new copies of them: a decode step then moves a few hundred bytes per kv head
-    instead of the whole cache. Only for a state nothing else will read again (a cache's, advanced by its
-    owner, with autograd off)."""
-    batch, num_heads, _, key_dim = q.shape
-    kv_heads = state.cache_keys.shape[1]
-    query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)
-    scores = (query @ state.cache_keys.transpose(-1, -2)) * window.scale  # (B, Hkv, R, K)
-    scores = scores.masked_fill((state.cache_positions < 0)[:, :, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    anything = torch.isfinite(lse)
-    out = torch.exp(scores - torch.where(anything, lse, 0.0)) @ state.cache_values
-    cache_part = (lse.view(batch, num_heads, 1, 1), out.view(batch, num_heads, 1, -1))
+) -> tuple[ExactColumns, MemoryColumn | None]:
+    """What one query per row (decode, ``position [B]``) reads past its window: the cache's entries as they are,
+    as exact columns of the window's own softmax (``window_step``; empty slots masked), and the far memory's
+    column. The ring's oldest token is still in the query's window, so its eviction (``sparse_cache_event``)
+    comes after the read."""
     far = None if memory is None else step_column(q, state.far_memory, position, window, memory)
-    return _joined(cache_part, far), _step_event(state, k, v, position, window, cache, memory, in_place)
+    return ExactColumns(state.cache_keys, state.cache_values, state.cache_positions < 0), far
 
 
-def _step_event(
+def sparse_cache_event(
     state: WindowWithCache,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -477,10 +460,15 @@ def _step_event(
     memory: FarMemory | None,
     in_place: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """The cache's and far memory's fields after the ring's oldest token (at ``position − W + 1``; the new token
-    ``k``, ``v`` itself when ``W = 1`` and the ring is empty) leaves the window: ``schedule``'s rule for one
-    event. Only the target slot of each row and kv head changes (its old content is written back where nothing
-    enters), so the write is one scatter per field, into ``state``'s tensors when ``in_place``."""
+    """The cache's and far memory's fields after a decode step at ``position [B]``: the ring's oldest token (at
+    ``position − W + 1``; the new token ``k``, ``v`` itself when ``W = 1`` and the ring is empty) leaves the
+    window, ``schedule``'s rule for one event, applied in place of a replay. Only the target slot of each row
+    and kv head changes (its old content is written back where nothing enters): one scatter per field.
+
+    ``in_place``: write into ``state``'s own tensors (a slot per row and kv head, and the far memory's fold)
+    instead of new copies of them: a step then moves a few hundred bytes per kv head instead of the whole cache.
+    Only for a state nothing else reads again (a cache's, advanced by its owner, with autograd off), and only
+    after ``sparse_cache_reads``'s columns have been read."""
     at = position - (window.size - 1)  # (B,)
     valid = (at >= window.sinks)[:, None]  # (B, 1): an evicted token, not a sink or an empty ring slot
     ring_keys, ring_values = (state.keys, state.values) if state.keys.shape[2] else (k, v)

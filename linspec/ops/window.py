@@ -86,6 +86,17 @@ class MemoryColumn:
         return MemoryColumn(fn(self.logit), fn(self.value))
 
 
+@dataclass(frozen=True)
+class ExactColumns:
+    """Keys and values a decode step's query reads exactly beside its window, under the same softmax (a sparse
+    cache's entries, ``linspec.ops.sparse_cache``): ``keys [B, Hkv, K, Dk]`` and ``values [B, Hkv, K, Dv]`` with
+    their logit ``q·k/√d``, and ``empty [B, Hkv, K]``, the slots that hold no token (masked)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    empty: torch.Tensor
+
+
 def reads_memory(query_position: torch.Tensor, window: SoftmaxWindow) -> torch.Tensor:
     """Whether a query at ``query_position`` has a far-memory column: some token that is not a sink has left its
     window (``t − j ≥ W`` for some ``j ≥ n``), i.e. ``t ≥ W + n``. Before that the layer is the window alone."""
@@ -424,12 +435,13 @@ def window_step(
     window: SoftmaxWindow,
     sink_q: torch.Tensor | None = None,
     memory: MemoryColumn | None = None,
+    exact: ExactColumns | None = None,
 ) -> tuple[torch.Tensor, WindowState]:
     """``window_extend`` for one real token per row (decode), as a handful of ops instead of the general form's
-    packing and masks: scores against the sink slots, the ring and the token itself (and the far memory's
-    column), one softmax, and the ring shifted by one slot. Masks are built only while some row is within ``P``
-    of the start (host checks; every row past ``P`` sees all its sinks — scored with ``sink_q`` — and its whole
-    ring). ``position [B]``: the new token's position in each row."""
+    packing and masks: scores against the sink slots, the ring and the token itself (and ``exact``'s columns and
+    the far memory's column), one softmax, and the ring shifted by one slot. Masks are built only while some row
+    is within ``P`` of the start (host checks; every row past ``P`` sees all its sinks — scored with ``sink_q`` —
+    and its whole ring). ``position [B]``: the new token's position in each row."""
     batch, num_heads, _, key_dim = q.shape
     kv_heads = k.shape[1]
     query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)  # (B, Hkv, R, D)
@@ -456,20 +468,28 @@ def window_step(
         at = position[:, None]
         visible = torch.where(slot < sinks, at - slot >= window.size, slot - sinks >= ring - at)  # (B, n + W - 1)
         visible = torch.cat([visible, visible.new_ones(batch, 1)], dim=1)
+    cached = 0 if exact is None else exact.keys.shape[2]
+    if exact is not None:
+        exact_scores = (query @ exact.keys.transpose(-1, -2)).masked_fill(exact.empty[:, :, None], float("-inf"))
+        scores = torch.cat([scores, exact_scores * window.scale], dim=-1)
+        visible = None if visible is None else torch.cat([visible, visible.new_ones(batch, cached)], dim=1)
     if memory is not None:
         scores = torch.cat([scores, memory.logit.view(batch, kv_heads, num_heads // kv_heads, 1)], dim=-1)
         seen = reads_memory(position, window)
         if visible is None and not bool(seen.all()):
-            visible = seen.new_ones(batch, sinks + ring + 1)
+            visible = seen.new_ones(batch, sinks + ring + 1 + cached)
         visible = None if visible is None else torch.cat([visible, seen[:, None]], dim=1)
     if visible is not None:
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1)
+    own = sinks + ring
     out = (
         weights[..., :sinks] @ state.sink_values
-        + weights[..., sinks : sinks + ring] @ state.values
-        + weights[..., sinks + ring : sinks + ring + 1] * v
+        + weights[..., sinks:own] @ state.values
+        + weights[..., own : own + 1] * v
     )  # (B, Hkv, R, Dv)
+    if exact is not None:
+        out = out + weights[..., own + 1 : own + 1 + cached] @ exact.values
     if memory is not None:
         out = out + weights[..., -1:] * memory.value.view(out.shape)
     after = _advanced(state, position, k, v, torch.ones_like(position))  # the ring shifted by one slot

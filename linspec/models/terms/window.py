@@ -38,8 +38,9 @@ from linspec.ops.sparse_cache import (
     empty_cache,
     sparse_cache_chunked,
     sparse_cache_commit,
+    sparse_cache_event,
     sparse_cache_extend,
-    sparse_cache_step,
+    sparse_cache_reads,
     sparse_cache_verify,
 )
 from linspec.ops.window import (
@@ -168,10 +169,14 @@ class SoftmaxWindowTerm(Term):
     def step(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, WindowState]:
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
         if self.sparse is not None:
-            column, fields = sparse_cache_step(
-                x.q, x.k, x.v, part, state.position, self.window, self.sparse, memory, x.state_writable
+            exact, far = sparse_cache_reads(x.q, part, state.position, self.window, memory)
+            on = self.layer.far_memory_on
+            out, after = window_step(
+                x.q, x.k, x.v, part, state.position, self.window, x.sink_q, far if on else None, exact if on else None
             )
-            out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
+            fields = sparse_cache_event(
+                part, x.k, x.v, state.position, self.window, self.sparse, memory, x.state_writable
+            )
             return out, replace(after, **fields)
         if memory is None:
             return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q)
