@@ -70,13 +70,15 @@ def test_results_go_where_the_user_says_and_never_into_the_package(tmp_path, mon
 
 
 def test_the_converted_model_uses_the_preset_asked_for(tmp_path):
-    """The window preset's state holds W − 1 + n raw keys and values per layer on top of the paper's: a larger,
-    still constant, cache — the table must time the preset it names."""
+    """The window preset's state holds W − 1 + n raw keys and values per layer on top of the paper's (and the
+    ring's room to move along its buffer while decoding): a larger, still constant, cache — the table must time
+    the preset it names."""
     from linspec.bench.decode import measure_one
+    from linspec.ops.extend import RING_ROOM
 
     tiny_base("llama").save_pretrained(tmp_path / "tiny")
     paper, window = (measure_one(str(tmp_path / "tiny"), "converted", 12, 1, preset=p) for p in ("paper", "window"))
-    extra = 3 * 2 * (512 - 1 + 4) * 16 * 2 * 4  # layers × kv heads × (W − 1 + n) × head dim × (k, v) × float32
+    extra = 3 * 2 * (512 - 1 + RING_ROOM + 4) * 16 * 2 * 4  # layers × kv heads × entries × head dim × (k, v) × 4
     assert window.cache_bytes - paper.cache_bytes == extra
     longer = measure_one(str(tmp_path / "tiny"), "converted", 40, 1, preset="window")
     assert longer.cache_bytes == window.cache_bytes

@@ -30,6 +30,7 @@ from linspec.ops.far_memory import (
     far_memory_verify,
     memory_weights,
 )
+from linspec.ops.state import held_bytes
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import (
     SoftmaxWindow,
@@ -440,7 +441,7 @@ def test_without_the_grouped_term_the_layer_is_its_window_and_far_memory():
     grouped_cache = grouped.new_cache()
     grouped(ids[:, :9], **hf.cache_kwargs(grouped_cache))
     grouped_state = grouped_cache.linear_state(0)
-    kept = sum(t.numel() * t.element_size() for k, t in grouped_state.tensors().items() if k.startswith("grouped."))
+    kept = held_bytes(t for k, t in grouped_state.tensors().items() if k.startswith("grouped."))
     assert kept > 0 and state.nbytes() == grouped_state.nbytes() - kept
 
 

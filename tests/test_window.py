@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import fields
 
 import pytest
 import torch
 
+from linspec.ops.extend import RING_ROOM, appended_in_place, newest
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import (
     SoftmaxWindow,
@@ -242,7 +244,9 @@ def test_gradients_equal_reference():
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 0), (3, 2), (5, 1), (4, 9), (8, 3)])
 def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
     """``window_step`` (the decode fast path) against ``window_extend`` with one token, every step from the
-    start past ``P``, the rows of the batch at different positions; outputs and every window field."""
+    start past ``P``, the rows of the batch at different positions; outputs and every window field. Decoding in
+    place (the ring moving along its buffer, re-made every ``RING_ROOM`` steps) gives the same at every step,
+    and leaves every earlier state's ring as it was."""
     window = SoftmaxWindow(size, sinks, 0.3)
     q, k, v = inputs(30, batch=2)
     sink_q = sink_queries(q, adjacent)
@@ -250,6 +254,7 @@ def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
     prefix = (q[:1, :, :5].expand(2, -1, -1, -1), k[:, :, :5], v[:, :, :5])
     _, state = window_extend(*prefix, fresh_state(2, window), start(2), window, first)
     position = torch.tensor([5, 2])
+    written, earlier = state, []
     for t in range(5, 30):
         step = slice(t, t + 1)
         args = (q[:, :, step], k[:, :, step], v[:, :, step])
@@ -257,9 +262,39 @@ def test_decode_step_equals_extend_by_one_token(size, sinks, adjacent):
         expected, expected_state = window_extend(*args, state, position, window, sink_q=sink)
         out, next_state = window_step(*args, state, position, window, sink)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        in_place_out, written_next = window_step(*args, written, position, window, sink, in_place=True)
+        torch.testing.assert_close(in_place_out, out, rtol=0, atol=0)
         for name in FIELDS:
             torch.testing.assert_close(getattr(next_state, name), getattr(expected_state, name), rtol=0, atol=0)
-        state, position = next_state, position + 1
+            torch.testing.assert_close(getattr(written_next, name), getattr(next_state, name), rtol=0, atol=0)
+        earlier.append((written.keys, written.keys.clone()))
+        state, written, position = next_state, written_next, position + 1
+    for ring, as_it_was in earlier:
+        torch.testing.assert_close(ring, as_it_was, rtol=0, atol=0)
+
+
+def test_a_ring_appended_in_place_moves_along_its_buffer_and_is_re_made_when_full():
+    """The first append moves a plain ring into a buffer with ``RING_ROOM`` entries of room; the next ones write
+    into that room (the same storage, one entry further along) until it is full, then a fresh buffer; every
+    result equals ``newest``'s. A ring that is part of another tensor (a slice of the sequence, as ``newest``
+    leaves it) is never written into."""
+    ring = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    storages = []
+    for _ in range(2 * RING_ROOM + 3):
+        new = torch.randn(2, 3, 1, 4, dtype=torch.float64)
+        appended = appended_in_place(ring, new)
+        torch.testing.assert_close(appended, newest(ring, new, torch.ones(2, dtype=torch.long)), rtol=0, atol=0)
+        assert appended.untyped_storage().nbytes() == 2 * 3 * (5 + RING_ROOM) * 4 * 8
+        storages.append(appended.untyped_storage().data_ptr())
+        ring = appended
+    runs = [len(list(group)) for _, group in itertools.groupby(storages)]
+    assert runs == [RING_ROOM + 1, RING_ROOM + 1, 1]  # a fresh buffer, then RING_ROOM appends into its room
+    for length in (5, 9, 5 + RING_ROOM - 1, 5 + RING_ROOM + 1):
+        larger = torch.randn(2, 3, length, 4, dtype=torch.float64)
+        as_it_was = larger.clone()
+        appended_in_place(larger[:, :, :5], torch.randn(2, 3, 1, 4, dtype=torch.float64))
+        appended_in_place(larger[:, :, length - 5 :], torch.randn(2, 3, 1, 4, dtype=torch.float64))
+        torch.testing.assert_close(larger, as_it_was, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -66,6 +66,46 @@ def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.
     return gather_tokens(torch.cat([old, real], dim=2), count[:, None] + torch.arange(keep, device=count.device))
 
 
+# Entries of room a ring written in place keeps after its own (``appended_in_place``): a buffer is re-made every
+# this many steps, so a step copies about ``W / RING_ROOM`` entries instead of the whole ring, for ``RING_ROOM``
+# more entries of memory per ring.
+RING_ROOM = 8
+
+
+def appended_in_place(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``newest(ring, new, 1)`` for one new entry per row (``new [B, heads, 1, D]``), written into the room after
+    ``ring``'s entries in its own buffer when it has some: the result is a view one entry further along, and
+    ``ring``'s own entries stay as they were. A ring without room (any tensor but such a view with space left)
+    moves into a fresh buffer with ``RING_ROOM`` entries of room. For a ring nothing else appends to: a second
+    append to the same ring would overwrite the first one's entry."""
+    batch, heads, size, dim = ring.shape
+    capacity, start = _ring_buffer(ring)
+    if start + size < capacity:
+        buffer = ring.as_strided((batch, heads, capacity, dim), ring.stride(), ring.storage_offset() - start * dim)
+        buffer[:, :, start + size] = new[:, :, 0]
+        return buffer[:, :, start + 1 : start + size + 1]
+    buffer = ring.new_empty(batch, heads, size + RING_ROOM, dim)
+    buffer[:, :, : size - 1] = ring[:, :, 1:]
+    buffer[:, :, size - 1] = new[:, :, 0]
+    return buffer[:, :, :size]
+
+
+def _ring_buffer(ring: torch.Tensor) -> tuple[int, int]:
+    """``(capacity, start)`` when ``ring [B, heads, L, D]`` is entries ``start … start + L − 1`` of a contiguous
+    ``[B, heads, L + RING_ROOM, D]`` tensor that is its storage's whole content — the buffers
+    ``appended_in_place`` makes, the only such views a state's ring can be; ``(0, 0)`` otherwise."""
+    batch, heads, size, dim = ring.shape
+    stride = ring.stride()
+    capacity = size + RING_ROOM
+    if size == 0 or dim == 0 or stride[3] != 1 or stride[2] != dim or stride[1] != capacity * dim:
+        return 0, 0
+    start, rest = divmod(ring.storage_offset(), dim)
+    whole = batch * heads * capacity * dim * ring.element_size()
+    if stride[0] != heads * stride[1] or rest or start + size > capacity or ring.untyped_storage().nbytes() != whole:
+        return 0, 0
+    return capacity, start
+
+
 def gather_tokens(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``out[:, :, t] = x[:, :, src[:, t]]`` for ``x`` of shape ``[B, heads, L, D]``."""
     batch, heads, _, dim = x.shape

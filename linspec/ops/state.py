@@ -47,7 +47,17 @@ class LinearAttentionState:
         return self.key_sum if self.key_sum is not None else self.group_keys.new_zeros(self.group_keys[:, :, 0].shape)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return held_bytes(self.tensors().values())
+
+
+def held_bytes(tensors) -> int:
+    """The memory ``tensors`` keep alive: each storage once, whole — a view holds its whole buffer (a ring
+    written in place keeps room after its entries, a ring sliced from a longer tensor keeps all of it)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def empty_state(

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from linspec.ops.extend import gather_tokens, newest, real_first
+from linspec.ops.extend import appended_in_place, gather_tokens, newest, real_first
 from linspec.ops.verify import TreeLayout
 
 # New tokens per slice in ``window_extend`` on long prompts: each slice scores n + W − 1 + slice keys per query, so
@@ -319,13 +319,22 @@ def empty_window(
 
 
 def _advanced(
-    state: WindowState, position: torch.Tensor, real_k: torch.Tensor, real_v: torch.Tensor, count: torch.Tensor
+    state: WindowState,
+    position: torch.Tensor,
+    real_k: torch.Tensor,
+    real_v: torch.Tensor,
+    count: torch.Tensor,
+    in_place: bool = False,
 ) -> WindowState:
     """The window after appending each row's first ``count`` entries of ``real_k``/``real_v`` at ``position``
-    (any other field of ``state`` — a far memory's — is carried as it is)."""
+    (any other field of ``state`` — a far memory's — is carried as it is). ``in_place`` (one entry per row): the
+    ring moves along its own buffer (``appended_in_place``)."""
     batch, kv_heads, length, _ = real_k.shape
     sinks = state.sink_keys.shape[2]
-    ring = {"keys": newest(state.keys, real_k, count), "values": newest(state.values, real_v, count)}
+    if in_place and state.keys.shape[2]:
+        ring = {"keys": appended_in_place(state.keys, real_k), "values": appended_in_place(state.values, real_v)}
+    else:
+        ring = {"keys": newest(state.keys, real_k, count), "values": newest(state.values, real_v, count)}
     if not bool((position < sinks).any()):  # every sink slot is filled already (the common case)
         return replace(state, **ring)
     source = torch.arange(sinks, device=count.device)[None, :] - position[:, None]  # (B, n): new-token rank
@@ -436,12 +445,15 @@ def window_step(
     sink_q: torch.Tensor | None = None,
     memory: MemoryColumn | None = None,
     exact: ExactColumns | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, WindowState]:
     """``window_extend`` for one real token per row (decode), as a handful of ops instead of the general form's
     packing and masks: scores against the sink slots, the ring and the token itself (and ``exact``'s columns and
     the far memory's column), one softmax, and the ring shifted by one slot. Masks are built only while some row
     is within ``P`` of the start (host checks; every row past ``P`` sees all its sinks — scored with ``sink_q`` —
-    and its whole ring). ``position [B]``: the new token's position in each row."""
+    and its whole ring). ``position [B]``: the new token's position in each row. ``in_place``: the ring moves
+    along its own buffer (``appended_in_place``; ``state``'s entries stay as they were, but nothing else may
+    append to it)."""
     batch, num_heads, _, key_dim = q.shape
     kv_heads = k.shape[1]
     query = q.view(batch, kv_heads, num_heads // kv_heads, key_dim)  # (B, Hkv, R, D)
@@ -492,7 +504,7 @@ def window_step(
         out = out + weights[..., own + 1 : own + 1 + cached] @ exact.values
     if memory is not None:
         out = out + weights[..., -1:] * memory.value.view(out.shape)
-    after = _advanced(state, position, k, v, torch.ones_like(position))  # the ring shifted by one slot
+    after = _advanced(state, position, k, v, torch.ones_like(position), in_place)  # the ring shifted by one slot
     return out.reshape(batch, num_heads, 1, v.shape[-1]), after
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from linspec.ops.state import held_bytes
 from linspec.ops.verify import TreeLayout
 
 
@@ -77,7 +78,7 @@ class LayerState:
         return LayerState(fn(self.position), {name: map_slice(part, fn) for name, part in self.slices.items()})
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        return held_bytes(self.tensors().values())
 
 
 class Term:

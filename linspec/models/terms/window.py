@@ -170,18 +170,21 @@ class SoftmaxWindowTerm(Term):
         part, memory = state.slices[self.name], self.far_memory(x.q.dtype)
         if self.sparse is not None:
             exact, far = sparse_cache_reads(x.q, part, state.position, self.window, memory)
-            on = self.layer.far_memory_on
+            read, cached = (far, exact) if self.layer.far_memory_on else (None, None)
             out, after = window_step(
-                x.q, x.k, x.v, part, state.position, self.window, x.sink_q, far if on else None, exact if on else None
+                x.q, x.k, x.v, part, state.position, self.window, x.sink_q, read, cached, x.state_writable
             )
             fields = sparse_cache_event(
                 part, x.k, x.v, state.position, self.window, self.sparse, memory, x.state_writable
             )
             return out, replace(after, **fields)
+        writable = x.state_writable
         if memory is None:
-            return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q)
-        column, folded = far_memory_step(x.q, x.k, x.v, part, state.position, self.window, memory, x.state_writable)
-        out, after = window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column))
+            return window_step(x.q, x.k, x.v, part, state.position, self.window, x.sink_q, in_place=writable)
+        column, folded = far_memory_step(x.q, x.k, x.v, part, state.position, self.window, memory, writable)
+        out, after = window_step(
+            x.q, x.k, x.v, part, state.position, self.window, x.sink_q, self._read(column), in_place=writable
+        )
         return out, replace(after, far_memory=folded)
 
     def verify(self, x: TermInputs, state: LayerState) -> tuple[torch.Tensor, KeptRawNodes]:
