@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from linspec.ops.extend import RING_ROOM, appended_in_place, newest
+from linspec.ops.state import held_bytes
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import (
     SoftmaxWindow,
@@ -295,6 +296,16 @@ def test_a_ring_appended_in_place_moves_along_its_buffer_and_is_re_made_when_ful
         appended_in_place(larger[:, :, :5], torch.randn(2, 3, 1, 4, dtype=torch.float64))
         appended_in_place(larger[:, :, length - 5 :], torch.randn(2, 3, 1, 4, dtype=torch.float64))
         torch.testing.assert_close(larger, as_it_was, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("added", [0, 1, RING_ROOM, RING_ROOM + 1, 11, 12, 40])
+def test_a_ring_after_an_extend_holds_no_more_than_its_room(added):
+    """``newest`` after ``added`` entries: the last 12 of the joined entries, in storage at most ``RING_ROOM``
+    entries larger than the ring (a long prefill's keys are not kept alive by the view of its last ones)."""
+    old, real = torch.randn(2, 3, 12, 4), torch.randn(2, 3, 50, 4)
+    ring = newest(old, real, torch.full((2,), added))
+    torch.testing.assert_close(ring, torch.cat([old, real[:, :, :added]], dim=2)[:, :, -12:], rtol=0, atol=0)
+    assert held_bytes([ring]) <= 2 * 3 * (12 + RING_ROOM) * 4 * 4
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -56,20 +56,27 @@ def input_columns(token_mask: torch.Tensor) -> torch.Tensor:
     return (token_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
-def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The last ``old.shape[2]`` entries of ``[old ; each row's first count real entries]`` (``[B, heads, ·, D]``):
-    a fixed-size history (the conv ring, a softmax window) after appending a row's real tokens."""
-    keep = old.shape[2]
-    if count.numel() and bool((count == count[0]).all()):  # every row appends as many (always at batch 1): a view
-        joined = torch.cat([old, real[:, :, : int(count[0])]], dim=2)
-        return joined[:, :, joined.shape[2] - keep :]
-    return gather_tokens(torch.cat([old, real], dim=2), count[:, None] + torch.arange(keep, device=count.device))
-
-
 # Entries of room a ring written in place keeps after its own (``appended_in_place``): a buffer is re-made every
 # this many steps, so a step copies about ``W / RING_ROOM`` entries instead of the whole ring, for ``RING_ROOM``
 # more entries of memory per ring.
 RING_ROOM = 8
+
+
+def newest(old: torch.Tensor, real: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The last ``old.shape[2]`` entries of ``[old ; each row's first count real entries]`` (``[B, heads, ·, D]``):
+    a fixed-size history (the conv ring, a softmax window) after appending a row's real tokens. Its storage holds
+    at most ``RING_ROOM`` entries more than it: a view of the joined entries while a few are appended, else a
+    copy, so a state never keeps a long extend's keys alive."""
+    keep = old.shape[2]
+    if count.numel() and bool((count == count[0]).all()):  # every row appends as many (always at batch 1)
+        added = int(count[0])
+        if added <= RING_ROOM:
+            joined = torch.cat([old, real[:, :, :added]], dim=2)
+            return joined[:, :, joined.shape[2] - keep :]
+        if added >= keep:
+            return real[:, :, added - keep : added].clone(memory_format=torch.contiguous_format)
+        return torch.cat([old[:, :, added:], real[:, :, :added]], dim=2)
+    return gather_tokens(torch.cat([old, real], dim=2), count[:, None] + torch.arange(keep, device=count.device))
 
 
 def appended_in_place(ring: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
