@@ -236,10 +236,13 @@ def test_small_query_blocks_and_memory_chunks(monkeypatch):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(("size", "sinks"), [(1, 0), (3, 2), (4, 9)])
 def test_extend_in_pieces_with_padding_equals_reference(size, sinks, policy, memory_kind, monkeypatch):
-    """Rows advance by different, padded pieces and end where the reference does; the state equals one extend."""
+    """Rows advance by different, padded pieces and end where the reference does; the state equals one extend.
+    Query blocks of 3 make a piece's later blocks skip the old cache's entries that left before them."""
+    import linspec.ops.sparse_cache as cache_module
     import linspec.ops.window as window_module
 
     monkeypatch.setattr(window_module, "EXTEND_SLICE", 5)
+    monkeypatch.setattr(cache_module, "QUERY_BLOCK", 3)
     window, cache, memory = SoftmaxWindow(size, sinks, 0.5), SparseCache(2, policy), far_memory(memory_kind)
     length = 25
     q, k, v = inputs(length)

@@ -290,20 +290,20 @@ def _cache_readout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ℓ [B, H, T, 1], o [B, H, T, Dv])``: the log-normaliser (−inf where nothing is cached) and the output of
     the softmax over the pool entries each query ``q`` (at schedule index ``query_index [B, T]``) finds in the
-    cache, in blocks of ``QUERY_BLOCK`` queries over the columns a block can see (the old cache's and the run
-    entries cached at some time the block spans)."""
+    cache, in blocks of ``QUERY_BLOCK`` queries over the columns a block can see: the pool entries (old slots and
+    run entries) in the cache at some time the block spans, in some row and kv head — not the old cache's empty
+    slots, nor entries gone before the block (a prefill from an empty state has only run entries to read)."""
     batch, num_heads, length, key_dim = q.shape
-    kv_heads, size = keys.shape[1], plan.slots.shape[-1]
+    kv_heads = keys.shape[1]
     repeats = num_heads // kv_heads
     query = q.view(batch, kv_heads, repeats, length, key_dim)
     lse_parts, out_parts = [], []
     for start in range(0, length, QUERY_BLOCK):
         index = query_index[:, start : start + QUERY_BLOCK]
         first, last = int(index.min()), int(index.max())
-        # the run entries some query of the block may see (in the cache at some time between its first and last)
-        seen_here = (plan.enter[..., size:] < last) & (plan.leave[..., size:] >= first)
-        live = seen_here.flatten(0, 1).any(dim=0).nonzero()[:, 0]
-        columns = torch.cat([torch.arange(size, device=q.device), size + live])
+        # the pool entries some query of the block may see (in the cache at some time between its first and last)
+        seen_here = (plan.enter < last) & (plan.leave >= first)
+        columns = seen_here.flatten(0, 1).any(dim=0).nonzero()[:, 0]
         at = index[:, None, :, None]
         seen = (plan.enter[..., None, columns] < at) & (at <= plan.leave[..., None, columns])  # (B, Hkv, T', C)
         block = query[:, :, :, start : start + QUERY_BLOCK]
