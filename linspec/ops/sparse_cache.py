@@ -165,40 +165,20 @@ def schedule(
         slots, slot_scores, slot_positions = _fill(
             slots, slot_scores, slot_positions, fill_scores, run_positions[:, :filling], valid[:, :filling], size
         )
-    folding = _Folding(memory, pool_features, pool_values) if tracks_memory and events > filling else None
-    never = torch.full((batch, kv_heads), -1, dtype=torch.long, device=device)
-    entered, folds = [], []
-    live = valid[:, :events].any(dim=0).tolist()
-    slot_index = torch.arange(size, device=device)
-    for u in range(filling, events):
-        if not live[u]:
-            entered.append(torch.zeros_like(never, dtype=torch.bool))
-            folds.append(never)
-            continue
-        ok = valid[:, u, None]  # (B, 1)
-        if tracks_memory:
-            candidate = recall_error(pool_features[:, :, size + u], run_values[:, :, u], folding.memory)
-        else:
-            candidate = scores[:, :, u]
-        enters, target, full = admission(candidate, ok, slot_scores, slot_positions)
-        leaving = torch.where(enters, slots.gather(-1, target[..., None])[..., 0], size + u)
-        folded = torch.where(ok & full, leaving, never)
-        hit = (slot_index == target[..., None]) & enters[..., None]
-        slots = torch.where(hit, size + u, slots)
-        slot_scores = torch.where(hit, candidate[..., None], slot_scores)
-        slot_positions = torch.where(hit, run_positions[:, None, u, None], slot_positions)
-        entered.append(enters)
-        folds.append(folded)
-        if tracks_memory:
-            folding.fold(folded)
+    if events > filling:
+        candidates = None if tracks_memory else scores[:, :, filling:events]
+        entered, folds, slots, slot_scores, slot_positions = _evictions(
+            slots, slot_scores, slot_positions, candidates, memory, pool_features, pool_values, run_positions,
+            valid, filling, events,
+        )  # fmt: skip
     big = size + length + 1
     run = torch.arange(length, device=device)
     entered_at = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=device)
     fold = torch.full((batch, kv_heads, length), -1, dtype=torch.long, device=device)
     entered_at[:, :, :filling] = valid[:, None, :filling]
     if events > filling:
-        entered_at[:, :, filling:events] = torch.stack(entered, dim=-1)
-        fold[:, :, filling:events] = torch.stack(folds, dim=-1)
+        entered_at[:, :, filling:events] = entered
+        fold[:, :, filling:events] = folds
     old = torch.where(state.cache_positions >= 0, -1, big)
     enter = torch.cat([old, torch.where(entered_at, run, big)], dim=-1)
     leave = torch.full((batch, kv_heads, size + length + 1), big, dtype=torch.long, device=device)
@@ -206,26 +186,89 @@ def schedule(
     return Schedule(enter, leave[..., :-1], fold, slots, slot_scores, slot_positions)
 
 
-class _Folding:
-    """The far memory as ``schedule``'s loop folds pool entries into it, one per event: updated in place (the loop
-    is a long chain of tiny steps, so each step allocates nothing), the pool's ``φ_k`` and ``[v, 1]`` laid out
-    once for the row-wise pick of the folded entry."""
+def _evictions(
+    slots: torch.Tensor,
+    slot_scores: torch.Tensor,
+    slot_positions: torch.Tensor,
+    candidates: torch.Tensor | None,
+    memory: torch.Tensor | None,
+    pool_features: torch.Tensor | None,
+    pool_values: torch.Tensor,
+    run_positions: torch.Tensor,
+    valid: torch.Tensor,
+    first: int,
+    events: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``schedule``'s events ``first … events − 1`` in order, from the slots ``[B, Hkv, K]`` after the fill:
+    ``(entered, folded [B, Hkv, U], slots, scores, positions)``. ``candidates [B, Hkv, U]`` are the events'
+    scores, or None for recall errors against ``memory`` as it folds (``pool_features`` then give the pool's φ_k).
 
-    def __init__(self, memory: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
-        batch, kv_heads, pool, width = features.shape
-        self.flat = memory.reshape(batch * kv_heads, width, -1).clone()
-        self.memory = self.flat.view(memory.shape)  # [B, Hkv, F, Dv + 1], the same storage
-        self.features = features.reshape(batch * kv_heads, pool, width)
-        self.values = with_ones(values).reshape(batch * kv_heads, pool, -1)
-        self.rows = torch.arange(batch * kv_heads, device=features.device)
+    A long chain of tiny steps, so each step issues few ops and allocates little: the loop runs flat over rows
+    and kv heads (``R = B·Hkv``) on what is laid out per event before it (whether it is an eviction, its
+    position, its candidate's φ_k and value); the slots are written in place, one scatter per field, a candidate
+    that stays out writing into a spare last column that is never read; the far memory folds in place from the
+    pool, whose extra zero entry stands for "nothing folded"; and once every slot of every row is filled the rule
+    skips counting them."""
+    batch, kv_heads, size = slots.shape
+    count, rows = events - first, batch * kv_heads
 
-    def fold(self, entry: torch.Tensor) -> None:
-        """Fold pool entry ``entry [B, Hkv]`` of each row and head (−1: none) into the memory."""
-        index = entry.flatten()
-        taken = (index >= 0).to(self.features.dtype)[:, None, None]
-        index = index.clamp(min=0)
-        feature = self.features[self.rows, index][:, :, None] * taken  # (B·Hkv, F, 1)
-        self.flat.baddbmm_(feature, self.values[self.rows, index][:, None, :])
+    def spared(field: torch.Tensor) -> torch.Tensor:  # [R, K + 1]
+        return torch.cat([field, field[..., :1]], dim=-1).flatten(0, 1)
+
+    slots_all, scores_all, positions_all = spared(slots), spared(slot_scores), spared(slot_positions)
+    slot_ids, kept_scores, kept_positions = slots_all[:, :size], scores_all[:, :size], positions_all[:, :size]
+    per_row = valid[:, first:events].repeat_interleave(kv_heads, dim=0)  # (R, U)
+    evicted = per_row.t()
+    at = run_positions[:, first:events].repeat_interleave(kv_heads, dim=0).t()[..., None]  # (U, R, 1)
+    live = per_row.any(dim=0).tolist()
+    # each eviction of a row with a free slot fills one, so every row is full from the event on where its
+    # earlier evictions number at least its free slots
+    free = (kept_positions < 0).sum(dim=-1)
+    before = per_row.long().cumsum(dim=1) - per_row.long()
+    all_full = (before >= free[:, None]).all(dim=0)
+    full_from = int(all_full.long().argmax()) if bool(all_full.any()) else count
+    nothing = -1
+    if candidates is None:
+        folding = memory.flatten(0, 1).clone()  # (R, F, Dv + 1)
+        features = pool_features.flatten(0, 1)
+        values = with_ones(pool_values).flatten(0, 1)
+        nothing = features.shape[1]
+        features = torch.cat([features, features.new_zeros(rows, 1, features.shape[-1])], dim=1)
+        values = torch.cat([values, values.new_zeros(rows, 1, values.shape[-1])], dim=1)
+        run_features = features[:, size + first : size + events].transpose(0, 1)  # (U, R, F)
+        run_values = pool_values[:, :, size + first : size + events].flatten(0, 1).transpose(0, 1)  # (U, R, Dv)
+        row = torch.arange(rows, device=slots.device)
+    else:
+        scores = candidates.flatten(0, 1).t().to(scores_all.dtype)  # (U, R)
+    no_entry = torch.zeros(rows, dtype=torch.bool, device=slots.device)
+    no_fold = torch.full((rows,), -1, dtype=torch.long, device=slots.device)
+    entered, folds = [], []
+    for u in range(count):
+        if not live[u]:
+            entered.append(no_entry)
+            folds.append(no_fold)
+            continue
+        ok, entry = evicted[u], size + first + u
+        candidate = scores[u] if candidates is not None else recall_error(run_features[u], run_values[u], folding)
+        enters, slot, full = admission(candidate, ok, kept_scores, kept_positions, all_full=u >= full_from)
+        leaving = torch.where(enters, slot_ids.gather(1, slot[:, None])[:, 0], entry)
+        folded = torch.where(ok & full, leaving, nothing)
+        target = torch.where(enters, slot, size)[:, None]
+        slots_all.scatter_(1, target, entry)
+        scores_all.scatter_(1, target, candidate[:, None])
+        positions_all.scatter_(1, target, at[u])
+        entered.append(enters)
+        folds.append(folded)
+        if candidates is None:
+            folding.baddbmm_(features[row, folded][:, :, None], values[row, folded][:, None, :])
+    folded = torch.stack(folds, dim=-1)
+    if nothing >= 0:
+        folded = folded.masked_fill(folded == nothing, -1)
+
+    def shaped(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch, kv_heads, -1)
+
+    return shaped(torch.stack(entered, dim=-1)), shaped(folded), *map(shaped, (slot_ids, kept_scores, kept_positions))
 
 
 def _filling_events(slot_positions: torch.Tensor, valid: torch.Tensor, events: int) -> int:
@@ -269,18 +312,25 @@ def _fill(
 
 
 def admission(
-    candidate: torch.Tensor, ok: torch.Tensor, slot_scores: torch.Tensor, slot_positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    candidate: torch.Tensor,
+    ok: torch.Tensor,
+    slot_scores: torch.Tensor,
+    slot_positions: torch.Tensor,
+    all_full: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | bool]:
     """The rule of one eviction, per row and kv head: ``(enters, target slot, full)`` for a ``candidate`` score
     (``ok``: an evicted token) against the slots' scores and positions (−1: empty). While a slot is free the
     candidate enters the first one (slots fill in order and never empty); once full it must beat the smallest
-    score strictly, and replaces that entry (of equal smallest scores, the oldest token's)."""
-    size = slot_scores.shape[-1]
-    filled = (slot_positions >= 0).sum(dim=-1)
-    full = filled >= size
+    score strictly, and replaces that entry (of equal smallest scores, the oldest token's). ``all_full``: the
+    caller knows that every slot is filled (``full`` is then True)."""
     lowest = slot_scores.min(dim=-1).values
     ties = slot_scores == lowest[..., None]
     lowest_slot = torch.where(ties, slot_positions, torch.iinfo(torch.long).max).argmin(dim=-1)
+    if all_full:
+        return ok & (candidate > lowest), lowest_slot, True
+    size = slot_scores.shape[-1]
+    filled = (slot_positions >= 0).sum(dim=-1)
+    full = filled >= size
     enters = ok & (~full | (candidate > lowest))
     return enters, torch.where(full, lowest_slot, filled.clamp(max=size - 1)), full
 
