@@ -1,7 +1,9 @@
-"""Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral conversions served by vLLM: greedy tokens equal linspec's own
-generation for concurrent prompts some past the 64-token window, with chunked prefill mixing prefills and decodes,
-all-linear and hybrid. Their configs name every layer in ``layer_types``, which vLLM reads to tell a hybrid from a
-plain attention model: a hybrid must still be served as one."""
+"""Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral and Llama conversions served by vLLM: greedy tokens equal linspec's
+own generation for concurrent prompts some past the 64-token window, with chunked prefill mixing prefills and
+decodes, all-linear and hybrid, and with a sparse cache (a 16-token cache churns through a 300-token prompt's
+evictions, chosen by the far memory's recall error or, without one, by ‖v‖²). Their configs name every layer in
+``layer_types``, which vLLM reads to tell a hybrid from a plain attention model: a hybrid must still be served as
+one."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ MODELS = {
     "qwen3-all-linear": ("qwen3", ("--preset", "window-hedgehog")),
     "qwen3-softmax-heads": ("qwen3", ("--softmax-heads", "1:0")),
     "mistral-all-linear": ("mistral", ("--preset", "window")),
+    "qwen3-all-linear-sparse-cache": ("qwen3", ("--preset", "window-hedgehog", "--sparse-cache", "16")),
+    "llama-softmax-layers-sparse-cache": ("llama", ("--softmax-layers", "1", "--sparse-cache", "16")),
 }
 
 

@@ -1,14 +1,14 @@
 """What the plugin cannot serve is refused while the engine starts, with one line that says why: vLLM's speculative
 decoding (vLLM 0.32 rolls rejected draft tokens out of a state layer only for its own backends, so a linspec layer would
-decode differently from plain decoding), a sparse cache (the plugin's state pages do not hold it), pipeline parallelism,
-and tensor-parallel sizes that do not split the kv heads (or a layer's softmax heads) evenly over the ranks."""
+decode differently from plain decoding), pipeline parallelism, and tensor-parallel sizes that do not split the kv heads
+(or a layer's softmax heads) evenly over the ranks."""
 
 from __future__ import annotations
 
 import pytest
 from parity import engine
 
-from linspec.serving.architecture import SPARSE_CACHE_REFUSAL, SPECULATIVE_REFUSAL
+from linspec.serving.architecture import SPECULATIVE_REFUSAL
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
@@ -44,8 +44,3 @@ def test_softmax_heads_spread_unevenly_over_the_ranks_are_refused_with_one_line(
 
 def test_pipeline_parallelism_is_refused_with_one_line(window_model):
     assert "--pipeline-parallel-size 1" in _refusal(window_model, pipeline_parallel_size=2)
-
-
-def test_a_sparse_cache_is_refused_with_one_line(tiny_models):
-    model_dir = tiny_models("sparse-cache-8", "llama", "--sparse-cache", "8")
-    assert _refusal(model_dir) == SPARSE_CACHE_REFUSAL

@@ -40,16 +40,10 @@ SPECULATIVE_REFUSAL = (
 )
 
 
-SPARSE_CACHE_REFUSAL = (
-    "linspec's vLLM plugin does not serve a sparse cache (its state pages hold no cached keys or scores); "
-    "serve a conversion without --sparse-cache, or use linspec generate"
-)
-
-
 class LinspecModelConfig(MambaModelConfig):
     """vLLM's configuration hook for every linspec model: the state block size as for any model with constant-size
-    state; speculative decoding, a sparse cache, pipeline parallelism and tensor-parallel sizes that do not split the kv
-    heads evenly (``linspec.serving.sharding``) refused while the engine starts.
+    state; speculative decoding, pipeline parallelism and tensor-parallel sizes that do not split the kv heads evenly
+    (``linspec.serving.sharding``) refused while the engine starts.
 
     With speculative decoding vLLM feeds each request its last token and the draft tokens in one step and keeps only the
     accepted ones; a state layer must keep a state per draft token and restart from the last accepted one. vLLM 0.32
@@ -61,8 +55,6 @@ class LinspecModelConfig(MambaModelConfig):
     def verify_and_update_config(cls, vllm_config) -> None:
         if vllm_config.speculative_config is not None:
             raise NotImplementedError(SPECULATIVE_REFUSAL)
-        if vllm_config.model_config.hf_config.linspec_settings.sparse_cache:
-            raise NotImplementedError(SPARSE_CACHE_REFUSAL)
         parallel = vllm_config.parallel_config
         config = vllm_config.model_config.hf_config
         refusal = parallel_refusal(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
