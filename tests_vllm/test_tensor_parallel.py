@@ -1,8 +1,9 @@
 """Tensor parallelism over kv heads on vLLM's CPU backend (two ranks, one core each): greedy tokens at TP 2 equal
 those at TP 1 and linspec's own generation, for an all-linear model (window, sinks, a distance-decayed far memory,
-decayed global memory, conv; biases on every projection, so row-parallel biases too) and a hybrid (a softmax layer
-on vLLM's paged attention), for concurrent prompts some past the 64-token window with chunked prefill; and each
-rank holds half of every state tensor and of the softmax layer's KV."""
+decayed global memory, conv; biases on every projection, so row-parallel biases too), a hybrid (a softmax layer
+on vLLM's paged attention) and an all-linear model with a 16-token sparse cache (its slots churn through the longer
+prompts: each rank keeps, and evicts from, its own kv head's cache), for concurrent prompts some past the 64-token
+window with chunked prefill; and each rank holds half of every state tensor and of the softmax layer's KV."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ MODELS = {
         {"attention_bias": True, "mlp_bias": True},
     ),
     "hybrid": ("qwen3", ("--softmax-layers", "1"), {}),
+    "sparse-cache": ("qwen3", ("--preset", "window-hedgehog", "--sparse-cache", "16"), {}),
 }
 
 

@@ -22,6 +22,7 @@ from linspec.models.context import ExecutionContext, Mode, window_size_override
 from linspec.models.terms import layer_terms
 from linspec.models.terms.base import LayerState, TermInputs
 from linspec.ops.window import SoftmaxWindow
+from linspec.utils.threads import on_calling_thread
 
 
 class LinspecAttention(nn.Module):
@@ -148,7 +149,8 @@ class LinspecAttention(nn.Module):
             context.tree.keep(self.layer_idx, {term: kept for term, _, kept in results if kept is not None})
         elif mode is Mode.STEP:
             x = replace(x, state_writable=_writable(state))
-            results = [(term, *term.step(x, state)) for term in self.terms]
+            with on_calling_thread(x.q.device.type == "cpu"):  # a chain of small ops on a small state
+                results = [(term, *term.step(x, state)) for term in self.terms]
         else:
             results = [(term, *term.extend(x, state)) for term in self.terms]
         if mode is not Mode.VERIFY:

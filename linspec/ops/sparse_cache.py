@@ -49,6 +49,7 @@ from linspec.ops.far_memory import (
 from linspec.ops.memory import with_ones
 from linspec.ops.verify import TreeLayout
 from linspec.ops.window import ExactColumns, MemoryColumn, SoftmaxWindow, WindowState
+from linspec.utils.threads import on_calling_thread
 
 # The seed of the ``random`` policy's hash (any fixed number: the choice must repeat across modes and runs).
 RANDOM_SEED = 0x5EED
@@ -243,24 +244,25 @@ def _evictions(
     no_entry = torch.zeros(rows, dtype=torch.bool, device=slots.device)
     no_fold = torch.full((rows,), -1, dtype=torch.long, device=slots.device)
     entered, folds = [], []
-    for u in range(count):
-        if not live[u]:
-            entered.append(no_entry)
-            folds.append(no_fold)
-            continue
-        ok, entry = evicted[u], size + first + u
-        candidate = scores[u] if candidates is not None else recall_error(run_features[u], run_values[u], folding)
-        enters, slot, full = admission(candidate, ok, kept_scores, kept_positions, all_full=u >= full_from)
-        leaving = torch.where(enters, slot_ids.gather(1, slot[:, None])[:, 0], entry)
-        folded = torch.where(ok & full, leaving, nothing)
-        target = torch.where(enters, slot, size)[:, None]
-        slots_all.scatter_(1, target, entry)
-        scores_all.scatter_(1, target, candidate[:, None])
-        positions_all.scatter_(1, target, at[u])
-        entered.append(enters)
-        folds.append(folded)
-        if candidates is None:
-            folding.baddbmm_(features[row, folded][:, :, None], values[row, folded][:, None, :])
+    with on_calling_thread(slots.device.type == "cpu"):  # thousands of tiny steps
+        for u in range(count):
+            if not live[u]:
+                entered.append(no_entry)
+                folds.append(no_fold)
+                continue
+            ok, entry = evicted[u], size + first + u
+            candidate = scores[u] if candidates is not None else recall_error(run_features[u], run_values[u], folding)
+            enters, slot, full = admission(candidate, ok, kept_scores, kept_positions, all_full=u >= full_from)
+            leaving = torch.where(enters, slot_ids.gather(1, slot[:, None])[:, 0], entry)
+            folded = torch.where(ok & full, leaving, nothing)
+            target = torch.where(enters, slot, size)[:, None]
+            slots_all.scatter_(1, target, entry)
+            scores_all.scatter_(1, target, candidate[:, None])
+            positions_all.scatter_(1, target, at[u])
+            entered.append(enters)
+            folds.append(folded)
+            if candidates is None:
+                folding.baddbmm_(features[row, folded][:, :, None], values[row, folded][:, None, :])
     folded = torch.stack(folds, dim=-1)
     if nothing >= 0:
         folded = folded.masked_fill(folded == nothing, -1)
