@@ -61,6 +61,10 @@ def build_world(root: Path) -> World:
     (crafted / "config.json").write_text(json.dumps(settings))
     small = root / "small-positions"  # 256 positions, no tokenizer
     tiny_base("llama").save_pretrained(small)
+    convert_checkpoint(str(small), root / "other-linspec", LinspecConfig(group_size=8, conv_taps=4))  # not from base
+    broken_template = root / "broken-template"  # a converted model whose chat template does not parse
+    shutil.copytree(root / "linspec", broken_template)
+    (broken_template / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }}")
 
     (root / "text.txt").write_text(SAMPLE)
     (root / "one-token.txt").write_text("a")

@@ -209,3 +209,9 @@ def test_library_noise_stays_out_of_an_evaluation(tiny_bpe_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "perplexity" in done.stdout
     assert not [word for word in NOISE if word in done.stderr], done.stderr[-2000:]
+
+
+def test_recipe_overrides_may_follow_the_options(capsys):
+    assert main(["train", "smollm2-135m-demo", "--check", "seed=7", "data.seq_len=96"]) == 0
+    resolved = capsys.readouterr().out
+    assert "seed: 7" in resolved and "seq_len: 96" in resolved

@@ -646,6 +646,21 @@ CHAT = [
     Case("chat-drafter-without-draft", "chat {base} --drafter {drafter-for-base}", "only applies to --draft"),
 ]
 
+OUTPUTS_OVER_INPUTS = [  # an output that would replace what it is made from, and inputs that break late
+    Case("convert-onto-its-source", "convert {sandbox}/m {sandbox}/m --force", "would overwrite", _mkdir("m")),
+    Case("convert-over-its-source-folder", "convert {sandbox}/m/src {sandbox}/m --force", "would overwrite",
+         _mkdir("m/src")),
+    Case("train-base-inside-output", "train {recipe.yaml} output={sandbox}/run base={sandbox}/run/model --force",
+         "would overwrite", _mkdir("run/model")),
+    Case("train-overrides-after-an-unknown-flag", "train {recipe.yaml} --check --bogus seed=1",
+         "unrecognized arguments: --bogus"),
+    Case("generate-chat-template-broken", "generate {broken-template} --prompt hi", "chat template does not render"),
+    Case("passkey-chat-template-broken", "eval passkey {broken-template} --lengths 64 --trials 1 --out {sandbox}/e",
+         "chat template does not render"),
+    Case("demo-trained-from-another-model", "demo --model {base} --trained {other-linspec} --contexts 16 "
+         "--max-new-tokens 2", "not made from"),
+]
+
 SERVE = [  # each is refused before vLLM is looked for: none would start a server where vLLM is installed
     Case("serve-model-missing", "serve {sandbox}/none", "is not a directory"),
     Case("serve-softmax-model", "serve {base}", "is not a linspec model"),
@@ -658,7 +673,16 @@ SERVE = [  # each is refused before vLLM is looked for: none would start a serve
 
 # fmt: on
 ROUND_ONE = [*CONVERT, *GENERATE, *TRAIN, *EVAL, *BENCH_AND_DEMO, *ENV_AND_RECIPES, *PLACEMENT_AND_OUTPUT]
-ROUND_TWO = [*DRAFTERS, *MODELS_THAT_DISAGREE, *RECIPES_ROUND_TWO, *QUALITY_EVALS, *RECIPES_CP, *CHAT, *SERVE]
+ROUND_TWO = [
+    *DRAFTERS,
+    *MODELS_THAT_DISAGREE,
+    *RECIPES_ROUND_TWO,
+    *QUALITY_EVALS,
+    *RECIPES_CP,
+    *CHAT,
+    *SERVE,
+    *OUTPUTS_OVER_INPUTS,
+]
 CLI_CASES = [*ROUND_ONE, *ROUND_TWO]
 
 
@@ -734,3 +758,21 @@ def test_a_refused_parser_error_is_one_line_in_a_real_process(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("model", "stdin", "fragment"),
+    [
+        ("broken-template", b"hello\n", "chat template does not render"),
+        ("linspec", b"\xff\xfe\n", "not UTF-8"),
+    ],
+    ids=["template-broken", "message-not-utf8"],
+)
+def test_chat_refuses_a_template_or_a_message_it_cannot_use_in_one_line(model, stdin, fragment, world, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors="surrogateescape"))
+    code, _, err = run_main(["chat", str(world.root / model), "--max-new-tokens", "2"], capsys)
+    assert_refused(code, err, fragment)

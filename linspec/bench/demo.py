@@ -66,7 +66,21 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
         convert_checkpoint(model_name, out, settings, force=out.exists())
     else:
         console.print(f"reusing the converted model in {out}")
-    return original, tokenizer, AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+    _check_made_from(converted, original, model_name, f"--trained {out}" if trained is not None else f"--out {out}")
+    return original, tokenizer, converted
+
+
+def _check_made_from(converted, original, model_name: str, where: str) -> None:
+    """Refuse a converted model whose shape is not ``original``'s (a directory made from another source): the
+    demo feeds both the same token ids."""
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers")
+    ours, theirs = (tuple(getattr(m.config, key, None) for key in shape) for m in (converted, original))
+    if ours != theirs:
+        raise LinspecError(
+            f"{where} holds a model of another shape than {model_name} (vocabulary, width, layers {ours} against "
+            f"{theirs}); it was not made from {model_name}"
+        )
 
 
 def run_demo(

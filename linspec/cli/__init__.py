@@ -81,18 +81,37 @@ def _module_parser(module_name: str):
     return lambda subparsers: importlib.import_module(f"linspec.cli.{module_name}").add_parser(subparsers)
 
 
+def _close_open_bars() -> None:
+    """Close the progress bars an error left open mid-loop, so the error starts a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from linspec.cli.quiet import quiet_libraries
 
     quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    trailing = getattr(args, "trailing", None)  # a command's positional list that takes words after its options
+    if extra and trailing and not any(word.startswith("-") for word in extra):
+        getattr(args, trailing).extend(extra)
+    elif extra:
+        print(
+            f"linspec {args.command}: error: unrecognized arguments: {one_line(' '.join(extra))} "
+            f"(see linspec {args.command} --help)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = args.func(args)
     except KeyboardInterrupt:
         print("linspec: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as error:  # LinspecError is a ValueError
+        _close_open_bars()
         print(f"linspec {args.command}: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
         return 2
     except MemoryError:

@@ -57,11 +57,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _read_message(interactive: bool) -> str | None:
     """The next non-empty message, or None at an exit word or the end of input."""
+    from linspec.errors import LinspecError
+
     while True:
         try:
             line = input("> " if interactive else "")
+            line.encode("utf-8")  # undecodable bytes arrive as lone surrogates, which no tokenizer takes
         except EOFError:
             return None
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise LinspecError("the message is not UTF-8 text") from None
         text = line.strip()
         if text in EXIT_WORDS:
             return None
@@ -74,9 +79,10 @@ def _reply(model, tokenizer, drafter, conversation: list[dict], max_new_tokens: 
     import torch
     from transformers import TextStreamer
 
+    from linspec.data.prompts import render_chat
     from linspec.speculative.generate import speculative_generate
 
-    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = render_chat(tokenizer, conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
     input_ids = torch.tensor([ids["input_ids"]], device=model.device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = speculative_generate(

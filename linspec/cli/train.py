@@ -33,7 +33,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", help="recipe YAML file, or a shipped recipe's name (linspec recipes ls)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. seed=1")
     parser.add_argument("--resume", action="store_true", help="continue OUTPUT's run from its newest checkpoint")
-    parser.add_argument("--force", action="store_true", help="discard an existing run in OUTPUT and start over")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing run in OUTPUT: it is set aside, put back if the new run fails before its "
+        "first training step, deleted when the new run ends",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -50,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --record-bench: write into the project's docs/ instead (a source checkout only)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, trailing="overrides")  # overrides may also follow the options
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from linspec.conversion.card import conversion_card
 from linspec.conversion.convert import convert, linspec_classes_for
 from linspec.errors import LinspecError
 from linspec.utils.io import atomic_directory, check_output_dir
+from linspec.utils.paths import refuse_output_over_source
 
 
 def convert_checkpoint(
@@ -35,6 +36,7 @@ def convert_checkpoint(
     """
     from linspec.sources.loading import load_source
 
+    refuse_output_over_source(out, src, "OUT")
     check_output_dir(out, force)
     _check_config_before_loading(src, settings)
     model, tokenizer = load_source(

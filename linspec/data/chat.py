@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from linspec.data.prompts import render_chat
 from linspec.data.settings import Chat
 from linspec.errors import LinspecError
 from linspec.utils.io import atomic_write_text
@@ -81,7 +82,8 @@ def conversations(chat: Chat, base: str, model, tokenizer, *, progress: bool = T
         rows = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
         atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     return [
-        tokenizer.apply_chat_template(
+        render_chat(
+            tokenizer,
             [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}],
             tokenize=False,
         )
@@ -115,7 +117,7 @@ def generate_answers(model, tokenizer, prompts: list[str], chat: Chat, *, progre
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(chat.seed)  # sampled answers depend on the seed only, and the caller's RNG is left alone
     texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        render_chat(tokenizer, [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Iterator
 from fractions import Fraction
@@ -152,6 +153,12 @@ def split_documents(data: Data):
     parts = [load_documents(source, data.text_field, data.max_documents) for source in data.train]
     train_docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if data.eval is None:
+        held_out = math.ceil(len(train_docs) * data.eval_fraction)
+        if len(train_docs) - held_out < 1:
+            raise LinspecError(
+                f"recipe key data.train: {len(train_docs)} document(s) are too few to hold out {data.eval_fraction:g} "
+                "of them for evaluation; add text, or name held-out text in data.eval"
+            )
         split = train_docs.train_test_split(test_size=data.eval_fraction, seed=data.seed, shuffle=True)
         return split["train"], split["test"]
     return train_docs, load_documents(data.eval, data.text_field)

@@ -26,13 +26,28 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def render_chat(tokenizer, conversation: list[dict[str, str]], **options):
+    """``tokenizer.apply_chat_template(conversation, **options)``, with a template that does not render (a syntax
+    error in ``chat_template.jinja``, or a template that raises) refused in one line."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(conversation, **options)
+    except jinja2.TemplateError as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LinspecError(
+            f"the tokenizer's chat template does not render ({message:.120}); fix its chat_template.jinja, or pass "
+            "--no-chat where the command has it"
+        ) from None
+
+
 def encode_prompt(tokenizer, text: str, *, chat: bool | None = None, answer_prefix: str = "") -> list[int]:
     """Token ids of ``text`` as a user turn (the chat template, when the tokenizer has one and ``chat`` is not
     False) followed by ``answer_prefix``, which starts the model's answer (e.g. "The pass key is")."""
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     if use_chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        ids = render_chat(
+            tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
         )
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return ids + (tokenizer.encode(answer_prefix, add_special_tokens=False) if answer_prefix else [])

@@ -28,6 +28,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from tqdm.auto import tqdm
 
+from linspec.data.prompts import render_chat
 from linspec.errors import LinspecError
 
 NAME = "linspec"
@@ -89,9 +90,7 @@ class LinspecLM(TemplateLM):
         return getattr(self.tokenizer, "name_or_path", self.pretrained).replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return render_chat(self.tokenizer, chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))

@@ -24,7 +24,7 @@ from linspec.train.distributed import DTYPES, Env, is_sharded, setup_env, unshar
 from linspec.train.evaluation import CURVE_KEYS, record_curve, record_final_curves
 from linspec.train.loop import TrainingDiverged, TrainingInterrupted, TrainingRun, lr_factor
 from linspec.train.recipe import Recipe, Stage
-from linspec.train.rundir import RECIPE_FILE, adopt_legacy_drafter_run, prepare_run_dir
+from linspec.train.rundir import RECIPE_FILE, adopt_legacy_drafter_run, prepare_run_dir, settle_run_dir
 from linspec.train.stages import STAGE_KINDS
 from linspec.train.stages import drafter as drafter_stage
 from linspec.train.state import MetricsLog
@@ -44,7 +44,20 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     run_dir = Path(recipe.output)
     if resume:
         adopt_legacy_drafter_run(run_dir)
-    prepare_run_dir(run_dir, resume, force, env, recipe)
+    made = prepare_run_dir(run_dir, resume, force, env, recipe)
+    try:
+        result = _run(recipe, env, run_dir, resume, on_step, started)
+    except BaseException:
+        if env.main and not resume:
+            settle_run_dir(run_dir, made, succeeded=False)
+        raise
+    if env.main:
+        settle_run_dir(run_dir, made, succeeded=True)
+    return result
+
+
+def _run(recipe: Recipe, env: Env, run_dir: Path, resume: bool, on_step, started: float) -> Path:
+    """``train``'s work in a prepared run directory."""
     if env.main and not (run_dir / RECIPE_FILE).exists():
         atomic_write_text(run_dir / RECIPE_FILE, yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=env.main)

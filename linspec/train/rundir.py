@@ -10,12 +10,19 @@ Layout of ``recipe.output``::
     model/               the final model (LoRA merged unless merge_lora: false, then model/adapter holds it)
     drafter/             the drafter of a drafter stage (drafter.json, drafter.safetensors, README.md)
     summary.json         held-out perplexity of every phase and the training time
+    .discarded-run/      with ``--force``, the run being replaced, until the new run ends
+
+A run that fails before its first training step leaves the directory as it found it: what it wrote is removed, a
+run it was replacing (``--force``) is put back, and a directory it made is removed, so fixing the recipe and
+running the same command again just works.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -26,7 +33,8 @@ from linspec.train.legacy_drafter import RUN_FILE as LEGACY_RUN_FILE
 from linspec.train.legacy_drafter import legacy_run, stage_records, translate_recipe
 from linspec.train.recipe import Recipe, build_recipe, validate
 from linspec.train.state import MetricsLog
-from linspec.utils.io import RUN_LOCK, atomic_write_text, claim_run_dir, refuse_links, remove_entries
+from linspec.utils.io import RUN_LOCK, atomic_write_text, claim_run_dir, refuse_links, release_run_dir, remove_entries
+from linspec.utils.paths import refuse_output_over_source
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILES = (
@@ -36,16 +44,23 @@ RUN_FILES = (
 # Keys that may change when a run resumes: where it lives, how it runs and how often it saves, or how its
 # result is written; not what it computes. The last stage's ``steps`` may also grow: the run is extended.
 RESUMABLE_CHANGES = ("output", "threads", "device", "checkpoint", "merge_lora")
+DISCARDED = ".discarded-run"  # a forced run's predecessor, kept until the new run ends (``settle_run_dir``)
+SAVED = ("checkpoints", "stages", "model", "drafter")  # what a run saves that makes it worth keeping
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: Recipe) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: Recipe) -> bool:
     """Check the output before any work: a fresh or empty directory, a run to resume with the same recipe, or
-    (with ``force``) a run to discard. A directory that holds other files is never written into or emptied."""
+    (with ``force``) a run to replace, which is set aside (``DISCARDED``) rather than deleted. A directory that
+    holds other files is never written into or emptied. Returns whether the directory is new (``settle_run_dir``
+    removes it again after a run that failed before training)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise LinspecError(f"recipe key output: {run_dir} exists and is not a directory")
-    refuse_links(run_dir, RUN_FILES)  # a planted link would have the run write, or --force delete, outside it
+    refuse_output_over_source(run_dir, recipe.base, "recipe key output")
+    refuse_links(run_dir, (*RUN_FILES, DISCARDED))  # a planted link would have the run write, or delete, outside it
+    made = not run_dir.exists()
     has_run = (run_dir / RECIPE_FILE).exists() or (run_dir / "metrics.jsonl").exists()
-    if run_dir.is_dir() and not has_run and any(p.name not in (*RUN_FILES, RUN_LOCK) for p in run_dir.iterdir()):
+    allowed = (*RUN_FILES, RUN_LOCK, DISCARDED)
+    if run_dir.is_dir() and not has_run and any(p.name not in allowed for p in run_dir.iterdir()):
         raise LinspecError(
             f"recipe key output: {run_dir} holds files that are not a linspec run; choose an empty or new directory"
         )
@@ -57,9 +72,49 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: 
         run_dir.mkdir(parents=True, exist_ok=True)
         claim_run_dir(run_dir)  # before anything is removed: a run in progress there keeps its files
     if force and not resume and env.main:
-        remove_entries(run_dir, RUN_FILES)
+        _set_aside(run_dir)
     env.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Move the run in ``run_dir`` into ``run_dir/DISCARDED`` (renames; the leftover of an earlier forced run
+    that never finished settling is deleted first)."""
+    aside = run_dir / DISCARDED
+    if aside.exists():
+        shutil.rmtree(aside)
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present:
+        aside.mkdir()
+        for name in present:
+            os.replace(run_dir / name, aside / name)
+
+
+def settle_run_dir(run_dir: Path, made: bool, succeeded: bool) -> None:
+    """After a run (main process; not after a resumed one): a run that succeeded or trained at least one step
+    stays and the run it replaced is deleted; one that failed before that is undone — its files removed, the
+    replaced run moved back, and the directory removed when it ``made`` it."""
+    aside = run_dir / DISCARDED
+    try:
+        stepped = any(r.get("event") == "step" for r in MetricsLog(run_dir / "metrics.jsonl").records())
+    except LinspecError:  # a log it cannot read is left for the user to look at
+        stepped = True
+    trained = stepped or any((run_dir / name).exists() for name in SAVED)
+    if succeeded or trained:
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        return
+    remove_entries(run_dir, RUN_FILES)
+    if aside.is_dir():
+        for entry in aside.iterdir():
+            os.replace(entry, run_dir / entry.name)
+        aside.rmdir()
+    elif made:
+        release_run_dir(run_dir)
+        (run_dir / RUN_LOCK).unlink(missing_ok=True)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def check_same_recipe(path: Path, recipe: Recipe) -> None:

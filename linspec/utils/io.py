@@ -209,6 +209,13 @@ def claim_run_dir(folder: str | os.PathLike) -> None:
     _CLAIMED[key] = fd
 
 
+def release_run_dir(folder: str | os.PathLike) -> None:
+    """Give up this process's hold on ``folder`` (:func:`claim_run_dir`), e.g. before removing the directory."""
+    fd = _CLAIMED.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike, force: bool = False, markers: Sequence[str] = ("config.json",)

@@ -58,3 +58,15 @@ def child_path(parent: str | os.PathLike, name: str, what: str) -> Path:
     if resolved_parent not in child.resolve().parents:
         raise LinspecError(f"{what}: {name!r} leads outside {parent} (a symbolic link?)")
     return child
+
+
+def refuse_output_over_source(output: str | os.PathLike, source: str | os.PathLike, what: str) -> None:
+    """Refuse an ``output`` directory that is ``source`` or holds it: writing the output (and replacing it, with
+    ``--force``) would destroy the input it is made from. ``source`` may be a local path or any other name (a
+    hub id, a demo name), which cannot be under ``output``."""
+    source_path = Path(source)
+    if not source_path.exists():
+        return
+    held, out = source_path.resolve(), Path(output).resolve()
+    if held == out or out in held.parents:
+        raise LinspecError(f"{what}: {output} would overwrite {source} that it is made from; choose another output")
