@@ -51,16 +51,19 @@ def _recorded(monkeypatch, owner, name: str) -> list[int]:
     return seen
 
 
-def test_a_decode_step_runs_its_terms_on_one_thread_and_the_projections_on_all(monkeypatch, two_threads):
+@pytest.mark.parametrize(("rows", "step_threads"), [(1, 1), (2, 2)])
+def test_a_one_row_decode_step_runs_its_terms_on_one_thread_and_the_projections_on_all(
+    rows, step_threads, monkeypatch, two_threads
+):
     model = _sparse_model()
     cache = new_cache_for(model)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.config.vocab_size, (rows, 30), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(tokens, use_cache=True, **hf.cache_kwargs(cache))
         steps = _recorded(monkeypatch, SoftmaxWindowTerm, "step")
         projections = _recorded(monkeypatch, torch.nn.Linear, "forward")
         model(tokens[:, :1], use_cache=True, **hf.cache_kwargs(cache))
-    assert steps == [1] * model.config.num_hidden_layers
+    assert steps == [step_threads] * model.config.num_hidden_layers
     assert projections and set(projections) == {2}
     assert torch.get_num_threads() == 2
 

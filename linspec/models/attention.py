@@ -149,7 +149,8 @@ class LinspecAttention(nn.Module):
             context.tree.keep(self.layer_idx, {term: kept for term, _, kept in results if kept is not None})
         elif mode is Mode.STEP:
             x = replace(x, state_writable=_writable(state))
-            with on_calling_thread(x.q.device.type == "cpu"):  # a chain of small ops on a small state
+            # one row's step is a chain of ops too small to share between threads; several rows' reads are not
+            with on_calling_thread(x.q.device.type == "cpu" and x.q.shape[0] == 1):
                 results = [(term, *term.step(x, state)) for term in self.terms]
         else:
             results = [(term, *term.extend(x, state)) for term in self.terms]
