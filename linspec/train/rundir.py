@@ -98,7 +98,7 @@ def settle_run_dir(run_dir: Path, made: bool, succeeded: bool) -> None:
     aside = run_dir / DISCARDED
     try:
         stepped = any(r.get("event") == "step" for r in MetricsLog(run_dir / "metrics.jsonl").records())
-    except LinspecError:  # a log it cannot read is left for the user to look at
+    except (LinspecError, OSError):  # a log it cannot read is left for the user to look at
         stepped = True
     trained = stepped or any((run_dir / name).exists() for name in SAVED)
     if succeeded or trained:
