@@ -170,15 +170,17 @@ class LinspecConfig:
     sparse_cache_policy: str = "recall-error"
 
     def __post_init__(self) -> None:
+        # The kernel and map names first: the window and memory checks below are phrased in terms of them, and
+        # would blame a misspelt kernel on the window settings that go with the right one.
+        if self.feature_map not in FEATURE_MAPS:
+            raise LinspecError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}; got {self.feature_map!r:.40}")
+        if self.local_kernel not in LOCAL_KERNELS:
+            raise LinspecError(f"local_kernel must be one of {', '.join(LOCAL_KERNELS)}; got {self.local_kernel!r:.40}")
         self._check_global_memory()
         self._check_window()
         self._check_sparse_cache()
         check_count(self.group_size, "group_size", 1, MAX_GROUP_SIZE)
         check_count(self.conv_taps, "conv_taps", 1, MAX_CONV_TAPS)
-        if self.feature_map not in FEATURE_MAPS:
-            raise LinspecError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}; got {self.feature_map!r}")
-        if self.local_kernel not in LOCAL_KERNELS:
-            raise LinspecError(f"local_kernel must be one of {', '.join(LOCAL_KERNELS)}; got {self.local_kernel!r}")
         if isinstance(self.softmax_layers, (str, bytes)) or not hasattr(self.softmax_layers, "__iter__"):
             raise LinspecError(f"softmax_layers must be a list of layer indices, got {self.softmax_layers!r:.40}")
         layers = tuple(self.softmax_layers)

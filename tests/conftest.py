@@ -33,6 +33,22 @@ def demo_model_path():
     return demo_model_dir("smollm2-135m")
 
 
+# --- hostile inputs (tests/hostile_world.py) -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, one_torch_thread):
+    """The hostile-input fixture files (``hostile_world.build_world``), built once per module: a module's cases may
+    leave marks in its own world, never in another module's."""
+    from hostile_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("hostile-world"))
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """A linspec cache of the test session's own, so a hostile case never writes into the user's."""
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path_factory.getbasetemp() / "linspec-cache"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module: small forwards gain nothing from two, and on a shared CPU they lose a lot."""

@@ -45,6 +45,8 @@ def evil_pickle(canary: Path) -> bytes:
 
 def build_world(root: Path) -> World:
     """Write every fixture file under ``root`` (a few MB, about a second)."""
+    import torch
+    from safetensors.torch import load_file, save_file
     from tiny_models import tiny_base
 
     from linspec.config import LinspecConfig
@@ -62,6 +64,12 @@ def build_world(root: Path) -> World:
     small = root / "small-positions"  # 256 positions, no tokenizer
     tiny_base("llama").save_pretrained(small)
     convert_checkpoint(str(small), root / "other-linspec", LinspecConfig(group_size=8, conv_taps=4))  # not from base
+    wrong_shape = root / "wrong-shape"  # a base model whose first q_proj has three rows more than its config makes
+    shutil.copytree(base, wrong_shape)
+    tensors = load_file(wrong_shape / "model.safetensors")
+    query = "model.layers.0.self_attn.q_proj.weight"
+    tensors[query] = torch.cat([tensors[query], tensors[query][:3]])
+    save_file(tensors, wrong_shape / "model.safetensors", metadata={"format": "pt"})
     broken_template = root / "broken-template"  # a converted model whose chat template does not parse
     shutil.copytree(root / "linspec", broken_template)
     (broken_template / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }}")
@@ -73,6 +81,8 @@ def build_world(root: Path) -> World:
     (root / "mixed-dir" / "a.txt").write_text("text")
     (root / "mixed-dir" / "b.jsonl").write_text('{"text": "text"}\n')
     (root / "docs.jsonl").write_text('{"body": "one document"}\n')
+    (root / "numbers.jsonl").write_text('{"text": "a document"}\n{"text": 5}\n')
+    (root / "nulls.jsonl").write_text('{"text": "a document"}\n{"text": null}\n')
     (root / "binary.txt").write_bytes(bytes(range(256)) * 64)
     (root / "nul.jsonl").write_bytes(b'{"text": "a"}\n\x00\x00\x00\n')
     (root / "broken.jsonl").write_text('{"text": "unterminated\n{"text": 1}}\n')

@@ -84,10 +84,11 @@ def test_load_on_the_meta_device_moves_every_weight_without_data(linspec_dir):
     assert type(model).__name__ == "LinspecLlamaForCausalLM"
 
 
-def test_commands_take_device_and_dtype(linspec_dir, capsys):
+def test_commands_take_device_and_dtype(linspec_dir, tmp_path, capsys):
     data = linspec_dir / "text.txt"
     data.write_text(" ".join(f"w{i % 90 + 3}" for i in range(300)))
-    assert main(["eval", "ppl", str(linspec_dir), "--data", str(data), "--window", "32", "--dtype", "bfloat16"]) == 0
+    ppl = ["eval", "ppl", str(linspec_dir), "--data", str(data), "--window", "32", "--out", str(tmp_path / "ppl")]
+    assert main([*ppl, "--dtype", "bfloat16"]) == 0
     assert "perplexity" in capsys.readouterr().out
     code = main(["generate", str(linspec_dir), "--prompt", "w5 w6 w7", "--no-chat", "--max-new-tokens", "4",
                  "--device", "cpu", "--dtype", "float32", "--json"])  # fmt: skip

@@ -285,7 +285,8 @@ def test_ppl_curves_show_the_window_only_baseline_and_the_ablations(window_model
     assert (out / "ppl-length.png").stat().st_size > 0 and "<!-- bench:abl:begin -->" in (
         out / "benchmarks.md"
     ).read_text()
-    assert main(["eval", "ppl", str(fresh), "--data", str(text_file), "--window", "32", "--ablate", "window-only"]) == 0
+    window_only = ["--window", "32", "--ablate", "window-only", "--out", str(tmp_path / "plain")]
+    assert main(["eval", "ppl", str(fresh), "--data", str(text_file), *window_only]) == 0
     assert "| window-only |" in capsys.readouterr().out  # the sliding-window table names the variant the same way
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile_world import build_world, evil_pickle
+from hostile_world import evil_pickle
 from tiny_models import tiny_base, tiny_linspec
 
 import linspec
@@ -21,11 +21,6 @@ from linspec.train.recipe import apply_override, load_recipe
 from linspec.train.state import MetricsLog, load_checkpoint, save_checkpoint
 from linspec.utils.io import atomic_directory
 from linspec.utils.paths import check_name, child_path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, one_torch_thread):
-    return build_world(tmp_path_factory.mktemp("hostile-api"))
 
 
 def good_checkpoint(run: Path) -> Path:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hostile_world import CANARY, build_world
+from hostile_world import CANARY
 
 from linspec.cli import main
 
@@ -25,14 +25,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 MAX_LINE = 400
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, one_torch_thread):
-    return build_world(tmp_path_factory.mktemp("hostile-world"))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path_factory.getbasetemp() / "linspec-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @dataclass(frozen=True)
@@ -125,6 +118,10 @@ CONVERT = [
     Case("feature-map-unknown", "convert {base} out --feature-map softmax", "feature_map must be one of"),
     Case("local-kernel-unknown", "convert {base} out --preset paper --local-kernel cubic",
          "local_kernel must be one of"),
+    Case("weights-of-another-shape", "convert {wrong-shape} out", "q_proj.weight (stored [67, 64], config.json makes"),
+    Case("local-kernel-unknown-windowed", "convert {base} out --local-kernel cubic", "local_kernel must be one of"),
+    Case("text-field-without-data", "convert {base} out --text-field body", "give --data too"),
+    Case("data-without-auto", "convert {base} out --data {text.txt}", "add --softmax-layers auto:N"),
     Case("sink-positions-unknown", "convert {base} out --preset window --sink-positions x", "sink_positions must be"),
     Case("sink-positions-without-window", "convert {base} out --preset paper --sink-positions adjacent",
          "belong to local_kernel"),
@@ -381,6 +378,8 @@ EVAL = [
     Case("ppl-data-hub-empty", "eval ppl {linspec} --data hub:", "needs a dataset name"),
     Case("ppl-data-mixed-kinds", "eval ppl {linspec} --data {mixed-dir}", "of one kind"),
     Case("ppl-text-field-missing", "eval ppl {linspec} --data {docs.jsonl}", "no column 'text'"),
+    Case("ppl-text-not-strings", "eval ppl {linspec} --data {numbers.jsonl}", "numbers.jsonl: column 'text' must hold"),
+    Case("ppl-text-nulls", "eval ppl {linspec} --data {nulls.jsonl}", "nulls.jsonl: column 'text' is null in 1 row"),
     Case("ppl-window-one", "eval ppl {linspec} --data {text.txt} --window 1", "--window: must be an"),
     Case("ppl-window-absurd", "eval ppl {linspec} --data {text.txt} --window 1000000000", "--window: must be an"),
     Case("ppl-stride-zero", "eval ppl {linspec} --data {text.txt} --stride 0", "--stride: must be an"),
@@ -397,6 +396,7 @@ EVAL = [
     Case("layers-seq-len-zero", "eval layers {linspec} --data {text.txt} --seq-len 0", "--seq-len: must be an"),
     Case("layers-top-zero", "eval layers {linspec} --data {text.txt} --top 0", "--top: must be an"),
     Case("layers-pool-zero", "eval layers {linspec} --data {text.txt} --search greedy --pool 0", "--pool: must be an"),
+    Case("layers-pool-single", "eval layers {linspec} --data {text.txt} --search single --pool 2", "--search greedy"),
     Case("layers-ppl-without-data", "eval layers {linspec}", "--by ppl needs --data"),
     Case("layers-passkey-trials-zero", "eval layers {linspec} --by passkey --trials 0", "--trials: must be an"),
     Case("layers-passkey-too-long", "eval layers {linspec} --by passkey --passkey-length 99999999", "1..1048576"),

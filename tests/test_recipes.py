@@ -67,7 +67,7 @@ stages: [{kind: attention_transfer, steps: 3}]
         (BASIC.replace("builtin:sample", "builtin:nope"), "recipe key data.train[0]: unknown builtin"),
         (BASIC.replace("smollm2-135m", "./no/such/model"), "recipe key base: file not found"),
         (BASIC.replace("steps: 3", "steps: 3, batch_size: 3, micro_batch_size: 2"), "multiple of micro_batch_size"),
-        (BASIC.replace("kind: attention_transfer", "kind: lora"), "recipe key stages[0].lora: a lora stage needs"),
+        (BASIC.replace("kind: attention_transfer", "kind: lora, lora: {r: 0}"), "recipe key stages[0].lora.r"),
         (BASIC.replace("steps: 3", "steps: 3, trainable: [gama]"), "recipe key stages[0].trainable[0]"),
         (BASIC + "conversion: {group_size: -1}\n", "recipe key conversion: group_size must be an integer in 1.."),
         (BASIC.replace("stages: [{kind: attention_transfer, steps: 3}]", "stages: []"), "recipe key stages"),
@@ -120,6 +120,16 @@ def test_every_key_is_documented_and_help_lists_them_with_an_example(capsys):
     assert all("default" in comment or "required" in comment for _, comment in leaves), leaves
     sections = [comment for _, kind, comment in rows if kind == "section"]
     assert all(comment.endswith((".", ")")) for comment in sections), sections  # whole sentences
+
+
+def test_a_lora_stage_without_a_lora_section_takes_the_listed_defaults(tmp_path):
+    from linspec.train.recipe import Lora
+
+    path = tmp_path / "r.yaml"
+    path.write_text("base: smollm2-135m\noutput: out\nstages: [{kind: lora, steps: 1}, {kind: full, steps: 1}]\n")
+    lora_stage, full_stage = load_recipe(path).stages
+    assert lora_stage.lora == Lora() and lora_stage.lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert full_stage.lora is None  # only a lora stage gets one
 
 
 def test_check_prints_the_presets_values_not_nulls(capsys, tmp_path):

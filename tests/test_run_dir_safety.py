@@ -7,22 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostile_world import build_world
 from test_hostile_inputs import assert_refused, run_main
 
 from linspec.train.recipe import load_recipe
 from linspec.train.run import train
 from linspec.train.rundir import DISCARDED
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, one_torch_thread):
-    return build_world(tmp_path_factory.mktemp("run-dir-world"))
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path_factory.getbasetemp() / "linspec-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _old_run(run: Path) -> dict[str, bytes]:

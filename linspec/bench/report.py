@@ -3,7 +3,8 @@ in one folder, written by ``linspec.utils.results.record_bench``.
 
 The folder is the user's: ``--out DIR``, else a fresh ``runs/bench/<name>-<time>`` under the working directory.
 The project's own recorded tables (``docs/`` of a source checkout) change only with ``--update-docs``; an
-installed linspec has no such folder and refuses that flag.
+installed linspec has no such folder and refuses that flag. Results already in an ``--out`` folder are replaced
+only with ``--force``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from linspec.errors import LinspecError
-from linspec.utils.results import bench_out_dir, claim_fresh
+from linspec.utils.results import bench_out_dir, claim_fresh, refuse_replacing
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="folder for the JSON, the PNG and benchmarks.md (default: runs/bench/NAME-TIME)")
     parser.add_argument("--update-docs", action="store_true", help="update the project's docs/ (a source checkout)")
     parser.add_argument("--no-record", action="store_true", help="print only; write nothing")
+    parser.add_argument("--force", action="store_true", help="replace this benchmark's results already in --out")
 
 
 def output_dir(args: argparse.Namespace, name: str) -> Path | None:
@@ -46,13 +48,16 @@ def output_dir(args: argparse.Namespace, name: str) -> Path | None:
         raise LinspecError("--no-record writes nothing; drop --out / --update-docs, or drop --no-record")
     if args.out and args.update_docs:
         raise LinspecError("--out and --update-docs name two places; pass one of them")
+    if args.force and not args.out:
+        raise LinspecError("--force replaces results already in --out; it needs --out DIR")
     if args.no_record:
         return None
     if args.update_docs:
         return project_docs_dir()
-    folder = Path(args.out) if args.out else bench_out_dir(name)
-    if folder.exists() and not folder.is_dir():
-        raise LinspecError(f"--out {folder} exists and is not a folder")
+    if not args.out:
+        return bench_out_dir(name)
+    folder = Path(args.out)
+    refuse_replacing(folder, [name], args.force)
     return folder
 
 

@@ -103,7 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the softmax model attends outside the local window with most, measured on --data (linspec eval heads)",
     )
     parser.add_argument("--data", help="held-out text for auto:N layers or heads (.txt/.jsonl/.parquet, builtin:NAME)")
-    parser.add_argument("--text-field", default="text", help="text column of jsonl/parquet --data (default: text)")
+    parser.add_argument("--text-field", help="text column of jsonl/parquet --data (default: text)")
     parser.add_argument("--dtype", default="float32", help="written weights: float32 (default), bfloat16, float16")
     parser.add_argument("--device", default="cpu", help="where the model is loaded while converting (default cpu)")
     parser.add_argument(
@@ -138,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = placement(args.device, args.dtype)
     auto = args.softmax_layers if isinstance(args.softmax_layers, Auto) else None
     auto_heads = args.softmax_heads if isinstance(args.softmax_heads, Auto) else None
+    if args.text_field is not None and args.data is None:
+        raise LinspecError("--text-field names a column of --data; give --data too")
+    if args.data is not None and not (auto or auto_heads):
+        raise LinspecError(
+            "--data is the text auto:N layers or heads are measured on; add --softmax-layers auto:N or "
+            "--softmax-heads auto:N, or drop --data"
+        )
     settings = LinspecConfig.from_preset(
         args.preset,
         softmax_layers=() if auto else args.softmax_layers,
@@ -205,7 +212,7 @@ def choose_by_measurement(
     )
     if tokenizer is None:
         raise LinspecError(f"{args.src} has no tokenizer, so --data cannot be tokenised for auto:N")
-    ids = read_text_ids(tokenizer, args.data, args.text_field)
+    ids = read_text_ids(tokenizer, args.data, args.text_field or "text")
     if auto:
         sequences = text_sequences(ids, seq_len=256, max_sequences=8)
         settings = resolve_softmax_layers(base, settings, auto, sequences)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from linspec.cli.evaluate_quality import add_quality_tasks
+from linspec.cli.evaluate_quality import add_quality_tasks, check_output, finish, rerun_command
 from linspec.utils.devices import add_placement_arguments
 from linspec.utils.validation import MAX_LENGTH, MAX_TRIALS, count_arg
 
@@ -165,6 +165,8 @@ def check_data(source: str) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from linspec.errors import LinspecError
     from linspec.evaluation.perplexity import (
         ablated,
@@ -182,6 +184,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise LinspecError(f"--stride must be in 1..--window ({args.window}), got {args.stride}")
     if args.ablate and args.ablations:
         raise LinspecError("--ablate picks one variant and --ablations runs all four; pass one of them")
+    check_output(args, "ppl")
     device, dtype = placement(args.device, args.dtype)
     check_data(args.data)
     model, tokenizer = load_source(args.model, dtype=dtype, device=device)
@@ -194,12 +197,19 @@ def run_ppl(args: argparse.Namespace) -> int:
         variants = ablation_variants(model)
     else:
         variants = [ablation_components(args.ablate, model) if args.ablate else ()]
-    rows = []
+    rows, results = [], {}
     for components in variants:
+        name = variant_name(model, components)
         with ablated(model, components):
-            result = perplexity_of_ids(model.eval(), ids, args.window, args.stride)
-        rows.append([variant_name(model, components), round(result.ppl, 3), result.tokens, round(result.tokens_per_s)])
-    print(markdown_table(["variant", "perplexity", "tokens", "tokens/s"], rows))
+            results[name] = perplexity_of_ids(model.eval(), ids, args.window, args.stride)
+        rows.append([name, round(results[name].ppl, 3), results[name].tokens, round(results[name].tokens_per_s)])
+    section = (
+        f"### Sliding-window perplexity\n\n`{rerun_command(args)}`. Windows of {args.window} tokens every "
+        f"{args.stride or args.window}; each scores only the tokens the previous one did not.\n\n"
+        + markdown_table(["variant", "perplexity", "tokens", "tokens/s"], rows)
+    )
+    data = {"command": rerun_command(args), "data": args.data, "variants": {k: asdict(v) for k, v in results.items()}}
+    finish(args, "ppl", data, section)
     return 0
 
 
@@ -214,6 +224,8 @@ def run_layers(args: argparse.Namespace) -> int:
 
     if args.by == "ppl" and not args.data:
         raise LinspecError("--by ppl needs --data (the text to score)")
+    if args.pool is not None and args.search == "single":
+        raise LinspecError("--pool narrows the candidates of --search greedy; --search single measures every layer")
     device, dtype = placement(args.device, args.dtype)
     if args.data:
         check_data(args.data)

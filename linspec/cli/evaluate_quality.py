@@ -41,6 +41,29 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --record-bench: write into the project's docs/ instead (a source checkout only)",
     )
+    parser.add_argument("--force", action="store_true", help="replace results of the same name already in --out")
+
+
+def check_output(args: argparse.Namespace, name: str) -> None:
+    """Refuse the output flags of a task writing ``name`` before any model is loaded: a bad --record-bench name, an
+    --update-docs with nothing to record or outside a checkout, an --out already holding these results (without
+    --force) — each of which would otherwise fail, or overwrite, only after the whole evaluation."""
+    from linspec.bench.report import project_docs_dir
+    from linspec.errors import LinspecError
+    from linspec.utils.paths import check_name
+    from linspec.utils.results import refuse_replacing
+
+    if args.update_docs and not args.record_bench:
+        raise LinspecError("--update-docs writes the table --record-bench NAME records; add --record-bench NAME")
+    if args.force and not args.out:
+        raise LinspecError("--force replaces results already in --out; it needs --out DIR")
+    if args.record_bench:
+        check_name(args.record_bench, "--record-bench")
+    if args.update_docs:
+        project_docs_dir()
+    if args.out:
+        recorded_here = [args.record_bench] if args.record_bench and not args.update_docs else []
+        refuse_replacing(Path(args.out), [name, *recorded_here], args.force)
 
 
 def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentParser) -> None:
@@ -66,7 +89,7 @@ def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentP
         help="leave out the window-only curve drawn by default for a linspec model with a softmax window (the "
         "same window and sinks with the global memory and conv off: what the memory is measured against)",
     )
-    add_output_options(curve)
+    add_output_options(ppl)
     ppl.epilog = (
         f"{ppl.epilog}; a curve against the original: linspec eval ppl out/smollm2-linear --data "
         "builtin:wiki-en-eval --lengths 256 1024 2048 4096 --reference smollm2-135m"
@@ -237,7 +260,7 @@ def _load(name: str, args: argparse.Namespace):
     return model, tokenizer
 
 
-def _finish(args: argparse.Namespace, name: str, data: dict, section: str, figure=None) -> None:
+def finish(args: argparse.Namespace, name: str, data: dict, section: str, figure=None) -> None:
     """Write ``OUT/name.json`` (+ png), print the table, and record it when --record-bench asks."""
     from linspec.bench.report import project_docs_dir
     from linspec.utils.results import claim_fresh, default_out_dir, record_bench, write_results
@@ -255,6 +278,7 @@ CURVE_VARIANT_OPTIONS = ("ablate", "ablations", "no_baselines")
 # The options each task's recorded command repeats (with their values), after its positional arguments.
 COMMAND_OPTIONS = {
     "ppl": ("data", "lengths", "reference", "max_windows", "score_tokens", "max_tokens", *CURVE_VARIANT_OPTIONS),
+    "ppl-window": ("data", "window", "stride", "max_tokens", "ablate", "ablations"),
     "passkey": ("lengths", "depths", "trials", "seed"),
     "needle": ("lengths", "keys", "trials", "seed"),
     "recall": ("pairs", "window", "trials", "seed"),
@@ -263,14 +287,15 @@ COMMAND_OPTIONS = {
 }
 
 
-def _command(args: argparse.Namespace) -> str:
+def rerun_command(args: argparse.Namespace) -> str:
     """The command that reproduces these results, rebuilt from the parsed arguments (not from ``sys.argv``,
     which is another program's when the CLI is called from Python)."""
     import shlex
 
     positional = args.models if hasattr(args, "models") else [args.model]
     parts = ["linspec", "eval", args.task, *positional]
-    for name in COMMAND_OPTIONS[args.task]:
+    options = "ppl-window" if args.task == "ppl" and not args.lengths else args.task
+    for name in COMMAND_OPTIONS[options]:
         value, flag = getattr(args, name), f"--{name.replace('_', '-')}"
         if value is True:
             parts.append(flag)
@@ -305,6 +330,7 @@ def run_ppl_curve(args: argparse.Namespace) -> int:
 
     if args.ablate and args.ablations:
         raise LinspecError("--ablate picks one variant and --ablations runs all four; pass one of them")
+    check_output(args, "ppl-length")
     curves, variants = {}, {}
     for label, name in [("model", args.model), ("reference", args.reference)]:
         if name is None:
@@ -333,18 +359,18 @@ def run_ppl_curve(args: argparse.Namespace) -> int:
         else ""
     )
     section = (
-        f"### Perplexity vs context length\n\n`{_command(args)}`. The same {first.tokens} tokens of `{args.data}` "
+        f"### Perplexity vs context length\n\n`{rerun_command(args)}`. The same {first.tokens} tokens of `{args.data}` "
         f"({first.windows} windows × {first.tokens // first.windows} scored tokens) at every length; only the "
         f"context before them grows.{explained}\n\n" + markdown_table(headers, rows)
     )
     data = {
-        "command": _command(args),
+        "command": rerun_command(args),
         "data": args.data,
         "variants": variants,
         "curves": {k: [asdict(p) for p in v] for k, v in curves.items()},
     }
     dashed = {key for key, variant in variants.items() if variant not in ("model", "reference")}
-    _finish(args, "ppl-length", data, section, plot_length_curves(curves, dashed=dashed))
+    finish(args, "ppl-length", data, section, plot_length_curves(curves, dashed=dashed))
     return 0
 
 
@@ -353,6 +379,7 @@ def run_passkey(args: argparse.Namespace) -> int:
 
     if args.depths:
         return run_passkey_grid(args)
+    check_output(args, "passkey")
     args.trials = args.trials or 12
 
     from linspec.evaluation.passkey import DEPTH_BUCKETS, passkey_accuracy, plot_passkey
@@ -369,12 +396,12 @@ def run_passkey(args: argparse.Namespace) -> int:
         for r in results
     ]
     section = (
-        f"### Passkey retrieval\n\n`{_command(args)}`. Exact-match rate of greedy answers, {args.trials} trials per "
-        f"length (seed {args.seed}), overall and by the key's depth in the filler.\n\n"
+        f"### Passkey retrieval\n\n`{rerun_command(args)}`. Exact-match rate of greedy answers, {args.trials} trials "
+        f"per length (seed {args.seed}), overall and by the key's depth in the filler.\n\n"
         + markdown_table(["model", "length", "accuracy", *[f"depth {b}" for b in DEPTH_BUCKETS]], rows)
     )
-    data = {"command": _command(args), "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}
-    _finish(args, "passkey", data, section, plot_passkey(curves))
+    data = {"command": rerun_command(args), "curves": {k: [asdict(r) for r in v] for k, v in curves.items()}}
+    finish(args, "passkey", data, section, plot_passkey(curves))
     return 0
 
 
@@ -408,6 +435,7 @@ def run_passkey_grid(args: argparse.Namespace) -> int:
     from linspec.evaluation.retrieval import check_depths, passkey_grid_probes, plot_passkey_grid
     from linspec.utils.results import markdown_table
 
+    check_output(args, "passkey-grid")
     args.trials = args.trials or 4
     depths = check_depths(args.depths)
 
@@ -423,18 +451,20 @@ def run_passkey_grid(args: argparse.Namespace) -> int:
                 [name, size, *[f"{at[(size, d)]['accuracy']:.2f} ({at[(size, d)]['logprob']:.2f})" for d in depths]]
             )
     section = (
-        f"### Passkey by depth and length\n\n`{_command(args)}`. {args.trials} keys per cell (seed {args.seed}), "
+        f"### Passkey by depth and length\n\n`{rerun_command(args)}`. {args.trials} keys per cell (seed {args.seed}), "
         f"each exactly at its depth of the filler. {SCORED} Cells: accuracy (log p).\n\n"
         + markdown_table(["model", "length", *[f"depth {d:g}" for d in depths]], rows)
     )
-    data = {"command": _command(args), "depths": depths, "models": results}
-    _finish(args, "passkey-grid", data, section, plot_passkey_grid({k: v["cells"] for k, v in results.items()}))
+    data = {"command": rerun_command(args), "depths": depths, "models": results}
+    finish(args, "passkey-grid", data, section, plot_passkey_grid({k: v["cells"] for k, v in results.items()}))
     return 0
 
 
 def run_needle(args: argparse.Namespace) -> int:
     from linspec.evaluation.retrieval import needle_probes, plot_retrieval
     from linspec.utils.results import markdown_table
+
+    check_output(args, "needle")
 
     def build(tokenizer):
         return needle_probes(tokenizer, sorted(set(args.lengths)), args.keys, args.trials, args.seed)
@@ -446,13 +476,13 @@ def run_needle(args: argparse.Namespace) -> int:
         for c in result["cells"]
     ]
     section = (
-        f"### Multi-key needle retrieval\n\n`{_command(args)}`. {args.keys} named keys at random depths per "
+        f"### Multi-key needle retrieval\n\n`{rerun_command(args)}`. {args.keys} named keys at random depths per "
         f"prompt, the question asks for one; {args.trials} prompts per length (seed {args.seed}). {SCORED}\n\n"
         + markdown_table(["model", "length", "keys", "accuracy", "log p", "NLL / key token"], rows)
     )
     curves = {name: result["cells"] for name, result in results.items()}
     figure = plot_retrieval(curves, "length", "prompt length (tokens)", f"needle retrieval, {args.keys} keys")
-    _finish(args, "needle", {"command": _command(args), "models": results}, section, figure)
+    finish(args, "needle", {"command": rerun_command(args), "models": results}, section, figure)
     return 0
 
 
@@ -488,6 +518,7 @@ def run_recall(args: argparse.Namespace) -> int:
     from linspec.evaluation.retrieval import plot_retrieval, recall_probes
     from linspec.utils.results import markdown_table
 
+    check_output(args, "recall")
     args.window = recall_window(args)
 
     def build(tokenizer):
@@ -500,15 +531,15 @@ def run_recall(args: argparse.Namespace) -> int:
         for c in result["cells"]
     ]
     section = (
-        f"### Associative recall beyond {args.window} tokens\n\n`{_command(args)}`. A list of name–number pairs, "
+        f"### Associative recall beyond {args.window} tokens\n\n`{rerun_command(args)}`. A list of name–number pairs, "
         f"then at least {args.window} tokens of filler, then a question for one number; {args.trials} prompts per "
         f"list size (seed {args.seed}). {SCORED}\n\n"
         + markdown_table(["model", "pairs", "accuracy", "log p", "NLL / number token"], rows)
     )
     curves = {name: result["cells"] for name, result in results.items()}
     figure = plot_retrieval(curves, "pairs", "pairs in the list", f"recall beyond {args.window} tokens")
-    data = {"command": _command(args), "window": args.window, "models": results}
-    _finish(args, "recall", data, section, figure)
+    data = {"command": rerun_command(args), "window": args.window, "models": results}
+    finish(args, "recall", data, section, figure)
     return 0
 
 
@@ -517,6 +548,7 @@ def run_agreement(args: argparse.Namespace) -> int:
     from linspec.evaluation.agreement import Agreement, greedy_answers
     from linspec.utils.results import markdown_table
 
+    check_output(args, "agreement")
     prompts = load_prompts(args.prompts, args.num_prompts, args.seed, args.text_field)
     answers, texts = {}, {}
     for label, name in [("model", args.model), ("reference", args.reference)]:
@@ -531,7 +563,7 @@ def run_agreement(args: argparse.Namespace) -> int:
         for label, name, rep in [("model", args.model, result.model), ("reference", args.reference, result.reference)]
     ]  # fmt: skip
     section = (
-        f"### Greedy answers vs the original\n\n`{_command(args)}`. {len(prompts)} prompts from `{args.prompts}`, "
+        f"### Greedy answers vs the original\n\n`{rerun_command(args)}`. {len(prompts)} prompts from `{args.prompts}`, "
         f"{args.max_new_tokens} new tokens. Prefix agreement {result.prefix_agreement:.3f} (share of the "
         f"original's answer matched before the first differing token; first difference at token "
         f"{result.first_divergence:.1f} on average), exact match {result.exact_match:.2f}.\n\n"
@@ -544,8 +576,8 @@ def run_agreement(args: argparse.Namespace) -> int:
         {"kind": p.kind, "prompt": p.text, "model": m, "reference": r}
         for p, m, r in zip(prompts, texts["model"], texts["reference"], strict=True)
     ]
-    data = {"command": _command(args), "agreement": result.to_dict(), "answers": samples}
-    _finish(args, "agreement", data, section)
+    data = {"command": rerun_command(args), "agreement": result.to_dict(), "answers": samples}
+    finish(args, "agreement", data, section)
     return 0
 
 
@@ -555,6 +587,7 @@ def run_harness(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
     from linspec.utils.results import markdown_table
 
+    check_output(args, "harness")
     if args.include_path and not Path(args.include_path).is_dir():
         raise LinspecError(f"--include-path {args.include_path}: no such directory")
     try:
@@ -578,9 +611,9 @@ def run_harness(args: argparse.Namespace) -> int:
         for metric, value in metrics.items()
         if isinstance(value, float) and "_stderr" not in metric
     ]
-    section = f"### lm-evaluation-harness\n\n`{_command(args)}`.\n\n" + markdown_table(
+    section = f"### lm-evaluation-harness\n\n`{rerun_command(args)}`.\n\n" + markdown_table(
         ["task", "metric", "value"], rows
     )
-    data = {"command": _command(args), "results": json.loads(json.dumps(results["results"], default=str))}
-    _finish(args, "harness", data, section)
+    data = {"command": rerun_command(args), "results": json.loads(json.dumps(results["results"], default=str))}
+    finish(args, "harness", data, section)
     return 0

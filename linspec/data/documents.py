@@ -26,6 +26,7 @@ from linspec.data.settings import Data
 from linspec.errors import LinspecError
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LIST_FEATURES = ("Sequence", "List", "LargeList")  # datasets' list column types (List arrived in datasets 4)
 
 
 def load_documents(source: str, text_field: str = "text", max_documents: int | None = None):
@@ -49,13 +50,33 @@ def load_documents(source: str, text_field: str = "text", max_documents: int | N
         except Exception as error:  # datasets' own errors (malformed JSON, a bad parquet footer): one line
             raise LinspecError(f"{source}: cannot read it as {builder} data ({_root_cause(error)})") from None
     if max_documents is not None:
-        table = table.select(range(min(max_documents, len(table))))
-    if text_field in table.column_names:
-        table = table.select_columns([text_field])
-        return table if text_field == "text" else table.rename_column(text_field, "text")
-    if "text" in table.column_names:  # .txt files and builtins always use "text"
-        return table.select_columns(["text"])
-    raise LinspecError(f"{source}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+        table = table.select(range(min(max_documents, len(table)))).flatten_indices()
+    if text_field not in table.column_names and "text" in table.column_names:
+        text_field = "text"  # .txt files and builtins always use "text"
+    if text_field not in table.column_names:
+        raise LinspecError(f"{source}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+    table = table.select_columns([text_field])
+    _check_text_column(table, source, text_field)
+    return table if text_field == "text" else table.rename_column(text_field, "text")
+
+
+def _check_text_column(table, source: str, field: str) -> None:
+    """Refuse a column that is not a string in every row (``{"text": 5}``, lists, nulls) with the file and column
+    named: the tokenizer would fail on it later with a message naming neither."""
+    import datasets
+
+    feature = table.features[field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        if isinstance(feature, datasets.Value):
+            found = f"{feature.dtype} values"
+        elif isinstance(feature, (list, *(getattr(datasets, n) for n in LIST_FEATURES if hasattr(datasets, n)))):
+            found = "lists"
+        else:
+            found = "values of mixed types"
+        raise LinspecError(f"{source}: column {field!r} must hold text in every row; it holds {found}")
+    missing = table.data.column(field).null_count
+    if missing:
+        raise LinspecError(f"{source}: column {field!r} is null in {missing} row(s); every row needs text")
 
 
 @contextlib.contextmanager

@@ -114,7 +114,7 @@ def load_model_dir(
     check_model_dir(path, allow_pickle=allow_pickle)
     with wrap_errors(f"cannot load the model in {path}"), progress_bars(progress):
         model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **_REPORT_MISMATCHES
         )
     check_loaded_weights(model, info, path)
     tokenizer = None
@@ -122,6 +122,10 @@ def load_model_dir(
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     return ready(model, dtype), tokenizer
 
+
+# Load tensors of the wrong shape as a report instead of an exception: transformers' exception points at a report
+# printed above it (hidden with its logging), while ``check_loaded_weights`` names the tensor and both shapes.
+_REPORT_MISMATCHES = {"ignore_mismatched_sizes": True}
 
 _LOADING_PROBLEMS = (
     ("missing_keys", "lacks"),
@@ -136,13 +140,21 @@ def check_loaded_weights(model: Any, info: dict[str, Any], source: str | Path) -
     at random), tensors no layer takes (a config with fewer layers than its weights), tensors of another shape —
     or hold NaN or inf. Each of these loads with at most a warning and generates different text."""
     for kind, what in _LOADING_PROBLEMS:
-        found = sorted(str(key) for key in (info.get(kind) or ()))
+        found = sorted(_loading_problem(entry) for entry in (info.get(kind) or ()))
         if found:
             more = f" and {len(found) - 1} more" if len(found) > 1 else ""
             raise LinspecError(f"{source}: the weights do not match config.json: it {what} {found[0][:120]}{more}")
     for name, parameter in model.named_parameters():
         if parameter.is_floating_point() and not torch.isfinite(parameter).all():
             raise LinspecError(f"{source}: weight {name} holds non-finite values (NaN or inf)")
+
+
+def _loading_problem(entry: Any) -> str:
+    """One entry of transformers' loading info as text: a key, or ``(key, stored shape, expected shape)``."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, stored, expected = entry
+        return f"{key} (stored {list(stored)}, config.json makes {list(expected)})"
+    return str(entry)
 
 
 def check_model_dir(path: Path, *, allow_pickle: bool = False) -> None:
@@ -259,7 +271,7 @@ def load_hub(
         what += " (HF_HUB_OFFLINE is set, so only its local cache is searched)"
     with wrap_errors(what), progress_bars(progress):
         model, info = AutoModelForCausalLM.from_pretrained(
-            repo_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            repo_id, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **_REPORT_MISMATCHES
         )
     check_loaded_weights(model, info, repo_id)
     try:

@@ -158,7 +158,7 @@ class Stage:
     distill_temperature: float = 1.0  # softmax temperature of the KL to the teacher's logits
     trainable: list[str] | None = None  # gamma conv embeddings norms lm_head feature_map far_memory all; null:
     # γ and the conv, or the far memory where the conversion has no grouped term (default_trainable)
-    lora: Lora | None = None  # adapter for this stage (null: none)
+    lora: Lora | None = None  # adapter for this stage (null: none; a lora stage: the defaults below)
     drafter: DrafterSettings | None = None  # kind drafter: the drafter and its self-distillation data
     optimizer: Optimizer = field(default_factory=Optimizer)
     schedule: Schedule = field(default_factory=Schedule)
@@ -386,7 +386,7 @@ def validate(recipe: Recipe) -> Recipe:
             if name not in TRAINABLE:
                 raise LinspecError(f"recipe key {key}.trainable[{j}]: expected one of {', '.join(TRAINABLE)}")
         if stage.kind == "lora" and stage.lora is None:
-            raise LinspecError(f"recipe key {key}.lora: a lora stage needs a lora section")
+            stage.lora = Lora()  # the defaults ``linspec train --help`` lists
         if stage.lora is not None:
             _check_lora(stage.lora, f"{key}.lora")
         _check_optimizer(stage.optimizer, f"{key}.optimizer")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from linspec.errors import LinspecError
 from linspec.utils.io import atomic_write_bytes, atomic_write_text
 from linspec.utils.paths import check_name
 
@@ -49,6 +50,21 @@ def claim_fresh(folder: Path) -> Path:
             continue
         return candidate
     raise AssertionError("unreachable")  # itertools.count never ends
+
+
+def refuse_replacing(folder: Path, names: list[str], force: bool) -> None:
+    """Refuse, before anything is measured, an ``--out`` folder that is a file or already holds results of one of
+    ``names`` (``NAME.json``, ``NAME.png``) unless ``force``: results are kept until the user says to replace them,
+    and a run that would only fail at the end (after minutes of evaluation) fails at the start instead."""
+    if folder.exists() and not folder.is_dir():
+        raise LinspecError(f"--out {folder} exists and is not a folder")
+    taken = [folder / f"{name}{suffix}" for name in names for suffix in (".json", ".png")]
+    taken = [path for path in taken if path.exists()]
+    if taken and not force:
+        raise LinspecError(
+            f"--out {folder} already holds {taken[0].name} from an earlier run; pass --force to replace it, or "
+            "another --out"
+        )
 
 
 def machine_summary() -> dict[str, Any]:
