@@ -6,37 +6,34 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import tiny_base
 
 from linspec.cli import main
 
-
-def _passkey(model, out, *options):
-    return main(["eval", "passkey", str(model), "--lengths", "256", "--trials", "1", "--out", str(out), *options])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_an_evaluation_keeps_earlier_results_unless_forced(tiny_bpe_dir, text_file, tmp_path, capsys):
     out = tmp_path / "results"
-    assert _passkey(tiny_bpe_dir, out) == 0
-    first = (out / "passkey.json").read_bytes()
-    capsys.readouterr()
-    assert _passkey(tiny_bpe_dir, out) == 2
-    err = capsys.readouterr().err
-    assert "already holds passkey.json" in err and "pass --force" in err
-    assert (out / "passkey.json").read_bytes() == first
-    assert _passkey(tiny_bpe_dir, out, "--force") == 0
-    assert (out / "passkey.json").read_bytes() != first  # rewritten (its machine summary holds the time)
-    # another task's results may join the same folder; so may a recorded table of another name
     plain = ["eval", "ppl", str(tiny_bpe_dir), "--data", str(text_file), "--window", "32", "--out", str(out)]
-    assert main([*plain, "--record-bench", "plain-ppl"]) == 0
-    assert {"passkey.json", "ppl.json", "plain-ppl.json", "benchmarks.md"} <= {p.name for p in out.iterdir()}
-    data = json.loads((out / "ppl.json").read_text())
+    assert main(plain) == 0
+    first = (out / "ppl.json").read_bytes()
+    data = json.loads(first)
     assert data["command"].startswith(f"linspec eval ppl {tiny_bpe_dir} --data {text_file} --window 32")
     assert data["variants"]["full"]["tokens"] > 0
-    assert "<!-- bench:plain-ppl:begin -->" in (out / "benchmarks.md").read_text()
     capsys.readouterr()
-    assert main([*plain, "--record-bench", "passkey"]) == 2  # the recorded table would replace passkey.json
-    assert "already holds" in capsys.readouterr().err
+    assert main(plain) == 2
+    err = capsys.readouterr().err
+    assert "already holds ppl.json" in err and "pass --force" in err
+    assert (out / "ppl.json").read_bytes() == first
+    assert main([*plain, "--force", "--record-bench", "plain-ppl"]) == 0
+    assert (out / "ppl.json").read_bytes() != first  # rewritten (its machine summary holds the time)
+    assert "<!-- bench:plain-ppl:begin -->" in (out / "benchmarks.md").read_text()
+    # another task's results may join the folder, but not over a recorded table of the same name
+    passkey = ["eval", "passkey", str(tiny_bpe_dir), "--lengths", "256", "--trials", "1", "--out", str(out)]
+    capsys.readouterr()
+    assert main([*passkey, "--record-bench", "plain-ppl"]) == 2 and "already holds plain-ppl" in capsys.readouterr().err
+    assert main(passkey) == 0
+    assert {"ppl.json", "passkey.json", "plain-ppl.json", "benchmarks.md"} <= {p.name for p in out.iterdir()}
 
 
 @pytest.mark.parametrize(
@@ -64,15 +61,20 @@ def test_an_out_path_that_is_a_file_is_refused_for_eval_and_bench(tmp_path, caps
 
 
 def test_a_benchmark_keeps_earlier_results_unless_forced(tmp_path, capsys):
-    tiny_base("llama").save_pretrained(tmp_path / "tiny")
+    from argparse import Namespace
+
+    from linspec.bench.report import output_dir
+
     out = tmp_path / "bench"
-    decode = ["bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "8", "--steps", "1"]
-    decode += ["--out", str(out)]
-    assert main(decode) == 0
-    first = (out / "decode.json").read_bytes()
-    capsys.readouterr()
-    assert main(decode) == 2
-    assert "already holds decode.json" in capsys.readouterr().err and (out / "decode.json").read_bytes() == first
-    assert main([*decode, "--force"]) == 0 and (out / "decode.json").read_bytes() != first
+    out.mkdir()
+    (out / "decode.png").write_bytes(b"an earlier run's plot")
+    decode = ["bench", "decode", "--model", str(tmp_path / "no-model"), "--contexts", "8", "--out", str(out)]
+    assert main(decode) == 2  # refused before the model is looked at
+    err = capsys.readouterr().err
+    assert "already holds decode.png" in err and "no such" not in err
+    assert (out / "decode.png").read_bytes() == b"an earlier run's plot"
+    flags = {"out": str(out), "update_docs": False, "no_record": False}
+    assert output_dir(Namespace(**flags, force=True), "decode") == out
+    assert output_dir(Namespace(**flags, force=False), "prefill") == out  # another benchmark's results may join
     assert main(["bench", "prefill", "--lengths", "8", "--repeats", "1", "--force"]) == 2
     assert "it needs --out DIR" in capsys.readouterr().err
