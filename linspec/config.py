@@ -326,8 +326,11 @@ class LinspecConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LinspecConfig:
-        if name not in PRESETS:
-            raise LinspecError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise LinspecError(f"unknown preset {name!r:.40}; known presets: {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise LinspecError(f"unknown linspec setting(s): {', '.join(unknown)[:200]}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,12 +70,17 @@ def build_world(root: Path) -> World:
     query = "model.layers.0.self_attn.q_proj.weight"
     tensors[query] = torch.cat([tensors[query], tensors[query][:3]])
     save_file(tensors, wrong_shape / "model.safetensors", metadata={"format": "pt"})
+    foreign_tokenizer = root / "foreign-tokenizer"  # 97 embeddings, and the base's 320-token tokenizer beside them
+    shutil.copytree(small, foreign_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, foreign_tokenizer / name)
     broken_template = root / "broken-template"  # a converted model whose chat template does not parse
     shutil.copytree(root / "linspec", broken_template)
     (broken_template / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }}")
 
     (root / "text.txt").write_text(SAMPLE)
     (root / "one-token.txt").write_text("a")
+    (root / "bom.txt").write_bytes(b"\xef\xbb\xbf\n")  # a byte-order mark and nothing else
     (root / "empty.txt").write_bytes(b"")
     (root / "mixed-dir").mkdir()
     (root / "mixed-dir" / "a.txt").write_text("text")

@@ -180,6 +180,29 @@ def run_process(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize(
+    "closed, argv, message",
+    [
+        (
+            0,
+            ["generate", "no-model", "--prompt", "-"],
+            "linspec generate: error: --prompt - reads stdin, which is closed",
+        ),
+        (0, ["chat", "no-model"], "linspec chat: error: stdin is closed"),
+        (1, ["env"], "linspec env: error: stdout is closed"),
+    ],
+)
+def test_a_closed_stdin_or_stdout_is_one_line_not_a_traceback_or_lost_output(tmp_path, closed, argv, message):
+    """Started with a standard stream closed (``<&-``, ``>&-``), Python has ``sys.stdin``/``sys.stdout`` None:
+    reading raises deep inside, and print() drops every result without a word."""
+    done = subprocess.run(
+        [sys.executable, "-m", "linspec", *argv], stderr=subprocess.PIPE, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.close(closed),
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
 NOISE = ("Generating train split", "FutureWarning", "fatal: not a git repository", "Traceback", "UserWarning")
 
 

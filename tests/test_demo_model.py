@@ -88,7 +88,10 @@ def test_demo_command_converts_generates_and_times_and_shows_a_trained_model(
     config = json.loads((out / "config.json").read_text())
     config["linspec"].update(local_window=128, sink_positions="absolute")  # converted by an older window preset
     (out / "config.json").write_text(json.dumps(config))
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out)]) == 2  # it might be the user's own model: replaced only when told
+    assert "pass --force to replace it" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["linspec"]["local_window"] == 128
+    assert main([*args, "--out", str(out), "--force"]) == 0
     assert "converting" in " ".join(capsys.readouterr().out.split())
     assert json.loads((out / "config.json").read_text())["linspec"]["local_window"] == 512
     # any linspec model made from the base can stand in for a trained one; no conversion happens then

@@ -327,6 +327,37 @@ ROUND_TWO: dict[str, tuple[Callable[..., object], str]] = {
 API_CASES.update(ROUND_TWO)
 
 
+def _speculate(*, target=None, drafter=None, input_ids=((5, 6, 7),), **options):
+    from linspec.speculative.drafters import PromptLookupDrafter
+
+    model = tiny_linspec("llama") if target is None else target
+    drafter = PromptLookupDrafter(num_tokens=4) if drafter is None else drafter
+    return linspec.speculative_generate(model, drafter, input_ids, **{"max_new_tokens": 2, **options})
+
+
+ROUND_THREE: dict[str, tuple[Callable[..., object], str]] = {  # the third sweep's API rows
+    "convert-none": (lambda w: linspec.convert(None), "from_pretrained), got NoneType"),
+    "convert-a-path": (lambda w: linspec.convert(w["base"]), "from_pretrained), got str"),
+    "convert-preset-name": (lambda w: linspec.convert(tiny_base("llama"), "window"), "config must be a LinspecConfig"),
+    "convert-settings-dict": (
+        lambda w: linspec.convert(tiny_base("llama"), {"group_size": 8}),
+        "config must be a LinspecConfig",
+    ),
+    "preset-unknown-setting": (
+        lambda w: LinspecConfig.from_preset("window", bogus=1),
+        "unknown linspec setting(s): bogus",
+    ),
+    "load-empty-source": (lambda w: load_source(""), "the model source is empty"),
+    "speculate-ids-none": (lambda w: _speculate(input_ids=None), "input_ids must be a [batch, length] integer tensor"),
+    "speculate-ids-float": (lambda w: _speculate(input_ids=torch.ones(1, 3)), "got torch.float32 of shape (1, 3)"),
+    "speculate-target-none": (lambda w: _speculate(target="model"), "target must be a causal language model"),
+    "speculate-drafter-name": (lambda w: _speculate(drafter="lookup"), "drafter must be a linspec Drafter"),
+    "speculate-eos-text": (lambda w: _speculate(eos_token_id="x"), "eos_token_id must be a token id"),
+    "speculate-tree-nodes-zero": (lambda w: _speculate(max_tree_nodes=0), "max_tree_nodes must be an integer in 1.."),
+}
+API_CASES.update(ROUND_THREE)
+
+
 @pytest.fixture(scope="module")
 def scratch(world):
     """Where API rows build what they then break; ``linked.yaml`` points at the precious file."""

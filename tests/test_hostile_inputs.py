@@ -657,6 +657,22 @@ OUTPUTS_OVER_INPUTS = [  # an output that would replace what it is made from, an
     Case("generate-chat-template-broken", "generate {broken-template} --prompt hi", "chat template does not render"),
     Case("passkey-chat-template-broken", "eval passkey {broken-template} --lengths 64 --trials 1 --out {sandbox}/e",
          "chat template does not render"),
+    Case("demo-out-another-models-conversion", "demo --model {base} --out {other-linspec} --contexts 16 "
+         "--max-new-tokens 2", "pass --force to replace it"),
+    Case("demo-model-without-tokenizer", "demo --model {small-positions} --contexts 16 --max-new-tokens 2",
+         "has no tokenizer"),
+    Case("demo-context-past-positions", "demo --model {base} --contexts 9000 --max-new-tokens 2", "exceeds"),
+    Case("demo-force-without-out", "demo --force", "it needs --out"),
+    Case("generate-seed-negative", "generate {linspec} --prompt hi --seed=-1", "--seed: must be an integer in 0.."),
+    Case("generate-seed-absurd", "generate {linspec} --prompt hi --seed 99999999999999999999", "--seed: must be"),
+    Case("generate-prompt-only-a-bom", "generate {linspec} --prompt-file {bom.txt}", "--prompt is empty"),
+    Case("recipes-cp-into-a-missing-folder", "recipes cp smollm2-135m-demo {sandbox}/newdir/", "is not a directory"),
+    Case("heads-window-past-positions", "eval heads {base} --data {text.txt} --local-window 3000",
+         "linspec eval heads: error: heads are ranked on sequences of twice"),
+    Case("heads-foreign-tokenizer", "eval heads {foreign-tokenizer} --data {text.txt} --local-window 8",
+         "more than the model's 97 embeddings"),
+    Case("agreement-foreign-tokenizer", "eval agreement {linspec} --reference {foreign-tokenizer} --prompts "
+         "{text.txt} --num-prompts 1 --max-new-tokens 2 --out {sandbox}/a", "the tokenizer belongs to another model"),
     Case("demo-trained-from-another-model", "demo --model {base} --trained {other-linspec} --contexts 16 "
          "--max-new-tokens 2", "not made from"),
 ]
@@ -665,6 +681,8 @@ SERVE = [  # each is refused before vLLM is looked for: none would start a serve
     Case("serve-model-missing", "serve {sandbox}/none", "is not a directory"),
     Case("serve-softmax-model", "serve {base}", "is not a linspec model"),
     Case("serve-port-zero", "serve {linspec} --port 0", "--port"),
+    Case("serve-name-empty", "serve {linspec} --name=", "--name: must not be empty"),
+    Case("serve-host-empty", "serve {linspec} --host=", "--host: must not be empty"),
     Case("serve-concurrency-zero", "serve {linspec} --max-concurrency 0", "--max-concurrency"),
     Case("serve-dtype-unknown", "serve {linspec} --dtype int4", "--dtype"),
     Case("serve-device-unknown", "serve {linspec} --device tpu", "--device"),

@@ -19,6 +19,7 @@ from linspec.evaluation.greedy import greedy_generate, stop_ids
 from linspec.utils.paths import cache_root
 
 DEMO_PROMPT = "Explain in two sentences why the sky is blue."
+_SHAPE = ("vocab_size", "hidden_size", "num_hidden_layers")  # what a conversion keeps of its source's config
 
 
 def default_output_dir(name: str) -> Path:
@@ -43,11 +44,25 @@ def _cached_settings(out: Path) -> LinspecConfig | None:
         return None
 
 
-def _models(model_name: str, out: Path, trained: Path | None, console: Console, device, dtype):
-    """``(original, tokenizer, converted)``: the source model, and the trained or (once) converted one."""
+def _is_demo_conversion(out: Path, original, settings: LinspecConfig) -> bool:
+    """Whether ``out`` holds this demo's conversion of ``original``: the window preset's settings (an older preset's
+    is converted again) and the original's shape (not another model's conversion)."""
+    if _cached_settings(out) != settings:
+        return False
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(config.get(key) == getattr(original.config, key, None) for key in _SHAPE)
+
+
+def _models(model_name: str, out: Path, trained: Path | None, console: Console, device, dtype, contexts, replace: bool):
+    """``(original, tokenizer, converted)``: the source model, and the trained or (once) converted one. ``replace``:
+    a directory holding something else may be converted over (the demo's own cache folder, or ``--force``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from linspec.conversion.checkpoint import convert_checkpoint
+    from linspec.evaluation.lengths import max_positions
     from linspec.sources.loading import load_source
 
     if trained is not None:  # checked before anything loads
@@ -56,9 +71,20 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
         if getattr(AutoConfig.from_pretrained(out), "linspec", None) is None:
             raise LinspecError(f"--trained {out} is not a linspec model (train one: linspec train RECIPE)")
     original, tokenizer = load_source(model_name, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise LinspecError(f"{model_name} has no tokenizer; the demo needs one for its prompt")
+    limit = max_positions(original)
+    if limit is not None and max(contexts) > limit:
+        raise LinspecError(f"--contexts {max(contexts)} exceeds {model_name}'s {limit} positions")
+    settings = LinspecConfig.from_preset("window")
     if trained is not None:
         console.print(f"using the trained model in {out}")
-    elif _cached_settings(out) != (settings := LinspecConfig.from_preset("window")):  # none yet, or an older preset's
+    elif not _is_demo_conversion(out, original, settings):  # none yet, an older preset's, or another model's
+        if out.exists() and any(out.iterdir()) and not replace:
+            raise LinspecError(
+                f"--out {out} holds a model that is not the demo's current conversion of {model_name} (another "
+                "model's, another preset's or a trained one); pass --force to replace it, or choose a new directory"
+            )
         console.print(
             f"converting {model_name} -> {out} (window preset: softmax over the last {settings.window_summary}, "
             f"G={settings.group_size}, P={settings.conv_taps}, γ=0, conv=0)"
@@ -74,8 +100,7 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
 def _check_made_from(converted, original, model_name: str, where: str) -> None:
     """Refuse a converted model whose shape is not ``original``'s (a directory made from another source): the
     demo feeds both the same token ids."""
-    shape = ("vocab_size", "hidden_size", "num_hidden_layers")
-    ours, theirs = (tuple(getattr(m.config, key, None) for key in shape) for m in (converted, original))
+    ours, theirs = (tuple(getattr(m.config, key, None) for key in _SHAPE) for m in (converted, original))
     if ours != theirs:
         raise LinspecError(
             f"{where} holds a model of another shape than {model_name} (vocabulary, width, layers {ours} against "
@@ -93,21 +118,23 @@ def run_demo(
     trained: Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    force: bool = False,
 ) -> dict:
     """Convert (once; reused afterwards), generate with both models, time decoding at short and long context.
 
     ``trained``: a linspec model made from ``model_name`` by ``linspec train`` to show instead of the raw
-    conversion, whose text is poor until trained."""
+    conversion, whose text is poor until trained. ``force``: an ``out`` holding another model is converted over."""
     from linspec.sources.load_steps import progress_bars
     from linspec.utils.devices import placement
 
     target, weights = placement(device, dtype)
     console = console or Console()
+    replace = force or out is None  # the default folder is the demo's own cache
     out = Path(trained or out or default_output_dir(model_name))
     console.rule(f"[bold]linspec demo: {model_name}")
     # transformers' bars for sub-second loads and saves would only interleave with the demo's own lines
     with progress_bars(False):
-        original, tokenizer, converted = _models(model_name, out, trained, console, target, weights)
+        original, tokenizer, converted = _models(model_name, out, trained, console, target, weights, contexts, replace)
     console.print(f"loaded {type(converted).__name__} with {len(converted.linspec_modules())} linear layers")
 
     console.print(f"\n[bold]prompt:[/bold] {prompt}")

@@ -98,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     trailing = getattr(args, "trailing", None)  # a command's positional list that takes words after its options
     if extra and trailing and not any(word.startswith("-") for word in extra):
         getattr(args, trailing).extend(extra)
-    elif extra:
+        extra = []
+    command = _command_name(args)
+    if extra:
         print(
-            f"linspec {args.command}: error: unrecognized arguments: {one_line(' '.join(extra))} "
-            f"(see linspec {args.command} --help)",
+            f"{command}: error: unrecognized arguments: {one_line(' '.join(extra))} (see {command} --help)",
             file=sys.stderr,
         )
+        return 2
+    if sys.stdout is None:  # started with stdout closed (>&-): print() would drop every result without a word
+        print(f"{command}: error: stdout is closed; redirect it to a file or /dev/null instead", file=sys.stderr)
         return 2
     try:
         result = args.func(args)
@@ -112,12 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as error:  # LinspecError is a ValueError
         _close_open_bars()
-        print(f"linspec {args.command}: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
+        print(f"{command}: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"linspec {args.command}: error: out of memory", file=sys.stderr)
+        print(f"{command}: error: out of memory", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _command_name(args) -> str:
+    """``linspec eval heads``, ``linspec bench decode``, ``linspec train``: the command as typed, down to the
+    sub-command, the way argparse names it in its own errors."""
+    words = [args.command, *(getattr(args, name, None) for name in ("task", "benchmark", "action"))]
+    return " ".join(["linspec", *(word for word in words if word)])
 
 
 if __name__ == "__main__":

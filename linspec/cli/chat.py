@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from linspec.cli.generate import decoding_options, load_decoding
     from linspec.errors import LinspecError
 
+    if sys.stdin is None:
+        raise LinspecError("stdin is closed; linspec chat reads the user's messages from it")
     if args.system is not None and not args.system.strip():
         raise LinspecError("--system is empty")
     model, tokenizer, drafter, sampling, generator = load_decoding(args)

@@ -21,6 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default="smollm2-135m", help="model source (default: smollm2-135m)")
     parser.add_argument("--out", type=Path, help="where the converted model goes (default: in the linspec cache)")
+    parser.add_argument("--force", action="store_true", help="convert over an --out that holds another model")
     parser.add_argument(
         "--trained",
         type=Path,
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise LinspecError(f"--contexts must be in 1..{MAX_CONTEXT}")
     if not args.prompt.strip():
         raise LinspecError("--prompt is empty")
+    if args.force and args.out is None:
+        raise LinspecError("--force lets the demo convert over --out DIR; it needs --out")
     if args.trained is not None and args.out is not None:
         raise LinspecError("--trained shows an existing model and --out names where to convert one; pass one of them")
     if args.out is not None and args.out.exists():
@@ -55,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
             raise LinspecError(f"--out {args.out} is not empty and holds no model; choose a new directory")
     run_demo(
         args.model, args.out, args.prompt, args.max_new_tokens, tuple(args.contexts), trained=args.trained,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, force=args.force,
     )  # fmt: skip
     return 0

@@ -115,6 +115,7 @@ def run_heads(args: argparse.Namespace) -> int:
     from linspec.config import LinspecConfig
     from linspec.conversion.softmax_heads import far_attention_mass, largest_heads, local_span, ranking_sequences
     from linspec.errors import LinspecError
+    from linspec.evaluation.lengths import max_positions
     from linspec.evaluation.perplexity import read_text_ids
     from linspec.sources.loading import load_source
     from linspec.utils.devices import placement
@@ -130,6 +131,12 @@ def run_heads(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise LinspecError(f"{args.model} has no tokenizer")
     span = local_span(settings)[0]
+    limit = max_positions(model)
+    if limit is not None and 2 * span > limit:
+        raise LinspecError(
+            f"heads are ranked on sequences of twice the local span ({2 * span} tokens), past {args.model}'s {limit} "
+            "positions; give a smaller --local-window"
+        )
     sequences = ranking_sequences(read_text_ids(tokenizer, args.data, args.text_field), settings, args.max_sequences)
     mass = far_attention_mass(model.eval(), settings, sequences)
     chosen = largest_heads(mass, min(args.top, mass.numel()))

@@ -8,6 +8,7 @@ import math
 
 from linspec.drafting.registry import KINDS, SETTINGS, kinds_taking
 from linspec.utils.devices import add_placement_arguments
+from linspec.utils.validation import seed_arg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +55,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default 0 = off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default 1)")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--seed", type=seed_arg(), help="random seed for sampling")
     add_placement_arguments(parser)
 
 
@@ -86,6 +87,8 @@ def read_prompts(prompts: list[str] | None) -> list[str]:
                 raise LinspecError(f"--prompt-file {prompt}: {error.strerror or error}") from None
             texts.append(_decoded(data, f"--prompt-file {prompt}"))
         elif prompt == "-":
+            if sys.stdin is None:
+                raise LinspecError("--prompt - reads stdin, which is closed")
             texts.append(_decoded(sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1), "--prompt - (stdin)"))
         else:
             texts.append(prompt)
@@ -98,7 +101,7 @@ def _decoded(data: bytes, where: str) -> str:
     if len(data) > MAX_PROMPT_BYTES:
         raise LinspecError(f"{where} holds more than {MAX_PROMPT_BYTES >> 20} MiB; that is no prompt")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is no part of the prompt
     except UnicodeDecodeError:
         raise LinspecError(f"{where} is not UTF-8 text") from None
     return text.removesuffix("\n").removesuffix("\r")

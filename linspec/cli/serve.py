@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from linspec.serving.launch import DEFAULT_CPU_STATE_GIB, VLLM_MINOR
-from linspec.utils.validation import count_arg
+from linspec.utils.validation import count_arg, text_arg
 
 MAX_PORT = 65535
 MAX_CONCURRENCY = 1 << 16
@@ -28,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", help="a linspec model directory (written by linspec convert or linspec train)")
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
-        "0.0.0.0 accepts other machines)"
+        "--host", default="127.0.0.1", type=text_arg, help="address to listen on (default 127.0.0.1: this machine "
+        "only; 0.0.0.0 accepts other machines)"
     )  # fmt: skip
     parser.add_argument("--port", type=count_arg(1, MAX_PORT), default=8000, help="port (default 8000)")
     parser.add_argument(
@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--device", default="auto", help="auto (default: the installed vLLM build's device), cpu (vLLM's CPU "
         "build), cuda, cuda:N (vLLM's CUDA build)"
     )  # fmt: skip
-    parser.add_argument("--name", help="the model name clients send (default: the directory's name)")
+    parser.add_argument("--name", type=text_arg, help="the model name clients send (default: the directory's name)")
     parser.set_defaults(func=run, vllm_args=[])
     _take_words_after_double_dash(parser)
 

@@ -41,6 +41,14 @@ def convert(model: PreTrainedModel, config: LinspecConfig | None = None) -> PreT
     layers listed in ``config.softmax_layers`` keep the model's own attention. ``model`` should not be used
     afterwards: the result shares its tensors.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise LinspecError(
+            f"convert takes a loaded transformers model (linspec.load or from_pretrained), got {type(model).__name__}"
+        )
+    if config is not None and not isinstance(config, LinspecConfig):
+        raise LinspecError(
+            f"config must be a LinspecConfig (e.g. LinspecConfig.from_preset('window')), got {type(config).__name__}"
+        )
     settings = config or LinspecConfig()
     base_config = model.config
     if getattr(base_config, "linspec", None) is not None:

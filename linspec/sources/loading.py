@@ -52,14 +52,33 @@ def load_source(
     model, tokenizer = _load_on_cpu(
         str(src), dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress
     )
+    if tokenizer is not None:
+        _check_tokenizer_fits(model, tokenizer, src)
     if target is not None and target.type != "cpu":
         model = model.to(target)
     return model, tokenizer
 
 
+def _check_tokenizer_fits(model: Any, tokenizer: Any, src: str) -> None:
+    """Refuse a tokenizer whose base vocabulary is larger than the model's embedding table (a tokenizer copied in
+    from another model): ordinary text would encode to ids past the table and fail deep inside the embedding
+    lookup, in whichever command ran first. Added special tokens are not counted: a converted tokenizer may carry
+    one the model never sees (a GGUF file's, for one)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(rows, int) and isinstance(size, int) and size > rows:
+        raise LinspecError(
+            f"{src}: its tokenizer has {size} tokens, more than the model's {rows} embeddings; the tokenizer "
+            "belongs to another model"
+        )
+
+
 def _load_on_cpu(
     src: str, *, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool, progress: bool
 ) -> tuple[Any, Any]:
+    if not src.strip():
+        raise LinspecError("the model source is empty; give a directory, a .gguf file, a demo name or a hub id")
     if src in DEMO_MODELS:
         return load_model_dir(demo_model_dir(src, progress=progress), dtype=dtype, progress=progress)
     path = Path(src).expanduser()

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from linspec.drafting.registry import MAX_DRAFT
 from linspec.errors import LinspecError
 from linspec.models.runner import ModelRunner
 from linspec.speculative.acceptance import accept
@@ -92,12 +93,17 @@ class NoDrafter(Drafter):
 
 
 def _validated_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids = torch.as_tensor(input_ids)
+    try:
+        input_ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError):
+        kind = type(input_ids).__name__
+        raise LinspecError(f"input_ids must be a [batch, length] integer tensor, got {kind}") from None
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype not in (torch.long, torch.int):
         raise LinspecError(
-            f"input_ids must be a non-empty [batch, length] integer tensor, got {tuple(input_ids.shape)}"
+            f"input_ids must be a non-empty [batch, length] integer tensor, got {input_ids.dtype} of shape "
+            f"{tuple(input_ids.shape)}"
         )
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask)
     if mask.dim() == 1:
@@ -155,6 +161,11 @@ def speculative_generate(
     they are accepted, and ``end`` closes it. Raises ``LinspecError`` on bad input.
     """
     check_count(max_new_tokens, "max_new_tokens")
+    check_count(max_tree_nodes, "max_tree_nodes", 1, MAX_DRAFT)
+    if not callable(getattr(target, "get_output_embeddings", None)):
+        raise LinspecError(f"target must be a causal language model, got {type(target).__name__}")
+    if drafter is not None and not isinstance(drafter, Drafter):
+        raise LinspecError(f"drafter must be a linspec Drafter (or None), got {type(drafter).__name__}")
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     drafter = drafter or NoDrafter()
     if drafter.max_nodes > max_tree_nodes:
@@ -166,7 +177,10 @@ def speculative_generate(
     _check_fits_the_model(target, input_ids, mask, max_new_tokens)
     if streamer is not None and input_ids.shape[0] != 1:
         raise LinspecError(f"a streamer takes one prompt at a time, got a batch of {input_ids.shape[0]}")
-    eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
+    try:
+        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise LinspecError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r:.40}") from None
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos.numel() else 0)
     vocab = target.get_output_embeddings().weight.shape[0]
     for name, ids in (("eos_token_id", eos.tolist()), ("pad_token_id", [pad])):

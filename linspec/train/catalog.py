@@ -6,6 +6,7 @@ source checkout; ``linspec recipes cp NAME DEST`` copies one out to edit.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -61,9 +62,13 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
     recipes = shipped_recipes()
     if name not in recipes:
         raise LinspecError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes)}")
+    if not str(dest):
+        raise LinspecError("the destination is empty; give a file name or a directory")
     target = Path(dest)
     if target.is_dir():
         target = target / f"{name}.yaml"
+    elif str(dest).endswith(("/", os.sep)):  # Path() drops the slash that says "a directory"
+        raise LinspecError(f"{dest} is not a directory")
     if target.is_symlink():  # writing "through" it would change a file elsewhere; replacing it would surprise
         raise LinspecError(f"{target} is a symbolic link; copy to a plain file name instead")
     if target.exists() and not force:

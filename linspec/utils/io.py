@@ -76,6 +76,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -85,6 +86,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (there is no getter: set it and put it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a rewritten ``path`` keeps, or a new file's under the umask: ``mkstemp`` makes its file 0600,
+    and a result the user made should look like any file they make."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def refuse_links(folder: str | os.PathLike, names: Sequence[str]) -> None:
@@ -232,9 +249,7 @@ def atomic_directory(
     with output_lock(path):
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like any directory the user makes
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any directory the user makes
         try:
             yield tmp
             _check_output(path, force, markers)  # again: it may have appeared (or changed) meanwhile

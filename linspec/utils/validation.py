@@ -85,6 +85,13 @@ def count_arg(low: int = 1, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def text_arg(text: str) -> str:
+    """An argparse ``type`` for a name or address that must hold something (``--name ""`` is a slip, not a choice)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def seed_arg() -> Callable[[str], int]:
     """An argparse ``type`` for ``--seed``: ``0..MAX_SEED``."""
     return count_arg(0, MAX_SEED)
