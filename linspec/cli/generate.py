@@ -193,8 +193,9 @@ def check_arguments(args: argparse.Namespace):
     """Refuse every flag that is out of range or would be ignored, naming the flag: ``(drafter spec, sampling)``.
 
     The drafter flags are checked by the registry's spec of ``--draft``; the rest here."""
-    from linspec.drafting.registry import MAX_DRAFT, drafter_spec
+    from linspec.drafting.registry import drafter_spec
     from linspec.errors import LinspecError
+    from linspec.speculative.generate import MAX_TREE_NODES
     from linspec.speculative.sampling import SamplingConfig
     from linspec.utils.validation import check_count
 
@@ -206,7 +207,7 @@ def check_arguments(args: argparse.Namespace):
         if args.draft == "none":
             kinds = " or ".join(kind for kind in KINDS if kind != "none")
             raise LinspecError(f"--max-tree-nodes only applies to --draft {kinds} (got --draft none)")
-        check_count(args.max_tree_nodes, "--max-tree-nodes", 1, MAX_DRAFT)
+        check_count(args.max_tree_nodes, "--max-tree-nodes", 1, MAX_TREE_NODES)
     given = [_flag(name) for name in SAMPLING_FLAGS if getattr(args, name) is not None]
     if given and not args.do_sample:
         raise LinspecError(f"{given[0]} only applies with --do-sample (greedy decoding ignores it)")

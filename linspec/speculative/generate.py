@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from linspec.drafting.registry import MAX_DRAFT
 from linspec.errors import LinspecError
 from linspec.models.runner import ModelRunner
 from linspec.speculative.acceptance import accept
@@ -24,6 +23,7 @@ from linspec.speculative.tree import DraftTree
 from linspec.utils.validation import check_count, is_count
 
 DEFAULT_MAX_TREE_NODES = 64
+MAX_TREE_NODES = 256  # the most draft tokens one round may verify: far beyond any useful tree, small to allocate
 
 
 @dataclass
@@ -161,7 +161,7 @@ def speculative_generate(
     they are accepted, and ``end`` closes it. Raises ``LinspecError`` on bad input.
     """
     check_count(max_new_tokens, "max_new_tokens")
-    check_count(max_tree_nodes, "max_tree_nodes", 1, MAX_DRAFT)
+    check_count(max_tree_nodes, "max_tree_nodes", 1, MAX_TREE_NODES)
     if not callable(getattr(target, "get_output_embeddings", None)):
         raise LinspecError(f"target must be a causal language model, got {type(target).__name__}")
     if drafter is not None and not isinstance(drafter, Drafter):
