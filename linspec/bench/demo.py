@@ -36,24 +36,16 @@ def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[str
     return tokenizer.decode(tokens, skip_special_tokens=True).strip(), elapsed
 
 
-def _cached_settings(out: Path) -> LinspecConfig | None:
-    """The linspec settings of a conversion cached in ``out``, or None when there is none (or it is unreadable)."""
-    try:
-        return LinspecConfig.from_dict(json.loads((out / "config.json").read_text())["linspec"])
-    except (OSError, ValueError, KeyError, TypeError, LinspecError):
-        return None
-
-
 def _is_demo_conversion(out: Path, original, settings: LinspecConfig) -> bool:
     """Whether ``out`` holds this demo's conversion of ``original``: the window preset's settings (an older preset's
-    is converted again) and the original's shape (not another model's conversion)."""
-    if _cached_settings(out) != settings:
-        return False
+    is converted again) and the original's shape (not another model's conversion). False for no or an unreadable
+    ``config.json``."""
     try:
         config = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
+        cached = LinspecConfig.from_dict(config["linspec"])
+    except (OSError, ValueError, KeyError, TypeError, LinspecError):
         return False
-    return all(config.get(key) == getattr(original.config, key, None) for key in _SHAPE)
+    return cached == settings and all(config.get(key) == getattr(original.config, key, None) for key in _SHAPE)
 
 
 def _models(model_name: str, out: Path, trained: Path | None, console: Console, device, dtype, contexts, replace: bool):
