@@ -24,15 +24,6 @@ def test_bench_decode_measures_both_models_in_separate_processes(tmp_path, capsy
     assert "per-token time at 40 vs 16 tokens" in out
 
 
-def test_one_context_has_no_growth_line(tmp_path, capsys):
-    """Growth with context needs two contexts: with one, the summary says nothing about it."""
-    tiny_base("llama").save_pretrained(tmp_path / "tiny")
-    assert main(["bench", "decode", "--model", str(tmp_path / "tiny"), "--contexts", "12", "--steps", "1",
-                 "--no-record"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "| 12 " in out and "per-token time at" not in out and "speed-up over the original by context: 12:" in out
-
-
 def test_summary_ratios_come_from_the_measurements():
     results = [
         DecodeResult("original", 128, 0.1, 10.0, 100.0, 1000, 1),

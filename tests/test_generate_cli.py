@@ -38,26 +38,29 @@ def generate_process(*argv: str, stdin: str | None = None) -> subprocess.Complet
 
 
 @pytest.mark.slow
-def test_prompt_from_stdin_and_from_a_file_equal_the_same_text_given_inline(demo_model_path, tmp_path):
+def test_prompt_from_stdin_and_from_a_file_equal_the_same_text_given_inline(
+    demo_model_path, tmp_path, capsys, one_torch_thread
+):
+    """Piped through a real process's stdin; the inline and file prompts in this process (one thread, as there)."""
     prompt = "Repeat exactly: The quick brown fox jumps over the lazy dog."
     (tmp_path / "prompt.txt").write_text(prompt + "\n")  # a text file's final newline is not part of the prompt
     flags = ("--max-new-tokens", "16", "--draft", "lookup")
-    inline = generate_process(str(demo_model_path), "--prompt", prompt, *flags)
     piped = generate_process(str(demo_model_path), "--prompt", "-", *flags, stdin=prompt + "\n")
-    from_file = generate_process(str(demo_model_path), "--prompt-file", str(tmp_path / "prompt.txt"), *flags)
-    assert inline.returncode == piped.returncode == from_file.returncode == 0, piped.stderr[-1000:]
-    assert piped.stdout == inline.stdout == from_file.stdout
-    assert "quick brown fox" in inline.stdout  # the model read the prompt, not a literal "-"
+    assert piped.returncode == 0, piped.stderr[-1000:]
+    assert main(["generate", str(demo_model_path), "--prompt", prompt, *flags]) == 0
+    inline = capsys.readouterr().out
+    assert main(["generate", str(demo_model_path), "--prompt-file", str(tmp_path / "prompt.txt"), *flags]) == 0
+    assert piped.stdout == inline == capsys.readouterr().out
+    assert "quick brown fox" in inline  # the model read the prompt, not a literal "-"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("draft", ["none", "lookup"])
-def test_stats_line_counts_agree(demo_model_path, draft):
+def test_stats_line_counts_agree(demo_model_path, draft, capsys):
     prompt = "Repeat exactly: The quick brown fox jumps over the lazy dog."
-    done = generate_process(str(demo_model_path), "--prompt", prompt, "--max-new-tokens", "8", "--draft", draft,
-                            "--stats")  # fmt: skip
-    assert done.returncode == 0, done.stderr[-1000:]
-    line = done.stdout.strip().splitlines()[-1]
+    argv = ["generate", str(demo_model_path), "--prompt", prompt, "--max-new-tokens", "8", "--draft", draft, "--stats"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     tokens, calls, per_call = STATS.match(line).groups()
     assert int(tokens) == 8  # the budget, all printed (the answer is longer than 8 tokens)
     assert f"{int(tokens) / int(calls):.2f}" == per_call  # tokens per call is printed tokens over target calls

@@ -20,11 +20,9 @@ PROMPTS = [
     "Repeat exactly: The quick brown fox jumps over the lazy dog near the river bank.",
     "def add(a, b):\n    return a + b\n\nRename the function add to plus and show the code.",
     "What is the capital of France?",
-    "Continue the list: Monday, Tuesday, Wednesday,",
-    "Translate 'good morning, my friend' into French.",
     "Quote the first line and then the second line: roses are red / violets are blue",
 ]
-NEW_TOKENS = 20
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")

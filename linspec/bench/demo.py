@@ -54,7 +54,7 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from linspec.conversion.checkpoint import convert_checkpoint
-    from linspec.evaluation.lengths import max_positions
+    from linspec.evaluation.lengths import check_within_positions
     from linspec.sources.loading import load_source
 
     if trained is not None:  # checked before anything loads
@@ -65,9 +65,7 @@ def _models(model_name: str, out: Path, trained: Path | None, console: Console, 
     original, tokenizer = load_source(model_name, dtype=dtype, device=device)
     if tokenizer is None:
         raise LinspecError(f"{model_name} has no tokenizer; the demo needs one for its prompt")
-    limit = max_positions(original)
-    if limit is not None and max(contexts) > limit:
-        raise LinspecError(f"--contexts {max(contexts)} exceeds {model_name}'s {limit} positions")
+    check_within_positions(original, max(contexts), f"--contexts {max(contexts)}")
     settings = LinspecConfig.from_preset("window")
     if trained is not None:
         console.print(f"using the trained model in {out}")

@@ -48,17 +48,12 @@ def output_dir(args: argparse.Namespace, name: str) -> Path | None:
         raise LinspecError("--no-record writes nothing; drop --out / --update-docs, or drop --no-record")
     if args.out and args.update_docs:
         raise LinspecError("--out and --update-docs name two places; pass one of them")
-    if args.force and not args.out:
-        raise LinspecError("--force replaces results already in --out; it needs --out DIR")
+    refuse_replacing(args.out, [name], args.force)
     if args.no_record:
         return None
     if args.update_docs:
         return project_docs_dir()
-    if not args.out:
-        return bench_out_dir(name)
-    folder = Path(args.out)
-    refuse_replacing(folder, [name], args.force)
-    return folder
+    return Path(args.out) if args.out else bench_out_dir(name)
 
 
 def results_folder(args: argparse.Namespace, folder: Path) -> Path:

@@ -55,15 +55,12 @@ def check_output(args: argparse.Namespace, name: str) -> None:
 
     if args.update_docs and not args.record_bench:
         raise LinspecError("--update-docs writes the table --record-bench NAME records; add --record-bench NAME")
-    if args.force and not args.out:
-        raise LinspecError("--force replaces results already in --out; it needs --out DIR")
     if args.record_bench:
         check_name(args.record_bench, "--record-bench")
     if args.update_docs:
         project_docs_dir()
-    if args.out:
-        recorded_here = [args.record_bench] if args.record_bench and not args.update_docs else []
-        refuse_replacing(Path(args.out), [name, *recorded_here], args.force)
+    recorded_here = [args.record_bench] if args.record_bench and not args.update_docs else []
+    refuse_replacing(args.out, [name, *recorded_here], args.force)
 
 
 def add_quality_tasks(tasks: argparse._SubParsersAction, ppl: argparse.ArgumentParser) -> None:

@@ -42,10 +42,18 @@ def check_lengths(model, lengths: Sequence[int], minimum: int = 2) -> list[int]:
     bad = [n for n in lengths if not is_count(n, minimum, MAX_LENGTH)]
     if bad:
         raise LinspecError(f"lengths must be integers in {minimum}..{MAX_LENGTH}; got {bad[:5]}")
-    limit = max_positions(model)
-    if limit is not None and max(lengths) > limit:
-        raise LinspecError(f"length {max(lengths)} exceeds the model's {limit} positions (max_position_embeddings)")
+    check_within_positions(model, max(lengths))
     return sorted(set(lengths))
+
+
+def check_within_positions(model, longest: int, what: str | None = None) -> None:
+    """Refuse a context of ``longest`` tokens past the model's positions (``what`` names it in the error, by
+    default ``length N``): RoPE and learnt positions are not defined there, so whatever ran would measure a model
+    out of its range."""
+    limit = max_positions(model)
+    if limit is not None and longest > limit:
+        what = what or f"length {longest}"
+        raise LinspecError(f"{what} exceeds the model's {limit} positions (max_position_embeddings)")
 
 
 def perplexity_by_length(

@@ -93,16 +93,12 @@ def score_probes(model, probes: Sequence[Probe], chunk: int = 512, progress: boo
     """One row per probe: its coordinates, the answer, the prompt's tokens, ``logprob`` and ``greedy``."""
     from tqdm.auto import tqdm
 
-    from linspec.evaluation.lengths import max_positions
+    from linspec.evaluation.lengths import check_within_positions
 
     if not probes:
         raise LinspecError("no retrieval prompts to score")
     longest = max(len(p.prompt_ids) + len(p.answer_ids) - 1 for p in probes)
-    limit = max_positions(model)
-    if limit is not None and longest > limit:
-        raise LinspecError(
-            f"prompts of {longest} tokens exceed the model's {limit} positions (max_position_embeddings)"
-        )
+    check_within_positions(model, longest, f"a prompt of {longest} tokens")
     model.eval()
     rows = []
     for item in tqdm(probes, desc=desc or "retrieval", disable=not progress):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,23 @@ def ready(model: Any, dtype: torch.dtype) -> Any:
 
 @contextlib.contextmanager
 def wrap_errors(what: str) -> Iterator[None]:
-    """Turn low-level load errors into a one-line LinspecError starting with ``what`` (the cause stays chained)."""
+    """Turn low-level load errors into a one-line LinspecError starting with ``what`` (the cause stays chained).
+
+    A pickle checkpoint (``--allow-pickle``) goes through torch's weights-only unpickler, which refuses any object
+    but tensors and plain containers; its refusal is named as such, and its warning about the pickle protocol (a
+    pickle ``torch.save`` did not write) stays out of the one line."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
     except LinspecError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, ArithmeticError, struct.error,
-            pickle.UnpicklingError) as err:  # fmt: skip
+    except pickle.UnpicklingError as err:
+        raise LinspecError(
+            f"{what}: its pickle holds objects other than tensors, which linspec does not unpickle (torch's "
+            "weights-only loader refused them)"
+        ) from err
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, ArithmeticError, struct.error) as err:
         raise LinspecError(f"{what}: {one_line(err)}") from err
     except Exception as err:  # e.g. safetensors' SafetensorError, huggingface_hub's errors
         if type(err).__module__.split(".")[0] in {"safetensors", "huggingface_hub", "tokenizers", "gguf"}:

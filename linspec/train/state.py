@@ -179,7 +179,8 @@ class MetricsLog:
             axis.set_title(f"{stage} ({steps[0]['loss_name']})")
             axis.set_xlabel("step")
             axis.set_ylabel("loss")
-            axis.set_yscale("log")
+            if all(r["loss"] > 0 for r in steps):  # a loss of 0 (a window longer than the sequences) has no log
+                axis.set_yscale("log")
             axis.grid(alpha=0.3)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")

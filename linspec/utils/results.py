@@ -52,10 +52,16 @@ def claim_fresh(folder: Path) -> Path:
     raise AssertionError("unreachable")  # itertools.count never ends
 
 
-def refuse_replacing(folder: Path, names: list[str], force: bool) -> None:
+def refuse_replacing(out: str | Path | None, names: list[str], force: bool) -> None:
     """Refuse, before anything is measured, an ``--out`` folder that is a file or already holds results of one of
-    ``names`` (``NAME.json``, ``NAME.png``) unless ``force``: results are kept until the user says to replace them,
-    and a run that would only fail at the end (after minutes of evaluation) fails at the start instead."""
+    ``names`` (``NAME.json``, ``NAME.png``) unless ``force``, and a ``force`` without ``out`` (nothing it could
+    replace): results are kept until the user says to replace them, and a run that would only fail at the end
+    (after minutes of evaluation) fails at the start instead."""
+    if force and not out:
+        raise LinspecError("--force replaces results already in --out; it needs --out DIR")
+    if not out:
+        return
+    folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise LinspecError(f"--out {folder} exists and is not a folder")
     taken = [folder / f"{name}{suffix}" for name in names for suffix in (".json", ".png")]
