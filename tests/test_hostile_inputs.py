@@ -420,7 +420,7 @@ BENCH_AND_DEMO = [
     Case(
         "bench-decode-context-past-positions",
         "bench decode --model {linspec} --contexts 100000 --no-record",
-        "exceed the model's",
+        "exceeds the model's",
     ),
     Case("bench-prefill-lengths-zero", "bench prefill --lengths 0 --no-record", "--lengths"),
     Case("bench-prefill-lengths-absurd", "bench prefill --lengths 1000000000 --no-record", "--lengths"),

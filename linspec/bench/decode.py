@@ -218,6 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from linspec.errors import LinspecError
+    from linspec.evaluation.lengths import check_within_positions
     from linspec.sources.loading import load_source
 
     if not 0 < args.steps <= MAX_STEPS or any(c <= 0 for c in args.contexts):
@@ -228,9 +229,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = output_dir(args, "decode")
     device, dtype = placement(args.device, args.dtype)
     model, _ = load_source(args.model)  # fetch/check once here, so workers start from the cache
-    positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if positions is not None and max(args.contexts) > positions:
-        raise LinspecError(f"--contexts up to {max(args.contexts)} exceed the model's {positions} positions")
+    check_within_positions(model, max(args.contexts), f"--contexts up to {max(args.contexts)}")
     del model
     weights = str(dtype).removeprefix("torch.")
     results = measure(

@@ -226,6 +226,7 @@ def check_prompts_fit(model, tokenizer, args: argparse.Namespace) -> None:
     """Each prompt must encode to tokens the model has, and prompt + ``--max-new-tokens`` must fit its positions."""
     from linspec.data.prompts import encode_prompts
     from linspec.errors import LinspecError
+    from linspec.evaluation.lengths import check_within_positions
 
     input_ids, mask = encode_prompts(tokenizer, args.prompt, chat=not args.no_chat)
     if int(mask.sum(1).min()) == 0:
@@ -233,10 +234,6 @@ def check_prompts_fit(model, tokenizer, args: argparse.Namespace) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocab:
         raise LinspecError(f"the tokenizer produces ids up to {int(input_ids.max())}, past the model's {vocab} tokens")
-    positions = getattr(model.config, "max_position_embeddings", None)
     length = int(mask.sum(1).max())
-    if isinstance(positions, int) and length + args.max_new_tokens > positions:
-        raise LinspecError(
-            f"the prompt ({length} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"{positions} positions"
-        )
+    what = f"the prompt ({length} tokens) plus --max-new-tokens {args.max_new_tokens}"
+    check_within_positions(model, length + args.max_new_tokens, what)

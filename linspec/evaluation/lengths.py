@@ -31,8 +31,11 @@ class LengthPoint:
 
 
 def max_positions(model) -> int | None:
-    """The longest sequence the model's position embeddings cover (``None`` when the config does not say)."""
-    return getattr(model.config, "max_position_embeddings", None)
+    """The longest sequence the model's position embeddings cover (``None`` when the config does not say); a
+    multimodal config keeps it in its text model's config."""
+    config = model.config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def check_lengths(model, lengths: Sequence[int], minimum: int = 2) -> list[int]:
@@ -51,7 +54,7 @@ def check_within_positions(model, longest: int, what: str | None = None) -> None
     default ``length N``): RoPE and learnt positions are not defined there, so whatever ran would measure a model
     out of its range."""
     limit = max_positions(model)
-    if limit is not None and longest > limit:
+    if isinstance(limit, int) and longest > limit:
         what = what or f"length {longest}"
         raise LinspecError(f"{what} exceeds the model's {limit} positions (max_position_embeddings)")
 
