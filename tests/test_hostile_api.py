@@ -163,7 +163,7 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     "load-pickle": (lambda w: load(w["pickle-evil"]), "allow_pickle=True"),
     "load-pickle-allowed": (
         lambda w: load_source(w["pickle-evil"], allow_pickle=True, progress=False),
-        "cannot load the model",
+        "holds objects other than tensors",
     ),
     "load-local-typo": (lambda w: load_source("base/typo"), "no such file"),
     "read-config-binary": (lambda w: read_config_json(Path(w["config-binary"]) / "config.json"), "not valid JSON"),
@@ -378,6 +378,33 @@ def test_api_refuses_bad_input_with_one_line(name, world, monkeypatch):
     assert "\n" not in message and len(message) < 400 and fragment in message, message
     assert (Path(world["victim"]) / "precious.txt").read_text() == "keep me"
     assert not world.canary.exists()
+
+
+def test_a_refused_pickle_is_one_error_without_torchs_protocol_warning(world):
+    """The CLI prints warnings on stderr: torch's note on the pickle protocol would precede the one line."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(LinspecError, match="holds objects other than tensors"):
+            load_source(world["pickle-evil"], allow_pickle=True, progress=False)
+    assert not [w for w in seen if "pickle" in str(w.message)], [str(w.message) for w in seen]
+    assert not world.canary.exists()
+
+
+def test_a_loss_plot_of_zero_losses_is_drawn_without_a_warning(tmp_path):
+    """Inside its window a raw conversion is the original, so short sequences give a loss of exactly 0: no log
+    axis for them (matplotlib warns and draws nothing), a log axis for positive losses."""
+    import warnings
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2):
+        log.write(event="step", stage="transfer", step=step, loss=0.0, loss_name="mse")
+        log.write(event="step", stage="lora", step=step, loss=1.0 / step, loss_name="kl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log.plot(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_metrics_log_skips_a_torn_last_line_and_refuses_damage_elsewhere(tmp_path):

@@ -144,7 +144,7 @@ CONVERT = [
     Case("src-index-missing-shard", "convert {index-missing-shard} out", "is missing"),
     Case("src-index-garbage", "convert {index-garbage} out", "not a valid safetensors index"),
     Case("src-pickle-refused", "convert {pickle-evil} out", "--allow-pickle"),
-    Case("src-pickle-allowed-but-evil", "convert {pickle-evil} out --allow-pickle", "cannot load the model"),
+    Case("src-pickle-allowed-but-evil", "convert {pickle-evil} out --allow-pickle", "holds objects other than tensors"),
     Case("src-gguf-only-dir", "convert {gguf-only} out", "only GGUF"),
     Case("src-no-weights", "convert {no-weights} out", "holds no model weights"),
     Case("src-unsupported", "convert {gpt2} out", "unsupported architecture 'gpt2'"),
