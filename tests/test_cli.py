@@ -172,6 +172,22 @@ def test_bench_speculative_refuses_a_converted_target_that_is_not_linspec(tiny_d
     assert_one_line_error(code, err, "--converted", "not a linspec model")
 
 
+def test_bench_speculative_with_no_sample_repeats_times_the_greedy_rows_only(tiny_bpe_dir, tiny_dir, capsys):
+    """``--sample-repeats 0`` leaves the sampled rows out (they once ran zero times, then divided by their 0 tok/s);
+    a model without a tokenizer is refused in one line."""
+    code, _, err = run_cli("bench", "speculative", "--model", str(tiny_dir), "--no-record", capsys=capsys)
+    assert_one_line_error(code, err, "has no tokenizer")
+    code, out, err = run_cli(
+        "bench", "speculative", "--model", str(tiny_bpe_dir), "--sample-repeats", "0", "--repeats", "1",
+        "--max-new-tokens", "4", "--prompts", "quote", "--only", "lookup", "--targets", "original", "--no-record",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| original |")]
+    assert rows and all("| greedy |" in row for row in rows), out
+    assert any("lookup" in row for row in rows)
+
+
 def run_process(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m linspec ARGV`` in its own process, outside any git repository, stderr captured (not a tty)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

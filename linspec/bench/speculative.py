@@ -204,10 +204,18 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     torch.set_num_threads(args.threads)
     original, tokenizer = load_source(args.model, progress=False, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise LinspecError(f"--model {args.model} has no tokenizer; the benchmark's prompts need one")
     if args.converted:
         converted, _ = load_source(args.converted, progress=False, dtype=dtype, device=device)
         if not hasattr(converted, "linspec_modules"):
             raise LinspecError(f"--converted {args.converted} is not a linspec model; convert or train one first")
+        vocab, theirs = original.config.vocab_size, converted.config.vocab_size
+        if vocab != theirs:
+            raise LinspecError(
+                f"--converted {args.converted} has {theirs} tokens where --model {args.model} has {vocab}: it is "
+                "not a conversion of --model (the prompts are encoded with --model's tokenizer)"
+            )
     else:
         converted = linspec.convert(
             load_source(args.model, progress=False, dtype=dtype, device=device)[0], linspec.LinspecConfig()
@@ -225,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
             block = [
                 s
                 for s in settings_for(target_name, args.exit_layer, mine)
-                if (edge or not s.slow) and _wanted(s, args.only)
-            ]
+                if (edge or not s.slow) and _wanted(s, args.only) and (s.mode == "greedy" or args.sample_repeats)
+            ]  # --sample-repeats 0: no sampled rows
             results = [Run(target_name, prompt_name, s.mode, s.name) for s in block]
             for repeat in range(max(args.repeats, args.sample_repeats)):  # interleaved: the same spread of load
                 for setting, result in zip(block, results, strict=True):

@@ -58,11 +58,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: 
     refuse_output_over_source(run_dir, recipe.base, "recipe key output")
     refuse_links(run_dir, (*RUN_FILES, DISCARDED))  # a planted link would have the run write, or delete, outside it
     made = not run_dir.exists()
-    has_run = (run_dir / RECIPE_FILE).exists() or (run_dir / "metrics.jsonl").exists()
-    allowed = (*RUN_FILES, RUN_LOCK, DISCARDED)
-    if run_dir.is_dir() and not has_run and any(p.name not in allowed for p in run_dir.iterdir()):
+    has_run = any((run_dir / name).exists() for name in (RECIPE_FILE, "metrics.jsonl", LEGACY_RUN_FILE))
+    foreign = [] if has_run or not run_dir.is_dir() else _foreign_entries(run_dir)
+    if foreign:
         raise LinspecError(
-            f"recipe key output: {run_dir} holds files that are not a linspec run; choose an empty or new directory"
+            f"recipe key output: {run_dir} holds files that are not a linspec run ({foreign[0]}); choose an empty "
+            "or new directory"
         )
     if has_run and not (resume or force):
         raise LinspecError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
@@ -76,6 +77,19 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, env: Env, recipe: 
     env.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     return made
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` (which holds no run: no recipe, metrics or legacy run file) that a run would write
+    over or beside: anything but the lock, a forced run's leftovers and empty folders of a run's names. A
+    ``model/`` holding a model there is the user's, not a run's, and a run would replace it."""
+    ignored = (RUN_LOCK, DISCARDED)
+    return sorted(
+        entry.name
+        for entry in run_dir.iterdir()
+        if entry.name not in ignored
+        and not (entry.name in RUN_FILES and entry.is_dir() and not entry.is_symlink() and not any(entry.iterdir()))
+    )
 
 
 def _set_aside(run_dir: Path) -> None:
