@@ -233,6 +233,21 @@ def release_run_dir(folder: str | os.PathLike) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def _open_to_umask(folder: Path) -> None:
+    """Give what was written into ``folder`` the umask's permissions where its writer kept it private: the
+    safetensors library writes its files 0600 and ``mkdtemp`` makes folders 0700, while a model the user saved
+    should be readable like any file they make. Other modes are the writer's choice and stay."""
+    mask = _umask()
+    for entry in folder.rglob("*"):
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode & 0o777
+        if entry.is_dir() and mode == 0o700:
+            entry.chmod(0o777 & ~mask)
+        elif entry.is_file() and mode == 0o600:
+            entry.chmod(0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | os.PathLike, force: bool = False, markers: Sequence[str] = ("config.json",)
@@ -252,6 +267,7 @@ def atomic_directory(
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any directory the user makes
         try:
             yield tmp
+            _open_to_umask(tmp)
             _check_output(path, force, markers)  # again: it may have appeared (or changed) meanwhile
             if _state(path) != seen:
                 raise LinspecError(
