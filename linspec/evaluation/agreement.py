@@ -60,11 +60,17 @@ def greedy_answers(
 
     from linspec.data.prompts import encode_prompt
     from linspec.evaluation.greedy import greedy_generate, stop_ids
+    from linspec.evaluation.lengths import check_within_positions
 
     check_count(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
     stop = stop_ids(tokenizer, model)
+    encoded = [encode_prompt(tokenizer, prompt.text) for prompt in prompts]
+    if encoded:  # an answer must fit the model's positions (past them it is not the model's answer)
+        longest = max(len(ids) for ids in encoded)
+        what = f"a prompt of {longest} tokens plus --max-new-tokens {max_new_tokens}"
+        check_within_positions(model, longest + max_new_tokens, what)
     answers = []
-    for prompt in tqdm(prompts, desc=f"answers {label}".strip(), disable=not progress):
-        tokens = greedy_generate(model, encode_prompt(tokenizer, prompt.text), max_new_tokens, stop)
+    for ids in tqdm(encoded, desc=f"answers {label}".strip(), disable=not progress):
+        tokens = greedy_generate(model, ids, max_new_tokens, stop)
         answers.append(tokens[:-1] if tokens and tokens[-1] in stop else tokens)
     return answers
