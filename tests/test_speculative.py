@@ -361,3 +361,15 @@ def test_a_tree_above_the_limit_is_refused_when_proposed():
 def test_empty_tree_helpers():
     tree = DraftTree.empty(2)
     assert tree.num_nodes == 0 and tree.depths().shape == (2, 0)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-6])
+def test_a_tiny_temperature_samples_the_most_likely_token_not_nan(temperature):
+    """Dividing raw logits by 1e-40 overflowed every score to inf (NaN probabilities, torch's sampler refused);
+    the limit of a vanishing temperature is the argmax, ties shared."""
+    logits = torch.tensor([[2.0, 7.5, -1.0, 7.5, 0.0], [3.0, -2.0, 1.0, 0.5, 2.9]])
+    probs = SamplingConfig(do_sample=True, temperature=temperature, top_k=4, top_p=0.9).probs(logits)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, torch.tensor([[0, 0.5, 0, 0.5, 0], [1.0, 0, 0, 0, 0]]))
+    usual = SamplingConfig(do_sample=True, temperature=0.7).probs(logits)
+    torch.testing.assert_close(usual, torch.softmax(logits / 0.7, dim=-1))  # the shift changes nothing else

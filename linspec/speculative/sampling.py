@@ -40,8 +40,13 @@ class SamplingConfig:
         return not self.do_sample or self.temperature == 0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[..., V]`` float32 probabilities after temperature, top-k and top-p (the HF warpers' semantics)."""
-        scores = logits.float() / self.temperature
+        """``[..., V]`` float32 probabilities after temperature, top-k and top-p (the HF warpers' semantics). The
+        row's largest logit is subtracted before dividing (softmax, top-k and top-p do not change): a tiny
+        temperature then sends the others to -inf instead of overflowing every score to inf (NaN probabilities); one
+        below float32's smallest normal (which would round to 0) acts as that smallest one: the same limit."""
+        scores = logits.float()
+        temperature = max(self.temperature, torch.finfo(scores.dtype).tiny)
+        scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature
         vocab = scores.shape[-1]
         if 0 < self.top_k < vocab:
             kth = scores.topk(self.top_k, dim=-1).values[..., -1:]
