@@ -17,6 +17,7 @@ from linspec.config import LinspecConfig
 from linspec.conversion.checkpoint import load
 from linspec.errors import LinspecError
 from linspec.sources.loading import load_source, read_config_json
+from linspec.train import train
 from linspec.train.recipe import apply_override, load_recipe
 from linspec.train.state import MetricsLog, load_checkpoint, save_checkpoint
 from linspec.utils.io import atomic_directory
@@ -136,6 +137,14 @@ def test_child_path_refuses_a_symbolic_link_out(tmp_path):
     assert child_path(tmp_path / "stages", "transfer", "stage name") == tmp_path / "stages" / "transfer"
 
 
+def _with_first_stage(world, **changes):
+    """The world's recipe, loaded and checked, then its first stage changed in Python (past ``load_recipe``)."""
+    import dataclasses
+
+    recipe = load_recipe(world["recipe.yaml"], [f"output={world.root}/hand-made-run"])
+    return dataclasses.replace(recipe, stages=[dataclasses.replace(recipe.stages[0], **changes), *recipe.stages[1:]])
+
+
 API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     "config-group-zero": (lambda w: LinspecConfig(group_size=0), "group_size must be an integer in 1.."),
     "config-group-bool": (lambda w: LinspecConfig(group_size=True), "group_size must be an integer in 1.."),
@@ -161,6 +170,8 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     "load-missing": (lambda w: load(w["missing"]), "no such file or directory"),
     "load-config-list": (lambda w: load(w["config-list"]), "holds a JSON list"),
     "load-pickle": (lambda w: load(w["pickle-evil"]), "allow_pickle=True"),
+    "recipe-overrides-string": (lambda w: load_recipe(w["recipe.yaml"], "seed=1"), "a list of 'key=value' strings"),
+    "recipe-overrides-number": (lambda w: load_recipe(w["recipe.yaml"], [1]), "a list of 'key=value' strings"),
     "load-pickle-allowed": (
         lambda w: load_source(w["pickle-evil"], allow_pickle=True, progress=False),
         "holds objects other than tensors",
@@ -168,6 +179,9 @@ API_CASES: dict[str, tuple[Callable[..., object], str]] = {
     "load-local-typo": (lambda w: load_source("base/typo"), "no such file"),
     "read-config-binary": (lambda w: read_config_json(Path(w["config-binary"]) / "config.json"), "not valid JSON"),
     "recipe-scalar": (lambda w: load_recipe(w["recipe-scalar.yaml"]), "a recipe is a mapping"),
+    "train-not-a-recipe": (lambda w: train(None), "train(recipe): a Recipe"),
+    "train-recipe-path": (lambda w: train(w["recipe.yaml"]), "train(recipe): a Recipe"),
+    "train-hand-made-negative-steps": (lambda w: train(_with_first_stage(w, steps=-3)), "steps"),
     "recipe-python-tag": (lambda w: load_recipe(w["recipe-python-tag.yaml"]), "not valid YAML"),
     "recipe-override-yaml": (lambda w: apply_override({}, "seed=[1"), "not valid YAML"),
     "recipe-override-empty-part": (lambda w: apply_override({}, "a..b=1"), "empty key"),

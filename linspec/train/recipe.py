@@ -667,6 +667,8 @@ def load_recipe(
     A drafter recipe of the old format (top-level ``drafter:``) is translated into a recipe with one drafter stage
     (``linspec.train.legacy_drafter``): its overrides use its own keys and its errors name them; ``on_note`` hears
     one line saying so."""
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(item, str) for item in overrides):
+        raise LinspecError(f"overrides: a list of 'key=value' strings, e.g. ['seed=1'], got {_shown(overrides)}")
     data, path = read_recipe_file(path)
     if not isinstance(data, dict):
         raise LinspecError(f"{path}: a recipe is a mapping of keys (base:, stages:, ...), got {_shown(data)}")

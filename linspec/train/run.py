@@ -23,7 +23,7 @@ from linspec.train.cards import training_card
 from linspec.train.distributed import DTYPES, Env, is_sharded, setup_env, unshard
 from linspec.train.evaluation import CURVE_KEYS, record_curve, record_final_curves
 from linspec.train.loop import TrainingDiverged, TrainingInterrupted, TrainingRun, lr_factor
-from linspec.train.recipe import Recipe, Stage
+from linspec.train.recipe import Recipe, Stage, build_recipe, validate
 from linspec.train.rundir import RECIPE_FILE, adopt_legacy_drafter_run, prepare_run_dir, settle_run_dir
 from linspec.train.stages import STAGE_KINDS
 from linspec.train.stages import drafter as drafter_stage
@@ -40,6 +40,7 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     started = time.perf_counter()
     if resume and force:
         raise LinspecError("--resume continues a run and --force discards it; pass one of them")
+    recipe = checked(recipe)
     env = setup_env(recipe)
     run_dir = Path(recipe.output)
     if resume:
@@ -54,6 +55,14 @@ def train(recipe: Recipe, *, resume: bool = False, force: bool = False, on_step=
     if env.main:
         settle_run_dir(run_dir, made, succeeded=True)
     return result
+
+
+def checked(recipe: Recipe) -> Recipe:
+    """``recipe`` with every check ``load_recipe`` makes: a ``Recipe`` built or changed in Python (it is a plain
+    dataclass) would otherwise run unchecked — negative steps train nothing and still write a model."""
+    if not isinstance(recipe, Recipe):
+        raise LinspecError(f"train(recipe): a Recipe (linspec.train.load_recipe), got {type(recipe).__name__}")
+    return validate(build_recipe(dataclasses.asdict(recipe)))
 
 
 def _run(recipe: Recipe, env: Env, run_dir: Path, resume: bool, on_step, started: float) -> Path:
