@@ -218,7 +218,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tin
                 trained["model"].linspec_modules()[0].global_scale.fill_(float("nan"))
 
     monkeypatch.setattr(transfer_stage, "set_trainable", remember_model)
-    with pytest.raises(TrainingDiverged, match=r"attention_transfer: loss nan at step 3.*step-0000002"):
+    diverged = r"attention_transfer: loss nan at step 3.*step-0000002.*run again with --force"
+    with pytest.raises(TrainingDiverged, match=diverged):
         train(recipe, on_step=poison)
     folder = tmp_path / "run" / "checkpoints" / "attention_transfer"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000001", "step-0000002"]

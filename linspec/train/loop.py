@@ -278,7 +278,8 @@ def optimise(ctx: TrainingRun, index: int, stage: Stage, model, forward, objecti
                 bar.close()
                 raise TrainingDiverged(
                     f"stage {stage.name}: {what} at step {step + 1}; stopped before applying it. Last good "
-                    f"checkpoint: {last_good or 'none'}. Lower stages[{index}].optimizer.lr and run again with --resume"
+                    f"checkpoint: {last_good or 'none'}. Lower stages[{index}].optimizer.lr and run again with --force "
+                    "(--resume keeps the recipe the run started with)"
                 )
             optimizer.step()
             scheduler.step()
