@@ -256,3 +256,12 @@ def test_recipe_overrides_may_follow_the_options(capsys):
     assert main(["train", "smollm2-135m-demo", "--check", "seed=7", "data.seq_len=96"]) == 0
     resolved = capsys.readouterr().out
     assert "seed: 7" in resolved and "seq_len: 96" in resolved
+
+
+def test_a_cache_variable_that_names_a_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """``LINSPEC_CACHE`` pointing at a file failed at the first cache write, with "Not a directory: FILE/models"."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("LINSPEC_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli("convert", "smollm2-135m", str(tmp_path / "out"), capsys=capsys)
+    assert_one_line_error(code, err, "LINSPEC_CACHE=", "is a file")
+    assert not (tmp_path / "out").exists()

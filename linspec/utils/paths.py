@@ -26,7 +26,10 @@ def cache_root() -> Path:
     """Root of linspec's cache: ``$LINSPEC_CACHE`` if set, else the platform's user cache directory."""
     env = os.environ.get("LINSPEC_CACHE")
     if env:
-        return Path(env).expanduser()
+        root = Path(env).expanduser()
+        if root.exists() and not root.is_dir():  # else every cache write fails with "Not a directory: .../models"
+            raise LinspecError(f"LINSPEC_CACHE={env} is a file; point it at a folder (or unset it)")
+        return root
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("linspec"))
