@@ -466,6 +466,7 @@ ENV_AND_RECIPES = [
     Case("recipes-cp-taken", "recipes cp smollm2-135m-demo {sandbox}/taken.yaml", "exists; pass --force",
          setup=lambda sandbox: (sandbox / "taken.yaml").write_text("mine")),
     Case("recipes-cp-no-dir", "recipes cp smollm2-135m-demo {sandbox}/no/where.yaml", "is not a directory"),
+    Case("recipes-cp-dash", "recipes cp smollm2-135m-demo -", "linspec train smollm2-135m-demo --check"),
     Case("train-shipped-name-climbs", "train ../recipes/smollm2-135m-demo", "recipe not found"),
 ]
 

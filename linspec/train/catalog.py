@@ -64,6 +64,8 @@ def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
         raise LinspecError(f"no shipped recipe {name!r}; shipped: {', '.join(recipes)}")
     if not str(dest):
         raise LinspecError("the destination is empty; give a file name or a directory")
+    if str(dest) == "-":  # the usual name of stdout, not a file to leave in the working directory
+        raise LinspecError(f"'-' is not a file name here; `linspec train {name} --check` prints the recipe")
     target = Path(dest)
     if target.is_dir():
         target = target / f"{name}.yaml"
