@@ -204,8 +204,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     torch.set_num_threads(args.threads)
     original, tokenizer = load_source(args.model, progress=False, dtype=dtype, device=device)
-    if tokenizer is None:
-        raise LinspecError(f"--model {args.model} has no tokenizer; the benchmark's prompts need one")
     if args.converted:
         converted, _ = load_source(args.converted, progress=False, dtype=dtype, device=device)
         if not hasattr(converted, "linspec_modules"):
@@ -220,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         converted = linspec.convert(
             load_source(args.model, progress=False, dtype=dtype, device=device)[0], linspec.LinspecConfig()
         )
+    if tokenizer is None:
+        raise LinspecError(f"--model {args.model} has no tokenizer; the benchmark's prompts need one")
     models = {"original": original.eval(), "converted": converted.eval()}
     trained = _trained_drafters(args.drafters, models, tokenizer)
     prompts = [p for p in PROMPTS if not args.prompts or p[0] in args.prompts]
