@@ -236,9 +236,10 @@ def release_run_dir(folder: str | os.PathLike) -> None:
 def _open_to_umask(folder: Path) -> None:
     """Give what was written into ``folder`` the umask's permissions where its writer kept it private: the
     safetensors library writes its files 0600 and ``mkdtemp`` makes folders 0700, while a model the user saved
-    should be readable like any file they make. Other modes are the writer's choice and stay."""
+    should be readable like any file they make. ``folder`` itself is one of them (``mkdtemp``'s). Other modes are
+    the writer's choice and stay."""
     mask = _umask()
-    for entry in folder.rglob("*"):
+    for entry in (folder, *folder.rglob("*")):
         if entry.is_symlink():
             continue
         mode = entry.stat().st_mode & 0o777
@@ -264,7 +265,6 @@ def atomic_directory(
     with output_lock(path):
         remove_stale_temporaries(path)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like any directory the user makes
         try:
             yield tmp
             _open_to_umask(tmp)
